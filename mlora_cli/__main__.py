@@ -1,0 +1,3 @@
+from mlora_cli.cli import main
+
+main()

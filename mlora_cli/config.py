@@ -1,0 +1,450 @@
+"""Typed, frozen, validated configuration: the sweep file as Python objects.
+
+`load_sweep(path, overrides)` reads YAML through omegaconf (so `${...}` interpolation
+works), applies dotted command-line overrides, and builds a `SweepSpec`. Every problem is
+collected with its full key path (`tasks[1].source: ...`) and raised together as one
+`ConfigError`, so a user fixes a file in one pass. This module never imports torch.
+
+Each dataclass field carries its one-line help in `metadata["help"]`; the README's sweep
+reference and `mlora validate` use the same text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(Exception):
+    """One or more problems in user input, each a line `key.path: message`."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def _doc(help_text: str, check: Any = None) -> dict[str, Any]:
+    return {"help": help_text, "check": check}
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+def _dropout_range(value: float) -> str | None:
+    return None if 0.0 <= value < 1.0 else "must be in [0, 1)"
+
+
+def _beta_range(value: float) -> str | None:
+    return None if 0.0 <= value < 1.0 else "must be in [0, 1)"
+
+
+def _non_empty(value: Any) -> str | None:
+    return None if len(value) > 0 else "must not be empty"
+
+
+def _optional_positive(value: Any) -> str | None:
+    return None if value is None else _positive(value)
+
+
+STRATEGIES = ("naive",)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """One LoRA adapter's shape and optimizer; `sweep` varies these per adapter."""
+
+    rank: int = field(default=8, metadata=_doc("LoRA rank r", _positive))
+    alpha: float = field(default=16.0, metadata=_doc("LoRA alpha; the update is scaled by alpha / rank", _positive))
+    dropout: float = field(default=0.0, metadata=_doc("dropout on the LoRA input, in [0, 1)", _dropout_range))
+    target_modules: tuple[str, ...] = field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj"),
+        metadata=_doc("names of the linear layers that get LoRA (suffix match, as in PEFT), or [all-linear]", _non_empty),
+    )
+    lr: float = field(default=1e-3, metadata=_doc("peak learning rate (AdamW)", _positive))
+    weight_decay: float = field(default=0.0, metadata=_doc("AdamW decoupled weight decay", _non_negative))
+    beta1: float = field(default=0.9, metadata=_doc("AdamW beta1", _beta_range))
+    beta2: float = field(default=0.999, metadata=_doc("AdamW beta2", _beta_range))
+    eps: float = field(default=1e-8, metadata=_doc("AdamW epsilon", _positive))
+    strategy: Literal["naive"] = field(default="naive", metadata=_doc("continual-learning strategy"))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How each adapter trains; per adapter, so `sweep` may vary these too."""
+
+    steps_per_task: int = field(default=50, metadata=_doc("optimizer steps on each task", _positive))
+    batch_size: int = field(default=8, metadata=_doc("rows per adapter per step", _positive))
+    max_seq_len: int = field(default=64, metadata=_doc("prompt + completion tokens; longer examples are cut", _positive))
+    warmup_steps: int = field(default=0, metadata=_doc("linear warmup steps at the start of training", _non_negative))
+    schedule: Literal["constant", "linear", "cosine"] = field(
+        default="constant", metadata=_doc("lr after warmup, over all of an adapter's steps")
+    )
+    max_grad_norm: float | None = field(
+        default=1.0, metadata=_doc("clip each adapter's gradient to this norm; null: no clipping", _optional_positive)
+    )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What is measured on every task's eval split after every task."""
+
+    metrics: tuple[Literal["loss", "exact_match"], ...] = field(
+        default=("loss", "exact_match"), metadata=_doc("loss: completion token loss; exact_match: greedy generation", _non_empty)
+    )
+    max_new_tokens: int = field(default=16, metadata=_doc("tokens generated for exact_match", _positive))
+    batch_size: int = field(default=256, metadata=_doc("rows per evaluation forward (all adapters together)", _positive))
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One task of the ordered sequence."""
+
+    name: str = field(metadata=_doc("unique task name", _non_empty))
+    source: str = field(
+        metadata=_doc("builtin:<generator> | jsonl:PATH | csv:PATH | parquet:PATH | hf:NAME[:CONFIG]", _non_empty)
+    )
+    train_examples: int = field(default=256, metadata=_doc("training examples drawn from the source", _positive))
+    eval_examples: int = field(default=64, metadata=_doc("held-out evaluation examples", _positive))
+    steps: int | None = field(default=None, metadata=_doc("steps on this task; default train.steps_per_task", _optional_positive))
+    prompt_field: str = field(default="prompt", metadata=_doc("file/hf sources: the prompt column"))
+    completion_field: str = field(default="completion", metadata=_doc("file/hf sources: the completion column"))
+    eval_source: str | None = field(default=None, metadata=_doc("file/hf sources: a separate eval set, else a held-out split"))
+    split: str = field(default="train", metadata=_doc("hf sources: the split to read"))
+    eval_split: str | None = field(default=None, metadata=_doc("hf eval_source: its split; default `split`"))
+    min_len: int = field(default=3, metadata=_doc("builtin: shortest input (characters, or digits for add)", _positive))
+    max_len: int = field(default=8, metadata=_doc("builtin: longest input", _positive))
+    shift: int = field(default=3, metadata=_doc("builtin caesar: the shift"))
+    prefix: str | None = field(default=None, metadata=_doc("builtin: the task tag before the input; default the generator name"))
+
+
+# Module-level aliases: inside SweepConfig the field names `list` and `zip` shadow the builtins.
+Mapping = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """How the `adapter` and `train` defaults expand into many adapters."""
+
+    grid: Mapping = field(default_factory=dict, metadata=_doc("cartesian product: dotted key -> values"))
+    zip: Mapping = field(default_factory=dict, metadata=_doc("equal-length lists advanced together"))
+    list: tuple[Mapping, ...] = field(default=(), metadata=_doc("explicit adapters: mappings of dotted key -> value"))
+    seeds: tuple[int, ...] | None = field(default=None, metadata=_doc("repeat every configuration per seed"))
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """The whole sweep file."""
+
+    name: str = field(metadata=_doc("run name; the run folder is <output_dir>/<name>-<timestamp>", _non_empty))
+    tasks: tuple[TaskConfig, ...] = field(metadata=_doc("the ordered task sequence", _non_empty))
+    base_model: str = field(default="builtin:tiny", metadata=_doc("HF model id, local folder, or builtin:tiny", _non_empty))
+    seed: int = field(default=0, metadata=_doc("seed for adapter init, data order and builtin data"))
+    adapter: AdapterConfig = field(default_factory=AdapterConfig, metadata=_doc("defaults for every adapter"))
+    train: TrainConfig = field(default_factory=TrainConfig, metadata=_doc("training defaults for every adapter"))
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=_doc("evaluation settings"))
+    sweep: SweepConfig = field(default_factory=SweepConfig, metadata=_doc("grid / zip / list expansion"))
+    devices: str | tuple[str, ...] = field(default="auto", metadata=_doc("auto | cpu | [cuda:0, ...]"))
+    max_concurrent: int | None = field(
+        default=None, metadata=_doc("adapters one worker trains at once; null: all", _optional_positive)
+    )
+    output_dir: str = field(default="runs", metadata=_doc("where run folders are written", _non_empty))
+
+
+# Keys a sweep may vary per adapter: every field of `adapter` and `train`.
+SWEEPABLE_SECTIONS = {"adapter": AdapterConfig, "train": TrainConfig}
+MAX_ADAPTERS = 10_000
+
+
+# ---------------------------------------------------------------------------------------
+# Generic building of frozen dataclasses from plain data, collecting every problem.
+
+
+def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+_NO = object()  # marks a value that failed to convert
+
+
+def convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
+    """Convert plain YAML data to `tp`, appending `path: message` for each problem."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path, errors)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            trial: list[str] = []
+            result = convert(option, value, path, trial)
+            if not trial:
+                return result
+        errors.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        return _NO
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        errors.append(f"{path}: must be one of {', '.join(map(str, choices))}, got {value!r}{did_you_mean(str(value), map(str, choices))}")
+        return _NO
+    if origin is tuple:
+        item_type = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+            return _NO
+        items = [convert(item_type, item, f"{path}[{i}]", errors) for i, item in enumerate(value)]
+        return tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected a mapping, got {value!r}")
+            return _NO
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+            else:
+                if math.isfinite(number):
+                    return number
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    errors.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    return _NO
+
+
+def build(cls: Any, data: Any, path: str, errors: list[str]) -> Any:
+    """Build dataclass `cls` from a mapping: unknown keys, types and ranges all checked."""
+    prefix = f"{path}." if path else ""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        errors.append(f"{path or 'sweep file'}: expected a mapping, got {data!r}")
+        return _NO
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            errors.append(f"{prefix}{key}: unknown key{did_you_mean(str(key), fields)}")
+    kwargs: dict[str, Any] = {}
+    failed = False
+    for name, f in fields.items():
+        key_path = f"{prefix}{name}"
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                errors.append(f"{key_path}: required")
+                failed = True
+            continue
+        value = convert(hints[name], data[name], key_path, errors)
+        if value is _NO or (isinstance(value, tuple) and _NO in value):
+            failed = True
+            continue
+        check = f.metadata.get("check")
+        problem = check(value) if check else None
+        if problem:
+            errors.append(f"{key_path}: {problem}")
+            failed = True
+            continue
+        kwargs[name] = value
+    if failed:
+        return _NO
+    return cls(**kwargs)
+
+
+def check_value(section: str, key: str, value: Any, path: str, errors: list[str]) -> Any:
+    """Check one sweep value for `section.key` as the field itself would be checked."""
+    cls = SWEEPABLE_SECTIONS[section]
+    f = {f.name: f for f in dataclasses.fields(cls)}[key]
+    before = len(errors)
+    converted = convert(typing.get_type_hints(cls)[key], value, path, errors)
+    if len(errors) == before:
+        check = f.metadata.get("check")
+        problem = check(converted) if check else None
+        if problem:
+            errors.append(f"{path}: {problem}")
+    return converted
+
+
+def field_help(cls: Any) -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+# ---------------------------------------------------------------------------------------
+# Loading: YAML -> omegaconf (interpolation, overrides) -> plain dict -> SweepSpec.
+
+
+def _nest_dotted(mapping: Any) -> Any:
+    """`{"adapter.rank": [4]}` -> `{"adapter": {"rank": [4]}}`, so both spellings merge."""
+    if not isinstance(mapping, dict):
+        return mapping
+    nested: dict[str, Any] = {}
+    for key, value in mapping.items():
+        parts = str(key).split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            value = _nest_dotted(value)
+            if isinstance(node.get(parts[-1]), dict) and isinstance(value, dict):
+                node[parts[-1]].update(value)
+            else:
+                node[parts[-1]] = value
+    return nested
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError([f"{path}: no such file"])
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"{path}: YAML syntax error{where}: {problem}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the sweep file must be a mapping of keys (name, tasks, ...), got {type(data).__name__}"])
+    try:
+        # Parse again through omegaconf's loader: it reads 1e-3 as a float, as users expect.
+        data = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+        raise ConfigError([f"{path}: {str(exc).splitlines()[0]}"]) from None
+    return data  # type: ignore[return-value]
+
+
+def resolve(data: dict[str, Any], overrides: typing.Sequence[str] = ()) -> dict[str, Any]:
+    """Apply dotted overrides and `${...}` interpolation; return plain data."""
+    data = dict(data)
+    sweep = data.get("sweep")
+    if isinstance(sweep, dict):
+        sweep = dict(sweep)
+        for axis in ("grid", "zip"):
+            if isinstance(sweep.get(axis), dict):
+                sweep[axis] = _nest_dotted(sweep[axis])
+        data["sweep"] = sweep
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override '{item}': expected key=value, e.g. train.lr=3e-3")
+    if problems:
+        raise ConfigError(problems)
+    try:
+        conf = OmegaConf.create(data)
+        if overrides:
+            conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
+        resolved = OmegaConf.to_container(conf, resolve=True)
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as exc:
+        raise ConfigError([f"{str(exc).splitlines()[0]}"]) from None
+    return resolved  # type: ignore[return-value]
+
+
+def parse_spec(data: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
+    """Build and cross-check a SweepSpec; raise ConfigError listing every problem."""
+    errors: list[str] = []
+    spec = build(SweepSpec, data, "", errors)
+    tasks = data.get("tasks")
+    if isinstance(tasks, list):
+        seen: dict[str, int] = {}
+        for i, task in enumerate(tasks):
+            name = task.get("name") if isinstance(task, dict) else None
+            if isinstance(name, str):
+                if name in seen:
+                    errors.append(f"tasks[{i}].name: duplicate task name '{name}' (also tasks[{seen[name]}])")
+                seen[name] = i
+    if isinstance(data.get("name"), str) and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", data["name"]):
+        errors.append("name: use letters, digits, '-', '_' and '.' only (it names the run folder)")
+    devices = data.get("devices", "auto")
+    for i, device in enumerate(devices if isinstance(devices, list) else [devices]):
+        path = f"devices[{i}]" if isinstance(devices, list) else "devices"
+        if isinstance(device, str) and not re.fullmatch(r"auto|cpu|cpu:[1-9][0-9]*|cuda(:[0-9]+)?", device):
+            errors.append(f"{path}: expected auto, cpu, cpu:K or cuda:N, got '{device}'")
+    if spec is not _NO:
+        from mlora_cli.tasks import check_task  # torch-free: reads file headers only
+
+        for i, task in enumerate(spec.tasks):
+            errors.extend(check_task(task, f"tasks[{i}]", base_dir))
+        if spec.base_model.startswith("builtin:") and spec.base_model not in BUILTIN_MODELS:
+            errors.append(f"base_model: unknown builtin model '{spec.base_model}'{did_you_mean(spec.base_model, BUILTIN_MODELS)}")
+    if not errors:
+        from mlora_cli.sweep import expand
+
+        expand(spec)  # raises ConfigError for sweep problems
+    if errors:
+        raise ConfigError(errors)
+    return spec
+
+
+BUILTIN_MODELS = ("builtin:tiny",)
+
+
+def load_sweep(path: str | Path, overrides: typing.Sequence[str] = ()) -> tuple[SweepSpec, dict[str, Any]]:
+    """Read, override, resolve and validate a sweep file. Returns (spec, resolved plain data)."""
+    path = Path(path)
+    data = resolve(read_yaml(path), overrides)
+    spec = parse_spec(data, base_dir=path.parent)
+    return spec, data
+
+
+def to_plain(obj: Any) -> Any:
+    """A config object as plain JSON/YAML-ready data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj

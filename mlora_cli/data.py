@@ -1,0 +1,135 @@
+"""Tokenized tasks, per-adapter batch sampling, and padding rows into tensors.
+
+Every example is `prompt ids + completion ids + eos`; only the completion and eos carry
+loss. Batches are padded to their own longest row, never to `max_seq_len`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mlora_cli.tasks import Example, TaskData
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Row:
+    ids: tuple[int, ...]
+    prompt_len: int  # tokens before the completion
+    completion: str  # the reference text, for exact match
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class TokenizedTask:
+    name: str
+    train: tuple[Row, ...]
+    eval: tuple[Row, ...]
+
+
+def tokenize_example(example: Example, tokenizer: Any, max_seq_len: int) -> Row:
+    prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
+    completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    # Too long: keep the whole completion (the thing learned) and the end of the prompt.
+    keep_prompt = max(1, max_seq_len - len(completion))
+    prompt = prompt[-keep_prompt:]
+    ids = (prompt + completion)[:max_seq_len]
+    return Row(ids=tuple(ids), prompt_len=len(prompt), completion=example.completion)
+
+
+def tokenize_task(task: TaskData, tokenizer: Any, max_seq_len: int) -> TokenizedTask:
+    return TokenizedTask(
+        name=task.name,
+        train=tuple(tokenize_example(e, tokenizer, max_seq_len) for e in task.train),
+        eval=tuple(tokenize_example(e, tokenizer, max_seq_len) for e in task.eval),
+    )
+
+
+class BatchSampler:
+    """An adapter's own stream of training rows: reshuffled every epoch, from its own RNG.
+
+    Seeded by (adapter seed, task index) only, so the batches an adapter sees do not depend
+    on its neighbours, and the sequential baseline can replay them exactly.
+    """
+
+    def __init__(self, size: int, seed: int, task_index: int):
+        self.size = size
+        self.rng = random.Random(f"batches:{seed}:{task_index}")
+        self.order: list[int] = []
+        self.position = 0
+
+    def next(self, batch_size: int) -> list[int]:
+        picked = []
+        while len(picked) < batch_size:
+            if self.position >= len(self.order):
+                self.order = list(range(self.size))
+                self.rng.shuffle(self.order)
+                self.position = 0
+            take = min(batch_size - len(picked), len(self.order) - self.position)
+            picked.extend(self.order[self.position : self.position + take])
+            self.position += take
+        return picked
+
+    def state(self) -> dict[str, Any]:
+        return {"rng": self.rng.getstate(), "order": self.order, "position": self.position}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        rng_state = state["rng"]
+        self.rng.setstate((rng_state[0], tuple(rng_state[1]), rng_state[2]))
+        self.order, self.position = list(state["order"]), state["position"]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (R, L)
+    attention_mask: torch.Tensor  # (R, L)
+    labels: torch.Tensor  # (R, L), IGNORE outside completions
+
+    @property
+    def tokens_per_row(self) -> torch.Tensor:
+        return self.attention_mask.sum(1)
+
+
+def collate(rows: list[Row], pad_id: int, device: torch.device | str = "cpu") -> Batch:
+    """Right-pad rows to the longest one; labels only on completion tokens."""
+    length = max(r.tokens for r in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids = torch.tensor(row.ids, dtype=torch.long)
+        input_ids[i, : row.tokens] = ids
+        attention_mask[i, : row.tokens] = 1
+        labels[i, row.prompt_len : row.tokens] = ids[row.prompt_len :]
+    return Batch(input_ids.to(device), attention_mask.to(device), labels.to(device))
+
+
+def collate_prompts(rows: list[Row], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad the prompts of rows, for generation."""
+    length = max(r.prompt_len for r in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, length - row.prompt_len :] = torch.tensor(row.ids[: row.prompt_len], dtype=torch.long)
+        attention_mask[i, length - row.prompt_len :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row summed completion loss, completion token count, and correct-token count."""
+    shifted = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    losses = torch.nn.functional.cross_entropy(
+        shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view_as(targets)
+    mask = targets != IGNORE
+    correct = (shifted.argmax(-1) == targets) & mask
+    return losses.sum(1), mask.sum(1), correct.sum(1)

@@ -1,0 +1,162 @@
+"""A frozen causal LM with fused LoRA slots: inject, fill a slot, run mixed batches, save.
+
+`MultiLoraModel` replaces every targeted `nn.Linear` of a transformers model with a
+`MultiLoraLinear` holding S slots. An adapter occupies one slot while it trains; when it
+finishes, the slot can take the next adapter without touching the base. Adapters are saved
+in PEFT's format, so `PeftModel.from_pretrained(base, path)` loads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mlora_cli.config import AdapterConfig
+from mlora_cli.model.multi_lora import MultiLoraLinear, Routing
+from mlora_cli.model.optim import SlotAdamW
+
+
+def matches_target(module_name: str, targets: Sequence[str], output_layer: str | None) -> bool:
+    """PEFT's rule: a name matches a target when equal to it or ending in '.<target>'."""
+    if "all-linear" in targets:
+        return module_name != output_layer
+    return any(module_name == t or module_name.endswith(f".{t}") for t in targets)
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def output_layer_name(model: nn.Module) -> str | None:
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if module is output:
+            return name
+    return None
+
+
+class MultiLoraModel:
+    def __init__(self, model: nn.Module, targets: Sequence[str], num_slots: int, max_rank: int):
+        self.model = model
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.routing = Routing()
+        self.output_layer = output_layer_name(model)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        self.layers: dict[str, MultiLoraLinear] = {}
+        for name in linear_layer_names(model):
+            if matches_target(name, targets, self.output_layer):
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                layer = MultiLoraLinear(getattr(parent, child), num_slots, max_rank, self.routing)
+                setattr(parent, child, layer)
+                self.layers[name] = layer
+        if not self.layers:
+            raise ValueError(f"no linear layer matches target_modules {list(targets)}")
+        self.optimizer = SlotAdamW([p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)], num_slots)
+        self.device = next(model.parameters()).device
+
+    # -- slots ---------------------------------------------------------------------------
+
+    def targeted_layers(self, config: AdapterConfig) -> list[str]:
+        return [name for name in self.layers if matches_target(name, config.target_modules, self.output_layer)]
+
+    @torch.no_grad()
+    def load_slot(self, slot: int, config: AdapterConfig, max_grad_norm: float | None, seed: int) -> None:
+        """Put a fresh adapter in `slot`: A as PEFT initialises it, B = 0, new optimizer state.
+
+        A is drawn from a generator seeded by the adapter's own seed, layer by layer in a
+        fixed order, so an adapter's start does not depend on which slot or neighbours it has.
+        """
+        if config.rank > self.max_rank:
+            raise ValueError(f"rank {config.rank} exceeds the engine's max rank {self.max_rank}")
+        generator = torch.Generator().manual_seed(seed)
+        targeted = set(self.targeted_layers(config))
+        for name, layer in self.layers.items():
+            layer.lora_A[slot].zero_()
+            layer.lora_B[slot].zero_()
+            layer.scale[slot] = 0.0
+            if name in targeted:
+                # kaiming_uniform_(a=sqrt(5)) on an (r, d_in) weight, as PEFT and nn.Linear do.
+                bound = 1.0 / math.sqrt(layer.in_features)
+                init = (torch.rand(config.rank, layer.in_features, generator=generator) * 2 - 1) * bound
+                layer.lora_A[slot, : config.rank].copy_(init)
+                layer.scale[slot] = config.alpha / config.rank
+        self.optimizer.reset_slot(slot, config.weight_decay, config.beta1, config.beta2, config.eps, max_grad_norm)
+
+    def slot_weights(self, slot: int, config: AdapterConfig) -> dict[str, torch.Tensor]:
+        """The adapter's weights under PEFT's key names (without the adapter name)."""
+        weights = {}
+        for name in self.targeted_layers(config):
+            layer = self.layers[name]
+            weights[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[slot, : config.rank].detach().clone()
+            weights[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B[slot, :, : config.rank].detach().clone()
+        return weights
+
+    @torch.no_grad()
+    def set_slot_weights(self, slot: int, config: AdapterConfig, weights: dict[str, torch.Tensor]) -> None:
+        for name in self.targeted_layers(config):
+            layer = self.layers[name]
+            layer.lora_A[slot].zero_()
+            layer.lora_B[slot].zero_()
+            layer.lora_A[slot, : config.rank].copy_(weights[f"base_model.model.{name}.lora_A.weight"])
+            layer.lora_B[slot, :, : config.rank].copy_(weights[f"base_model.model.{name}.lora_B.weight"])
+            layer.scale[slot] = config.alpha / config.rank
+
+    def save_slot(self, slot: int, config: AdapterConfig, directory: Path, base_model: str) -> None:
+        """Write the adapter in `slot` as a PEFT LoRA checkpoint (written, then renamed)."""
+        from safetensors.torch import save_file
+
+        from mlora_cli.runfolder import atomic_directory
+
+        targets = "all-linear" if "all-linear" in config.target_modules else sorted(
+            {name.rpartition(".")[2] for name in self.targeted_layers(config)}
+        )
+        peft_config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": config.rank,
+            "lora_alpha": config.alpha,
+            "lora_dropout": config.dropout,
+            "target_modules": targets,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "use_rslora": False,
+            "use_dora": False,
+        }
+        weights = {k: v.cpu().contiguous() for k, v in self.slot_weights(slot, config).items()}
+        with atomic_directory(directory) as tmp:
+            (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
+            save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    # -- running mixed batches -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def routed(
+        self,
+        slots: Sequence[int],
+        rows: Sequence[int],
+        dropout: Sequence[float] | None = None,
+        generators: Sequence[torch.Generator | None] | None = None,
+    ) -> Iterator[None]:
+        """Run the model with rows grouped as `rows[g]` rows for slot `slots[g]`."""
+        self.routing.set(list(slots), list(rows), self.device, list(dropout) if dropout else None,
+                         list(generators) if generators else None)
+        try:
+            yield
+        finally:
+            self.routing.clear()
+
+    def zero_grad(self) -> None:
+        for p in self.optimizer.params:
+            p.grad = None

@@ -1,0 +1,129 @@
+"""The fused multi-adapter LoRA linear layer.
+
+A batch of R rows holds the rows of several adapters, grouped contiguously: group g has
+`rows[g]` rows and belongs to slot `slots[g]`. For input x (R, T, d_in) the layer returns
+
+    y = x W^T + b                                            (frozen base, once for all rows)
+    y[rows of g] += s_k * dropout_k(x[rows of g]) A_k^T B_k^T   with k = slots[g], s_k = alpha_k / r_k
+
+A_k is (r_k, d_in) and B_k is (d_out, r_k), exactly PEFT's lora_A / lora_B weights. Every
+slot's A and B live in two stacked parameters, zero-padded to the largest rank:
+
+    lora_A: (S, r_max, d_in)      lora_B: (S, d_out, r_max)
+
+The padding never changes a result: padded rows of A and columns of B start at zero and
+their gradients are exactly zero (each is multiplied by the other's zero), so they stay
+zero under AdamW. When every group has the same number of rows (the usual case: equal
+per-adapter batches, and always during evaluation), the LoRA term is two batched matmuls
+over all groups, so the cost does not grow with a Python loop over adapters:
+
+    h = bmm(x.view(G, m*T, d_in), A[slots]^T) * s[slots]    (G, m*T, r_max)
+    y += bmm(h, B[slots]^T).view(R, T, d_out)
+
+Unequal groups fall back to one matmul pair per group. Rows never mix: each group only
+reads its own slot's A and B, and the loss of an adapter only reaches its own slot's
+gradients, so co-training is exact (see tests/test_multi_lora.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Routing:
+    """Which slot owns which rows of the current batch; shared by every fused layer."""
+
+    slots: list[int] = field(default_factory=list)  # slot of each group, in row order
+    rows: list[int] = field(default_factory=list)  # rows in each group
+    dropout: list[float] = field(default_factory=list)  # dropout of each group's slot
+    generators: list[torch.Generator | None] = field(default_factory=list)  # per-group dropout RNG
+    slot_index: torch.Tensor | None = None  # `slots` as a tensor on the model's device
+
+    def set(
+        self,
+        slots: list[int],
+        rows: list[int],
+        device: torch.device,
+        dropout: list[float] | None = None,
+        generators: list[torch.Generator | None] | None = None,
+    ) -> None:
+        self.slots, self.rows = list(slots), list(rows)
+        self.dropout = list(dropout) if dropout is not None else [0.0] * len(slots)
+        self.generators = list(generators) if generators is not None else [None] * len(slots)
+        self.slot_index = torch.tensor(self.slots, dtype=torch.long, device=device)
+
+    def clear(self) -> None:
+        self.set([], [], torch.device("cpu"))
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.rows)) == 1
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen `nn.Linear` plus S LoRA slots applied to their own rows (see module doc)."""
+
+    def __init__(self, base: nn.Linear, num_slots: int, max_rank: int, routing: Routing):
+        super().__init__()
+        self.base = base
+        for parameter in self.base.parameters():
+            parameter.requires_grad_(False)
+        factory = {"device": base.weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Parameter(torch.zeros(num_slots, max_rank, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(num_slots, base.out_features, max_rank, **factory))
+        # alpha / rank per slot; 0 where the slot is empty or its adapter does not target this layer.
+        self.register_buffer("scale", torch.zeros(num_slots, **factory), persistent=False)
+        self.routing = routing
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # some model code reads .weight (dtype/device checks)
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        routing = self.routing
+        if not routing.slots:
+            return result
+        lora_input = self._dropout(x).to(self.lora_A.dtype)
+        if routing.uniform:
+            groups, shape = len(routing.slots), lora_input.shape
+            grouped = lora_input.reshape(groups, -1, shape[-1])
+            index = routing.slot_index
+            scale = self.scale[index].view(groups, 1, 1)
+            hidden = torch.bmm(grouped, self.lora_A[index].transpose(1, 2)) * scale
+            delta = torch.bmm(hidden, self.lora_B[index].transpose(1, 2))
+            return result + delta.reshape(*shape[:-1], -1).to(result.dtype)
+        parts, start = [], 0
+        for slot, rows in zip(routing.slots, routing.rows):
+            part = lora_input[start : start + rows]
+            hidden = (part @ self.lora_A[slot].T) * self.scale[slot]
+            parts.append(hidden @ self.lora_B[slot].T)
+            start += rows
+        return result + torch.cat(parts).to(result.dtype)
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        routing = self.routing
+        if not self.training or not any(p > 0 for p in routing.dropout):
+            return x
+        # One generator per group, so an adapter's dropout masks do not depend on its neighbours.
+        pieces, start = [], 0
+        for rows, p, generator in zip(routing.rows, routing.dropout, routing.generators):
+            piece = x[start : start + rows]
+            if p > 0:
+                keep = torch.rand(piece.shape, generator=generator, device=x.device, dtype=x.dtype) >= p
+                piece = piece * keep / (1.0 - p)
+            pieces.append(piece)
+            start += rows
+        return torch.cat(pieces)

@@ -1,0 +1,125 @@
+"""Per-slot AdamW over stacked LoRA parameters, and the learning-rate schedule.
+
+Every parameter has shape (S, ...), one slice per slot. Each slot has its own lr, weight
+decay, betas, eps, step count and gradient-norm clip, and the update for slot k is exactly
+`torch.optim.AdamW` on that slot's slice (same formula, same order of operations). A slot
+that is not `active` in a step does not change at all: no weight-decay drift, no moment
+decay, no step count. The whole update is a handful of tensor ops per parameter whatever
+the number of slots, so its cost does not grow with a Python loop over adapters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based), as LambdaLR would use."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+class SlotAdamW:
+    def __init__(self, params: list[torch.Tensor], num_slots: int):
+        self.params = params
+        self.num_slots = num_slots
+        device = params[0].device
+        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+
+        def per_slot(value: float) -> torch.Tensor:
+            return torch.full((num_slots,), value, dtype=torch.float64, device=device)
+
+        self.steps = torch.zeros(num_slots, dtype=torch.long)
+        self.weight_decay = per_slot(0.0)
+        self.beta1 = per_slot(0.9)
+        self.beta2 = per_slot(0.999)
+        self.eps = per_slot(1e-8)
+        self.max_grad_norm = per_slot(math.inf)
+
+    def reset_slot(
+        self,
+        slot: int,
+        weight_decay: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        max_grad_norm: float | None,
+    ) -> None:
+        """Fresh optimizer state for a new adapter in `slot`."""
+        for state in (*self.exp_avg, *self.exp_avg_sq):
+            state[slot].zero_()
+        self.steps[slot] = 0
+        self.weight_decay[slot] = weight_decay
+        self.beta1[slot], self.beta2[slot], self.eps[slot] = beta1, beta2, eps
+        self.max_grad_norm[slot] = math.inf if max_grad_norm is None else max_grad_norm
+
+    def slot_state(self, slot: int) -> dict[str, object]:
+        return {
+            "exp_avg": [m[slot].clone() for m in self.exp_avg],
+            "exp_avg_sq": [v[slot].clone() for v in self.exp_avg_sq],
+            "step": int(self.steps[slot]),
+        }
+
+    def load_slot_state(self, slot: int, state: dict[str, object]) -> None:
+        for target, source in zip(self.exp_avg, state["exp_avg"]):  # type: ignore[call-overload]
+            target[slot].copy_(source)
+        for target, source in zip(self.exp_avg_sq, state["exp_avg_sq"]):  # type: ignore[call-overload]
+            target[slot].copy_(source)
+        self.steps[slot] = int(state["step"])  # type: ignore[call-overload]
+
+    @torch.no_grad()
+    def grad_norms(self) -> torch.Tensor:
+        """The L2 norm of each slot's whole gradient, shape (S,)."""
+        total = torch.zeros(self.num_slots, dtype=torch.float32, device=self.params[0].device)
+        for p in self.params:
+            if p.grad is not None:
+                total += p.grad.float().pow(2).flatten(1).sum(1)
+        return total.sqrt()
+
+    @torch.no_grad()
+    def step(self, active: torch.Tensor, lrs: torch.Tensor, grad_norms: torch.Tensor) -> None:
+        """One AdamW step for the slots where `active` (bool, (S,)) is true.
+
+        `lrs` holds each slot's lr for this step; `grad_norms` comes from `grad_norms()`.
+        Clipping matches `torch.nn.utils.clip_grad_norm_` per slot.
+        """
+        device = self.params[0].device
+        active = active.to(device)
+        self.steps += active.cpu().long()
+        step = self.steps.to(device=device, dtype=torch.float64).clamp(min=1)
+        lrs = lrs.to(device=device, dtype=torch.float64)
+        clip = (self.max_grad_norm / (grad_norms.double() + 1e-6)).clamp(max=1.0)
+        bias_correction1 = 1 - self.beta1**step
+        bias_correction2_sqrt = (1 - self.beta2**step).sqrt()
+        step_size = lrs / bias_correction1
+        decay = 1 - lrs * self.weight_decay
+
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            if p.grad is None:
+                continue
+
+            def col(t: torch.Tensor, like: torch.Tensor = p) -> torch.Tensor:
+                return t.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+            mask = col(active.float()).bool()
+            grad = p.grad * col(clip)
+            new_p = p * col(decay)
+            new_m = m.lerp(grad, col(1 - self.beta1))
+            new_v = v * col(self.beta2) + (1 - col(self.beta2)) * grad * grad
+            denom = new_v.sqrt() / col(bias_correction2_sqrt) + col(self.eps)
+            new_p = new_p - col(step_size) * new_m / denom
+            p.copy_(torch.where(mask, new_p, p))
+            m.copy_(torch.where(mask, new_m, m))
+            v.copy_(torch.where(mask, new_v, v))

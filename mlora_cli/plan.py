@@ -1,0 +1,64 @@
+"""Placement: which worker (device) trains which adapters. Pure and torch-free.
+
+Cost of an adapter ~ rank x tokens x steps (rank stands for the LoRA work, tokens x steps
+for the base work it rides on). Adapters go to the least-loaded worker, largest first
+(longest-processing-time greedy), which keeps the busiest worker within 4/3 of optimal.
+Within a worker, adapters keep their sweep order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlora_cli.config import SweepSpec
+from mlora_cli.sweep import AdapterSpec
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    device: str  # cpu, cuda:0, ...
+    adapters: tuple[AdapterSpec, ...]
+    threads: int | None = None  # torch threads for CPU workers; None: torch's default
+    max_concurrent: int | None = None
+
+    @property
+    def slots(self) -> int:
+        return min(self.max_concurrent or len(self.adapters), len(self.adapters))
+
+
+def adapter_cost(adapter: AdapterSpec, spec: SweepSpec) -> float:
+    steps = adapter.total_steps([t.steps for t in spec.tasks])
+    return float((adapter.adapter.rank + 8) * adapter.train.batch_size * adapter.train.max_seq_len * steps)
+
+
+def resolve_devices(devices: str | tuple[str, ...], cuda_count: int, cpu_count: int) -> list[tuple[str, int | None]]:
+    """Worker devices and their torch thread counts (None: default) for a `devices` value."""
+    if isinstance(devices, tuple):
+        return [(d if d != "cuda" else "cuda:0", None) for d in devices]
+    if devices == "auto":
+        if cuda_count:
+            return [(f"cuda:{i}", None) for i in range(cuda_count)]
+        return [("cpu", None)]
+    if devices.startswith("cpu:"):
+        workers = int(devices.partition(":")[2])
+        threads = max(1, cpu_count // workers)
+        return [("cpu", threads)] * workers
+    if devices == "cuda":
+        return [("cuda:0", None)]
+    return [(devices, None)]
+
+
+def assign(adapters: list[AdapterSpec], spec: SweepSpec, workers: list[tuple[str, int | None]]) -> list[WorkerPlan]:
+    """Split adapters over workers, balancing estimated cost; empty workers are dropped."""
+    loads = [0.0] * len(workers)
+    chosen: list[list[int]] = [[] for _ in workers]
+    order = sorted(range(len(adapters)), key=lambda i: (-adapter_cost(adapters[i], spec), i))
+    for i in order:
+        w = min(range(len(workers)), key=lambda k: (loads[k], k))
+        loads[w] += adapter_cost(adapters[i], spec)
+        chosen[w].append(i)
+    plans = []
+    for (device, threads), indices in zip(workers, chosen):
+        if indices:
+            plans.append(WorkerPlan(device, tuple(adapters[i] for i in sorted(indices)), threads, spec.max_concurrent))
+    return plans
