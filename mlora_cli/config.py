@@ -108,8 +108,9 @@ class TrainConfig:
 class EvalConfig:
     """What is measured on every task's eval split after every task."""
 
-    metrics: tuple[Literal["loss", "exact_match"], ...] = field(
-        default=("loss", "exact_match"), metadata=_doc("loss: completion token loss; exact_match: greedy generation", _non_empty)
+    metrics: tuple[Literal["loss", "token_accuracy", "exact_match"], ...] = field(
+        default=("loss", "token_accuracy", "exact_match"),
+        metadata=_doc("loss, token_accuracy: on completion tokens; exact_match: greedy generation", _non_empty),
     )
     max_new_tokens: int = field(default=16, metadata=_doc("tokens generated for exact_match", _positive))
     batch_size: int = field(default=256, metadata=_doc("rows per evaluation forward (all adapters together)", _positive))
@@ -191,12 +192,29 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is tuple:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        return f"a list of {_plural_type_name(typing.get_args(tp)[0])}"
     if origin is dict:
         return "a mapping"
     if tp is type(None):
         return "null"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _plural_type_name(tp: Any) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "mappings"
+    plurals = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
+    return plurals.get(tp, _type_name(tp))
+
+
+def unknown_key_hint(section: str, key: str) -> str:
+    """Did-you-mean for an unknown key of `adapter` or `train`, looking in the other section too."""
+    names = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in SWEEPABLE_SECTIONS.items()}
+    hint = did_you_mean(key, names[section])
+    for other, fields in names.items():
+        if not hint and other != section and key in fields:  # lr lives under adapter, batch_size under train
+            hint = f" (did you mean '{other}.{key}'?)"
+    return hint
 
 
 _NO = object()  # marks a value that failed to convert
@@ -276,7 +294,9 @@ def build(cls: Any, data: Any, path: str, errors: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
-            errors.append(f"{prefix}{key}: unknown key{did_you_mean(str(key), fields)}")
+            section_cls = SWEEPABLE_SECTIONS.get(path)
+            hint = unknown_key_hint(path, str(key)) if section_cls is cls else did_you_mean(str(key), fields)
+            errors.append(f"{prefix}{key}: unknown key{hint}")
     kwargs: dict[str, Any] = {}
     failed = False
     for name, f in fields.items():
@@ -348,7 +368,10 @@ def _nest_dotted(mapping: Any) -> Any:
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError([f"{path}: no such file"])
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read: {exc}"]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -356,14 +379,42 @@ def read_yaml(path: Path) -> dict[str, Any]:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError([f"{path}: YAML syntax error{where}: {problem}"]) from None
+    if data is None:
+        raise ConfigError([f"{path}: the sweep file is empty; it must be a mapping of keys (name, tasks, ...)"])
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the sweep file must be a mapping of keys (name, tasks, ...), got {type(data).__name__}"])
     try:
         # Parse again through omegaconf's loader: it reads 1e-3 as a float, as users expect.
         data = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
     except (OmegaConfBaseException, yaml.YAMLError) as exc:
-        raise ConfigError([f"{path}: {str(exc).splitlines()[0]}"]) from None
+        raise ConfigError([f"{path}: {_error_text(exc)}"]) from None
     return data  # type: ignore[return-value]
+
+
+def _error_text(exc: Exception) -> str:
+    """One line for an omegaconf or YAML error, led by the key it concerns when known."""
+    if isinstance(exc, yaml.YAMLError):
+        return str(getattr(exc, "problem", None) or exc).splitlines()[0]
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    key = getattr(exc, "full_key", None)
+    return f"{key}: {text}" if key else text
+
+
+def _parse_overrides(overrides: typing.Sequence[str]) -> Any:
+    """Dotted `key=value` overrides as one omegaconf tree; ConfigError naming each bad one."""
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override '{item}': expected key=value, e.g. adapter.lr=3e-3")
+            continue
+        try:
+            OmegaConf.from_dotlist([item])
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError) as exc:
+            problems.append(f"override '{item}': {_error_text(exc)}")
+    if problems:
+        raise ConfigError(problems)
+    return OmegaConf.from_dotlist(list(overrides))
 
 
 def resolve(data: dict[str, Any], overrides: typing.Sequence[str] = ()) -> dict[str, Any]:
@@ -376,19 +427,14 @@ def resolve(data: dict[str, Any], overrides: typing.Sequence[str] = ()) -> dict[
             if isinstance(sweep.get(axis), dict):
                 sweep[axis] = _nest_dotted(sweep[axis])
         data["sweep"] = sweep
-    problems = []
-    for item in overrides:
-        if "=" not in item:
-            problems.append(f"override '{item}': expected key=value, e.g. train.lr=3e-3")
-    if problems:
-        raise ConfigError(problems)
+    dotlist = _parse_overrides(overrides)
     try:
         conf = OmegaConf.create(data)
         if overrides:
-            conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
+            conf = OmegaConf.merge(conf, dotlist)
         resolved = OmegaConf.to_container(conf, resolve=True)
     except (OmegaConfBaseException, yaml.YAMLError, ValueError) as exc:
-        raise ConfigError([f"{str(exc).splitlines()[0]}"]) from None
+        raise ConfigError([_error_text(exc)]) from None
     return resolved  # type: ignore[return-value]
 
 
@@ -412,23 +458,35 @@ def parse_spec(data: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
         path = f"devices[{i}]" if isinstance(devices, list) else "devices"
         if isinstance(device, str) and not re.fullmatch(r"auto|cpu|cpu:[1-9][0-9]*|cuda(:[0-9]+)?", device):
             errors.append(f"{path}: expected auto, cpu, cpu:K or cuda:N, got '{device}'")
-    if spec is not _NO:
-        from mlora_cli.tasks import check_task  # torch-free: reads file headers only
+    base_model = data.get("base_model")
+    if isinstance(base_model, str) and base_model.startswith("builtin:") and base_model not in BUILTIN_MODELS:
+        errors.append(f"base_model: unknown builtin model '{base_model}'{did_you_mean(base_model, BUILTIN_MODELS)}")
 
-        for i, task in enumerate(spec.tasks):
-            errors.extend(check_task(task, f"tasks[{i}]", base_dir))
-        if spec.base_model.startswith("builtin:") and spec.base_model not in BUILTIN_MODELS:
-            errors.append(f"base_model: unknown builtin model '{spec.base_model}'{did_you_mean(spec.base_model, BUILTIN_MODELS)}")
-    if not errors:
-        from mlora_cli.sweep import expand
+    # The deeper checks run on every part that built, even when another part failed, so one
+    # pass reports every problem. Parts that failed have their errors in `errors` already.
+    from mlora_cli.sweep import check_sweep
+    from mlora_cli.tasks import check_task  # torch-free: reads file headers only
 
-        expand(spec)  # raises ConfigError for sweep problems
+    for i, task in _built_tasks(spec, data):
+        errors.extend(check_task(task, f"tasks[{i}]", base_dir))
+    sweep = spec.sweep if spec is not _NO else build(SweepConfig, data.get("sweep"), "sweep", [])
+    if sweep is not _NO:
+        errors.extend(check_sweep(sweep))
     if errors:
         raise ConfigError(errors)
     return spec
 
 
-BUILTIN_MODELS = ("builtin:tiny",)
+def _built_tasks(spec: Any, data: dict[str, Any]) -> list[tuple[int, TaskConfig]]:
+    """(index, task) for every task that is valid on its own."""
+    if spec is not _NO:
+        return list(enumerate(spec.tasks))
+    tasks = data.get("tasks")
+    built = [(i, build(TaskConfig, t, f"tasks[{i}]", [])) for i, t in enumerate(tasks if isinstance(tasks, list) else [])]
+    return [(i, task) for i, task in built if task is not _NO]
+
+
+BUILTIN_MODELS = ("builtin:tiny", "builtin:micro")  # mirrors model.base.BUILTIN_SPECS (torch-free here)
 
 
 def load_sweep(path: str | Path, overrides: typing.Sequence[str] = ()) -> tuple[SweepSpec, dict[str, Any]]:

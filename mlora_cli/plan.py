@@ -58,7 +58,7 @@ def assign(adapters: list[AdapterSpec], spec: SweepSpec, workers: list[tuple[str
         loads[w] += adapter_cost(adapters[i], spec)
         chosen[w].append(i)
     plans = []
-    for (device, threads), indices in zip(workers, chosen):
+    for (device, threads), indices in zip(workers, chosen, strict=True):
         if indices:
             plans.append(WorkerPlan(device, tuple(adapters[i] for i in sorted(indices)), threads, spec.max_concurrent))
     return plans

@@ -24,10 +24,12 @@ from mlora_cli.config import (
     SWEEPABLE_SECTIONS,
     AdapterConfig,
     ConfigError,
+    SweepConfig,
     SweepSpec,
     TrainConfig,
     check_value,
     did_you_mean,
+    unknown_key_hint,
 )
 
 
@@ -101,115 +103,160 @@ def _check_key(key: str, path: str, errors: list[str]) -> bool:
         return False
     fields = [f.name for f in dataclasses.fields(SWEEPABLE_SECTIONS[section])]
     if name not in fields:
-        errors.append(f"{path}: unknown key '{key}'{did_you_mean(name, fields)}")
+        errors.append(f"{path}: unknown key '{key}'{unknown_key_hint(section, name)}")
         return False
     return True
 
 
-def _axes(spec: SweepSpec, errors: list[str]) -> list[list[dict[str, Any]]]:
+def _check_values(key: str, values: Any, path: str, errors: list[str]) -> list[Any] | None:
+    """The checked values of one grid or zip key, or None (with the problems in `errors`)."""
+    if not _check_key(key, path, errors):
+        return None
+    if not isinstance(values, list) or not values:
+        errors.append(f"{path}: expected a non-empty list of values")
+        return None
+    section, _, name = key.partition(".")
+    return [check_value(section, name, v, f"{path}[{i}]", errors) for i, v in enumerate(values)]
+
+
+def _axes(sweep: SweepConfig, errors: list[str]) -> list[list[dict[str, Any]]]:
     """Each axis is a list of points; a point maps dotted keys to checked values."""
     axes: list[list[dict[str, Any]]] = []
-    for key, values in flatten(spec.sweep.grid).items():
-        path = f"sweep.grid.{key}"
-        if not _check_key(key, path, errors):
-            continue
-        if not isinstance(values, list) or not values:
-            errors.append(f"{path}: expected a non-empty list of values")
-            continue
-        section, _, name = key.partition(".")
-        axes.append([{key: check_value(section, name, v, f"{path}[{i}]", errors)} for i, v in enumerate(values)])
-    zipped = flatten(spec.sweep.zip)
-    lengths = set()
+    owner: dict[str, str] = {}  # dotted key -> the axis that varies it; a key may be varied by one axis only
+
+    def claim(key: str, axis: str, path: str) -> None:
+        if owner.setdefault(key, axis) != axis:
+            errors.append(f"{path}: '{key}' is also varied by {owner[key]}; vary each key in one place")
+
+    for key, values in flatten(sweep.grid).items():
+        claim(key, "sweep.grid", f"sweep.grid.{key}")
+        checked = _check_values(key, values, f"sweep.grid.{key}", errors)
+        if checked is not None:
+            axes.append([{key: value} for value in checked])
+
+    zipped = flatten(sweep.zip)
+    columns = {}
     for key, values in zipped.items():
-        path = f"sweep.zip.{key}"
-        if _check_key(key, path, errors):
-            if not isinstance(values, list) or not values:
-                errors.append(f"{path}: expected a non-empty list of values")
-            else:
-                lengths.add(len(values))
-    if len(lengths) > 1:
-        sizes = ", ".join(f"{k}: {len(v)}" for k, v in zipped.items() if isinstance(v, list))
+        claim(key, "sweep.zip", f"sweep.zip.{key}")
+        checked = _check_values(key, values, f"sweep.zip.{key}", errors)
+        if checked is not None:
+            columns[key] = checked
+    if len({len(values) for values in columns.values()}) > 1:
+        sizes = ", ".join(f"{k}: {len(v)}" for k, v in columns.items())
         errors.append(f"sweep.zip: lists must have equal length ({sizes})")
-    elif lengths:
-        (length,) = lengths
+    elif columns:
+        axes.append([dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)])
+
+    if sweep.list:
         points = []
-        for i in range(length):
-            point = {}
-            for key, values in zipped.items():
-                section, _, name = key.partition(".")
-                point[key] = check_value(section, name, values[i], f"sweep.zip.{key}[{i}]", errors)
-            points.append(point)
-        axes.append(points)
-    if spec.sweep.list:
-        points = []
-        for i, entry in enumerate(spec.sweep.list):
+        named: dict[str, int] = {}
+        for i, entry in enumerate(sweep.list):
             point = {}
             for key, value in flatten(entry).items():
                 path = f"sweep.list[{i}].{key}"
                 if key == "name":
                     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+\-]*", value):
                         errors.append(f"{path}: a name uses letters, digits, '-', '_', '+' and '.' only")
+                    elif value in named:
+                        errors.append(f"{path}: duplicate adapter name '{value}' (also sweep.list[{named[value]}])")
+                    else:
+                        named[value] = i
                     point["name"] = value
                 elif _check_key(key, path, errors):
+                    claim(key, "sweep.list", path)
                     section, _, name = key.partition(".")
                     point[key] = check_value(section, name, value, path, errors)
             points.append(point)
         axes.append(points)
+    if sweep.seeds is not None:
+        for i, seed in enumerate(sweep.seeds):
+            if seed in sweep.seeds[:i]:
+                errors.append(f"sweep.seeds[{i}]: duplicate seed {seed}")
     return axes
 
 
-def _name(point: dict[str, Any], varying: list[str]) -> str:
-    if "name" in point:
-        return str(point["name"])
+def _size_problems(axes: list[list[dict[str, Any]]], seed_count: int) -> list[str]:
+    count = seed_count
+    for axis in axes:
+        count *= len(axis)
+    if count > MAX_ADAPTERS:
+        return [f"sweep: expands to {count:,} adapters, more than the limit of {MAX_ADAPTERS:,}"]
+    return []
+
+
+def check_sweep(sweep: SweepConfig) -> list[str]:
+    """Every problem of a `sweep` section, each `sweep.key.path: message`; expands nothing."""
+    errors: list[str] = []
+    axes = _axes(sweep, errors)
+    return errors or _size_problems(axes, len(sweep.seeds or (0,)))
+
+
+def _name(combo: tuple[dict[str, Any], ...], varying: list[str]) -> str:
+    """Axis by axis: an explicit list `name` stands for its entry; other keys show if they vary."""
     parts = []
-    for key in varying:
-        if key in point:
-            alias = NAME_ALIASES.get(key, key.partition(".")[2])
-            parts.append(f"{alias}{format_value(point[key])}")
+    for part in combo:
+        if "name" in part:
+            parts.append(str(part["name"]))
+            continue
+        for key in varying:
+            if key in part:
+                alias = NAME_ALIASES.get(key, key.partition(".")[2])
+                parts.append(f"{alias}{format_value(part[key])}")
     return "-".join(parts) or "default"
+
+
+def _unique(names: list[str], explicit: list[bool]) -> list[str]:
+    """Names as given, except repeats, which get -2, -3, ...; names a user wrote win over generated ones."""
+    taken = set(names)
+    seen: set[str] = set()
+    unique = list(names)
+    for i in sorted(range(len(names)), key=lambda i: not explicit[i]):  # explicit first; stable otherwise
+        name = names[i]
+        if name in seen:
+            k = 2
+            while f"{name}-{k}" in taken:
+                k += 1
+            name = f"{name}-{k}"
+            taken.add(name)
+        seen.add(name)
+        unique[i] = name
+    return unique
 
 
 def expand(spec: SweepSpec) -> list[AdapterSpec]:
     """All adapters of the sweep, in a stable order, with unique readable names."""
     errors: list[str] = []
-    axes = _axes(spec, errors)
+    axes = _axes(spec.sweep, errors)
+    seeds = spec.sweep.seeds or (spec.seed,)
+    errors = errors or _size_problems(axes, len(seeds))
     if errors:
         raise ConfigError(errors)
-    count = 1
-    for axis in axes:
-        count *= len(axis)
-    seeds = spec.sweep.seeds or (spec.seed,)
-    if count * len(seeds) > MAX_ADAPTERS:
-        raise ConfigError([f"sweep: expands to {count * len(seeds):,} adapters, more than the limit of {MAX_ADAPTERS:,}"])
-    points = [dict(item for part in combo for item in part.items()) for combo in itertools.product(*axes)]
-    varying = []
+    combos = list(itertools.product(*axes))
+    points = [{k: v for part in combo for k, v in part.items() if k != "name"} for combo in combos]
+    varying: list[str] = []
     for point in points:
         for key in point:
-            if key != "name" and key not in varying and len({repr(p.get(key)) for p in points}) > 1:
+            if key not in varying and len({repr(p.get(key)) for p in points}) > 1:
                 varying.append(key)
 
-    adapters: list[AdapterSpec] = []
-    names: dict[str, int] = {}
-    for point in points:
-        base_name = _name(point, varying)
+    names, explicit, settings = [], [], []
+    for combo, point in zip(combos, points, strict=True):
+        base_name = _name(combo, varying)
         for seed in seeds:
-            name = f"{base_name}-s{seed}" if spec.sweep.seeds else base_name
-            names[name] = names.get(name, 0) + 1
-            if names[name] > 1:
-                if "name" in point:
-                    errors.append(f"sweep.list: duplicate adapter name '{name}'")
-                name = f"{name}-{names[name]}"
-            adapter_values = {k.partition(".")[2]: v for k, v in point.items() if k.startswith("adapter.")}
-            train_values = {k.partition(".")[2]: v for k, v in point.items() if k.startswith("train.")}
-            adapters.append(
-                AdapterSpec(
-                    name=name,
-                    seed=seed,
-                    adapter=dataclasses.replace(spec.adapter, **adapter_values),
-                    train=dataclasses.replace(spec.train, **train_values),
-                    varied={k: v for k, v in point.items() if k != "name"},
-                )
+            names.append(f"{base_name}-s{seed}" if spec.sweep.seeds else base_name)
+            explicit.append(any("name" in part for part in combo))
+            settings.append((seed, point))
+    adapters = []
+    for name, (seed, point) in zip(_unique(names, explicit), settings, strict=True):
+        adapter_values = {k.partition(".")[2]: v for k, v in point.items() if k.startswith("adapter.")}
+        train_values = {k.partition(".")[2]: v for k, v in point.items() if k.startswith("train.")}
+        adapters.append(
+            AdapterSpec(
+                name=name,
+                seed=seed,
+                adapter=dataclasses.replace(spec.adapter, **adapter_values),
+                train=dataclasses.replace(spec.train, **train_values),
+                varied=dict(point),
             )
-    if errors:
-        raise ConfigError(errors)
+        )
     return adapters

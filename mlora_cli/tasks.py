@@ -265,11 +265,11 @@ def _examples(dataset: Any, indices: list[int], task: TaskConfig, path: str, key
             raise ConfigError([f"{path}.{name}: '{value}' not in {source} (fields: {', '.join(dataset.column_names)})"])
     rows = dataset.select(indices)
     prompts, completions = list(rows[task.prompt_field]), list(rows[task.completion_field])
-    for index, prompt, completion in zip(indices, prompts, completions):
+    for index, prompt, completion in zip(indices, prompts, completions, strict=True):
         if prompt is None or completion is None:
             field = task.prompt_field if prompt is None else task.completion_field
             raise ConfigError([f"{path}.{key}: row {index} of {source} has no '{field}'"])
-    return tuple(Example(str(p), str(c)) for p, c in zip(prompts, completions))
+    return tuple(Example(str(p), str(c)) for p, c in zip(prompts, completions, strict=True))
 
 
 def _load_rows(task: TaskConfig, seed: int, base_dir: Path | None, path: str) -> TaskData:

@@ -28,6 +28,16 @@ BUILTIN_SPECS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 512,
         "init_seed": 1234,
     },
+    # For unit tests and smoke runs: the same architecture, small enough to train in milliseconds.
+    "builtin:micro": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 256,
+        "init_seed": 1234,
+    },
 }
 
 

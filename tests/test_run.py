@@ -1,0 +1,112 @@
+"""End to end: `mlora run` on a micro sweep writes a complete run folder, and every saved
+adapter reloads with plain PEFT and reproduces mlora's own evaluation numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from typer.testing import CliRunner
+
+from mlora_cli.cli import app
+from mlora_cli.config import TaskConfig
+from mlora_cli.data import collate, collate_prompts, tokenize_task, token_losses
+from mlora_cli.model.base import load_base
+from mlora_cli.tasks import load_task
+
+SWEEP = {
+    "name": "micro",
+    "base_model": "builtin:micro",
+    "seed": 3,
+    "tasks": [
+        {"name": "copy", "source": "builtin:copy", "train_examples": 32, "eval_examples": 6},
+        {"name": "sort", "source": "builtin:sort", "train_examples": 32, "eval_examples": 6, "steps": 4},
+    ],
+    "adapter": {"rank": 4, "alpha": 8, "lr": 1e-2, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+    "train": {"steps_per_task": 3, "batch_size": 2, "max_seq_len": 24},
+    "eval": {"max_new_tokens": 6, "metrics": ["loss", "exact_match", "token_accuracy"]},
+    "sweep": {
+        "grid": {"adapter": {"rank": [2, 4]}},
+        "list": [{"train.batch_size": 3}, {"adapter.lr": 3e-3, "adapter.dropout": 0.1}],
+    },
+    "output_dir": "runs",
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("run")
+    sweep = folder / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(SWEEP, sort_keys=False))
+    result = CliRunner().invoke(app, ["run", str(sweep), f"output_dir={folder / 'runs'}"])
+    assert result.exit_code == 0, result.output
+    assert "final evaluation" in result.output
+    (run_dir,) = (folder / "runs").iterdir()
+    return run_dir
+
+
+def test_run_folder_layout(finished_run: Path) -> None:
+    results = json.loads((finished_run / "results.json").read_text())
+    names = ["r2-bs3", "r2-lr3e-3-do0.1", "r4-bs3", "r4-lr3e-3-do0.1"]
+    assert list(results["adapters"]) == names
+    assert sorted(p.name for p in (finished_run / "adapters").iterdir()) == sorted(names)
+    for name, entry in results["adapters"].items():
+        assert entry["status"] == "done"
+        assert set(entry["final"]) == {"copy", "sort"}
+        assert entry["steps"] == 7 and entry["train_tokens"] > 0 and entry["train_tokens_per_s"] > 0
+        assert len(entry["matrix"]["loss"]) == 3  # before training + after each of 2 tasks
+        assert (finished_run / "adapters" / name / "adapter_config.json").is_file()
+        assert (finished_run / "checkpoints" / name / "after-task-2" / "adapter_model.safetensors").is_file()
+    assert results["adapters"]["r4-bs3"]["config"]["train"]["batch_size"] == 3
+    assert results["adapters"]["r4-lr3e-3-do0.1"]["config"]["adapter"]["dropout"] == 0.1
+    run = results["run"]
+    assert run["wall_seconds"] > 0 and run["peak_rss_mib"] > 0 and "torch" in run["versions"]
+
+    resolved = yaml.safe_load((finished_run / "sweep.resolved.yaml").read_text())
+    assert resolved["output_dir"].endswith("runs") and resolved["seed"] == 3
+    expanded = json.loads((finished_run / "adapters.json").read_text())
+    assert [a["name"] for a in expanded] == names
+    base = json.loads((finished_run / "base.json").read_text())
+    assert base["base_model"] == "builtin:micro" and len(base["weights_sha256"]) == 64
+
+    lines = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 * 7
+    assert {"adapter", "step", "loss", "lr", "grad_norm", "tokens", "seconds"} <= set(lines[0])
+
+
+def test_saved_adapters_reload_with_peft_and_reproduce_eval(finished_run: Path) -> None:
+    results = json.loads((finished_run / "results.json").read_text())
+    base = load_base("builtin:micro")
+    assert base.info["weights_sha256"] == json.loads((finished_run / "base.json").read_text())["weights_sha256"]
+    tokenizer = base.tokenizer
+    model = None
+    for index, (name, entry) in enumerate(results["adapters"].items()):
+        path = finished_run / "adapters" / name
+        label = f"adapter{index}"  # PEFT adapter names cannot hold '.'
+        if model is None:
+            model = PeftModel.from_pretrained(base.model, str(path), adapter_name=label)
+        else:
+            model.load_adapter(str(path), adapter_name=label)
+        model.set_adapter(label)
+        model.eval()
+        for task in SWEEP["tasks"]:
+            data = load_task(TaskConfig(**task), SWEEP["seed"], None)
+            rows = tokenize_task(data, tokenizer, SWEEP["train"]["max_seq_len"]).eval
+            batch = collate(list(rows), tokenizer.pad_token_id)
+            with torch.no_grad():
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            loss, tokens, correct = token_losses(logits, batch.labels)
+            expected = entry["final"][task["name"]]
+            assert loss.sum().item() / tokens.sum().item() == pytest.approx(expected["loss"], rel=1e-4)
+            assert correct.sum().item() / tokens.sum().item() == pytest.approx(expected["token_accuracy"], abs=1e-6)
+            ids, mask = collate_prompts(list(rows), tokenizer.pad_token_id)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            texts = [tokenizer.decode(g[: g.index(2)] if 2 in g else g, skip_special_tokens=True)
+                     for g in out[:, ids.size(1):].tolist()]
+            hits = sum(t.strip() == r.completion.strip() for t, r in zip(texts, rows))
+            assert hits / len(rows) == pytest.approx(expected["exact_match"])
