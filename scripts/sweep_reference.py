@@ -1,0 +1,58 @@
+"""Print (or --write into README.md) the sweep-file reference, generated from mlora_cli.config.
+
+    python scripts/sweep_reference.py --write
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+from mlora_cli.config import AdapterConfig, EvalConfig, SweepConfig, SweepSpec, TaskConfig, TrainConfig, _type_name
+
+START, END = "<!-- sweep-reference:start -->", "<!-- sweep-reference:end -->"
+SECTIONS = [("top level", SweepSpec), ("tasks[i]", TaskConfig), ("adapter", AdapterConfig), ("train", TrainConfig),
+            ("eval", EvalConfig), ("sweep", SweepConfig)]
+
+
+def default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        if dataclasses.is_dataclass(value):
+            return "(section)"
+    else:
+        return "required"
+    if isinstance(value, tuple):
+        value = "[" + ", ".join(map(str, value)) + "]"
+    return "null" if value is None else f"`{value}`"
+
+
+def reference() -> str:
+    lines = []
+    for title, cls in SECTIONS:
+        lines += [f"**{title}**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kind = _type_name(hints[f.name]).replace("|", "\\|")
+            meaning = f.metadata.get("help", "").replace("|", "\\|")
+            lines.append(f"| `{f.name}` | {kind} | {default_text(f)} | {meaning} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def updated_readme(text: str) -> str:
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    return f"{head}{START}\n{reference()}{END}{tail}"
+
+
+if __name__ == "__main__":
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    if "--write" in sys.argv:
+        readme.write_text(updated_readme(readme.read_text()))
+    else:
+        print(reference())

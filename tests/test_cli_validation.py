@@ -1,0 +1,383 @@
+"""`mlora validate` and `mlora run --dry-run` through the CLI: the happy path, and every bad input
+rejected before any model loads, each problem one `key.path: message` line, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import MINIMAL_SWEEP, REPO, WriteSweep
+from typer.testing import CliRunner
+
+from mlora_cli.cli import app
+
+# typer.testing.Result in typer >= 0.24 (typer vendors click), click.testing.Result before.
+Result = Any
+QUICKSTART = str(REPO / "sweeps" / "quickstart.yaml")
+
+
+def invoke(*args: str | Path) -> Result:
+    # Wide enough that rich does not cut adapter names in the dry-run table.
+    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+
+
+def stderr_of(result: Result) -> str | None:
+    """The error stream alone, where this click keeps it apart (8.2+); None where it is mixed in."""
+    try:
+        return result.stderr
+    except ValueError:
+        return None
+
+
+def problems_of(result: Result) -> list[str]:
+    """The problem lines of a rejected input, after checking it was a clean exit 2."""
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    return [line for line in result.output.splitlines() if line.strip()]
+
+
+def assert_problems(result: Result, expected: list[str]) -> None:
+    """Exactly one line per expected problem, each line containing its expected text, in any order."""
+    lines = problems_of(result)
+    assert len(lines) == len(expected), lines
+    for text in expected:
+        assert any(text in line for line in lines), (text, lines)
+
+
+# ---------------------------------------------------------------------------------------
+# The happy path
+
+
+def test_validate_quickstart() -> None:
+    result = invoke("validate", QUICKSTART)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "ok: 8 adapters, 3 tasks"
+
+
+def test_validate_with_overrides() -> None:
+    result = invoke("validate", QUICKSTART, "adapter.lr=3e-3", "sweep.grid.adapter.rank=[4,8]")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "ok: 4 adapters, 3 tasks"
+
+
+GRID_DOTTED = "sweep:\n  grid:\n    adapter.rank: [4, 8, 16]\n    adapter.lr: [1e-3, 3e-3]\n"
+GRID_NESTED = "sweep:\n  grid:\n    adapter:\n      rank: [4, 8, 16]\n      lr: [1e-3, 3e-3]\n"
+
+
+@pytest.mark.parametrize("grid", [GRID_DOTTED, GRID_NESTED], ids=["dotted", "nested"])
+def test_grid_override_either_spelling(write_sweep: WriteSweep, grid: str) -> None:
+    path = write_sweep(MINIMAL_SWEEP + grid)
+    assert invoke("validate", path).output.strip() == "ok: 6 adapters, 2 tasks"
+    result = invoke("run", path, "--dry-run", "sweep.grid.adapter.rank=[4,8]")
+    assert result.exit_code == 0, result.output
+    assert "4 adapters" in result.output
+    for name in ("r4-lr1e-3", "r4-lr3e-3", "r8-lr1e-3", "r8-lr3e-3"):
+        assert name in result.output
+    assert "r16" not in result.output
+
+
+def test_interpolation(write_sweep: WriteSweep) -> None:
+    path = write_sweep(MINIMAL_SWEEP + "train: {batch_size: 4}\neval:\n  batch_size: ${train.batch_size}\n")
+    result = invoke("validate", path)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "ok: 1 adapters, 2 tasks"
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlora_cli.launcher
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("--dry-run must not train")
+
+    monkeypatch.setattr(mlora_cli.launcher, "run_sweep", no_training)
+    result = invoke("run", QUICKSTART, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "quickstart: 8 adapters, 3 tasks" in result.output
+    for rank in (4, 8, 16, 32):
+        for lr in ("1e-3", "3e-3"):
+            assert f"r{rank}-lr{lr}" in result.output
+
+
+def run_python(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_validate_never_imports_torch() -> None:
+    code = (
+        "import sys; from mlora_cli.cli import app; from typer.testing import CliRunner; "
+        "r=CliRunner().invoke(app, ['validate','sweeps/quickstart.yaml']); print('torch' in sys.modules)"
+    )
+    assert run_python(code).strip() == "False"
+
+
+def test_config_sweep_plan_import_without_torch() -> None:
+    code = (
+        "import json, sys; import mlora_cli.config, mlora_cli.sweep, mlora_cli.plan, mlora_cli.cli; "
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    assert not set(json.loads(run_python(code))) & {"torch", "transformers", "peft", "datasets"}
+
+
+def test_dry_run_loads_no_model() -> None:
+    # Counting CUDA devices may import torch; building the model or a worker may not.
+    code = (
+        "import json, sys; from mlora_cli.cli import app; from typer.testing import CliRunner; "
+        "r=CliRunner().invoke(app, ['run','sweeps/quickstart.yaml','--dry-run']); assert r.exit_code == 0, r.output; "
+        "print(json.dumps(sorted(sys.modules)))"
+    )
+    modules = set(json.loads(run_python(code)))
+    assert not modules & {"transformers", "peft", "datasets", "mlora_cli.model", "mlora_cli.worker"}
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: one case per problem. (sweep text, extra files, overrides, expected lines)
+
+JSONL_QA = '{"question": "2+2", "answer": "4"}\n'
+TASK = '  - {name: %s, source: "%s"}\n'
+
+
+def sweep_with(extra: str = "", tasks: str = "") -> str:
+    return (MINIMAL_SWEEP + tasks) + extra
+
+
+CASES: dict[str, tuple[str, dict[str, str], list[str], list[str]]] = {
+    "yaml-syntax": ("name: t\nadapter:\n  rank: 4\n   alpha: 8\n", {}, [], ["sweep.yaml: YAML syntax error (line 4"]),
+    "not-a-mapping": ("- name: t\n- tasks: []\n", {}, [], ["sweep.yaml: the sweep file must be a mapping"]),
+    "scalar-file": ("just text\n", {}, [], ["sweep.yaml: the sweep file must be a mapping"]),
+    "empty-file": ("", {}, [], ["sweep.yaml: the sweep file is empty"]),
+    "unknown-top-key": (sweep_with("trian: {steps_per_task: 3}\n"), {}, [], ["trian: unknown key (did you mean 'train'?)"]),
+    "unknown-adapter-key": (
+        sweep_with("adapter: {rnak: 4}\n"), {}, [], ["adapter.rnak: unknown key (did you mean 'rank'?)"]
+    ),
+    "unknown-task-key": (
+        sweep_with(tasks='  - {name: c, sorce: "builtin:sort"}\n'),
+        {},
+        [],
+        ["tasks[2].sorce: unknown key (did you mean 'source'?)", "tasks[2].source: required"],
+    ),
+    "wrong-type": (
+        sweep_with("train: {batch_size: eight}\n"), {}, [], ["train.batch_size: expected an integer, got 'eight'"]
+    ),
+    "bool-is-not-int": (sweep_with("adapter: {rank: true}\n"), {}, [], ["adapter.rank: expected an integer, got True"]),
+    "bad-literal": (
+        sweep_with("train: {schedule: cosin}\n"), {}, [], ["train.schedule: must be one of constant, linear, cosine, got 'cosin' (did you mean 'cosine'?)"]
+    ),
+    "rank-zero": (sweep_with("adapter: {rank: 0}\n"), {}, [], ["adapter.rank: must be > 0"]),
+    "rank-negative": (sweep_with("adapter: {rank: -4}\n"), {}, [], ["adapter.rank: must be > 0"]),
+    "alpha-zero": (sweep_with("adapter: {alpha: 0}\n"), {}, [], ["adapter.alpha: must be > 0"]),
+    "lr-zero": (sweep_with("adapter: {lr: 0.0}\n"), {}, [], ["adapter.lr: must be > 0"]),
+    "lr-negative": (sweep_with("adapter: {lr: -1e-3}\n"), {}, [], ["adapter.lr: must be > 0"]),
+    "dropout-one": (sweep_with("adapter: {dropout: 1.0}\n"), {}, [], ["adapter.dropout: must be in [0, 1)"]),
+    "dropout-negative": (sweep_with("adapter: {dropout: -0.1}\n"), {}, [], ["adapter.dropout: must be in [0, 1)"]),
+    "no-tasks-key": ("name: t\n", {}, [], ["tasks: required"]),
+    "empty-task-list": ("name: t\ntasks: []\n", {}, [], ["tasks: must not be empty"]),
+    "tasks-not-a-list": ("name: t\ntasks: {a: 1}\n", {}, [], ["tasks: expected a list of mappings"]),
+    "duplicate-task-names": (
+        sweep_with(tasks=TASK % ("a", "builtin:sort")), {}, [], ["tasks[2].name: duplicate task name 'a' (also tasks[0])"]
+    ),
+    "duplicate-adapter-names": (
+        sweep_with("sweep:\n  list:\n    - {name: x, adapter.rank: 4}\n    - {name: x, adapter.rank: 8}\n"),
+        {},
+        [],
+        ["sweep.list[1].name: duplicate adapter name 'x' (also sweep.list[0])"],
+    ),
+    "missing-data-file": (
+        sweep_with(tasks=TASK % ("c", "jsonl:data/missing.jsonl")),
+        {},
+        [],
+        ["tasks[2].source: no such file: data/missing.jsonl"],
+    ),
+    "data-file-without-fields": (
+        sweep_with(tasks=TASK % ("c", "jsonl:qa.jsonl")),
+        {"qa.jsonl": JSONL_QA},
+        [],
+        [
+            "tasks[2].prompt_field: 'prompt' not in qa.jsonl (fields: question, answer)",
+            "tasks[2].completion_field: 'completion' not in qa.jsonl (fields: question, answer)",
+        ],
+    ),
+    "unknown-builtin": (
+        sweep_with(tasks=TASK % ("c", "builtin:revrse")),
+        {},
+        [],
+        ["tasks[2].source: unknown builtin 'revrse' (did you mean 'reverse'?)"],
+    ),
+    "unknown-builtin-model": (
+        sweep_with("base_model: builtin:tinny\n"), {}, [], ["base_model: unknown builtin model 'builtin:tinny'"]
+    ),
+    "bad-device": (
+        sweep_with("devices: [cuda:0, gpu]\n"), {}, [], ["devices[1]: expected auto, cpu, cpu:K or cuda:N, got 'gpu'"]
+    ),
+    "grid-unknown-key-dotted": (
+        sweep_with("sweep: {grid: {adapter.rnak: [4, 8]}}\n"),
+        {},
+        [],
+        ["sweep.grid.adapter.rnak: unknown key 'adapter.rnak' (did you mean 'rank'?)"],
+    ),
+    "grid-unknown-key-nested": (
+        sweep_with("sweep: {grid: {adapter: {rnak: [4, 8]}}}\n"),
+        {},
+        [],
+        ["sweep.grid.adapter.rnak: unknown key 'adapter.rnak' (did you mean 'rank'?)"],
+    ),
+    "grid-not-sweepable": (
+        sweep_with("sweep: {grid: {eval.batch_size: [4, 8]}}\n"),
+        {},
+        [],
+        ["sweep.grid.eval.batch_size: unknown key 'eval.batch_size'; a sweep varies adapter.* and train.* keys"],
+    ),
+    "grid-bad-values": (
+        sweep_with("sweep: {grid: {adapter.rank: [4, 0, x]}}\n"),
+        {},
+        [],
+        ["sweep.grid.adapter.rank[1]: must be > 0", "sweep.grid.adapter.rank[2]: expected an integer, got 'x'"],
+    ),
+    "too-many-adapters": (
+        sweep_with(
+            "sweep:\n  grid:\n"
+            f"    adapter.rank: {list(range(1, 101))}\n"
+            f"    train.batch_size: {list(range(1, 102))}\n"
+        ),
+        {},
+        [],
+        ["sweep: expands to 10,100 adapters, more than the limit of 10,000"],
+    ),
+    "zip-unequal": (
+        sweep_with("sweep: {zip: {adapter.rank: [4, 8], adapter.lr: [1e-3]}}\n"),
+        {},
+        [],
+        ["sweep.zip: lists must have equal length (adapter.rank: 2, adapter.lr: 1)"],
+    ),
+    "zip-unknown-key": (  # used to crash with a KeyError
+        sweep_with("sweep: {zip: {adapter.rnak: [4, 8], adapter.lr: [1e-3, 3e-3]}}\n"),
+        {},
+        [],
+        ["sweep.zip.adapter.rnak: unknown key 'adapter.rnak' (did you mean 'rank'?)"],
+    ),
+    "zip-not-a-list": (  # used to crash with a TypeError
+        sweep_with("sweep: {zip: {adapter.rank: 4, adapter.lr: [1e-3, 3e-3]}}\n"),
+        {},
+        [],
+        ["sweep.zip.adapter.rank: expected a non-empty list of values"],
+    ),
+    "override-without-equals": (MINIMAL_SWEEP, {}, ["adapter.rank"], ["override 'adapter.rank': expected key=value"]),
+    "override-bad-yaml": (MINIMAL_SWEEP, {}, ["adapter.target_modules=[q_proj"], ["override 'adapter.target_modules=[q_proj'"]),
+    "override-unknown-key": (MINIMAL_SWEEP, {}, ["adapter.rnak=4"], ["adapter.rnak: unknown key (did you mean 'rank'?)"]),
+    "override-wrong-section": (
+        MINIMAL_SWEEP, {}, ["train.lr=3e-3"], ["train.lr: unknown key (did you mean 'adapter.lr'?)"]
+    ),
+    "override-wrong-type": (MINIMAL_SWEEP, {}, ["adapter.rank=abc"], ["adapter.rank: expected an integer, got 'abc'"]),
+    "missing-interpolation": (
+        sweep_with("adapter:\n  alpha: ${adapter.nope}\n"), {}, [], ["adapter.alpha: Interpolation key 'adapter.nope'"]
+    ),
+}
+
+
+def write_case(tmp_path: Path, text: str, files: dict[str, str]) -> Path:
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_validate_rejects(tmp_path: Path, case: str) -> None:
+    text, files, overrides, expected = CASES[case]
+    result = invoke("validate", write_case(tmp_path, text, files), *overrides)
+    assert_problems(result, expected)
+
+
+@pytest.mark.parametrize(
+    "case", ["yaml-syntax", "rank-zero", "duplicate-adapter-names", "missing-data-file", "zip-unequal", "override-without-equals"]
+)
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_run_rejects_before_any_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, dry_run: bool) -> None:
+    import mlora_cli.launcher
+
+    def must_not_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a bad sweep reached the launcher")
+
+    monkeypatch.setattr(mlora_cli.launcher, "run_sweep", must_not_run)
+    monkeypatch.setattr(mlora_cli.launcher, "plan_workers", must_not_run)
+    text, files, overrides, expected = CASES[case]
+    result = invoke("run", write_case(tmp_path, text, files), *overrides, *(["--dry-run"] if dry_run else []))
+    assert_problems(result, expected)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    for command in ("validate", "run"):
+        result = invoke(command, tmp_path / "nope.yaml")
+        assert_problems(result, [f"{tmp_path / 'nope.yaml'}: no such file"])
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"name: \xd0\x00\xff\n")
+    assert_problems(invoke("validate", path), [f"{path}: cannot read: "])
+
+
+def test_problems_go_to_stderr(write_sweep: WriteSweep) -> None:
+    result = invoke("validate", write_sweep(sweep_with("adapter: {rank: 0}\n")))
+    stderr = stderr_of(result)
+    if stderr is not None:
+        assert stderr.strip() == "adapter.rank: must be > 0"
+        assert result.stdout.strip() == ""
+
+
+def test_every_problem_reported_together(tmp_path: Path) -> None:
+    (tmp_path / "qa.jsonl").write_text(JSONL_QA)
+    text = """\
+name: t
+trian: {}
+tasks:
+  - {name: a, source: "builtin:revrse"}
+  - {name: a, source: "jsonl:missing.jsonl"}
+  - {name: c, source: "jsonl:qa.jsonl"}
+adapter: {rank: 0, lr: -1, rnak: 3, dropout: 1.5}
+train: {batch_size: eight}
+sweep:
+  grid:
+    adapter.rnak: [1, 2]
+  zip:
+    adapter.alpha: [1, 2]
+    adapter.dropout: [0.1]
+"""
+    expected = [
+        "trian: unknown key (did you mean 'train'?)",
+        "adapter.rnak: unknown key (did you mean 'rank'?)",
+        "adapter.rank: must be > 0",
+        "adapter.lr: must be > 0",
+        "adapter.dropout: must be in [0, 1)",
+        "train.batch_size: expected an integer, got 'eight'",
+        "tasks[1].name: duplicate task name 'a' (also tasks[0])",
+        "tasks[0].source: unknown builtin 'revrse' (did you mean 'reverse'?)",
+        "tasks[1].source: no such file: missing.jsonl",
+        "tasks[2].prompt_field: 'prompt' not in qa.jsonl",
+        "tasks[2].completion_field: 'completion' not in qa.jsonl",
+        "sweep.grid.adapter.rnak: unknown key 'adapter.rnak' (did you mean 'rank'?)",
+        "sweep.zip: lists must have equal length (adapter.alpha: 2, adapter.dropout: 1)",
+    ]
+    path = write_case(tmp_path, text, {})
+    for args in (["validate", path], ["run", path], ["run", path, "--dry-run"]):
+        assert_problems(invoke(*args), expected)
+
+
+def test_bad_task_does_not_hide_other_tasks_problems(write_sweep: WriteSweep) -> None:
+    # tasks[1] fails to build; tasks[0] and the sweep are still checked in the same pass.
+    text = 'name: t\ntasks:\n  - {name: a, source: "builtin:revrse"}\n  - 5\nsweep: {grid: {train.bs: [1, 2]}}\n'
+    assert_problems(
+        invoke("validate", write_sweep(text)),
+        [
+            "tasks[1]: expected a mapping, got 5",
+            "tasks[0].source: unknown builtin 'revrse'",
+            "sweep.grid.train.bs: unknown key 'train.bs'",
+        ],
+    )
