@@ -54,6 +54,10 @@ def _beta_range(value: float) -> str | None:
     return None if 0.0 <= value < 1.0 else "must be in [0, 1)"
 
 
+def _unit_interval(value: float) -> str | None:
+    return None if 0.0 <= value <= 1.0 else "must be in [0, 1]"
+
+
 def _non_empty(value: Any) -> str | None:
     return None if len(value) > 0 else "must not be empty"
 
@@ -62,7 +66,6 @@ def _optional_positive(value: Any) -> str | None:
     return None if value is None else _positive(value)
 
 
-STRATEGIES = ("naive",)
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,19 @@ class AdapterConfig:
     beta1: float = field(default=0.9, metadata=_doc("AdamW beta1", _beta_range))
     beta2: float = field(default=0.999, metadata=_doc("AdamW beta2", _beta_range))
     eps: float = field(default=1e-8, metadata=_doc("AdamW epsilon", _positive))
-    strategy: Literal["naive"] = field(default="naive", metadata=_doc("continual-learning strategy"))
+    strategy: Literal["naive", "replay", "l2", "ewc", "lwf", "olora"] = field(
+        default="naive", metadata=_doc("continual-learning strategy (see README: Strategies)")
+    )
+    buffer_size: int = field(default=64, metadata=_doc("replay: examples kept from each finished task", _positive))
+    replay_ratio: float = field(default=0.25, metadata=_doc("replay: share of each batch drawn from the buffer", _unit_interval))
+    l2_lambda: float = field(default=1.0, metadata=_doc("l2: lambda of lambda/2 ||theta - theta_prev||^2", _non_negative))
+    ewc_lambda: float = field(default=1000.0, metadata=_doc("ewc: lambda of lambda/2 sum F (theta - theta*)^2", _non_negative))
+    ewc_gamma: float = field(default=1.0, metadata=_doc("ewc: online decay of the old Fisher (1: sum over tasks)", _unit_interval))
+    fisher_batches: int = field(default=8, metadata=_doc("ewc: batches used to estimate the diagonal Fisher", _positive))
+    lwf_lambda: float = field(default=1.0, metadata=_doc("lwf: weight of KL(previous adapter || current)", _non_negative))
+    lwf_temperature: float = field(default=2.0, metadata=_doc("lwf: softmax temperature of the distillation", _positive))
+    olora_lambda1: float = field(default=0.5, metadata=_doc("olora: weight of sum |A_old A_new^T|", _non_negative))
+    olora_lambda2: float = field(default=0.0, metadata=_doc("olora: weight of ||A_new||^2", _non_negative))
 
     @property
     def scale(self) -> float:
@@ -114,6 +129,9 @@ class EvalConfig:
     )
     max_new_tokens: int = field(default=16, metadata=_doc("tokens generated for exact_match", _positive))
     batch_size: int = field(default=256, metadata=_doc("rows per evaluation forward (all adapters together)", _positive))
+    every_steps: int | None = field(
+        default=None, metadata=_doc("also evaluate every N steps within a task (per-task curves); null: only at task ends", _optional_positive)
+    )
 
 
 @dataclass(frozen=True)
@@ -201,7 +219,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _plural_type_name(tp: Any) -> str:
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict:
         return "mappings"
     plurals = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
     return plurals.get(tp, _type_name(tp))
@@ -401,20 +419,22 @@ def _error_text(exc: Exception) -> str:
     return f"{key}: {text}" if key else text
 
 
-def _parse_overrides(overrides: typing.Sequence[str]) -> Any:
-    """Dotted `key=value` overrides as one omegaconf tree; ConfigError naming each bad one."""
+_OMEGACONF_ERRORS = (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError)
+
+
+def _apply_overrides(conf: Any, overrides: typing.Sequence[str]) -> None:
+    """Set each dotted `key=value` (list items by index: tasks.1.steps=5); ConfigError naming each bad one."""
     problems = []
     for item in overrides:
         if "=" not in item:
             problems.append(f"override '{item}': expected key=value, e.g. adapter.lr=3e-3")
             continue
         try:
-            OmegaConf.from_dotlist([item])
-        except (OmegaConfBaseException, yaml.YAMLError, ValueError) as exc:
+            conf.merge_with_dotlist([item])
+        except _OMEGACONF_ERRORS as exc:  # bad YAML value, a list index out of range or not a number, ...
             problems.append(f"override '{item}': {_error_text(exc)}")
     if problems:
         raise ConfigError(problems)
-    return OmegaConf.from_dotlist(list(overrides))
 
 
 def resolve(data: dict[str, Any], overrides: typing.Sequence[str] = ()) -> dict[str, Any]:
@@ -427,13 +447,14 @@ def resolve(data: dict[str, Any], overrides: typing.Sequence[str] = ()) -> dict[
             if isinstance(sweep.get(axis), dict):
                 sweep[axis] = _nest_dotted(sweep[axis])
         data["sweep"] = sweep
-    dotlist = _parse_overrides(overrides)
     try:
         conf = OmegaConf.create(data)
-        if overrides:
-            conf = OmegaConf.merge(conf, dotlist)
+    except _OMEGACONF_ERRORS as exc:
+        raise ConfigError([_error_text(exc)]) from None
+    _apply_overrides(conf, overrides)
+    try:
         resolved = OmegaConf.to_container(conf, resolve=True)
-    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as exc:
+    except _OMEGACONF_ERRORS as exc:
         raise ConfigError([_error_text(exc)]) from None
     return resolved  # type: ignore[return-value]
 

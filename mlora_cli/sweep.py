@@ -233,11 +233,13 @@ def expand(spec: SweepSpec) -> list[AdapterSpec]:
         raise ConfigError(errors)
     combos = list(itertools.product(*axes))
     points = [{k: v for part in combo for k, v in part.items() if k != "name"} for combo in combos]
-    varying: list[str] = []
+    # A key varies when it takes two values, or is set for some adapters only. One pass: a
+    # 10,000-adapter sweep must stay instant.
+    values: dict[str, set[str]] = {}
     for point in points:
-        for key in point:
-            if key not in varying and len({repr(p.get(key)) for p in points}) > 1:
-                varying.append(key)
+        for key, value in point.items():
+            values.setdefault(key, set()).add(repr(value))
+    varying = [key for key, seen in values.items() if len(seen) > 1 or any(key not in p for p in points)]
 
     names, explicit, settings = [], [], []
     for combo, point in zip(combos, points, strict=True):

@@ -16,6 +16,7 @@ import torch
 
 from mlora_cli.data import Row, collate, token_losses
 from mlora_cli.model.engine import MultiLoraModel
+from mlora_cli.strategies import Strategies
 
 
 @dataclass
@@ -38,9 +39,10 @@ class StepResult:
     finite: bool
 
 
-def fused_step(engine: MultiLoraModel, inputs: list[StepInput], pad_id: int) -> tuple[list[StepResult], float]:
-    """Train every adapter in `inputs` one step; returns per-adapter results and seconds."""
-    start = time.perf_counter()
+def _adapter_losses(
+    engine: MultiLoraModel, inputs: list[StepInput], pad_id: int, strategies: Strategies | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward the stacked rows once; per-adapter (objective, task loss, tokens) and row groups."""
     rows = [row for part in inputs for row in part.rows]
     batch = collate(rows, pad_id, engine.device)
     slots = [part.slot for part in inputs]
@@ -48,17 +50,35 @@ def fused_step(engine: MultiLoraModel, inputs: list[StepInput], pad_id: int) -> 
     with engine.routed(slots, counts, [p.dropout for p in inputs], [p.generator for p in inputs]):
         logits = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     row_loss, row_tokens, _ = token_losses(logits, batch.labels)
-    group = torch.repeat_interleave(torch.arange(len(inputs), device=row_loss.device),
-                                    torch.tensor(counts, device=row_loss.device))
-    loss_sum = torch.zeros(len(inputs), device=row_loss.device).index_add(0, group, row_loss)
-    token_count = torch.zeros(len(inputs), device=row_loss.device).index_add(0, group, row_tokens.float())
-    adapter_loss = loss_sum / token_count.clamp(min=1)
-    adapter_loss.sum().backward()
+    device = row_loss.device
+    group = torch.repeat_interleave(torch.arange(len(inputs), device=device), torch.tensor(counts, device=device))
+    loss_sum = torch.zeros(len(inputs), device=device).index_add(0, group, row_loss)
+    completion_tokens = torch.zeros(len(inputs), device=device).index_add(0, group, row_tokens.float())
+    task_loss = loss_sum / completion_tokens.clamp(min=1)
+    objective = task_loss
+    if strategies is not None:
+        distillation = strategies.distillation(logits, batch.input_ids, batch.attention_mask, slots, counts)
+        if distillation is not None:
+            objective = task_loss + distillation
+    tokens = torch.zeros(len(inputs), dtype=torch.long, device=device).index_add(0, group, batch.tokens_per_row)
+    return objective, task_loss, tokens, group
+
+
+def fused_step(
+    engine: MultiLoraModel, inputs: list[StepInput], pad_id: int, strategies: Strategies | None = None
+) -> tuple[list[StepResult], float]:
+    """Train every adapter in `inputs` one step; returns per-adapter results and seconds."""
+    start = time.perf_counter()
+    objective, task_loss, tokens, _ = _adapter_losses(engine, inputs, pad_id, strategies)
+    objective.sum().backward()
+    if strategies is not None:
+        strategies.add_gradients()
 
     optimizer = engine.optimizer
     norms = optimizer.grad_norms()
+    slots = [part.slot for part in inputs]
     slot_index = torch.tensor(slots, device=norms.device)
-    finite = torch.isfinite(adapter_loss.detach()) & torch.isfinite(norms[slot_index])
+    finite = torch.isfinite(objective.detach()) & torch.isfinite(norms[slot_index])
     active = torch.zeros(engine.num_slots, dtype=torch.bool, device=norms.device)
     active[slot_index] = finite
     lrs = torch.zeros(engine.num_slots, dtype=torch.float64)
@@ -66,10 +86,27 @@ def fused_step(engine: MultiLoraModel, inputs: list[StepInput], pad_id: int) -> 
     optimizer.step(active, lrs, norms)
     engine.zero_grad()
 
-    losses = adapter_loss.detach().cpu().tolist()
-    grad_norms = norms[slot_index].cpu().tolist()
-    tokens = [int(t) for t in torch.zeros(len(inputs), dtype=torch.long).index_add(
-        0, group.cpu(), batch.tokens_per_row.cpu()).tolist()]
-    flags = finite.cpu().tolist()
-    results = [StepResult(s, loss, norm, tok, ok) for s, loss, norm, tok, ok in zip(slots, losses, grad_norms, tokens, flags)]
+    # One host transfer for everything logged.
+    losses, grad_norms, flags = task_loss.detach().cpu().tolist(), norms[slot_index].cpu().tolist(), finite.cpu().tolist()
+    results = [
+        StepResult(slot, loss, norm, int(count), ok)
+        for slot, loss, norm, count, ok in zip(slots, losses, grad_norms, tokens.cpu().tolist(), flags)
+    ]
     return results, time.perf_counter() - start
+
+
+def squared_gradients(engine: MultiLoraModel, batches: list[list[StepInput]], pad_id: int) -> list[torch.Tensor]:
+    """Mean over `batches` of each slot's squared gradient (the diagonal empirical Fisher).
+
+    Each element of `batches` is one fused pass over several adapters' rows; slots are
+    disjoint, so one backward gives every adapter its own gradient.
+    """
+    totals = [torch.zeros_like(p) for p in engine.optimizer.params]
+    for inputs in batches:
+        objective, _, _, _ = _adapter_losses(engine, inputs, pad_id, None)
+        objective.sum().backward()
+        for total, p in zip(totals, engine.optimizer.params):
+            if p.grad is not None:
+                total.add_(p.grad.detach() ** 2)
+        engine.zero_grad()
+    return [t / max(1, len(batches)) for t in totals]

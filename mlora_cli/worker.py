@@ -10,6 +10,7 @@ from its own seed, so neighbours never change its results.
 
 from __future__ import annotations
 
+import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -20,15 +21,16 @@ from typing import Any
 import torch
 
 from mlora_cli.config import SweepSpec, to_plain
-from mlora_cli.data import BatchSampler, TokenizedTask, tokenize_task
+from mlora_cli.data import BatchSampler, Row, TokenizedTask, tokenize_task
 from mlora_cli.evaluate import EvalRequest, evaluate
 from mlora_cli.model.base import load_base
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.model.optim import lr_factor
 from mlora_cli.plan import WorkerPlan
+from mlora_cli.strategies import Strategies
 from mlora_cli.sweep import AdapterSpec
 from mlora_cli.tasks import TaskData
-from mlora_cli.train import StepInput, fused_step
+from mlora_cli.train import StepInput, fused_step, squared_gradients
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -44,8 +46,12 @@ class AdapterProgress:
     task_index: int = 0
     step_in_task: int = 0
     step: int = 0
-    needs_eval: bool = True
+    needs_eval: bool = True  # at a task boundary (a row of the accuracy matrix)
+    needs_curve_eval: bool = False  # mid-task (eval.every_steps)
     evals: list[dict[str, dict[str, float]]] = field(default_factory=list)  # row i: after i tasks
+    curve: list[dict[str, Any]] = field(default_factory=list)  # every evaluation, by step
+    replay_buffer: list[Row] = field(default_factory=list)
+    replay_rng: random.Random | None = None
     tokens: int = 0
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
@@ -90,7 +96,11 @@ def run(
         return tokenized[key]
 
     targets = sorted({t for a in plan.adapters for t in a.adapter.target_modules})
-    engine = MultiLoraModel(base.model, targets, plan.slots, max(a.adapter.rank for a in plan.adapters))
+    # O-LoRA stacks one LoRA per task in its slot; LwF keeps a frozen teacher in a spare slot.
+    max_rank = max(a.adapter.rank * (len(spec.tasks) if a.adapter.strategy == "olora" else 1) for a in plan.adapters)
+    teachers = any(a.adapter.strategy == "lwf" for a in plan.adapters)
+    engine = MultiLoraModel(base.model, targets, plan.slots * (2 if teachers else 1), max_rank)
+    strategies = Strategies(engine, plan.slots)
     emit({"event": "worker_ready", "worker": worker_id, "load_seconds": time.perf_counter() - started, "base": base.info})
 
     queue = deque(plan.adapters)
@@ -100,6 +110,7 @@ def run(
 
     def start(adapter: AdapterSpec, slot: int) -> None:
         engine.load_slot(slot, adapter.adapter, adapter.train.max_grad_norm, adapter.seed)
+        strategies.start(slot, adapter.adapter)
         generator = None
         if adapter.adapter.dropout > 0:
             generator = torch.Generator(device=engine.device).manual_seed(adapter.seed + 7919)
@@ -111,8 +122,34 @@ def run(
                 task_steps=task_steps(spec, adapter),
                 sampler=BatchSampler(len(tasks_for(adapter)[0].train), adapter.seed, 0),
                 dropout_generator=generator,
+                replay_rng=random.Random(f"replay:{adapter.seed}") if adapter.adapter.strategy == "replay" else None,
             )
         )
+
+    def end_task(progress: AdapterProgress) -> None:
+        """Strategy bookkeeping when an adapter finished a task and another follows."""
+        config, finished_task = progress.spec.adapter, progress.tasks[progress.task_index]
+        if config.strategy == "replay":
+            keep = random.Random(f"buffer:{progress.spec.seed}:{progress.task_index}")
+            picked = keep.sample(range(len(finished_task.train)), min(config.buffer_size, len(finished_task.train)))
+            progress.replay_buffer.extend(finished_task.train[i] for i in picked)
+
+        def fisher() -> list[torch.Tensor]:
+            sampler = BatchSampler(len(finished_task.train), progress.spec.seed, 10_000 + progress.task_index)
+            batches = [[StepInput(progress.slot, [finished_task.train[i] for i in sampler.next(progress.spec.train.batch_size)],
+                                  0.0, 0.0, None)] for _ in range(config.fisher_batches)]
+            with torch.enable_grad():  # called from inside the strategies' no-grad bookkeeping
+                return squared_gradients(engine, batches, tokenizer.pad_token_id)
+
+        strategies.end_task(progress.slot, config, progress.task_index, progress.spec.seed, fisher)
+
+    def batch_rows(progress: AdapterProgress) -> list[Row]:
+        task, size = progress.tasks[progress.task_index], progress.spec.train.batch_size
+        replayed: list[Row] = []
+        if progress.replay_buffer and progress.replay_rng is not None:
+            count = min(round(size * progress.spec.adapter.replay_ratio), len(progress.replay_buffer))
+            replayed = progress.replay_rng.sample(progress.replay_buffer, count)
+        return [task.train[i] for i in progress.sampler.next(size - len(replayed))] + replayed
 
     def finish(progress: AdapterProgress) -> None:
         if run_dir is not None and progress.failure is None:
@@ -125,13 +162,24 @@ def run(
     while queue or active:
         while free_slots and queue:
             start(queue.popleft(), free_slots.pop())
-        due = [p for p in active if p.needs_eval]
+        due = [p for p in active if p.needs_eval or p.needs_curve_eval]
         if due:
-            requests = [EvalRequest(p.spec.name, p.slot if p.task_index else None, p.tasks) for p in due]
+            requests = [EvalRequest(p.spec.name, p.slot if p.step else None, p.tasks) for p in due]
             scores, seconds = evaluate(engine, requests, spec.eval, tokenizer)
             for progress in due:
-                progress.evals.append(scores[progress.spec.name])
                 progress.eval_seconds += seconds / len(due)
+                boundary = progress.needs_eval
+                progress.curve.append({
+                    "step": progress.step,
+                    # the task being trained at this step; at a boundary, the one just finished
+                    "task_index": max(0, progress.task_index - 1) if boundary else progress.task_index,
+                    "after_task": progress.task_index if boundary else None,
+                    "scores": scores[progress.spec.name],
+                })
+                progress.needs_curve_eval = False
+                if not progress.needs_eval:
+                    continue
+                progress.evals.append(scores[progress.spec.name])
                 progress.needs_eval = False
                 emit({"event": "eval", "worker": worker_id, "adapter": progress.spec.name,
                       "after_task": progress.task_index, "scores": scores[progress.spec.name]})
@@ -144,12 +192,10 @@ def run(
 
         inputs = []
         for progress in active:
-            task = progress.tasks[progress.task_index]
             factor = lr_factor(progress.step, progress.total_steps, progress.spec.train.warmup_steps, progress.spec.train.schedule)
-            rows = [task.train[i] for i in progress.sampler.next(progress.spec.train.batch_size)]
-            inputs.append(StepInput(progress.slot, rows, progress.spec.adapter.lr * factor,
+            inputs.append(StepInput(progress.slot, batch_rows(progress), progress.spec.adapter.lr * factor,
                                     progress.spec.adapter.dropout, progress.dropout_generator))
-        step_results, seconds = fused_step(engine, inputs, tokenizer.pad_token_id)
+        step_results, seconds = fused_step(engine, inputs, tokenizer.pad_token_id, strategies)
         records = []
         for progress, part, outcome in zip(list(active), inputs, step_results):
             progress.step += 1
@@ -166,12 +212,16 @@ def run(
                                     f"at step {progress.step}, task '{progress.tasks[progress.task_index].name}'")
                 finish(progress)
             elif progress.step_in_task >= progress.task_steps[progress.task_index]:
+                if progress.task_index + 1 < len(progress.tasks):
+                    end_task(progress)
                 progress.task_index += 1
                 progress.step_in_task = 0
                 progress.needs_eval = True
                 if not progress.finished:
                     size = len(progress.tasks[progress.task_index].train)
                     progress.sampler = BatchSampler(size, progress.spec.seed, progress.task_index)
+            elif spec.eval.every_steps and progress.step % spec.eval.every_steps == 0:
+                progress.needs_curve_eval = True
         emit({"event": "step", "worker": worker_id, "records": records})
     return results
 
@@ -192,6 +242,7 @@ def result_entry(progress: AdapterProgress, spec: SweepSpec) -> dict[str, Any]:
         "final": final,
         "final_mean": {m: sum(s[m] for s in final.values()) / len(final) for m in metrics} if final else {},
         "matrix": matrix,
+        "curve": progress.curve,
         "steps": progress.step,
         "train_tokens": progress.tokens,
         "train_seconds": progress.train_seconds,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,14 @@ from mlora_cli.cli import app
 # typer.testing.Result in typer >= 0.24 (typer vendors click), click.testing.Result before.
 Result = Any
 QUICKSTART = str(REPO / "sweeps" / "quickstart.yaml")
+
+
+@pytest.fixture(autouse=True)
+def no_cuda_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Place on CPU without asking torch for GPUs: fast, and the same table on any machine."""
+    import mlora_cli.launcher
+
+    monkeypatch.setattr(mlora_cli.launcher, "visible_cuda_devices", lambda: 0)
 
 
 def invoke(*args: str | Path) -> Result:
@@ -137,169 +146,169 @@ def test_dry_run_loads_no_model() -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Bad input: one case per problem. (sweep text, extra files, overrides, expected lines)
+# Bad input: one case per problem, each with the lines `validate` must print (substrings).
+
+
+@dataclass(frozen=True)
+class Case:
+    text: str
+    expected: tuple[str, ...]
+    overrides: tuple[str, ...] = ()
+    files: tuple[tuple[str, str], ...] = ()  # (name, content) written beside the sweep file
+
+
+def with_extra(extra: str = "", task: str = "") -> str:
+    """The minimal sweep plus a third task `c` with `task` as its source, plus `extra` YAML."""
+    return MINIMAL_SWEEP + (f'  - {{name: c, source: "{task}"}}\n' if task else "") + extra
+
+
+def bad(text: str, *expected: str, overrides: tuple[str, ...] = (), files: tuple[tuple[str, str], ...] = ()) -> Case:
+    return Case(text, expected, overrides, files)
+
 
 JSONL_QA = '{"question": "2+2", "answer": "4"}\n'
-TASK = '  - {name: %s, source: "%s"}\n'
+BIG_GRID = f"sweep:\n  grid:\n    adapter.rank: {list(range(1, 101))}\n    train.batch_size: {list(range(1, 102))}\n"
 
-
-def sweep_with(extra: str = "", tasks: str = "") -> str:
-    return (MINIMAL_SWEEP + tasks) + extra
-
-
-CASES: dict[str, tuple[str, dict[str, str], list[str], list[str]]] = {
-    "yaml-syntax": ("name: t\nadapter:\n  rank: 4\n   alpha: 8\n", {}, [], ["sweep.yaml: YAML syntax error (line 4"]),
-    "not-a-mapping": ("- name: t\n- tasks: []\n", {}, [], ["sweep.yaml: the sweep file must be a mapping"]),
-    "scalar-file": ("just text\n", {}, [], ["sweep.yaml: the sweep file must be a mapping"]),
-    "empty-file": ("", {}, [], ["sweep.yaml: the sweep file is empty"]),
-    "unknown-top-key": (sweep_with("trian: {steps_per_task: 3}\n"), {}, [], ["trian: unknown key (did you mean 'train'?)"]),
-    "unknown-adapter-key": (
-        sweep_with("adapter: {rnak: 4}\n"), {}, [], ["adapter.rnak: unknown key (did you mean 'rank'?)"]
+CASES: dict[str, Case] = {
+    "yaml-syntax": bad("name: t\nadapter:\n  rank: 4\n   alpha: 8\n", "sweep.yaml: YAML syntax error (line 4"),
+    "not-a-mapping": bad("- name: t\n- tasks: []\n", "sweep.yaml: the sweep file must be a mapping"),
+    "scalar-file": bad("just text\n", "sweep.yaml: the sweep file must be a mapping"),
+    "empty-file": bad("", "sweep.yaml: the sweep file is empty"),
+    "unknown-top-key": bad(with_extra("trian: {steps_per_task: 3}\n"), "trian: unknown key (did you mean 'train'?)"),
+    "unknown-adapter-key": bad(with_extra("adapter: {rnak: 4}\n"), "adapter.rnak: unknown key (did you mean 'rank'?)"),
+    "unknown-task-key": bad(
+        MINIMAL_SWEEP + '  - {name: c, sorce: "builtin:sort"}\n',
+        "tasks[2].sorce: unknown key (did you mean 'source'?)",
+        "tasks[2].source: required",
     ),
-    "unknown-task-key": (
-        sweep_with(tasks='  - {name: c, sorce: "builtin:sort"}\n'),
-        {},
-        [],
-        ["tasks[2].sorce: unknown key (did you mean 'source'?)", "tasks[2].source: required"],
+    "wrong-type": bad(with_extra("train: {batch_size: eight}\n"), "train.batch_size: expected an integer, got 'eight'"),
+    "bool-is-not-int": bad(with_extra("adapter: {rank: true}\n"), "adapter.rank: expected an integer, got True"),
+    "bad-literal": bad(
+        with_extra("train: {schedule: cosin}\n"),
+        "train.schedule: must be one of constant, linear, cosine, got 'cosin' (did you mean 'cosine'?)",
     ),
-    "wrong-type": (
-        sweep_with("train: {batch_size: eight}\n"), {}, [], ["train.batch_size: expected an integer, got 'eight'"]
+    "rank-zero": bad(with_extra("adapter: {rank: 0}\n"), "adapter.rank: must be > 0"),
+    "rank-negative": bad(with_extra("adapter: {rank: -4}\n"), "adapter.rank: must be > 0"),
+    "alpha-zero": bad(with_extra("adapter: {alpha: 0}\n"), "adapter.alpha: must be > 0"),
+    "lr-zero": bad(with_extra("adapter: {lr: 0.0}\n"), "adapter.lr: must be > 0"),
+    "lr-negative": bad(with_extra("adapter: {lr: -1e-3}\n"), "adapter.lr: must be > 0"),
+    "dropout-one": bad(with_extra("adapter: {dropout: 1.0}\n"), "adapter.dropout: must be in [0, 1)"),
+    "dropout-negative": bad(with_extra("adapter: {dropout: -0.1}\n"), "adapter.dropout: must be in [0, 1)"),
+    "no-tasks-key": bad("name: t\n", "tasks: required"),
+    "empty-task-list": bad("name: t\ntasks: []\n", "tasks: must not be empty"),
+    "tasks-not-a-list": bad("name: t\ntasks: {a: 1}\n", "tasks: expected a list of mappings"),
+    "duplicate-task-names": bad(
+        MINIMAL_SWEEP + '  - {name: a, source: "builtin:sort"}\n',
+        "tasks[2].name: duplicate task name 'a' (also tasks[0])",
     ),
-    "bool-is-not-int": (sweep_with("adapter: {rank: true}\n"), {}, [], ["adapter.rank: expected an integer, got True"]),
-    "bad-literal": (
-        sweep_with("train: {schedule: cosin}\n"), {}, [], ["train.schedule: must be one of constant, linear, cosine, got 'cosin' (did you mean 'cosine'?)"]
+    "duplicate-adapter-names": bad(
+        with_extra("sweep:\n  list:\n    - {name: x, adapter.rank: 4}\n    - {name: x, adapter.rank: 8}\n"),
+        "sweep.list[1].name: duplicate adapter name 'x' (also sweep.list[0])",
     ),
-    "rank-zero": (sweep_with("adapter: {rank: 0}\n"), {}, [], ["adapter.rank: must be > 0"]),
-    "rank-negative": (sweep_with("adapter: {rank: -4}\n"), {}, [], ["adapter.rank: must be > 0"]),
-    "alpha-zero": (sweep_with("adapter: {alpha: 0}\n"), {}, [], ["adapter.alpha: must be > 0"]),
-    "lr-zero": (sweep_with("adapter: {lr: 0.0}\n"), {}, [], ["adapter.lr: must be > 0"]),
-    "lr-negative": (sweep_with("adapter: {lr: -1e-3}\n"), {}, [], ["adapter.lr: must be > 0"]),
-    "dropout-one": (sweep_with("adapter: {dropout: 1.0}\n"), {}, [], ["adapter.dropout: must be in [0, 1)"]),
-    "dropout-negative": (sweep_with("adapter: {dropout: -0.1}\n"), {}, [], ["adapter.dropout: must be in [0, 1)"]),
-    "no-tasks-key": ("name: t\n", {}, [], ["tasks: required"]),
-    "empty-task-list": ("name: t\ntasks: []\n", {}, [], ["tasks: must not be empty"]),
-    "tasks-not-a-list": ("name: t\ntasks: {a: 1}\n", {}, [], ["tasks: expected a list of mappings"]),
-    "duplicate-task-names": (
-        sweep_with(tasks=TASK % ("a", "builtin:sort")), {}, [], ["tasks[2].name: duplicate task name 'a' (also tasks[0])"]
+    "missing-data-file": bad(
+        with_extra(task="jsonl:data/missing.jsonl"), "tasks[2].source: no such file: data/missing.jsonl"
     ),
-    "duplicate-adapter-names": (
-        sweep_with("sweep:\n  list:\n    - {name: x, adapter.rank: 4}\n    - {name: x, adapter.rank: 8}\n"),
-        {},
-        [],
-        ["sweep.list[1].name: duplicate adapter name 'x' (also sweep.list[0])"],
+    "data-file-without-fields": bad(
+        with_extra(task="jsonl:qa.jsonl"),
+        "tasks[2].prompt_field: 'prompt' not in qa.jsonl (fields: question, answer)",
+        "tasks[2].completion_field: 'completion' not in qa.jsonl (fields: question, answer)",
+        files=(("qa.jsonl", JSONL_QA),),
     ),
-    "missing-data-file": (
-        sweep_with(tasks=TASK % ("c", "jsonl:data/missing.jsonl")),
-        {},
-        [],
-        ["tasks[2].source: no such file: data/missing.jsonl"],
+    "unknown-builtin": bad(
+        with_extra(task="builtin:revrse"), "tasks[2].source: unknown builtin 'revrse' (did you mean 'reverse'?)"
     ),
-    "data-file-without-fields": (
-        sweep_with(tasks=TASK % ("c", "jsonl:qa.jsonl")),
-        {"qa.jsonl": JSONL_QA},
-        [],
-        [
-            "tasks[2].prompt_field: 'prompt' not in qa.jsonl (fields: question, answer)",
-            "tasks[2].completion_field: 'completion' not in qa.jsonl (fields: question, answer)",
-        ],
+    "unknown-builtin-model": bad(
+        with_extra("base_model: builtin:tinny\n"), "base_model: unknown builtin model 'builtin:tinny'"
     ),
-    "unknown-builtin": (
-        sweep_with(tasks=TASK % ("c", "builtin:revrse")),
-        {},
-        [],
-        ["tasks[2].source: unknown builtin 'revrse' (did you mean 'reverse'?)"],
+    "bad-device": bad(
+        with_extra("devices: [cuda:0, gpu]\n"), "devices[1]: expected auto, cpu, cpu:K or cuda:N, got 'gpu'"
     ),
-    "unknown-builtin-model": (
-        sweep_with("base_model: builtin:tinny\n"), {}, [], ["base_model: unknown builtin model 'builtin:tinny'"]
+    "grid-unknown-key-dotted": bad(
+        with_extra("sweep: {grid: {adapter.rnak: [4, 8]}}\n"),
+        "sweep.grid.adapter.rnak: unknown key 'adapter.rnak' (did you mean 'rank'?)",
     ),
-    "bad-device": (
-        sweep_with("devices: [cuda:0, gpu]\n"), {}, [], ["devices[1]: expected auto, cpu, cpu:K or cuda:N, got 'gpu'"]
+    "grid-unknown-key-nested": bad(
+        with_extra("sweep: {grid: {adapter: {rnak: [4, 8]}}}\n"),
+        "sweep.grid.adapter.rnak: unknown key 'adapter.rnak' (did you mean 'rank'?)",
     ),
-    "grid-unknown-key-dotted": (
-        sweep_with("sweep: {grid: {adapter.rnak: [4, 8]}}\n"),
-        {},
-        [],
-        ["sweep.grid.adapter.rnak: unknown key 'adapter.rnak' (did you mean 'rank'?)"],
+    "grid-not-sweepable": bad(
+        with_extra("sweep: {grid: {eval.batch_size: [4, 8]}}\n"),
+        "sweep.grid.eval.batch_size: unknown key 'eval.batch_size'; a sweep varies adapter.* and train.* keys",
     ),
-    "grid-unknown-key-nested": (
-        sweep_with("sweep: {grid: {adapter: {rnak: [4, 8]}}}\n"),
-        {},
-        [],
-        ["sweep.grid.adapter.rnak: unknown key 'adapter.rnak' (did you mean 'rank'?)"],
+    "grid-bad-values": bad(
+        with_extra("sweep: {grid: {adapter.rank: [4, 0, x]}}\n"),
+        "sweep.grid.adapter.rank[1]: must be > 0",
+        "sweep.grid.adapter.rank[2]: expected an integer, got 'x'",
     ),
-    "grid-not-sweepable": (
-        sweep_with("sweep: {grid: {eval.batch_size: [4, 8]}}\n"),
-        {},
-        [],
-        ["sweep.grid.eval.batch_size: unknown key 'eval.batch_size'; a sweep varies adapter.* and train.* keys"],
+    "too-many-adapters": bad(with_extra(BIG_GRID), "sweep: expands to 10,100 adapters, more than the limit of 10,000"),
+    "zip-unequal": bad(
+        with_extra("sweep: {zip: {adapter.rank: [4, 8], adapter.lr: [1e-3]}}\n"),
+        "sweep.zip: lists must have equal length (adapter.rank: 2, adapter.lr: 1)",
     ),
-    "grid-bad-values": (
-        sweep_with("sweep: {grid: {adapter.rank: [4, 0, x]}}\n"),
-        {},
-        [],
-        ["sweep.grid.adapter.rank[1]: must be > 0", "sweep.grid.adapter.rank[2]: expected an integer, got 'x'"],
+    "zip-unknown-key": bad(  # used to crash with a KeyError
+        with_extra("sweep: {zip: {adapter.rnak: [4, 8], adapter.lr: [1e-3, 3e-3]}}\n"),
+        "sweep.zip.adapter.rnak: unknown key 'adapter.rnak' (did you mean 'rank'?)",
     ),
-    "too-many-adapters": (
-        sweep_with(
-            "sweep:\n  grid:\n"
-            f"    adapter.rank: {list(range(1, 101))}\n"
-            f"    train.batch_size: {list(range(1, 102))}\n"
-        ),
-        {},
-        [],
-        ["sweep: expands to 10,100 adapters, more than the limit of 10,000"],
+    "zip-not-a-list": bad(  # used to crash with a TypeError
+        with_extra("sweep: {zip: {adapter.rank: 4, adapter.lr: [1e-3, 3e-3]}}\n"),
+        "sweep.zip.adapter.rank: expected a non-empty list of values",
     ),
-    "zip-unequal": (
-        sweep_with("sweep: {zip: {adapter.rank: [4, 8], adapter.lr: [1e-3]}}\n"),
-        {},
-        [],
-        ["sweep.zip: lists must have equal length (adapter.rank: 2, adapter.lr: 1)"],
+    "override-without-equals": bad(
+        MINIMAL_SWEEP, "override 'adapter.rank': expected key=value", overrides=("adapter.rank",)
     ),
-    "zip-unknown-key": (  # used to crash with a KeyError
-        sweep_with("sweep: {zip: {adapter.rnak: [4, 8], adapter.lr: [1e-3, 3e-3]}}\n"),
-        {},
-        [],
-        ["sweep.zip.adapter.rnak: unknown key 'adapter.rnak' (did you mean 'rank'?)"],
+    "override-bad-yaml": bad(
+        MINIMAL_SWEEP, "override 'adapter.target_modules=[q_proj': ", overrides=("adapter.target_modules=[q_proj",)
     ),
-    "zip-not-a-list": (  # used to crash with a TypeError
-        sweep_with("sweep: {zip: {adapter.rank: 4, adapter.lr: [1e-3, 3e-3]}}\n"),
-        {},
-        [],
-        ["sweep.zip.adapter.rank: expected a non-empty list of values"],
+    "override-bad-index": bad(  # used to crash with a TypeError
+        MINIMAL_SWEEP,
+        "override 'tasks.5.steps=3': tasks[5]: list index out of range",
+        "override 'tasks.x.steps=3': ",
+        overrides=("tasks.5.steps=3", "tasks.x.steps=3"),
     ),
-    "override-without-equals": (MINIMAL_SWEEP, {}, ["adapter.rank"], ["override 'adapter.rank': expected key=value"]),
-    "override-bad-yaml": (MINIMAL_SWEEP, {}, ["adapter.target_modules=[q_proj"], ["override 'adapter.target_modules=[q_proj'"]),
-    "override-unknown-key": (MINIMAL_SWEEP, {}, ["adapter.rnak=4"], ["adapter.rnak: unknown key (did you mean 'rank'?)"]),
-    "override-wrong-section": (
-        MINIMAL_SWEEP, {}, ["train.lr=3e-3"], ["train.lr: unknown key (did you mean 'adapter.lr'?)"]
+    "override-unknown-key": bad(
+        MINIMAL_SWEEP, "adapter.rnak: unknown key (did you mean 'rank'?)", overrides=("adapter.rnak=4",)
     ),
-    "override-wrong-type": (MINIMAL_SWEEP, {}, ["adapter.rank=abc"], ["adapter.rank: expected an integer, got 'abc'"]),
-    "missing-interpolation": (
-        sweep_with("adapter:\n  alpha: ${adapter.nope}\n"), {}, [], ["adapter.alpha: Interpolation key 'adapter.nope'"]
+    "override-wrong-section": bad(
+        MINIMAL_SWEEP, "train.lr: unknown key (did you mean 'adapter.lr'?)", overrides=("train.lr=3e-3",)
+    ),
+    "override-wrong-type": bad(
+        MINIMAL_SWEEP, "adapter.rank: expected an integer, got 'abc'", overrides=("adapter.rank=abc",)
+    ),
+    "missing-interpolation": bad(
+        with_extra("adapter:\n  alpha: ${adapter.nope}\n"), "adapter.alpha: Interpolation key 'adapter.nope'"
     ),
 }
 
 
-def write_case(tmp_path: Path, text: str, files: dict[str, str]) -> Path:
-    for name, content in files.items():
+def write_case(tmp_path: Path, case: Case) -> Path:
+    for name, content in case.files:
         (tmp_path / name).write_text(content)
     path = tmp_path / "sweep.yaml"
-    path.write_text(text)
+    path.write_text(case.text)
     return path
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_validate_rejects(tmp_path: Path, case: str) -> None:
-    text, files, overrides, expected = CASES[case]
-    result = invoke("validate", write_case(tmp_path, text, files), *overrides)
-    assert_problems(result, expected)
+    result = invoke("validate", write_case(tmp_path, CASES[case]), *CASES[case].overrides)
+    assert_problems(result, list(CASES[case].expected))
 
 
-@pytest.mark.parametrize(
-    "case", ["yaml-syntax", "rank-zero", "duplicate-adapter-names", "missing-data-file", "zip-unequal", "override-without-equals"]
-)
+RUN_CASES = [
+    "yaml-syntax",
+    "rank-zero",
+    "duplicate-adapter-names",
+    "missing-data-file",
+    "zip-unequal",
+    "override-bad-index",
+]
+
+
+@pytest.mark.parametrize("case", RUN_CASES)
 @pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
-def test_run_rejects_before_any_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, dry_run: bool) -> None:
+def test_run_rejects_before_any_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, dry_run: bool
+) -> None:
     import mlora_cli.launcher
 
     def must_not_run(*args: object, **kwargs: object) -> None:
@@ -307,9 +316,9 @@ def test_run_rejects_before_any_model(tmp_path: Path, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(mlora_cli.launcher, "run_sweep", must_not_run)
     monkeypatch.setattr(mlora_cli.launcher, "plan_workers", must_not_run)
-    text, files, overrides, expected = CASES[case]
-    result = invoke("run", write_case(tmp_path, text, files), *overrides, *(["--dry-run"] if dry_run else []))
-    assert_problems(result, expected)
+    path = write_case(tmp_path, CASES[case])
+    result = invoke("run", path, *CASES[case].overrides, *(["--dry-run"] if dry_run else []))
+    assert_problems(result, list(CASES[case].expected))
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -325,7 +334,7 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 
 def test_problems_go_to_stderr(write_sweep: WriteSweep) -> None:
-    result = invoke("validate", write_sweep(sweep_with("adapter: {rank: 0}\n")))
+    result = invoke("validate", write_sweep(with_extra("adapter: {rank: 0}\n")))
     stderr = stderr_of(result)
     if stderr is not None:
         assert stderr.strip() == "adapter.rank: must be > 0"
@@ -365,7 +374,7 @@ sweep:
         "sweep.grid.adapter.rnak: unknown key 'adapter.rnak' (did you mean 'rank'?)",
         "sweep.zip: lists must have equal length (adapter.alpha: 2, adapter.dropout: 1)",
     ]
-    path = write_case(tmp_path, text, {})
+    path = write_case(tmp_path, Case(text, ()))
     for args in (["validate", path], ["run", path], ["run", path, "--dry-run"]):
         assert_problems(invoke(*args), expected)
 

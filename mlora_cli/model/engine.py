@@ -60,7 +60,9 @@ class MultiLoraModel:
                 self.layers[name] = layer
         if not self.layers:
             raise ValueError(f"no linear layer matches target_modules {list(targets)}")
-        self.optimizer = SlotAdamW([p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)], num_slots)
+        params = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
+        self.optimizer = SlotAdamW(params, num_slots, rank_dims=[1, 2] * len(self.layers))
+        self.slot_rank = [0] * num_slots  # rank in use per slot (O-LoRA grows it task by task)
         self.device = next(model.parameters()).device
 
     # -- slots ---------------------------------------------------------------------------
@@ -77,38 +79,61 @@ class MultiLoraModel:
         """
         if config.rank > self.max_rank:
             raise ValueError(f"rank {config.rank} exceeds the engine's max rank {self.max_rank}")
-        generator = torch.Generator().manual_seed(seed)
-        targeted = set(self.targeted_layers(config))
-        for name, layer in self.layers.items():
+        for layer in self.layers.values():
             layer.lora_A[slot].zero_()
             layer.lora_B[slot].zero_()
             layer.scale[slot] = 0.0
-            if name in targeted:
-                # kaiming_uniform_(a=sqrt(5)) on an (r, d_in) weight, as PEFT and nn.Linear do.
-                bound = 1.0 / math.sqrt(layer.in_features)
-                init = (torch.rand(config.rank, layer.in_features, generator=generator) * 2 - 1) * bound
-                layer.lora_A[slot, : config.rank].copy_(init)
-                layer.scale[slot] = config.alpha / config.rank
+        self.slot_rank[slot] = 0
+        self.grow_slot(slot, config, torch.Generator().manual_seed(seed))
         self.optimizer.reset_slot(slot, config.weight_decay, config.beta1, config.beta2, config.eps, max_grad_norm)
+
+    @torch.no_grad()
+    def grow_slot(self, slot: int, config: AdapterConfig, generator: torch.Generator) -> None:
+        """Append `config.rank` fresh LoRA ranks to a slot: A as PEFT initialises it, B = 0."""
+        start, stop = self.slot_rank[slot], self.slot_rank[slot] + config.rank
+        if stop > self.max_rank:
+            raise ValueError(f"rank {stop} exceeds the engine's max rank {self.max_rank}")
+        for name in self.targeted_layers(config):
+            layer = self.layers[name]
+            # kaiming_uniform_(a=sqrt(5)) on an (r, d_in) weight, as PEFT and nn.Linear do.
+            bound = 1.0 / math.sqrt(layer.in_features)
+            init = (torch.rand(config.rank, layer.in_features, generator=generator) * 2 - 1) * bound
+            layer.lora_A[slot, start:stop].copy_(init)
+            layer.lora_B[slot, :, start:stop].zero_()
+            layer.scale[slot] = config.alpha / config.rank
+        self.slot_rank[slot] = stop
+
+    @torch.no_grad()
+    def copy_slot(self, source: int, target: int) -> None:
+        """Make `target` an exact copy of `source`'s adapter (weights and scale)."""
+        for layer in self.layers.values():
+            layer.lora_A[target].copy_(layer.lora_A[source])
+            layer.lora_B[target].copy_(layer.lora_B[source])
+            layer.scale[target] = layer.scale[source]
+        self.slot_rank[target] = self.slot_rank[source]
 
     def slot_weights(self, slot: int, config: AdapterConfig) -> dict[str, torch.Tensor]:
         """The adapter's weights under PEFT's key names (without the adapter name)."""
-        weights = {}
+        weights, rank = {}, self.slot_rank[slot]
         for name in self.targeted_layers(config):
             layer = self.layers[name]
-            weights[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[slot, : config.rank].detach().clone()
-            weights[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B[slot, :, : config.rank].detach().clone()
+            weights[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[slot, :rank].detach().clone()
+            weights[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B[slot, :, :rank].detach().clone()
         return weights
 
     @torch.no_grad()
     def set_slot_weights(self, slot: int, config: AdapterConfig, weights: dict[str, torch.Tensor]) -> None:
-        for name in self.targeted_layers(config):
-            layer = self.layers[name]
+        for layer in self.layers.values():
             layer.lora_A[slot].zero_()
             layer.lora_B[slot].zero_()
-            layer.lora_A[slot, : config.rank].copy_(weights[f"base_model.model.{name}.lora_A.weight"])
-            layer.lora_B[slot, :, : config.rank].copy_(weights[f"base_model.model.{name}.lora_B.weight"])
+            layer.scale[slot] = 0.0
+        for name in self.targeted_layers(config):
+            layer = self.layers[name]
+            lora_a = weights[f"base_model.model.{name}.lora_A.weight"]
+            layer.lora_A[slot, : lora_a.size(0)].copy_(lora_a)
+            layer.lora_B[slot, :, : lora_a.size(0)].copy_(weights[f"base_model.model.{name}.lora_B.weight"])
             layer.scale[slot] = config.alpha / config.rank
+            self.slot_rank[slot] = lora_a.size(0)
 
     def save_slot(self, slot: int, config: AdapterConfig, directory: Path, base_model: str) -> None:
         """Write the adapter in `slot` as a PEFT LoRA checkpoint (written, then renamed)."""
@@ -119,12 +144,14 @@ class MultiLoraModel:
         targets = "all-linear" if "all-linear" in config.target_modules else sorted(
             {name.rpartition(".")[2] for name in self.targeted_layers(config)}
         )
+        # O-LoRA's stacked per-task LoRAs are one LoRA of the total rank at the same scale.
+        rank = self.slot_rank[slot]
         peft_config = {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
             "base_model_name_or_path": base_model,
-            "r": config.rank,
-            "lora_alpha": config.alpha,
+            "r": rank,
+            "lora_alpha": config.alpha * rank / config.rank,
             "lora_dropout": config.dropout,
             "target_modules": targets,
             "bias": "none",

@@ -31,9 +31,17 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
 
 
 class SlotAdamW:
-    def __init__(self, params: list[torch.Tensor], num_slots: int):
+    """`params[i]` has shape (S, ...); `rank_dims[i]` is its LoRA-rank dimension.
+
+    Rank entries below `frozen_rank[slot]` never change (O-LoRA keeps earlier tasks' LoRA
+    frozen inside the same slot).
+    """
+
+    def __init__(self, params: list[torch.Tensor], num_slots: int, rank_dims: list[int]):
         self.params = params
+        self.rank_dims = rank_dims
         self.num_slots = num_slots
+        self.frozen_rank = torch.zeros(num_slots, dtype=torch.long)
         device = params[0].device
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
@@ -61,9 +69,16 @@ class SlotAdamW:
         for state in (*self.exp_avg, *self.exp_avg_sq):
             state[slot].zero_()
         self.steps[slot] = 0
+        self.frozen_rank[slot] = 0
         self.weight_decay[slot] = weight_decay
         self.beta1[slot], self.beta2[slot], self.eps[slot] = beta1, beta2, eps
         self.max_grad_norm[slot] = math.inf if max_grad_norm is None else max_grad_norm
+
+    def restart_moments(self, slot: int) -> None:
+        """Zero a slot's moments and step count (a fresh optimizer for a fresh LoRA)."""
+        for state in (*self.exp_avg, *self.exp_avg_sq):
+            state[slot].zero_()
+        self.steps[slot] = 0
 
     def slot_state(self, slot: int) -> dict[str, object]:
         return {
@@ -106,7 +121,9 @@ class SlotAdamW:
         step_size = lrs / bias_correction1
         decay = 1 - lrs * self.weight_decay
 
-        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+        any_frozen = bool(self.frozen_rank.any())
+        frozen = self.frozen_rank.to(device)
+        for p, m, v, rank_dim in zip(self.params, self.exp_avg, self.exp_avg_sq, self.rank_dims):
             if p.grad is None:
                 continue
 
@@ -114,6 +131,11 @@ class SlotAdamW:
                 return t.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
             mask = col(active.float()).bool()
+            if any_frozen:
+                shape = [self.num_slots] + [1] * (p.dim() - 1)
+                shape[rank_dim] = p.size(rank_dim)
+                ranks = torch.arange(p.size(rank_dim), device=device).view(1, -1)
+                mask = mask & (ranks >= frozen.view(-1, 1)).view(shape)
             grad = p.grad * col(clip)
             new_p = p * col(decay)
             new_m = m.lerp(grad, col(1 - self.beta1))

@@ -1,0 +1,156 @@
+"""Continual-learning strategies, per slot, inside the fused step.
+
+Each adapter picks one `adapter.strategy`; a sweep may mix them, and all still co-train in
+one fused step. What each adds (theta: the adapter's LoRA weights):
+
+- naive:  nothing; keep fine-tuning the same adapter.
+- replay: a buffer of `buffer_size` training examples from each finished task; each batch
+          draws `round(batch_size * replay_ratio)` rows from it (data only, see worker.py).
+- l2:     + l2_lambda/2 * ||theta - theta_prev||^2, theta_prev = the adapter at the end of
+          the previous task.
+- ewc:    + ewc_lambda/2 * sum_i F_i (theta_i - theta*_i)^2 (Kirkpatrick et al. 2017,
+          https://arxiv.org/abs/1612.00796); F = diagonal Fisher, the mean squared gradient
+          over `fisher_batches` batches at the end of each task; online (Schwarz et al. 2018):
+          F <- ewc_gamma * F + F_new, theta* <- theta.
+- lwf:    + lwf_lambda * T^2 * KL(p_prev^T || p^T) on the current inputs (Li & Hoiem 2016,
+          https://arxiv.org/abs/1606.09282), per predicted token, softmax temperature T. The
+          teacher is the frozen snapshot of the adapter in a spare slot of the same engine:
+          one no-grad pass of the shared base, no model copy.
+- olora:  a fresh LoRA per task inside the same slot (the slot's rank grows by `rank` each
+          task); earlier ranks are frozen and still applied (Wang et al. 2023,
+          https://arxiv.org/abs/2310.14152); + olora_lambda1 * sum_layers |A_old A_new^T|_1
+          + olora_lambda2 * ||A_new||^2.
+
+The l2, ewc and olora terms are added straight to the gradients (their exact derivatives),
+vectorized over slots, before per-adapter clipping: the same as adding them to the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mlora_cli.config import AdapterConfig
+from mlora_cli.model.engine import MultiLoraModel
+
+
+def _col(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+class Strategies:
+    """Per-slot strategy state for one engine; `student_slots` slots train, the rest teach."""
+
+    def __init__(self, engine: MultiLoraModel, student_slots: int):
+        self.engine = engine
+        self.student_slots = student_slots
+        slots = engine.num_slots
+        self.l2 = torch.zeros(slots)
+        self.ewc = torch.zeros(slots)
+        self.olora1 = torch.zeros(slots)
+        self.olora2 = torch.zeros(slots)
+        self.anchor: list[torch.Tensor] | None = None  # theta_prev / theta*, like the params
+        self.fisher: list[torch.Tensor] | None = None
+        self.teacher_of: dict[int, int] = {}  # student slot -> slot holding its frozen snapshot
+        self.lwf: dict[int, tuple[float, float]] = {}  # student slot -> (lambda, temperature)
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return self.engine.optimizer.params
+
+    def start(self, slot: int, config: AdapterConfig) -> None:
+        """A new adapter in `slot`: no anchor, no Fisher, no teacher yet."""
+        for tensor in (self.l2, self.ewc, self.olora1):
+            tensor[slot] = 0.0
+        self.olora2[slot] = config.olora_lambda2 if config.strategy == "olora" else 0.0
+        self.teacher_of.pop(slot, None)
+        self.lwf.pop(slot, None)
+        for state in (self.anchor or []) + (self.fisher or []):
+            state[slot].zero_()
+
+    @torch.no_grad()
+    def end_task(
+        self, slot: int, config: AdapterConfig, task_index: int, seed: int,
+        squared_gradients: Callable[[], list[torch.Tensor]],
+    ) -> None:
+        """Called when the adapter in `slot` finished task `task_index` and a next task follows."""
+        strategy = config.strategy
+        if strategy in ("l2", "ewc"):
+            if self.anchor is None:
+                self.anchor = [torch.zeros_like(p) for p in self.params]
+            if strategy == "ewc":
+                if self.fisher is None:
+                    self.fisher = [torch.zeros_like(p) for p in self.params]
+                for fisher, new in zip(self.fisher, squared_gradients()):
+                    fisher[slot].mul_(config.ewc_gamma).add_(new[slot])
+                self.ewc[slot] = config.ewc_lambda
+            else:
+                self.l2[slot] = config.l2_lambda
+            for anchor, p in zip(self.anchor, self.params):
+                anchor[slot].copy_(p[slot])
+        elif strategy == "lwf":
+            teacher = self.student_slots + slot
+            self.engine.copy_slot(slot, teacher)
+            self.teacher_of[slot] = teacher
+            self.lwf[slot] = (config.lwf_lambda, config.lwf_temperature)
+        elif strategy == "olora":
+            optimizer = self.engine.optimizer
+            optimizer.frozen_rank[slot] = self.engine.slot_rank[slot]
+            generator = torch.Generator().manual_seed(seed * 1009 + task_index + 1)
+            self.engine.grow_slot(slot, config, generator)
+            optimizer.restart_moments(slot)
+            self.olora1[slot] = config.olora_lambda1
+
+    @torch.no_grad()
+    def add_gradients(self) -> None:
+        """Add the l2 / ewc / olora penalty gradients of every slot to the LoRA gradients."""
+        if self.anchor is not None and bool((self.l2 > 0).any() or (self.ewc > 0).any()):
+            fishers = self.fisher or [None] * len(self.params)
+            for p, anchor, fisher in zip(self.params, self.anchor, fishers):
+                if p.grad is None:
+                    continue
+                weight = _col(self.l2, p)
+                if fisher is not None:
+                    weight = weight + _col(self.ewc, p) * fisher
+                p.grad.add_(weight * (p - anchor))
+        if bool((self.olora1 > 0).any() or (self.olora2 > 0).any()):
+            frozen = self.engine.optimizer.frozen_rank
+            in_use = torch.tensor(self.engine.slot_rank)
+            for layer in self.engine.layers.values():
+                a = layer.lora_A
+                if a.grad is None:
+                    continue
+                ranks = torch.arange(a.size(1)).view(1, -1)
+                new = ((ranks >= frozen.view(-1, 1)) & (ranks < in_use.view(-1, 1))).to(a.device)
+                old = (ranks < frozen.view(-1, 1)).to(a.device)
+                overlap = torch.bmm(a, a.transpose(1, 2))
+                pairs = (new.unsqueeze(2) & old.unsqueeze(1)).to(a.dtype)
+                a.grad.add_(torch.bmm(torch.sign(overlap) * pairs * _col(self.olora1, a), a))
+                a.grad.add_(2 * _col(self.olora2, a) * a * new.unsqueeze(2).to(a.dtype))
+
+    def distillation(
+        self, student_logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        slots: list[int], counts: list[int],
+    ) -> torch.Tensor | None:
+        """LwF terms, one per group (zero for groups without a teacher), or None."""
+        groups = [g for g, slot in enumerate(slots) if slot in self.teacher_of]
+        if not groups:
+            return None
+        starts = [sum(counts[:g]) for g in range(len(counts))]
+        rows = torch.cat([torch.arange(starts[g], starts[g] + counts[g]) for g in groups]).to(input_ids.device)
+        with torch.no_grad(), self.engine.routed([self.teacher_of[slots[g]] for g in groups], [counts[g] for g in groups]):
+            teacher_logits = self.engine.model(input_ids=input_ids[rows], attention_mask=attention_mask[rows]).logits
+        terms = torch.zeros(len(slots), device=student_logits.device)
+        offset = 0
+        for g in groups:
+            lam, temperature = self.lwf[slots[g]]
+            student = student_logits[starts[g] : starts[g] + counts[g], :-1].float() / temperature
+            teacher = teacher_logits[offset : offset + counts[g], :-1].float() / temperature
+            offset += counts[g]
+            mask = attention_mask[starts[g] : starts[g] + counts[g], 1:].float()
+            kl = torch.nn.functional.kl_div(
+                student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="none"
+            ).sum(-1)
+            terms[g] = lam * temperature**2 * (kl * mask).sum() / mask.sum().clamp(min=1)
+        return terms
