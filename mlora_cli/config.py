@@ -456,7 +456,16 @@ def resolve(data: dict[str, Any], overrides: typing.Sequence[str] = ()) -> dict[
         resolved = OmegaConf.to_container(conf, resolve=True)
     except _OMEGACONF_ERRORS as exc:
         raise ConfigError([_error_text(exc)]) from None
-    return resolved  # type: ignore[return-value]
+    return _apply_aliases(resolved)  # type: ignore[arg-type]
+
+
+def _apply_aliases(data: dict[str, Any]) -> dict[str, Any]:
+    """`train.lr` is accepted for `adapter.lr` (people reach for it); it wins when both are set."""
+    train, adapter = data.get("train"), data.get("adapter", {})
+    if isinstance(train, dict) and "lr" in train and isinstance(adapter, dict):
+        data["adapter"] = {**adapter, "lr": train["lr"]}
+        data["train"] = {k: v for k, v in train.items() if k != "lr"}
+    return data
 
 
 def parse_spec(data: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:

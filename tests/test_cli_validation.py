@@ -269,7 +269,7 @@ CASES: dict[str, Case] = {
         MINIMAL_SWEEP, "adapter.rnak: unknown key (did you mean 'rank'?)", overrides=("adapter.rnak=4",)
     ),
     "override-wrong-section": bad(
-        MINIMAL_SWEEP, "train.lr: unknown key (did you mean 'adapter.lr'?)", overrides=("train.lr=3e-3",)
+        MINIMAL_SWEEP, "adapter.batch_size: unknown key (did you mean 'train.batch_size'?)", overrides=("adapter.batch_size=4",)
     ),
     "override-wrong-type": bad(
         MINIMAL_SWEEP, "adapter.rank: expected an integer, got 'abc'", overrides=("adapter.rank=abc",)

@@ -177,3 +177,8 @@ def test_to_plain_round_trips(write_sweep: WriteSweep) -> None:
     plain = to_plain(spec)
     assert plain["tasks"][0]["name"] == "copy" and isinstance(plain["adapter"]["target_modules"], list)
     assert parse_spec(plain) == spec
+
+
+def test_train_lr_is_an_alias_of_adapter_lr() -> None:
+    spec, resolved = load_sweep(REPO / "sweeps" / "quickstart.yaml", ["train.lr=3e-3", "sweep.grid.adapter.rank=[4,8]"])
+    assert spec.adapter.lr == 3e-3 and "lr" not in resolved["train"] and resolved["adapter"]["lr"] == 3e-3

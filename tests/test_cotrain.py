@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from mlora_cli.config import AdapterConfig, TaskConfig, TrainConfig
-from mlora_cli.data import collate, tokenize_task, token_losses
+from mlora_cli.data import collate, token_losses, tokenize_task
 from mlora_cli.model.base import build_builtin
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.model.optim import lr_factor
@@ -88,7 +88,7 @@ def test_cotrained_weights_equal_peft_trained_alone(equal_sizes: bool) -> None:
                                       weight_decay=config.weight_decay)
         total = STEPS - sum(absent(slot, s) for s in range(STEPS))
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda k: lr_factor(k, total, train.warmup_steps, train.schedule)
+            optimizer, lambda k, total=total, train=train: lr_factor(k, total, train.warmup_steps, train.schedule)
         )
         for step in range(STEPS):
             if absent(slot, step):

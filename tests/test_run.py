@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from mlora_cli.cli import app
 from mlora_cli.config import TaskConfig
-from mlora_cli.data import collate, collate_prompts, tokenize_task, token_losses
+from mlora_cli.data import collate, collate_prompts, token_losses, tokenize_task
 from mlora_cli.model.base import load_base
 from mlora_cli.tasks import load_task
 
