@@ -51,9 +51,10 @@ def run(
     sweep: SweepArg,
     overrides: OverridesArg = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show the expanded adapters and placement; train nothing")] = False,
+    matrix: Annotated[bool, typer.Option("--matrix", help="also print each adapter's accuracy matrix R")] = False,
 ) -> None:
     """Train every adapter of the sweep, evaluate, and write a run folder."""
-    from mlora_cli.report import ProgressView, plan_table, print_summary
+    from mlora_cli.report import ProgressView, plan_table, print_cl_report, print_summary
     from mlora_cli.sweep import expand
 
     try:
@@ -70,9 +71,56 @@ def run(
             outcome = run_sweep(spec, resolved, sweep.parent, emit=view)
     except ConfigError as exc:
         fail(exc.problems)
+    print_cl_report(console, outcome.results, matrices=matrix)
     print_summary(console, outcome.results)
     if outcome.results["run"]["failed"]:
         raise typer.Exit(1)
+
+
+@app.command("eval")
+def eval_command(
+    run_dir: Annotated[Path | None, typer.Argument(help="a run folder: recompute its evaluation from checkpoints")] = None,
+    tasks: Annotated[Path | None, typer.Option("--tasks", help="YAML with tasks: (and optional eval:, seed:), or a sweep")] = None,
+    base: Annotated[str | None, typer.Option("--base", help="base model for --adapter (HF id, folder, builtin:...)")] = None,
+    adapter: Annotated[list[Path] | None, typer.Option("--adapter", help="a PEFT LoRA folder; repeat for more")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda:N")] = "cpu",
+    matrix: Annotated[bool, typer.Option("--matrix", help="also print each adapter's accuracy matrix R")] = False,
+) -> None:
+    """Evaluate saved adapters: a run's per-task checkpoints, or any PEFT LoRA adapters, in batched passes."""
+    from mlora_cli.config import load_task_suite
+    from mlora_cli.report import adapters_eval_table, print_cl_report
+
+    problems = []
+    if run_dir is None and not adapter:
+        problems.append("give a RUN_DIR, or --base MODEL --adapter PATH ... --tasks FILE")
+    if run_dir is not None and (adapter or base):
+        problems.append("--base/--adapter evaluate adapters without a run folder; drop RUN_DIR or them")
+    if adapter and (base is None or tasks is None):
+        problems.append("--adapter needs --base MODEL and --tasks FILE")
+    if run_dir is not None and not run_dir.is_dir():
+        problems.append(f"{run_dir}: no such run folder")
+    for path in adapter or []:
+        if not (path / "adapter_config.json").is_file():
+            problems.append(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
+    if problems:
+        fail(problems)
+    try:
+        suite = load_task_suite(tasks) if tasks is not None else None
+        from mlora_cli import reeval
+
+        if run_dir is not None:
+            out_dir, results = reeval.evaluate_run(run_dir, suite, device)
+            if results["run"]["trained_tasks"] == results["run"]["tasks"]:
+                print_cl_report(console, results, matrices=matrix)
+            else:  # other tasks than trained: no forgetting metrics, the final scores per task
+                console.print(adapters_eval_table(results))
+            console.print(f"evaluation written to {out_dir}")
+        else:
+            assert base is not None and suite is not None and adapter
+            results = reeval.evaluate_adapters(base, adapter, suite, device)
+            console.print(adapters_eval_table(results))
+    except ConfigError as exc:
+        fail(exc.problems)
 
 
 def main() -> None:

@@ -536,3 +536,43 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_plain(v) for k, v in obj.items()}
     return obj
+
+
+@dataclass(frozen=True)
+class TaskSuite:
+    """What `mlora eval --tasks FILE` evaluates on: a task list, eval settings and a data seed."""
+
+    tasks: tuple[TaskConfig, ...]
+    eval: EvalConfig
+    seed: int | None  # None: each adapter's own seed
+
+
+def load_task_suite(path: str | Path) -> TaskSuite:
+    """Read `tasks:` (plus optional `eval:` and `seed:`) from a tasks file or a whole sweep file."""
+    path = Path(path)
+    data = resolve(read_yaml(path))
+    errors: list[str] = []
+    allowed = {f.name for f in dataclasses.fields(SweepSpec)}
+    for key in data:
+        if key not in allowed:
+            errors.append(f"{path}: {key}: unknown key{did_you_mean(str(key), allowed)}")
+    raw_tasks = data.get("tasks")
+    if not isinstance(raw_tasks, list) or not raw_tasks:
+        errors.append(f"{path}: tasks: expected a non-empty list of tasks")
+        raw_tasks = []
+    tasks = [build(TaskConfig, t, f"tasks[{i}]", errors) for i, t in enumerate(raw_tasks)]
+    eval_config = build(EvalConfig, data.get("eval"), "eval", errors)
+    seed = data.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        errors.append(f"seed: expected an integer, got {seed!r}")
+    names = [t.name for t in tasks if t is not _NO]
+    for name in {n for n in names if names.count(n) > 1}:
+        errors.append(f"tasks: duplicate task name '{name}'")
+    if not errors:
+        from mlora_cli.tasks import check_task
+
+        for i, task in enumerate(tasks):
+            errors.extend(check_task(task, f"tasks[{i}]", path.parent))
+    if errors:
+        raise ConfigError(errors)
+    return TaskSuite(tasks=tuple(tasks), eval=eval_config, seed=seed)

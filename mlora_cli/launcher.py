@@ -20,7 +20,9 @@ import yaml
 
 from mlora_cli import __version__
 from mlora_cli.config import ConfigError, SweepSpec, to_plain
+from mlora_cli.metrics import add_cl_metrics
 from mlora_cli.plan import WorkerPlan, assign, resolve_devices
+from mlora_cli.report import write_forgetting_csv
 from mlora_cli.runfolder import append_jsonl, write_json, write_text
 from mlora_cli.sweep import AdapterSpec, expand
 from mlora_cli.tasks import TaskData, load_task
@@ -147,6 +149,7 @@ def run_sweep(
         "run": {
             "name": spec.name,
             "run_dir": str(run_dir),
+            "sweep_dir": str(sweep_dir.resolve()),  # relative data paths resolve against it
             "base_model": spec.base_model,
             "tasks": [t.name for t in spec.tasks],
             "adapter_count": len(adapters),
@@ -160,5 +163,19 @@ def run_sweep(
             "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         },
     }
+    add_cl_metrics(summary)
     write_json(run_dir / "results.json", summary)
+    summary["run"]["notes"] = write_reports(run_dir, summary)
     return RunOutcome(run_dir=run_dir, results=summary)
+
+
+def write_reports(folder: Path, results: dict[str, Any]) -> list[str]:
+    """forgetting.csv and PNG plots next to results.json; returns notes for the user."""
+    write_forgetting_csv(folder / "forgetting.csv", results)
+    try:
+        from mlora_cli import plots
+
+        plots.write_all(folder, results, results["run"]["tasks"])
+    except ImportError as exc:
+        return [str(exc)]
+    return []

@@ -110,3 +110,48 @@ def test_saved_adapters_reload_with_peft_and_reproduce_eval(finished_run: Path) 
                      for g in out[:, ids.size(1):].tolist()]
             hits = sum(t.strip() == r.completion.strip() for t, r in zip(texts, rows))
             assert hits / len(rows) == pytest.approx(expected["exact_match"])
+
+
+def test_eval_recomputes_the_matrix_from_checkpoints(finished_run: Path) -> None:
+    original = json.loads((finished_run / "results.json").read_text())
+    outputs = []
+    for _ in range(2):
+        result = CliRunner().invoke(app, ["eval", str(finished_run)])
+        assert result.exit_code == 0, result.output
+        outputs.append(sorted((finished_run / "evals").iterdir()))
+    assert len(outputs[-1]) == 2  # a new evaluation beside the old one, never over it
+    recomputed = json.loads((outputs[-1][-1] / "results.json").read_text())
+    assert (outputs[-1][-1] / "forgetting.csv").is_file()
+    for name, entry in original["adapters"].items():
+        for metric, matrix in entry["matrix"].items():
+            again = recomputed["adapters"][name]["matrix"][metric]
+            assert len(again) == len(matrix)
+            for row, row_again in zip(matrix, again):
+                assert row_again == pytest.approx(row, rel=1e-4, abs=1e-6)
+        for metric, values in entry["cl_metrics"].items():
+            for key, value in values.items():
+                if value is not None and key in recomputed["adapters"][name]["cl_metrics"][metric]:
+                    assert recomputed["adapters"][name]["cl_metrics"][metric][key] == pytest.approx(value, abs=1e-6)
+
+
+def test_eval_any_peft_adapters_on_a_task_file(finished_run: Path, tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(yaml.safe_dump({"tasks": SWEEP["tasks"], "eval": SWEEP["eval"], "seed": SWEEP["seed"]}))
+    names = ["r2-bs3", "r4-bs3"]
+    args = ["eval", "--base", "builtin:micro", "--tasks", str(tasks)]
+    for name in names:
+        args += ["--adapter", str(finished_run / "adapters" / name)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "2 adapters on builtin:micro" in result.output
+
+    from mlora_cli import reeval
+    from mlora_cli.config import load_task_suite
+
+    scores = reeval.evaluate_adapters("builtin:micro", [finished_run / "adapters" / n for n in names],
+                                      load_task_suite(tasks), max_seq_len=SWEEP["train"]["max_seq_len"])
+    original = json.loads((finished_run / "results.json").read_text())
+    for name in names:
+        for task, values in original["adapters"][name]["final"].items():
+            assert scores["adapters"][name]["final"][task]["loss"] == pytest.approx(values["loss"], rel=1e-4)
+            assert scores["adapters"][name]["final"][task]["exact_match"] == pytest.approx(values["exact_match"])

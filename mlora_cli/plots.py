@@ -1,0 +1,216 @@
+"""PNG plots of a run's continual-learning results: R heatmaps, evaluation curves, learning vs forgetting.
+
+matplotlib is optional (`pip install 'mlora-sweep[plots]'`) and imported only when a plot is drawn. Figures are
+built with the object API on the Agg canvas, never through pyplot, so plotting changes no global backend state
+and works headless and from any thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mlora_cli import metrics as cl
+from mlora_cli.report import PERCENT_METRICS, format_metric, metric_header
+
+# The metrics `write_all` plots, when the run evaluated them.
+PLOTTED_METRICS = ("exact_match", "loss")
+
+
+def _figure(width: float, height: float) -> Any:
+    """A matplotlib Figure on an Agg canvas; a clear ImportError when matplotlib is missing."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("plots need matplotlib: pip install 'mlora-sweep[plots]'") from error
+    figure = Figure(figsize=(width, height), dpi=120, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Any, path: Path) -> Path:
+    """Write the PNG under a temporary name, then rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            figure.savefig(handle, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _scale(metric: str) -> float:
+    """Percent metrics are stored as fractions and drawn in %."""
+    return 100.0 if metric in PERCENT_METRICS else 1.0
+
+
+def heatmap(
+    entry: dict[str, Any], metric: str, task_names: Sequence[str], path: Path, trained: Sequence[str] | None = None
+) -> Path:
+    """One adapter's R matrix as an annotated heatmap: rows before / after each task, columns the evaluated task.
+
+    `trained` names the rows' tasks when they differ from the evaluated ones (`mlora eval --tasks`).
+    """
+    trained = list(trained if trained is not None else task_names)
+    R = entry["matrix"][metric]
+    better = cl.higher_is_better(metric)
+    scale = _scale(metric)
+    values = [[x * scale for x in row] for row in R]
+    T = len(task_names)
+    figure = _figure(1.6 + 1.1 * T, 1.2 + 0.55 * (len(R) + 1))
+    ax = figure.add_subplot()
+    if metric in PERCENT_METRICS:
+        vmin, vmax = 0.0, 100.0
+    else:
+        flat = [x for row in values for x in row]
+        vmin, vmax = min(flat), max(flat)
+    # Green is good either way: reversed colormap for lower-is-better metrics.
+    image = ax.imshow(values, cmap="RdYlGn" if better else "RdYlGn_r", vmin=vmin, vmax=vmax, aspect="auto")
+    for i, row in enumerate(R):
+        for j, value in enumerate(row):
+            shade = (value * scale - vmin) / (vmax - vmin) if vmax > vmin else 0.5
+            dark = shade < 0.2 or shade > 0.8
+            ax.text(
+                j,
+                i,
+                format_metric(metric, value),
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white" if dark else "black",
+                fontweight="bold" if i == j + 1 else "normal",
+            )
+    ax.set_xticks(range(T), list(task_names))
+    ax.set_yticks(range(len(R)), ["before"] + [f"after {name}" for name in trained[: len(R) - 1]])
+    ax.set_xlabel("evaluated on task")
+    ax.set_ylabel("after training")
+    failed = "" if entry.get("status", "done") == "done" else f" ({entry['status']})"
+    ax.set_title(f"{entry['name']}{failed}: {metric_header(metric)} after each task")
+    figure.colorbar(image, ax=ax, label=metric_header(metric))
+    return _save(figure, path)
+
+
+def _task_ends(curve: Sequence[dict[str, Any]]) -> list[tuple[int, int]]:
+    """(task_index, step of its last evaluation) for each task the curve reaches, in step order."""
+    ends: dict[int, int] = {}
+    for point in sorted(curve, key=lambda p: p["step"]):
+        ends[point["task_index"]] = point["step"]
+    return sorted(ends.items())
+
+
+def has_curve(entry: dict[str, Any], metric: str) -> bool:
+    """Whether the adapter's curve holds any `metric` score."""
+    return any(metric in scores for p in entry.get("curve") or () for scores in p.get("scores", {}).values())
+
+
+def curves(entry: dict[str, Any], metric: str, task_names: Sequence[str], path: Path) -> Path:
+    """Each task's score against the adapter's step during training, from `entry['curve']`; dashed task switches."""
+    if not has_curve(entry, metric):
+        raise ValueError(f"adapter {entry['name']!r} has no evaluation curve with {metric}")
+    points = sorted(entry["curve"], key=lambda p: p["step"])
+    scale = _scale(metric)
+    figure = _figure(7.5, 4.2)
+    ax = figure.add_subplot()
+    for name in task_names:
+        xy = [
+            (p["step"], p["scores"][name][metric] * scale)
+            for p in points
+            if metric in p.get("scores", {}).get(name, {})
+        ]
+        if xy:
+            ax.plot(*zip(*xy, strict=True), marker="o", markersize=3, linewidth=1.5, label=f"on {name}")
+    ends = _task_ends(points)
+    start = points[0]["step"]
+    for task_index, end in ends:
+        if task_index < len(ends) - 1:
+            ax.axvline(end, color="grey", linestyle="--", linewidth=0.8)
+        if 0 <= task_index < len(task_names):
+            # Name each task's training span along the top edge.
+            ax.text(
+                (start + end) / 2,
+                1.01,
+                f"training {task_names[task_index]}",
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                color="dimgrey",
+            )
+        start = end
+    ax.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers
+    ax.set_xlabel("adapter step")
+    ax.set_ylabel(metric_header(metric))
+    ax.set_title(f"{entry['name']}: {metric_header(metric)} on each task during training", pad=18)
+    ax.grid(alpha=0.3)
+    ax.legend(title="evaluated", fontsize=8)
+    return _save(figure, path)
+
+
+def learning_vs_forgetting(results: dict[str, Any], metric: str, path: Path) -> Path:
+    """Every adapter as a labeled point: learning accuracy (x) against forgetting (y), for `metric`."""
+    task_names = results["run"]["tasks"]
+    scale = _scale(metric)
+    points = []
+    for name, entry in results["adapters"].items():
+        values = cl.entry_cl_metrics(entry, task_names).get(metric, {})
+        learning, forgotten = values.get("learning_acc"), values.get("forgetting")
+        if learning is not None and forgotten is not None:
+            points.append((name, learning * scale, forgotten * scale))
+    if not points:
+        raise ValueError(f"no adapter has a complete {metric} matrix over 2 or more tasks")
+    percent = metric in PERCENT_METRICS
+    figure = _figure(6.5, 4.8)
+    ax = figure.add_subplot()
+    ax.scatter([p[1] for p in points], [p[2] for p in points], s=28, color="tab:blue", zorder=3)
+    for name, x, y in points:
+        ax.annotate(name, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.margins(0.15)  # room for the labels of the outermost points
+    xlabel = (
+        f"learning accuracy: mean {metric} right after training each task (%)"
+        if percent
+        else (f"learning {metric}: mean {metric} right after training each task")
+    )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"forgetting ({'pp' if percent else 'rise in ' + metric}; > 0 is worse)")
+    # Learning accuracy is better to the right for accuracy, to the left for loss; forgetting is better low.
+    corner = "lower right" if cl.higher_is_better(metric) else "lower left"
+    ax.set_title(f"{results['run']['name']}: learning vs forgetting on {metric} (best: {corner})")
+    ax.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def write_all(run_dir: Path, results: dict[str, Any], task_names: Sequence[str]) -> list[Path]:
+    """Every plot of a run under `<run_dir>/plots/`, for exact_match and loss where evaluated; the paths written.
+
+    `<adapter>-<metric>-heatmap.png` per adapter, `<adapter>-<metric>-curves.png` where the adapter has a curve,
+    `learning-vs-forgetting-<metric>.png` when some adapter has a complete matrix over 2 or more tasks.
+    """
+    out = Path(run_dir) / "plots"
+    paths = []
+    adapters = results["adapters"]
+    trained = results["run"].get("trained_tasks", task_names)
+    square = list(trained) == list(task_names)
+    for metric in PLOTTED_METRICS:
+        if not any(entry.get("matrix", {}).get(metric) for entry in adapters.values()):
+            continue
+        for name, entry in adapters.items():
+            if entry.get("matrix", {}).get(metric):
+                paths.append(heatmap(entry, metric, task_names, out / f"{name}-{metric}-heatmap.png", trained))
+            if square and has_curve(entry, metric):
+                paths.append(curves(entry, metric, task_names, out / f"{name}-{metric}-curves.png"))
+        if square and len(task_names) > 1 and any(
+            cl.is_complete(entry.get("matrix", {}).get(metric, [])) for entry in adapters.values()
+        ):
+            paths.append(learning_vs_forgetting(results, metric, out / f"learning-vs-forgetting-{metric}.png"))
+    return paths

@@ -1,0 +1,218 @@
+"""`mlora eval`: evaluate saved LoRA adapters, all in shared batched passes.
+
+Two uses:
+- `evaluate_run(run_dir)`: recompute a run's accuracy matrices from its per-task checkpoints
+  (optionally on other tasks), written to `run_dir/evals/<timestamp>/`, never over anything;
+- `evaluate_adapters(base, paths, suite)`: any PEFT LoRA adapters, trained anywhere.
+
+Every checkpoint gets a slot of one engine over one copy of the base, and each task is
+evaluated for all of them at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mlora_cli.config import AdapterConfig, ConfigError, TaskSuite, parse_spec
+from mlora_cli.data import TokenizedTask, tokenize_task
+from mlora_cli.evaluate import EvalRequest, evaluate
+from mlora_cli.metrics import add_cl_metrics
+from mlora_cli.model.base import load_base
+from mlora_cli.model.engine import MultiLoraModel
+from mlora_cli.runfolder import write_json
+from mlora_cli.tasks import load_task
+
+SLOTS_PER_PASS = 64  # checkpoints evaluated together; more only grows the batch
+
+
+@dataclass
+class SavedAdapter:
+    label: str
+    path: Path
+    config: AdapterConfig
+    weights: dict[str, torch.Tensor]
+
+
+def read_peft_adapter(path: Path, label: str | None = None) -> SavedAdapter:
+    """A PEFT LoRA checkpoint folder -> config and weights under mlora's key names."""
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise ConfigError([f"{path}: not a PEFT adapter folder (no adapter_config.json)"])
+    peft_config = json.loads(config_file.read_text())
+    problems = []
+    if peft_config.get("peft_type") != "LORA":
+        problems.append(f"{config_file}: peft_type {peft_config.get('peft_type')!r} is not LORA")
+    for unsupported in ("use_dora", "rank_pattern", "alpha_pattern"):
+        if peft_config.get(unsupported):
+            problems.append(f"{config_file}: {unsupported} is not supported")
+    weights_file = path / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        problems.append(f"{path}: no adapter_model.safetensors")
+    if problems:
+        raise ConfigError(problems)
+    from safetensors.torch import load_file
+
+    raw = load_file(str(weights_file))
+    weights: dict[str, torch.Tensor] = {}
+    for key, tensor in raw.items():
+        for part in ("lora_A", "lora_B"):
+            if f".{part}." in key:
+                module = key.split(f".{part}.")[0]
+                weights[f"{module}.{part}.weight"] = tensor.float()
+    modules = sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in weights})
+    rank = int(peft_config["r"])
+    alpha = float(peft_config["lora_alpha"])
+    if peft_config.get("use_rslora"):
+        alpha *= math.sqrt(rank)  # rsLoRA scales by alpha / sqrt(r); mlora's scale is alpha / r
+    config = AdapterConfig(rank=rank, alpha=alpha, target_modules=tuple(modules))
+    return SavedAdapter(label=label or path.name, path=path, config=config, weights=weights)
+
+
+def _tokenized_tasks(suite: TaskSuite, seed: int, max_seq_len: int, tokenizer: Any, base_dir: Path | None,
+                     cache: dict[tuple[int, int], list[TokenizedTask]]) -> list[TokenizedTask]:
+    key = (seed, max_seq_len)
+    if key not in cache:
+        cache[key] = [
+            tokenize_task(load_task(task, seed, base_dir, path=f"tasks[{i}]"), tokenizer, max_seq_len)
+            for i, task in enumerate(suite.tasks)
+        ]
+    return cache[key]
+
+
+def score_checkpoints(
+    base: Any, saved: list[SavedAdapter], task_sets: list[list[TokenizedTask]], suite: TaskSuite,
+    base_requests: list[EvalRequest] | None = None,
+) -> tuple[dict[str, dict[str, dict[str, float]]], float]:
+    """{label: {task: {metric: value}}} for every saved adapter, SLOTS_PER_PASS at a time.
+
+    `base_requests` (slot None: the base alone) ride along with the first pass.
+    """
+    targets = sorted({m for s in saved for m in s.config.target_modules})
+    missing = sorted({m for m in targets if not any(m == n for n, _ in base.model.named_modules())})
+    if missing:
+        raise ConfigError([f"{saved[0].path}: modules not in the base model: {', '.join(missing[:5])}"])
+    max_rank = max(w.size(0) for s in saved for k, w in s.weights.items() if "lora_A" in k)
+    engine = MultiLoraModel(base.model, targets, min(len(saved), SLOTS_PER_PASS), max_rank)
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    seconds = 0.0
+    for start in range(0, len(saved), SLOTS_PER_PASS):
+        chunk = saved[start : start + SLOTS_PER_PASS]
+        for slot, adapter in enumerate(chunk):
+            engine.set_slot_weights(slot, adapter.config, adapter.weights)
+        requests = [EvalRequest(s.label, slot, task_sets[start + slot]) for slot, s in enumerate(chunk)]
+        if start == 0:
+            requests += base_requests or []
+        chunk_scores, took = evaluate(engine, requests, suite.eval, base.tokenizer)
+        scores.update(chunk_scores)
+        seconds += took
+    return scores, seconds
+
+
+def evaluate_adapters(
+    base_model: str, paths: list[Path], suite: TaskSuite, device: str = "cpu", max_seq_len: int = 1024
+) -> dict[str, Any]:
+    """Evaluate any PEFT LoRA adapters on a task suite; results keyed by adapter folder name."""
+    labels = [p.name for p in paths]
+    labels = [f"{label}-{i}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+    saved = [read_peft_adapter(p, label) for p, label in zip(paths, labels)]
+    started = time.perf_counter()
+    base = load_base(base_model, device)
+    cache: dict[tuple[int, int], list[TokenizedTask]] = {}
+    tasks = _tokenized_tasks(suite, suite.seed or 0, max_seq_len, base.tokenizer, None, cache)
+    scores, seconds = score_checkpoints(base, saved, [tasks] * len(saved), suite)
+    task_names = [t.name for t in suite.tasks]
+    adapters = {}
+    for adapter in saved:
+        final = scores[adapter.label]
+        adapters[adapter.label] = {
+            "name": adapter.label, "path": str(adapter.path), "rank": adapter.config.rank,
+            "final": final,
+            "final_mean": {m: sum(final[t][m] for t in task_names) / len(task_names) for m in final[task_names[0]]},
+        }
+    return {"adapters": adapters, "run": {"base_model": base_model, "tasks": task_names, "eval_seconds": seconds,
+                                          "wall_seconds": time.perf_counter() - started}}
+
+
+def evaluate_run(run_dir: Path, suite: TaskSuite | None = None, device: str = "cpu") -> tuple[Path, dict[str, Any]]:
+    """Recompute every adapter's matrix from its per-task checkpoints into run_dir/evals/<time>/."""
+    problems = [f"{run_dir}: missing {name}" for name in ("sweep.resolved.yaml", "adapters.json", "results.json")
+                if not (run_dir / name).is_file()]
+    if problems:
+        raise ConfigError(problems)
+    previous = json.loads((run_dir / "results.json").read_text())
+    sweep_dir = Path(previous["run"].get("sweep_dir", run_dir))
+    spec = parse_spec(yaml.safe_load((run_dir / "sweep.resolved.yaml").read_text()), base_dir=sweep_dir)
+    if suite is None:
+        suite = TaskSuite(tasks=spec.tasks, eval=spec.eval, seed=None)
+        base_dir: Path | None = sweep_dir
+    else:
+        base_dir = None
+    expanded = json.loads((run_dir / "adapters.json").read_text())
+    started = time.perf_counter()
+    base = load_base(spec.base_model, device)
+    cache: dict[tuple[int, int], list[TokenizedTask]] = {}
+
+    saved, task_sets, rows_of, tasks_of = [], [], {}, {}
+    for adapter in expanded:
+        folder = run_dir / "checkpoints" / adapter["name"]
+        checkpoints = sorted(folder.glob("after-task-*"), key=lambda p: int(p.name.rpartition("-")[2]))
+        rows_of[adapter["name"]] = [c.name for c in checkpoints]
+        seed = suite.seed if suite.seed is not None else adapter["seed"]
+        tasks = _tokenized_tasks(suite, seed, adapter["train"]["max_seq_len"], base.tokenizer, base_dir, cache)
+        tasks_of[adapter["name"]] = tasks
+        for checkpoint in checkpoints:
+            saved.append(read_peft_adapter(checkpoint, f"{adapter['name']}/{checkpoint.name}"))
+            task_sets.append(tasks)
+    if not saved:
+        raise ConfigError([f"{run_dir}: no per-task checkpoints under checkpoints/"])
+    # Row 0 of every matrix is the base alone (B = 0).
+    base_requests = [
+        EvalRequest(f"{a['name']}/before", None, tasks_of[a["name"]]) for a in expanded if rows_of[a["name"]]
+    ]
+    scores, seconds = score_checkpoints(base, saved, task_sets, suite, base_requests)
+
+    task_names = [t.name for t in suite.tasks]
+    adapters = {}
+    for adapter in expanded:
+        if not rows_of[adapter["name"]]:
+            continue  # failed before its first task ended: nothing saved
+        rows = [scores[f"{adapter['name']}/before"]] + [scores[f"{adapter['name']}/{c}"] for c in rows_of[adapter["name"]]]
+        metrics = sorted(rows[0][task_names[0]])
+        final = rows[-1]
+        adapters[adapter["name"]] = {
+            "name": adapter["name"], "seed": adapter["seed"], "varied": adapter["varied"],
+            "config": {"adapter": adapter["adapter"], "train": adapter["train"]},
+            "status": previous["adapters"].get(adapter["name"], {}).get("status", "unknown"),
+            "checkpoints": rows_of[adapter["name"]],
+            "final": final,
+            "final_mean": {m: sum(final[t][m] for t in task_names) / len(task_names) for m in metrics},
+            "matrix": {m: [[row[t][m] for t in task_names] for row in rows] for m in metrics},
+        }
+    results = {
+        "adapters": adapters,
+        "run": {"name": spec.name, "run_dir": str(run_dir), "base_model": spec.base_model, "tasks": task_names,
+                "trained_tasks": [t.name for t in spec.tasks], "eval_seconds": seconds,
+                "wall_seconds": time.perf_counter() - started},
+    }
+    if [t.name for t in spec.tasks] == task_names:
+        add_cl_metrics(results)  # only meaningful when rows and columns are the same tasks
+    out_dir = run_dir / "evals" / datetime.now().strftime("eval-%Y%m%d-%H%M%S")
+    suffix = 1
+    while out_dir.exists():
+        suffix += 1
+        out_dir = out_dir.with_name(f"{out_dir.name.split('~')[0]}~{suffix}")
+    out_dir.mkdir(parents=True)
+    write_json(out_dir / "results.json", results)
+    from mlora_cli.launcher import write_reports
+
+    results["run"]["notes"] = write_reports(out_dir, results)
+    return out_dir, results
