@@ -52,6 +52,7 @@ def run(
     overrides: OverridesArg = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show the expanded adapters and placement; train nothing")] = False,
     matrix: Annotated[bool, typer.Option("--matrix", help="also print each adapter's accuracy matrix R")] = False,
+    plots: Annotated[bool, typer.Option(help="write PNG plots into the run folder")] = True,
 ) -> None:
     """Train every adapter of the sweep, evaluate, and write a run folder."""
     from mlora_cli.report import ProgressView, plan_table, print_cl_report, print_summary
@@ -68,7 +69,7 @@ def run(
         from mlora_cli.launcher import run_sweep
 
         with ProgressView(console, spec) as view:
-            outcome = run_sweep(spec, resolved, sweep.parent, emit=view)
+            outcome = run_sweep(spec, resolved, sweep.parent, emit=view, plots=plots)
     except ConfigError as exc:
         fail(exc.problems)
     print_cl_report(console, outcome.results, matrices=matrix)
@@ -121,6 +122,55 @@ def eval_command(
             console.print(adapters_eval_table(results))
     except ConfigError as exc:
         fail(exc.problems)
+
+
+@app.command()
+def bench(
+    sweep: SweepArg,
+    overrides: OverridesArg = None,
+    sequential_baseline: Annotated[
+        bool, typer.Option("--sequential-baseline", help="also run every adapter as its own plain-PEFT process")
+    ] = False,
+    mode: Annotated[list[str] | None, typer.Option("--mode", help="extra mode: engine-serial")] = None,
+    concurrency: Annotated[str, typer.Option("--concurrency", help="max_concurrent values, e.g. 1,2,4,8")] = "",
+    output: Annotated[Path, typer.Option("--output", help="folder for bench.json and every mode's runs")] = Path("bench"),
+) -> None:
+    """Measure concurrent co-training against the sequential single-tenant baseline on the same sweep."""
+    from datetime import datetime
+
+    from mlora_cli.report import bench_tables
+    from mlora_cli.sweep import expand
+
+    problems = [f"--mode: unknown mode '{m}' (known: engine-serial)" for m in mode or [] if m != "engine-serial"]
+    try:
+        levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    except ValueError:
+        problems.append(f"--concurrency: expected comma-separated integers, got '{concurrency}'")
+        levels = []
+    if any(c < 1 for c in levels):
+        problems.append("--concurrency: values must be >= 1")
+    if problems:
+        fail(problems)
+    try:
+        spec, resolved = load_sweep(sweep, overrides or [])
+        adapters = expand(spec)
+        if sequential_baseline:
+            unsupported = [a.name for a in adapters if a.adapter.strategy != "naive" or a.adapter.dropout > 0]
+            if unsupported:
+                fail([f"sweep: the sequential baseline runs naive fine-tuning without dropout; not: {', '.join(unsupported)}"])
+        from mlora_cli.bench import run_bench
+
+        out = output / f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        with console.status("benchmarking") as status:
+            report = run_bench(sweep, spec, resolved, adapters, list(overrides or []), out, sequential_baseline,
+                               list(mode or []), levels, progress=lambda text: status.update(text))
+    except ConfigError as exc:
+        fail(exc.problems)
+    for table in bench_tables(report):
+        console.print(table)
+    console.print(f"bench.json: {out / 'bench.json'}")
+    if sequential_baseline and not report["agree"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -113,6 +113,7 @@ def run_sweep(
     sweep_dir: Path,
     emit: Emit = lambda event: None,
     output_base: Path | None = None,
+    plots: bool = True,
 ) -> RunOutcome:
     """Run a validated sweep; writes and returns the run folder and results."""
     from mlora_cli import worker
@@ -165,17 +166,19 @@ def run_sweep(
     }
     add_cl_metrics(summary)
     write_json(run_dir / "results.json", summary)
-    summary["run"]["notes"] = write_reports(run_dir, summary)
+    summary["run"]["notes"] = write_reports(run_dir, summary, plots)
     return RunOutcome(run_dir=run_dir, results=summary)
 
 
-def write_reports(folder: Path, results: dict[str, Any]) -> list[str]:
+def write_reports(folder: Path, results: dict[str, Any], plots: bool = True) -> list[str]:
     """forgetting.csv and PNG plots next to results.json; returns notes for the user."""
     write_forgetting_csv(folder / "forgetting.csv", results)
+    if not plots:
+        return []
     try:
-        from mlora_cli import plots
+        from mlora_cli import plots as plotting
 
-        plots.write_all(folder, results, results["run"]["tasks"])
+        plotting.write_all(folder, results, results["run"]["tasks"])
     except ImportError as exc:
         return [str(exc)]
     return []

@@ -340,3 +340,51 @@ def adapters_eval_table(results: dict[str, Any]) -> Table:
             cells.append(format_metric(metric, entry["final_mean"].get(metric)))
         table.add_row(name, *cells)
     return table
+
+
+def bench_tables(report: dict[str, Any]) -> list[Table]:
+    """`mlora bench`: modes side by side, agreement, fusion efficiency."""
+    machine = report["machine"]
+    header = f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}" + (
+        f", {machine['gpu']}" if "gpu" in machine else "")
+    modes = Table(title=f"mlora bench: {report['sweep']}, {report['adapters']} adapters ({header})")
+    columns = ["mode", "wall s", "experiments/h", "mean experiment s", "train tokens/s", "eval s", "peak RSS MiB",
+               "throughput vs seq", "experiment time vs seq"]
+    for column in columns:
+        modes.add_column(column, justify="left" if column == "mode" else "right", no_wrap=column == "mode")
+    for name, m in report["modes"].items():
+        modes.add_row(
+            name, f"{m['wall_seconds']:.1f}", f"{m['experiments_per_hour']:,.0f}", f"{m['mean_experiment_seconds']:.1f}",
+            f"{m['train_tokens_per_s']:,.0f}", f"{m['eval_seconds']:.1f}", f"{m['peak_rss_mib']:,.0f}",
+            f"{m['throughput_vs_sequential']:.2f}x" if "throughput_vs_sequential" in m else "-",
+            f"{m['mean_experiment_time_vs_sequential']:.2f}x" if "mean_experiment_time_vs_sequential" in m else "-",
+        )
+    tables = [modes]
+    fusion = report["fusion"]
+    summary = Table(title="co-training against its limits")
+    summary.add_column("figure")
+    summary.add_column("value", justify="right")
+    summary.add_column("meaning")
+    summary.add_row("fusion efficiency (train)", f"{fusion['fusion_efficiency_train']:.2f}",
+                    f"union step {fusion['union_step_seconds'] * 1e3:.0f} ms / fused step {fusion['fused_step_seconds'] * 1e3:.0f} ms")
+    summary.add_row("fusion efficiency (eval)", f"{fusion['fusion_efficiency_eval']:.2f}",
+                    f"union pass {fusion['union_eval_seconds']:.2f} s / fused pass {fusion['fused_eval_seconds']:.2f} s")
+    if "experiment_throughput_ratio" in report:
+        summary.add_row("experiment throughput ratio", f"{report['experiment_throughput_ratio']:.2f}x",
+                        "concurrent / sequential experiments per hour")
+        summary.add_row("peak memory below 2 sequential", "yes" if report["memory_below_two_sequential"] else "no",
+                        f"{report['modes']['concurrent']['peak_rss_mib']:,.0f} MiB vs 2 x "
+                        f"{report['modes']['sequential']['peak_rss_mib']:,.0f} MiB")
+    if "concurrency_curve" in report:
+        curve = ", ".join(f"{c}: {v:,.0f}" for c, v in report["concurrency_curve"].items())
+        summary.add_row("experiments/h by concurrency", curve, "max_concurrent: experiments per hour")
+    tables.append(summary)
+    if "agreement" in report:
+        agree = Table(title="agreement: concurrent vs sequential final metrics (per task, worst case)")
+        for column in ("adapter", "max |d loss| (%)", "max |d exact match| (points)", "verdict"):
+            agree.add_column(column, justify="left" if column in ("adapter", "verdict") else "right")
+        for name, v in report["agreement"].items():
+            agree.add_row(name, f"{100 * v['max_loss_rel_delta']:.3f}", f"{100 * v['max_exact_match_delta']:.1f}",
+                          "[green]agree[/]" if v["agree"] else "[red]disagree[/]")
+        tables.append(agree)
+    return tables

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from mlora_cli import PROCESS_START
 from mlora_cli.config import SweepSpec, to_plain
 from mlora_cli.data import BatchSampler, Row, TokenizedTask, tokenize_task
 from mlora_cli.evaluate import EvalRequest, evaluate
@@ -249,4 +250,6 @@ def result_entry(progress: AdapterProgress, spec: SweepSpec) -> dict[str, Any]:
         "train_tokens_per_s": progress.tokens / progress.train_seconds if progress.train_seconds else 0.0,
         "steps_per_s": progress.step / progress.train_seconds if progress.train_seconds else 0.0,
         "eval_seconds": progress.eval_seconds,
+        # seconds from process start (imports and base load included) to this adapter's end
+        "finished_after_s": time.perf_counter() - PROCESS_START,
     }

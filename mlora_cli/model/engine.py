@@ -29,6 +29,12 @@ def matches_target(module_name: str, targets: Sequence[str], output_layer: str |
     return any(module_name == t or module_name.endswith(f".{t}") for t in targets)
 
 
+def lora_a_init(rank: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
+    """kaiming_uniform_(a=sqrt(5)) on an (r, d_in) weight, as PEFT and nn.Linear do, from `generator`."""
+    bound = 1.0 / math.sqrt(in_features)
+    return (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
+
+
 def linear_layer_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
@@ -95,10 +101,7 @@ class MultiLoraModel:
             raise ValueError(f"rank {stop} exceeds the engine's max rank {self.max_rank}")
         for name in self.targeted_layers(config):
             layer = self.layers[name]
-            # kaiming_uniform_(a=sqrt(5)) on an (r, d_in) weight, as PEFT and nn.Linear do.
-            bound = 1.0 / math.sqrt(layer.in_features)
-            init = (torch.rand(config.rank, layer.in_features, generator=generator) * 2 - 1) * bound
-            layer.lora_A[slot, start:stop].copy_(init)
+            layer.lora_A[slot, start:stop].copy_(lora_a_init(config.rank, layer.in_features, generator))
             layer.lora_B[slot, :, start:stop].zero_()
             layer.scale[slot] = config.alpha / config.rank
         self.slot_rank[slot] = stop

@@ -1,0 +1,279 @@
+"""`mlora bench`: what co-training buys, measured side by side on the same sweep.
+
+Modes (each a fresh process, timed from launch to exit, imports and model load included):
+- concurrent:     `mlora run` as a user runs it (all adapters co-trained);
+- sequential:     one `python -m mlora_cli.baseline` process per adapter, one after another
+                  (plain PEFT + torch AdamW; see baseline.py);
+- engine-serial:  `mlora run` with max_concurrent=1 (one process, one adapter at a time):
+                  separates the saved cold starts from the fused steps;
+- concurrent@c:   `mlora run` with max_concurrent=c, for the throughput curve.
+
+Derived figures:
+- experiments/hour = adapters / wall seconds * 3600;
+- experiment_throughput_ratio = concurrent experiments/hour / sequential experiments/hour;
+- mean experiment time: sequential, the mean process wall time; mlora, the mean time from
+  process start to each adapter's end;
+- fusion efficiency (train) = time of one adapter's step on the union batch (N x batch rows)
+  / time of the fused N-adapter step on the same rows; (eval) the same for one batched
+  evaluation pass. 1.0 means co-training costs no more than the union batch itself.
+- agreement: per adapter and task, |loss_c - loss_s| <= 1% of loss_s and
+  |exact_match_c - exact_match_s| <= 0.02 (2 points).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlora_cli.config import SweepSpec
+from mlora_cli.sweep import AdapterSpec
+
+LOSS_TOLERANCE = 0.01  # relative
+EXACT_MATCH_TOLERANCE = 0.02  # absolute (2 points)
+
+
+def _timed(command: list[str], log: Path) -> tuple[float, float]:
+    """Run `command` to completion; (wall seconds, peak RSS MiB of that process)."""
+    start = time.perf_counter()
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
+        _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(command[:4])} ... failed; see {log}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def run_mlora(sweep: Path, overrides: list[str], out: Path, label: str) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "mlora_cli", "run", str(sweep), *overrides, f"output_dir={out.resolve()}", "--no-plots"]
+    wall, rss = _timed(command, out / f"{label}.log")
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    results = json.loads((run_dir / "results.json").read_text())
+    adapters = results["adapters"]
+    return {
+        "mode": label,
+        "wall_seconds": wall,
+        "peak_rss_mib": rss,
+        "experiments": len(adapters),
+        "experiment_seconds": [e["finished_after_s"] for e in adapters.values()],
+        "train_tokens": sum(e["train_tokens"] for e in adapters.values()),
+        "eval_seconds": sum(e["eval_seconds"] for e in adapters.values()),
+        "final": {name: e["final"] for name, e in adapters.items()},
+        "run_dir": str(run_dir),
+        **({"cuda_max_allocated_mib": results["run"]["cuda_max_allocated_mib"]}
+           if "cuda_max_allocated_mib" in results["run"] else {}),
+    }
+
+
+def run_sequential(resolved_sweep: Path, data_dir: Path, adapters: list[AdapterSpec], out: Path,
+                   progress: Callable[[str], None]) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    walls, rss, finals, train_tokens, eval_seconds = [], [], {}, 0, 0.0
+    start = time.perf_counter()
+    for adapter in adapters:
+        progress(f"sequential: {adapter.name}")
+        result_file = out / f"{adapter.name}.json"
+        command = [sys.executable, "-m", "mlora_cli.baseline", str(resolved_sweep), adapter.name, str(result_file),
+                   str(data_dir)]
+        wall, peak = _timed(command, out / f"{adapter.name}.log")
+        result = json.loads(result_file.read_text())
+        walls.append(wall)
+        rss.append(peak)
+        finals[adapter.name] = result["final"]
+        train_tokens += result["train_tokens"]
+        eval_seconds += result["eval_seconds"]
+    return {
+        "mode": "sequential",
+        "wall_seconds": time.perf_counter() - start,
+        "peak_rss_mib": max(rss),
+        "experiments": len(adapters),
+        "experiment_seconds": walls,
+        "train_tokens": train_tokens,
+        "eval_seconds": eval_seconds,
+        "final": finals,
+    }
+
+
+def summarize(mode: dict[str, Any], sequential: dict[str, Any] | None) -> dict[str, Any]:
+    wall = mode["wall_seconds"]
+    figures = {
+        "wall_seconds": wall,
+        "experiments": mode["experiments"],
+        "experiments_per_hour": mode["experiments"] / wall * 3600,
+        "mean_experiment_seconds": statistics.mean(mode["experiment_seconds"]),
+        "train_tokens_per_s": mode["train_tokens"] / wall,
+        "eval_seconds": mode["eval_seconds"],
+        "peak_rss_mib": mode["peak_rss_mib"],
+    }
+    if "cuda_max_allocated_mib" in mode:
+        figures["cuda_max_allocated_mib"] = mode["cuda_max_allocated_mib"]
+    if sequential is not None:
+        figures["throughput_vs_sequential"] = figures["experiments_per_hour"] / (sequential["experiments"] / sequential["wall_seconds"] * 3600)
+        figures["mean_experiment_time_vs_sequential"] = statistics.mean(sequential["experiment_seconds"]) / figures["mean_experiment_seconds"]
+    return figures
+
+
+def agreement(concurrent: dict[str, Any], sequential: dict[str, Any]) -> dict[str, Any]:
+    """Per adapter: the largest |delta| of loss (relative) and exact match over tasks, and agree."""
+    verdicts = {}
+    for name, final in sequential["final"].items():
+        ours = concurrent["final"].get(name, {})
+        worst_loss = worst_em = 0.0
+        for task, scores in final.items():
+            if "loss" in scores:
+                worst_loss = max(worst_loss, abs(ours[task]["loss"] - scores["loss"]) / max(abs(scores["loss"]), 1e-12))
+            if "exact_match" in scores:
+                worst_em = max(worst_em, abs(ours[task]["exact_match"] - scores["exact_match"]))
+        verdicts[name] = {
+            "max_loss_rel_delta": worst_loss,
+            "max_exact_match_delta": worst_em,
+            "agree": worst_loss <= LOSS_TOLERANCE and worst_em <= EXACT_MATCH_TOLERANCE,
+        }
+    return verdicts
+
+
+def fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, repeats: int = 7) -> dict[str, Any]:
+    """Union-batch time / fused time, for one training step and one evaluation pass (medians)."""
+    import torch
+
+    from mlora_cli.data import TokenizedTask, tokenize_task
+    from mlora_cli.evaluate import EvalRequest, evaluate
+    from mlora_cli.model.base import load_base
+    from mlora_cli.model.engine import MultiLoraModel
+    from mlora_cli.tasks import load_task
+    from mlora_cli.train import StepInput, fused_step
+
+    base = load_base(spec.base_model, "cuda:0" if torch.cuda.is_available() else "cpu")
+    pad = base.tokenizer.pad_token_id
+    task = tokenize_task(load_task(spec.tasks[0], adapters[0].seed, data_dir), base.tokenizer, adapters[0].train.max_seq_len)
+    targets = sorted({t for a in adapters for t in a.adapter.target_modules})
+    engine = MultiLoraModel(base.model, targets, len(adapters), max(a.adapter.rank for a in adapters))
+    for slot, adapter in enumerate(adapters):
+        engine.load_slot(slot, adapter.adapter, adapter.train.max_grad_norm, adapter.seed)
+    size = adapters[0].train.batch_size
+    rows = [[task.train[(slot * size + i) % len(task.train)] for i in range(size)] for slot in range(len(adapters))]
+    fused = [StepInput(slot, rows[slot], 1e-9, 0.0, None) for slot in range(len(adapters))]
+    union = [StepInput(0, [r for part in rows for r in part], 1e-9, 0.0, None)]
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def median_seconds(step: Callable[[], Any]) -> float:
+        step()  # warm up
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    fused_train = median_seconds(lambda: fused_step(engine, fused, pad))
+    union_train = median_seconds(lambda: fused_step(engine, union, pad))
+    eval_rows = list(task.eval)
+    union_task = TokenizedTask(task.name, (), tuple(eval_rows * len(adapters)))
+    fused_requests = [EvalRequest(a.name, slot, [task]) for slot, a in enumerate(adapters)]
+    union_request = [EvalRequest("union", 0, [union_task])]
+    fused_eval = median_seconds(lambda: evaluate(engine, fused_requests, spec.eval, base.tokenizer))
+    union_eval = median_seconds(lambda: evaluate(engine, union_request, spec.eval, base.tokenizer))
+    return {
+        "adapters": len(adapters),
+        "rows_per_adapter": size,
+        "fused_step_seconds": fused_train,
+        "union_step_seconds": union_train,
+        "fusion_efficiency_train": union_train / fused_train,
+        "fused_eval_seconds": fused_eval,
+        "union_eval_seconds": union_eval,
+        "fusion_efficiency_eval": union_eval / fused_eval,
+    }
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    info = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_bench(
+    sweep: Path, spec: SweepSpec, resolved: dict[str, Any], adapters: list[AdapterSpec], overrides: list[str],
+    out: Path, sequential_baseline: bool, modes: list[str], concurrency: list[int],
+    progress: Callable[[str], None] = lambda text: None,
+) -> dict[str, Any]:
+    """Run the requested modes; return (and write to out/bench.json) the report."""
+    out.mkdir(parents=True, exist_ok=True)
+    resolved_file = out / "sweep.resolved.yaml"
+    resolved_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    data_dir = sweep.parent.resolve()
+    raw: dict[str, dict[str, Any]] = {}
+
+    sequential = None
+    if sequential_baseline:
+        sequential = run_sequential(resolved_file, data_dir, adapters, out / "sequential", progress)
+        raw["sequential"] = sequential
+    progress("concurrent: mlora run")
+    raw["concurrent"] = run_mlora(sweep, overrides, out / "concurrent", "concurrent")
+    if "engine-serial" in modes:
+        progress("engine-serial: mlora run, one adapter at a time")
+        raw["engine-serial"] = run_mlora(sweep, [*overrides, "max_concurrent=1"], out / "engine-serial", "engine-serial")
+    for c in concurrency:
+        if c >= len(adapters) or (c == 1 and "engine-serial" in raw):
+            continue  # all adapters at once is `concurrent`; one at a time is `engine-serial`
+        progress(f"concurrent@{c}: mlora run, max_concurrent={c}")
+        raw[f"concurrent@{c}"] = run_mlora(sweep, [*overrides, f"max_concurrent={c}"], out / f"concurrent-{c}", f"concurrent@{c}")
+    progress("fusion efficiency: fused step vs union batch")
+    fusion = fusion_efficiency(spec, adapters, data_dir)
+
+    report: dict[str, Any] = {
+        "sweep": spec.name,
+        "adapters": len(adapters),
+        "machine": machine(),
+        "modes": {name: summarize(mode, sequential) for name, mode in raw.items()},
+        "fusion": fusion,
+        "fusion_efficiency_train": fusion["fusion_efficiency_train"],
+        "fusion_efficiency_eval": fusion["fusion_efficiency_eval"],
+    }
+    if sequential is not None:
+        report["experiment_throughput_ratio"] = report["modes"]["concurrent"]["throughput_vs_sequential"]
+        report["agreement"] = agreement(raw["concurrent"], sequential)
+        report["agree"] = all(v["agree"] for v in report["agreement"].values())
+        report["memory_below_two_sequential"] = raw["concurrent"]["peak_rss_mib"] < 2 * sequential["peak_rss_mib"]
+    curve = {1 if name == "engine-serial" else int(name.split("@")[1]): figures
+             for name, figures in report["modes"].items() if name == "engine-serial" or name.startswith("concurrent@")}
+    if curve or concurrency:
+        curve[len(adapters)] = report["modes"]["concurrent"]
+        report["concurrency_curve"] = {str(c): curve[c]["experiments_per_hour"] for c in sorted(curve)}
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    return report
