@@ -6,9 +6,11 @@ any model, so bad data is a one-line error (exit 2) rather than a crash mid-run.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,28 +85,23 @@ def peak_memory() -> dict[str, float]:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     memory = {"peak_rss_mib": max(own, children)}
-    try:
-        import torch
-
+    torch = sys.modules.get("torch")  # only when this process uses it: the parent of workers may not
+    if torch is not None:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             memory["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    except ImportError:  # pragma: no cover
-        pass
     return memory
 
 
 def versions() -> dict[str, str]:
-    import peft
-    import torch
-    import transformers
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {
-        "mlora": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
+    found = {"mlora": __version__, "python": platform.python_version()}
+    for package in ("torch", "transformers", "peft", "datasets"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:  # pragma: no cover
+            found[package] = "not installed"
+    return found
 
 
 def run_sweep(
@@ -116,8 +113,6 @@ def run_sweep(
     plots: bool = True,
 ) -> RunOutcome:
     """Run a validated sweep; writes and returns the run folder and results."""
-    from mlora_cli import worker
-
     started = time.perf_counter()
     adapters = expand(spec)
     task_data = load_task_data(spec, adapters, sweep_dir)
@@ -138,9 +133,13 @@ def run_sweep(
             write_json(run_dir / "base.json", event["base"])
         emit(event)
 
-    results: dict[str, Any] = {}
-    for worker_id, plan in enumerate(plans):
-        results.update(worker.run(plan, spec, task_data, run_dir, record, worker_id=worker_id))
+    if len(plans) == 1 and plans[0].device == "cpu" and plans[0].threads is None:
+        # One default CPU worker: run it here and skip a second interpreter start.
+        from mlora_cli import worker
+
+        results = worker.run(plans[0], spec, task_data, run_dir, record, worker_id=0)
+    else:
+        results = run_worker_processes(plans, spec, task_data, run_dir, record)
 
     wall = time.perf_counter() - started
     ordered = {a.name: results[a.name] for a in adapters if a.name in results}
@@ -168,6 +167,92 @@ def run_sweep(
     write_json(run_dir / "results.json", summary)
     summary["run"]["notes"] = write_reports(run_dir, summary, plots)
     return RunOutcome(run_dir=run_dir, results=summary)
+
+
+def _worker_main(plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[TaskData]], run_dir: Path,
+                 events: Any, worker_id: int) -> None:
+    """Entry point of a spawned worker process: one device, its adapters, events to the parent."""
+    if plan.device.startswith("cuda:"):
+        # Each GPU worker sees only its GPU, as cuda:0.
+        os.environ["CUDA_VISIBLE_DEVICES"] = plan.device.partition(":")[2]
+        plan = dataclasses.replace(plan, device="cuda:0")
+    if plan.threads:
+        for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[variable] = str(plan.threads)
+    from mlora_cli import worker
+
+    worker.run(plan, spec, task_data, run_dir, events.put, worker_id=worker_id)
+    events.put({"event": "worker_done", "worker": worker_id})
+
+
+def run_worker_processes(
+    plans: list[WorkerPlan], spec: SweepSpec, task_data: dict[int, list[TaskData]], run_dir: Path, record: Emit
+) -> dict[str, Any]:
+    """One spawned process per worker plan; events stream back; a dead worker fails only its adapters."""
+    import multiprocessing
+    import queue
+
+    context = multiprocessing.get_context("spawn")
+    events = context.Queue()
+    processes = {
+        worker_id: context.Process(target=_worker_main, args=(plan, spec, task_data, run_dir, events, worker_id),
+                                   name=f"mlora-worker-{worker_id}", daemon=True)
+        for worker_id, plan in enumerate(plans)
+    }
+    for process in processes.values():
+        process.start()
+    results: dict[str, Any] = {}
+    running = set(processes)
+    try:
+        while running:
+            try:
+                event = events.get(timeout=0.5)
+            except queue.Empty:
+                for worker_id in list(running):
+                    process = processes[worker_id]
+                    if not process.is_alive():
+                        _drain(events, results, record, running)
+                        if worker_id in running:  # died without saying it finished
+                            running.discard(worker_id)
+                            reason = f"worker {worker_id} ({plans[worker_id].device}) died with exit code {process.exitcode}"
+                            for adapter in plans[worker_id].adapters:
+                                results.setdefault(adapter.name, failed_entry(adapter, reason))
+                continue
+            _handle(event, results, record, running)
+    finally:
+        for process in processes.values():
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+    return results
+
+
+def _handle(event: dict[str, Any], results: dict[str, Any], record: Emit, running: set[int]) -> None:
+    if event["event"] == "adapter_done":
+        results[event["adapter"]] = event["result"]
+    elif event["event"] == "worker_done":
+        running.discard(event["worker"])
+    record(event)
+
+
+def _drain(events: Any, results: dict[str, Any], record: Emit, running: set[int]) -> None:
+    import queue
+
+    while True:
+        try:
+            _handle(events.get(timeout=0.2), results, record, running)
+        except queue.Empty:
+            return
+
+
+def failed_entry(adapter: AdapterSpec, reason: str) -> dict[str, Any]:
+    """A results.json entry for an adapter that never finished."""
+    return {
+        "name": adapter.name, "seed": adapter.seed, "status": "failed", "failure": reason, "varied": adapter.varied,
+        "config": {"adapter": to_plain(adapter.adapter), "train": to_plain(adapter.train)},
+        "final": {}, "final_mean": {}, "matrix": {}, "curve": [], "steps": 0, "train_tokens": 0, "train_seconds": 0.0,
+        "train_tokens_per_s": 0.0, "steps_per_s": 0.0, "eval_seconds": 0.0, "finished_after_s": None,
+    }
 
 
 def write_reports(folder: Path, results: dict[str, Any], plots: bool = True) -> list[str]:
