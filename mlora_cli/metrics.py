@@ -15,7 +15,6 @@ Torch-free and numpy-free: `mlora report`-style tooling and tests import it with
 from __future__ import annotations
 
 import json
-
 import math
 from collections.abc import Sequence
 from typing import Any, TypedDict
