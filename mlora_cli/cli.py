@@ -48,8 +48,9 @@ def validate(sweep: SweepArg, overrides: OverridesArg = None) -> None:
 
 @app.command()
 def run(
-    sweep: SweepArg,
+    sweep: Annotated[Path | None, typer.Argument(help="the sweep YAML file", show_default=False)] = None,
     overrides: OverridesArg = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="continue an interrupted run folder")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show the expanded adapters and placement; train nothing")] = False,
     matrix: Annotated[bool, typer.Option("--matrix", help="also print each adapter's accuracy matrix R")] = False,
     plots: Annotated[bool, typer.Option(help="write PNG plots into the run folder")] = True,
@@ -58,8 +59,22 @@ def run(
     from mlora_cli.report import ProgressView, plan_table, print_cl_report, print_summary
     from mlora_cli.sweep import expand
 
+    view = None
+    if (sweep is None) == (resume is None):
+        fail(["give a sweep file, or --resume RUN_DIR (not both)"])
+    if resume is not None and overrides:
+        fail(["--resume continues a run as it was: no overrides"])
     try:
-        spec, resolved = load_sweep(sweep, overrides or [])
+        if resume is not None:
+            from mlora_cli.launcher import load_run
+
+            if not resume.is_dir():
+                fail([f"{resume}: no such run folder"])
+            spec, resolved, sweep_dir = load_run(resume)
+        else:
+            assert sweep is not None
+            spec, resolved = load_sweep(sweep, overrides or [])
+            sweep_dir = sweep.parent
         adapters = expand(spec)
         if dry_run:
             from mlora_cli.launcher import plan_workers
@@ -68,10 +83,15 @@ def run(
             return
         from mlora_cli.launcher import run_sweep
 
-        with ProgressView(console, spec) as view:
-            outcome = run_sweep(spec, resolved, sweep.parent, emit=view, plots=plots)
+        view = ProgressView(console, spec)
+        with view:
+            outcome = run_sweep(spec, resolved, sweep_dir, emit=view, plots=plots, resume_dir=resume)
     except ConfigError as exc:
         fail(exc.problems)
+    except KeyboardInterrupt:
+        folder = view.run_dir if view is not None and view.run_dir else "RUN_DIR"
+        errors.print(f"interrupted: training state saved. Resume with:\n  mlora run --resume {folder}")
+        raise typer.Exit(130) from None
     print_cl_report(console, outcome.results, matrices=matrix)
     print_summary(console, outcome.results)
     if outcome.results["run"]["failed"]:

@@ -92,7 +92,7 @@ class AdapterConfig:
     l2_lambda: float = field(default=1.0, metadata=_doc("l2: lambda of lambda/2 ||theta - theta_prev||^2", _non_negative))
     ewc_lambda: float = field(default=1000.0, metadata=_doc("ewc: lambda of lambda/2 sum F (theta - theta*)^2", _non_negative))
     ewc_gamma: float = field(default=1.0, metadata=_doc("ewc: online decay of the old Fisher (1: sum over tasks)", _unit_interval))
-    fisher_batches: int = field(default=8, metadata=_doc("ewc: batches used to estimate the diagonal Fisher", _positive))
+    fisher_samples: int = field(default=32, metadata=_doc("ewc: training examples whose squared gradients estimate the Fisher", _positive))
     lwf_lambda: float = field(default=1.0, metadata=_doc("lwf: weight of KL(previous adapter || current)", _non_negative))
     lwf_temperature: float = field(default=2.0, metadata=_doc("lwf: softmax temperature of the distillation", _positive))
     olora_lambda1: float = field(default=0.5, metadata=_doc("olora: weight of sum |A_old A_new^T|", _non_negative))
@@ -116,6 +116,12 @@ class TrainConfig:
     )
     max_grad_norm: float | None = field(
         default=1.0, metadata=_doc("clip each adapter's gradient to this norm; null: no clipping", _optional_positive)
+    )
+    grad_norm_limit: float | None = field(
+        default=1e4, metadata=_doc("stop an adapter (failed) whose gradient norm, before clipping, exceeds this", _optional_positive)
+    )
+    checkpoint_every: int | None = field(
+        default=50, metadata=_doc("also save the training state every N steps (always at task ends); null: task ends only", _optional_positive)
     )
 
 

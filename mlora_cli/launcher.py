@@ -111,19 +111,25 @@ def run_sweep(
     emit: Emit = lambda event: None,
     output_base: Path | None = None,
     plots: bool = True,
+    resume_dir: Path | None = None,
 ) -> RunOutcome:
-    """Run a validated sweep; writes and returns the run folder and results."""
+    """Run a validated sweep (or continue `resume_dir`); writes and returns the run folder and results."""
     started = time.perf_counter()
     adapters = expand(spec)
     task_data = load_task_data(spec, adapters, sweep_dir)
     plans = plan_workers(spec, adapters)
-    run_dir = new_run_dir(spec, output_base or Path.cwd())
-    write_text(run_dir / "sweep.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    write_json(run_dir / "adapters.json", [
-        {"name": a.name, "seed": a.seed, "varied": a.varied, "adapter": to_plain(a.adapter), "train": to_plain(a.train)}
-        for a in adapters
-    ])
-    emit({"event": "run_start", "run_dir": str(run_dir), "plans": plans})
+    if resume_dir is None:
+        run_dir = new_run_dir(spec, output_base or Path.cwd())
+        write_text(run_dir / "sweep.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        write_json(run_dir / "run.json", {"sweep_dir": str(sweep_dir.resolve()), "started": datetime.now().isoformat()})
+        write_json(run_dir / "adapters.json", [
+            {"name": a.name, "seed": a.seed, "varied": a.varied, "adapter": to_plain(a.adapter), "train": to_plain(a.train)}
+            for a in adapters
+        ])
+    else:
+        run_dir = resume_dir
+        keep_metrics_up_to_checkpoints(run_dir, adapters)
+    emit({"event": "run_start", "run_dir": str(run_dir), "plans": plans, "resume": resume_dir is not None})
     metrics_path = run_dir / "metrics.jsonl"
 
     def record(event: dict[str, Any]) -> None:
@@ -133,13 +139,14 @@ def run_sweep(
             write_json(run_dir / "base.json", event["base"])
         emit(event)
 
+    resume = resume_dir is not None
     if len(plans) == 1 and plans[0].device == "cpu" and plans[0].threads is None:
         # One default CPU worker: run it here and skip a second interpreter start.
         from mlora_cli import worker
 
-        results = worker.run(plans[0], spec, task_data, run_dir, record, worker_id=0)
+        results = worker.run(plans[0], spec, task_data, run_dir, record, worker_id=0, resume=resume)
     else:
-        results = run_worker_processes(plans, spec, task_data, run_dir, record)
+        results = run_worker_processes(plans, spec, task_data, run_dir, record, resume)
 
     wall = time.perf_counter() - started
     ordered = {a.name: results[a.name] for a in adapters if a.name in results}
@@ -169,8 +176,51 @@ def run_sweep(
     return RunOutcome(run_dir=run_dir, results=summary)
 
 
+def keep_metrics_up_to_checkpoints(run_dir: Path, adapters: list[AdapterSpec]) -> None:
+    """Before resuming: drop metrics.jsonl lines past each adapter's last saved state (they will be redone)."""
+    import json
+
+    import torch
+
+    from mlora_cli.worker import result_path, state_path
+
+    last_step = {}
+    for adapter in adapters:
+        if result_path(run_dir, adapter.name).is_file():
+            last_step[adapter.name] = float("inf")
+        elif state_path(run_dir, adapter.name).is_file():
+            last_step[adapter.name] = torch.load(state_path(run_dir, adapter.name), weights_only=False)["step"]
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return
+    kept = []
+    for line in metrics.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by the kill
+            continue
+        if record["step"] <= last_step.get(record["adapter"], 0):
+            kept.append(line + "\n")
+    write_text(metrics, "".join(kept))
+
+
+def load_run(run_dir: Path) -> tuple[SweepSpec, dict[str, Any], Path]:
+    """A run folder's resolved sweep, for `--resume`: (spec, resolved data, the sweep file's folder)."""
+    import json
+
+    from mlora_cli.config import parse_spec
+
+    problems = [f"{run_dir}: missing {name}; not a run folder mlora can resume"
+                for name in ("sweep.resolved.yaml", "run.json", "adapters.json") if not (run_dir / name).is_file()]
+    if problems:
+        raise ConfigError(problems)
+    resolved = yaml.safe_load((run_dir / "sweep.resolved.yaml").read_text())
+    sweep_dir = Path(json.loads((run_dir / "run.json").read_text())["sweep_dir"])
+    return parse_spec(resolved, base_dir=sweep_dir), resolved, sweep_dir
+
+
 def _worker_main(plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[TaskData]], run_dir: Path,
-                 events: Any, worker_id: int) -> None:
+                 events: Any, worker_id: int, resume: bool) -> None:
     """Entry point of a spawned worker process: one device, its adapters, events to the parent."""
     if plan.device.startswith("cuda:"):
         # Each GPU worker sees only its GPU, as cuda:0.
@@ -181,12 +231,16 @@ def _worker_main(plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[Ta
             os.environ[variable] = str(plan.threads)
     from mlora_cli import worker
 
-    worker.run(plan, spec, task_data, run_dir, events.put, worker_id=worker_id)
+    try:
+        worker.run(plan, spec, task_data, run_dir, events.put, worker_id=worker_id, resume=resume)
+    except KeyboardInterrupt:  # the parent got Ctrl-C too; states are saved, leave quietly
+        return
     events.put({"event": "worker_done", "worker": worker_id})
 
 
 def run_worker_processes(
-    plans: list[WorkerPlan], spec: SweepSpec, task_data: dict[int, list[TaskData]], run_dir: Path, record: Emit
+    plans: list[WorkerPlan], spec: SweepSpec, task_data: dict[int, list[TaskData]], run_dir: Path, record: Emit,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """One spawned process per worker plan; events stream back; a dead worker fails only its adapters."""
     import multiprocessing
@@ -195,7 +249,7 @@ def run_worker_processes(
     context = multiprocessing.get_context("spawn")
     events = context.Queue()
     processes = {
-        worker_id: context.Process(target=_worker_main, args=(plan, spec, task_data, run_dir, events, worker_id),
+        worker_id: context.Process(target=_worker_main, args=(plan, spec, task_data, run_dir, events, worker_id, resume),
                                    name=f"mlora-worker-{worker_id}", daemon=True)
         for worker_id, plan in enumerate(plans)
     }

@@ -107,6 +107,7 @@ class ProgressView:
             console=console, transient=False,
         )
         self.bars: dict[int, Any] = {}
+        self.run_dir: str | None = None
 
     def __enter__(self) -> ProgressView:
         self.progress.__enter__()
@@ -118,6 +119,7 @@ class ProgressView:
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["event"]
         if kind == "run_start":
+            self.run_dir = event["run_dir"]
             tasks = [t.steps for t in self.spec.tasks]
             for worker_id, plan in enumerate(event["plans"]):
                 total = sum(a.total_steps(tasks) for a in plan.adapters)
@@ -128,6 +130,10 @@ class ProgressView:
             losses = [r["loss"] for r in event["records"]]
             shown = " ".join(f"{x:.2f}" for x in losses[:8]) + (" ..." if len(losses) > 8 else "")
             self.progress.update(self.bars[event["worker"]], advance=len(losses), losses=f"loss {shown}")
+        elif kind == "resumed":
+            self.progress.update(self.bars[event["worker"]], advance=event["step"])
+        elif kind == "adapter_done" and event.get("resumed"):
+            self.progress.update(self.bars[event["worker"]], advance=event["result"]["steps"])
         elif kind == "eval":
             self.progress.update(self.bars[event["worker"]], losses=f"evaluating after task {event['after_task']}")
 

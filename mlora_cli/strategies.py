@@ -9,8 +9,9 @@ one fused step. What each adds (theta: the adapter's LoRA weights):
 - l2:     + l2_lambda/2 * ||theta - theta_prev||^2, theta_prev = the adapter at the end of
           the previous task.
 - ewc:    + ewc_lambda/2 * sum_i F_i (theta_i - theta*_i)^2 (Kirkpatrick et al. 2017,
-          https://arxiv.org/abs/1612.00796); F = diagonal Fisher, the mean squared gradient
-          over `fisher_batches` batches at the end of each task; online (Schwarz et al. 2018):
+          https://arxiv.org/abs/1612.00796); F = diagonal empirical Fisher, the mean of the
+          per-example squared gradients of `fisher_samples` training examples of the task just
+          finished; online (Schwarz et al. 2018):
           F <- ewc_gamma * F + F_new, theta* <- theta.
 - lwf:    + lwf_lambda * T^2 * KL(p_prev^T || p^T) on the current inputs (Li & Hoiem 2016,
           https://arxiv.org/abs/1606.09282), per predicted token, softmax temperature T. The
@@ -28,6 +29,7 @@ vectorized over slots, before per-adapter clipping: the same as adding them to t
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -105,6 +107,18 @@ class Strategies:
     @torch.no_grad()
     def add_gradients(self) -> None:
         """Add the l2 / ewc / olora penalty gradients of every slot to the LoRA gradients."""
+        optimizer = self.engine.optimizer
+        if bool(optimizer.frozen_rank.any()):
+            # O-LoRA's earlier blocks are not trainable: drop their gradient so it does not count
+            # in the adapter's clipping norm (as with requires_grad=False in the reference code).
+            for p, rank_dim in zip(self.params, optimizer.rank_dims):
+                if p.grad is None:
+                    continue
+                shape = [p.size(0)] + [1] * (p.dim() - 1)
+                shape[rank_dim] = p.size(rank_dim)
+                ranks = torch.arange(p.size(rank_dim), device=p.device).view(1, -1)
+                is_frozen = ranks < optimizer.frozen_rank.to(p.device).view(-1, 1)
+                p.grad.masked_fill_(is_frozen.view(shape), 0.0)
         if self.anchor is not None and bool((self.l2 > 0).any() or (self.ewc > 0).any()):
             fishers = self.fisher or [None] * len(self.params)
             for p, anchor, fisher in zip(self.params, self.anchor, fishers):
@@ -154,3 +168,30 @@ class Strategies:
             ).sum(-1)
             terms[g] = lam * temperature**2 * (kl * mask).sum() / mask.sum().clamp(min=1)
         return terms
+
+    def slot_state(self, slot: int) -> dict[str, Any]:
+        """A slot's strategy state (for checkpoints): coefficients, anchors, Fisher, teacher."""
+        teacher = self.teacher_of.get(slot)
+        return {
+            "coefficients": [float(t[slot]) for t in (self.l2, self.ewc, self.olora1, self.olora2)],
+            "anchor": [a[slot].cpu().clone() for a in self.anchor] if self.anchor is not None else None,
+            "fisher": [f[slot].cpu().clone() for f in self.fisher] if self.fisher is not None else None,
+            "teacher": self.engine.slot_state(teacher) if teacher is not None else None,
+            "lwf": self.lwf.get(slot),
+        }
+
+    @torch.no_grad()
+    def load_slot_state(self, slot: int, state: dict[str, Any]) -> None:
+        for tensor, value in zip((self.l2, self.ewc, self.olora1, self.olora2), state["coefficients"]):
+            tensor[slot] = value
+        for name in ("anchor", "fisher"):
+            if state[name] is not None:
+                if getattr(self, name) is None:
+                    setattr(self, name, [torch.zeros_like(p) for p in self.params])
+                for target, saved in zip(getattr(self, name), state[name]):
+                    target[slot].copy_(saved)
+        if state["teacher"] is not None:
+            teacher = self.student_slots + slot
+            self.engine.load_slot_state(teacher, state["teacher"])
+            self.teacher_of[slot] = teacher
+            self.lwf[slot] = tuple(state["lwf"])  # type: ignore[assignment]

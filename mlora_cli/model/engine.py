@@ -115,6 +115,26 @@ class MultiLoraModel:
             layer.scale[target] = layer.scale[source]
         self.slot_rank[target] = self.slot_rank[source]
 
+    def slot_state(self, slot: int) -> dict[str, object]:
+        """Everything of one slot needed to resume it exactly: weights, scales, rank, optimizer."""
+        return {
+            "lora_A": [layer.lora_A[slot].detach().cpu().clone() for layer in self.layers.values()],
+            "lora_B": [layer.lora_B[slot].detach().cpu().clone() for layer in self.layers.values()],
+            "scale": [float(layer.scale[slot]) for layer in self.layers.values()],
+            "rank": self.slot_rank[slot],
+            "optimizer": {k: [t.cpu() for t in v] if isinstance(v, list) else v
+                          for k, v in self.optimizer.slot_state(slot).items()},
+        }
+
+    @torch.no_grad()
+    def load_slot_state(self, slot: int, state: dict[str, object]) -> None:
+        for layer, a, b, scale in zip(self.layers.values(), state["lora_A"], state["lora_B"], state["scale"]):  # type: ignore[call-overload]
+            layer.lora_A[slot].copy_(a)
+            layer.lora_B[slot].copy_(b)
+            layer.scale[slot] = scale
+        self.slot_rank[slot] = int(state["rank"])  # type: ignore[call-overload]
+        self.optimizer.load_slot_state(slot, state["optimizer"])  # type: ignore[arg-type]
+
     def slot_weights(self, slot: int, config: AdapterConfig) -> dict[str, torch.Tensor]:
         """The adapter's weights under PEFT's key names (without the adapter name)."""
         weights, rank = {}, self.slot_rank[slot]

@@ -85,6 +85,7 @@ class SlotAdamW:
             "exp_avg": [m[slot].clone() for m in self.exp_avg],
             "exp_avg_sq": [v[slot].clone() for v in self.exp_avg_sq],
             "step": int(self.steps[slot]),
+            "frozen_rank": int(self.frozen_rank[slot]),
         }
 
     def load_slot_state(self, slot: int, state: dict[str, object]) -> None:
@@ -93,6 +94,7 @@ class SlotAdamW:
         for target, source in zip(self.exp_avg_sq, state["exp_avg_sq"]):  # type: ignore[call-overload]
             target[slot].copy_(source)
         self.steps[slot] = int(state["step"])  # type: ignore[call-overload]
+        self.frozen_rank[slot] = int(state["frozen_rank"])  # type: ignore[call-overload]
 
     @torch.no_grad()
     def grad_norms(self) -> torch.Tensor:
