@@ -54,12 +54,23 @@ def run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show the expanded adapters and placement; train nothing")] = False,
     matrix: Annotated[bool, typer.Option("--matrix", help="also print each adapter's accuracy matrix R")] = False,
     plots: Annotated[bool, typer.Option(help="write PNG plots into the run folder")] = True,
+    backend: Annotated[str, typer.Option("--backend", help="local (processes on this machine) or ray")] = "local",
+    address: Annotated[
+        str | None, typer.Option("--address", help="Ray cluster: auto, or ray://HOST:PORT; default: start a local Ray")
+    ] = None,
 ) -> None:
     """Train every adapter of the sweep, evaluate, and write a run folder."""
     from mlora_cli.report import ProgressView, plan_table, print_cl_report, print_summary
     from mlora_cli.sweep import expand
 
     view = None
+    if backend not in ("local", "ray"):
+        fail([f"--backend: expected local or ray, got '{backend}'"])
+    if backend == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            fail(["--backend ray needs Ray: pip install 'mlora-sweep[ray]'"])
     if (sweep is None) == (resume is None):
         fail(["give a sweep file, or --resume RUN_DIR (not both)"])
     if resume is not None and overrides:
@@ -85,7 +96,8 @@ def run(
 
         view = ProgressView(console, spec)
         with view:
-            outcome = run_sweep(spec, resolved, sweep_dir, emit=view, plots=plots, resume_dir=resume)
+            outcome = run_sweep(spec, resolved, sweep_dir, emit=view, plots=plots, resume_dir=resume,
+                                backend=backend, address=address)
     except ConfigError as exc:
         fail(exc.problems)
     except KeyboardInterrupt:

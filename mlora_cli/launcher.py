@@ -25,7 +25,7 @@ from mlora_cli.config import ConfigError, SweepSpec, to_plain
 from mlora_cli.metrics import add_cl_metrics
 from mlora_cli.plan import WorkerPlan, assign, resolve_devices
 from mlora_cli.report import write_forgetting_csv
-from mlora_cli.runfolder import append_jsonl, write_json, write_text
+from mlora_cli.runfolder import append_jsonl, write_bytes, write_json, write_text
 from mlora_cli.sweep import AdapterSpec, expand
 from mlora_cli.tasks import TaskData, load_task
 
@@ -112,6 +112,8 @@ def run_sweep(
     output_base: Path | None = None,
     plots: bool = True,
     resume_dir: Path | None = None,
+    backend: str = "local",
+    address: str | None = None,
 ) -> RunOutcome:
     """Run a validated sweep (or continue `resume_dir`); writes and returns the run folder and results."""
     started = time.perf_counter()
@@ -140,7 +142,9 @@ def run_sweep(
         emit(event)
 
     resume = resume_dir is not None
-    if len(plans) == 1 and plans[0].device == "cpu" and plans[0].threads is None:
+    if backend == "ray":
+        results = run_on_ray(plans, spec, task_data, run_dir, record, resume, address)
+    elif len(plans) == 1 and plans[0].device == "cpu" and plans[0].threads is None:
         # One default CPU worker: run it here and skip a second interpreter start.
         from mlora_cli import worker
 
@@ -297,6 +301,31 @@ def _drain(events: Any, results: dict[str, Any], record: Emit, running: set[int]
             _handle(events.get(timeout=0.2), results, record, running)
         except queue.Empty:
             return
+
+
+def run_on_ray(
+    plans: list[WorkerPlan], spec: SweepSpec, task_data: dict[int, list[TaskData]], run_dir: Path, record: Emit,
+    resume: bool, address: str | None,
+) -> dict[str, Any]:
+    """Workers as Ray actors; their files arrive as events and are written here, on the driver."""
+    from mlora_cli.ray_backend import run_ray_workers
+
+    results: dict[str, Any] = {}
+
+    def handle(event: dict[str, Any]) -> None:
+        if event["event"] == "files":
+            for relative, data in event["files"].items():
+                write_bytes(run_dir / relative, data)
+            return
+        if event["event"] == "adapter_done":
+            results[event["adapter"]] = event["result"]
+        elif event["event"] == "worker_failed":
+            for adapter in plans[event["worker"]].adapters:
+                results.setdefault(adapter.name, failed_entry(adapter, event["reason"]))
+        record(event)
+
+    run_ray_workers(plans, spec, task_data, run_dir, handle, resume, address)
+    return results
 
 
 def failed_entry(adapter: AdapterSpec, reason: str) -> dict[str, Any]:

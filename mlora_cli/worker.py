@@ -93,9 +93,11 @@ class Worker:
     """The training loop of one worker over a slot engine; see the module doc."""
 
     def __init__(self, plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[TaskData]], run_dir: Path | None,
-                 emit: Emit, worker_id: int, resume: bool):
+                 emit: Emit, worker_id: int, resume: bool, written: Callable[[Path], None] | None = None):
         self.plan, self.spec, self.task_data, self.run_dir = plan, spec, task_data, run_dir
         self.emit, self.worker_id, self.resume = emit, worker_id, resume
+        # Told of every file or folder written under run_dir (Ray ships them to the driver).
+        self.written = written or (lambda path: None)
         started = time.perf_counter()
         self.base = load_base(spec.base_model, plan.device)
         self.tokenizer = self.base.tokenizer
@@ -158,12 +160,14 @@ class Worker:
 
     def finish(self, progress: AdapterProgress) -> None:
         if self.run_dir is not None and progress.failure is None:
-            self.engine.save_slot(progress.slot, progress.spec.adapter, self.run_dir / "adapters" / progress.spec.name,
-                                  self.spec.base_model)
+            folder = self.run_dir / "adapters" / progress.spec.name
+            self.engine.save_slot(progress.slot, progress.spec.adapter, folder, self.spec.base_model)
+            self.written(folder)
         entry = result_entry(progress, self.spec)
         self.results[progress.spec.name] = entry
         if self.run_dir is not None:
             write_json(result_path(self.run_dir, progress.spec.name), entry)
+            self.written(result_path(self.run_dir, progress.spec.name))
         self.emit({"event": "adapter_done", "worker": self.worker_id, "adapter": progress.spec.name, "result": entry})
         self.active.remove(progress)
         self.free_slots.append(progress.slot)
@@ -187,6 +191,7 @@ class Worker:
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save(state, tmp)
         tmp.replace(path)
+        self.written(path)
 
     def restore(self, progress: AdapterProgress, state: dict[str, Any]) -> None:
         for name in AdapterProgress.SAVED:
@@ -275,6 +280,7 @@ class Worker:
             if progress.task_index and self.run_dir is not None:
                 checkpoint = self.run_dir / "checkpoints" / progress.spec.name / f"after-task-{progress.task_index}"
                 self.engine.save_slot(progress.slot, progress.spec.adapter, checkpoint, self.spec.base_model)
+                self.written(checkpoint)
             if progress.finished:
                 self.finish(progress)
             else:
@@ -336,6 +342,7 @@ def run(
     emit: Emit = lambda event: None,
     worker_id: int = 0,
     resume: bool = False,
+    written: Callable[[Path], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train and evaluate every adapter of `plan`; returns {adapter name: result entry}.
 
@@ -343,7 +350,7 @@ def run(
     """
     if plan.threads:
         torch.set_num_threads(plan.threads)
-    return Worker(plan, spec, task_data, run_dir, emit, worker_id, resume).run()
+    return Worker(plan, spec, task_data, run_dir, emit, worker_id, resume, written).run()
 
 
 def result_entry(progress: AdapterProgress, spec: SweepSpec) -> dict[str, Any]:

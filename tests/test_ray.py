@@ -1,0 +1,56 @@
+"""`--backend ray`: workers as Ray actors on a local Ray (2 CPUs) write the same run folder,
+on the driver, with the same results as local workers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlora_cli.config import parse_spec
+from mlora_cli.launcher import run_sweep
+
+ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'mlora-sweep[ray]'")
+
+SWEEP = {
+    "name": "rayrun",
+    "base_model": "builtin:micro",
+    "tasks": [{"name": "copy", "source": "builtin:copy", "train_examples": 16, "eval_examples": 4}],
+    "adapter": {"rank": 2, "alpha": 4, "lr": 1e-2},
+    "train": {"steps_per_task": 3, "batch_size": 2, "max_seq_len": 24},
+    "eval": {"max_new_tokens": 4},
+    "sweep": {"grid": {"adapter.rank": [2, 4]}},
+}
+
+
+@pytest.fixture()
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_workers_write_the_same_run_folder_on_the_driver(local_ray: None, tmp_path: Path) -> None:
+    spec = parse_spec({**SWEEP, "devices": "cpu:2"})
+    events = []
+    outcome = run_sweep(spec, SWEEP, tmp_path, emit=events.append, output_base=tmp_path / "ray", plots=False,
+                        backend="ray")
+    assert len(outcome.results["run"]["workers"]) == 2
+    torch.set_num_threads(1)
+    try:
+        local = run_sweep(parse_spec(SWEEP), SWEEP, tmp_path, output_base=tmp_path / "local", plots=False)
+    finally:
+        torch.set_num_threads(2)
+    for name, entry in local.results["adapters"].items():
+        ours = outcome.results["adapters"][name]
+        assert ours["status"] == "done"
+        assert ours["final_mean"]["loss"] == pytest.approx(entry["final_mean"]["loss"], rel=1e-4)
+        for folder in ("adapters", "checkpoints"):
+            files = sorted(p.relative_to(outcome.run_dir) for p in (outcome.run_dir / folder / name).rglob("*"))
+            assert files == sorted(p.relative_to(local.run_dir) for p in (local.run_dir / folder / name).rglob("*"))
+        assert (outcome.run_dir / "state" / f"{name}.result.json").is_file()
+    lines = (outcome.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * 3 and {json.loads(line)["adapter"] for line in lines} == set(local.results["adapters"])
+    assert sum(e["event"] == "worker_ready" for e in events) == 2
