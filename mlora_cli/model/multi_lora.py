@@ -42,6 +42,7 @@ class Routing:
     dropout: list[float] = field(default_factory=list)  # dropout of each group's slot
     generators: list[torch.Generator | None] = field(default_factory=list)  # per-group dropout RNG
     slot_index: torch.Tensor | None = None  # `slots` as a tensor on the model's device
+    in_slot_order: bool = False  # slots == 0, 1, ..., G-1
 
     def set(
         self,
@@ -55,6 +56,7 @@ class Routing:
         self.dropout = list(dropout) if dropout is not None else [0.0] * len(slots)
         self.generators = list(generators) if generators is not None else [None] * len(slots)
         self.slot_index = torch.tensor(self.slots, dtype=torch.long, device=device)
+        self.in_slot_order = self.slots == list(range(len(self.slots)))
 
     def clear(self) -> None:
         self.set([], [], torch.device("cpu"))
@@ -100,10 +102,13 @@ class MultiLoraLinear(nn.Module):
         if routing.uniform:
             groups, shape = len(routing.slots), lora_input.shape
             grouped = lora_input.reshape(groups, -1, shape[-1])
-            index = routing.slot_index
-            scale = self.scale[index].view(groups, 1, 1)
-            hidden = torch.bmm(grouped, self.lora_A[index].transpose(1, 2)) * scale
-            delta = torch.bmm(hidden, self.lora_B[index].transpose(1, 2))
+            if routing.in_slot_order and groups == self.lora_A.size(0):
+                lora_a, lora_b, scale = self.lora_A, self.lora_B, self.scale  # every slot, in order: no gather
+            else:
+                index = routing.slot_index
+                lora_a, lora_b, scale = self.lora_A[index], self.lora_B[index], self.scale[index]
+            hidden = torch.bmm(grouped, lora_a.transpose(1, 2)) * scale.view(groups, 1, 1)
+            delta = torch.bmm(hidden, lora_b.transpose(1, 2))
             return result + delta.reshape(*shape[:-1], -1).to(result.dtype)
         parts, start = [], 0
         for slot, rows in zip(routing.slots, routing.rows):
