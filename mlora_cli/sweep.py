@@ -61,6 +61,15 @@ NAME_ALIASES = {
     "train.max_seq_len": "len",
     "train.warmup_steps": "wu",
     "train.max_grad_norm": "clip",
+    "adapter.buffer_size": "buf",
+    "adapter.replay_ratio": "rr",
+    "adapter.l2_lambda": "lam",
+    "adapter.ewc_lambda": "lam",
+    "adapter.ewc_gamma": "gamma",
+    "adapter.lwf_lambda": "lam",
+    "adapter.lwf_temperature": "temp",
+    "adapter.olora_lambda1": "orth",
+    "adapter.olora_lambda2": "anorm",
 }
 
 
