@@ -102,7 +102,9 @@ def run(
         fail(exc.problems)
     except KeyboardInterrupt:
         folder = view.run_dir if view is not None and view.run_dir else "RUN_DIR"
-        errors.print(f"interrupted: training state saved. Resume with:\n  mlora run --resume {folder}")
+        # soft_wrap: the command stays one line to copy, however narrow the terminal (or a log file)
+        errors.print(f"interrupted: training state saved. Resume with:\n  mlora run --resume {folder}",
+                     markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     print_cl_report(console, outcome.results, matrices=matrix)
     print_summary(console, outcome.results)

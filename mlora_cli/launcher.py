@@ -214,10 +214,9 @@ def load_run(run_dir: Path) -> tuple[SweepSpec, dict[str, Any], Path]:
 
     from mlora_cli.config import parse_spec
 
-    problems = [f"{run_dir}: missing {name}; not a run folder mlora can resume"
-                for name in ("sweep.resolved.yaml", "run.json", "adapters.json") if not (run_dir / name).is_file()]
-    if problems:
-        raise ConfigError(problems)
+    missing = [name for name in ("sweep.resolved.yaml", "run.json", "adapters.json") if not (run_dir / name).is_file()]
+    if missing:
+        raise ConfigError([f"{run_dir}: not a run folder mlora can resume (no {', '.join(missing)})"])
     resolved = yaml.safe_load((run_dir / "sweep.resolved.yaml").read_text())
     sweep_dir = Path(json.loads((run_dir / "run.json").read_text())["sweep_dir"])
     return parse_spec(resolved, base_dir=sweep_dir), resolved, sweep_dir
@@ -233,10 +232,21 @@ def _worker_main(plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[Ta
     if plan.threads:
         for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[variable] = str(plan.threads)
+    import multiprocessing
+
     from mlora_cli import worker
 
+    parent = multiprocessing.parent_process()
+
+    def emit(event: dict[str, Any]) -> None:
+        if parent is not None and not parent.is_alive():
+            # The parent was killed: stop now, rather than go on writing states into a run folder
+            # that nobody records metrics or results for (and that a `--resume` may be running in).
+            os._exit(1)
+        events.put(event)
+
     try:
-        worker.run(plan, spec, task_data, run_dir, events.put, worker_id=worker_id, resume=resume)
+        worker.run(plan, spec, task_data, run_dir, emit, worker_id=worker_id, resume=resume)
     except KeyboardInterrupt:  # the parent got Ctrl-C too; states are saved, leave quietly
         return
     events.put({"event": "worker_done", "worker": worker_id})

@@ -10,15 +10,19 @@ from its own seed, so neighbours never change its results.
 With a run folder, each adapter's whole training state is written to `state/<name>.pt`
 at every task boundary and every `train.checkpoint_every` steps (write, then rename), and
 its result to `state/<name>.result.json` when it ends; `resume=True` continues from them.
+Ctrl-C saves every active adapter's state at the end of the step it interrupts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import signal
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +116,7 @@ class Worker:
         self.free_slots = list(range(plan.slots))[::-1]
         self.active: list[AdapterProgress] = []
         self.results: dict[str, dict[str, Any]] = {}
+        self.interrupted = False  # Ctrl-C seen; see ctrl_c_between_steps
         emit({"event": "worker_ready", "worker": worker_id, "load_seconds": time.perf_counter() - started,
               "base": self.base.info})
 
@@ -241,17 +246,40 @@ class Worker:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> dict[str, dict[str, Any]]:
-        try:
+        with self.ctrl_c_between_steps():
             while self.queue or self.active:
+                if self.interrupted:
+                    for progress in self.active:
+                        self.checkpoint(progress)  # Ctrl-C: stop cleanly; `--resume` continues from here
+                    raise KeyboardInterrupt
                 while self.free_slots and self.queue:
                     self.start(self.queue.popleft(), self.free_slots.pop())
-                if not self.evaluate_due():
+                if not self.evaluate_due() and self.active:  # none active: every adapter started was already done
                     self.train_step()
-        except KeyboardInterrupt:
-            for progress in self.active:
-                self.checkpoint(progress)  # Ctrl-C: stop cleanly; `--resume` continues from here
-            raise
         return self.results
+
+    @contextlib.contextmanager
+    def ctrl_c_between_steps(self) -> Iterator[None]:
+        """Ctrl-C only sets `interrupted`, which the loop checks between steps.
+
+        A KeyboardInterrupt raised mid-step (weights stepped, counters not; a task evaluated,
+        its strategy bookkeeping not done; metrics not yet written) would be saved as a state
+        that resumes wrong. A second Ctrl-C stops at once, without saving.
+        """
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+
+        def on_ctrl_c(signum: int, frame: Any) -> None:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
+
+        previous = signal.signal(signal.SIGINT, on_ctrl_c)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
     def evaluate_due(self) -> bool:
         """Evaluate every adapter that is due, in one batched pass; False when none was."""
@@ -297,7 +325,7 @@ class Worker:
             inputs.append(StepInput(progress.slot, self.batch_rows(progress), progress.spec.adapter.lr * factor,
                                     progress.spec.adapter.dropout, progress.dropout_generator))
         step_results, seconds = fused_step(self.engine, inputs, self.tokenizer.pad_token_id, self.strategies)
-        records = []
+        records, failed, saves = [], [], []
         for progress, part, outcome in zip(list(self.active), inputs, step_results):
             progress.step += 1
             progress.step_in_task += 1
@@ -317,7 +345,7 @@ class Worker:
                 progress.failure = (f"gradient norm {outcome.grad_norm:.3g} above train.grad_norm_limit={limit:g} "
                                     f"at step {progress.step}, task '{task_name}'")
             if progress.failure:
-                self.finish(progress)
+                failed.append(progress)
             elif progress.step_in_task >= progress.task_steps[progress.task_index]:
                 progress.task_index += 1
                 progress.step_in_task = 0
@@ -330,8 +358,14 @@ class Worker:
                     progress.needs_curve_eval = True
                 every = progress.spec.train.checkpoint_every
                 if every and progress.step % every == 0:
-                    self.checkpoint(progress)
+                    saves.append(progress)
+        # The step's metrics go out before any state or result that holds the step: after a kill,
+        # `--resume` keeps metrics.jsonl up to each saved state, so a line missing there stays missing.
         self.emit({"event": "step", "worker": self.worker_id, "records": records})
+        for progress in failed:
+            self.finish(progress)
+        for progress in saves:
+            self.checkpoint(progress)
 
 
 def run(

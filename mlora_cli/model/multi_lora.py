@@ -23,14 +23,30 @@ over all groups, so the cost does not grow with a Python loop over adapters:
 Unequal groups fall back to one matmul pair per group. Rows never mix: each group only
 reads its own slot's A and B, and the loss of an adapter only reaches its own slot's
 gradients, so co-training is exact (see tests/test_multi_lora.py).
+
+The base may be an `nn.Linear` (weight (d_out, d_in)) or GPT-2's `Conv1D` (weight
+(d_in, d_out), y = x W + b); the LoRA term is the same for both. A and B are always fp32:
+a bf16/fp16 base gets its input cast up for the LoRA term and the sum cast back, so the
+layer's output has the base output's dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
+
+
+def linear_features(layer: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an `nn.Linear` or a transformers `Conv1D` (whose weight is stored transposed)."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    d_in, d_out = layer.weight.shape
+    return d_in, d_out
 
 
 @dataclass
@@ -61,33 +77,57 @@ class Routing:
     def clear(self) -> None:
         self.set([], [], torch.device("cpu"))
 
+    def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
+        """`context_fn` for torch.utils.checkpoint: replay a layer's recompute as its forward ran.
+
+        Gradient checkpointing recomputes a layer during backward, after `routed()` has
+        cleared the routing, and the recompute would draw fresh dropout masks from the
+        adapters' generators. So at forward time we keep the routing and each generator's
+        state, and the recompute runs under them, then puts back what it found: the
+        gradients and every later random draw are those of a run without checkpointing.
+        """
+        saved = self._snapshot()
+        return contextlib.nullcontext(), self._replaying(saved)
+
+    def _snapshot(self) -> tuple[Any, ...]:
+        states = [g.get_state() if g is not None and p > 0 else None for g, p in zip(self.generators, self.dropout)]
+        return self.slots, self.rows, self.dropout, self.generators, self.slot_index, self.in_slot_order, states
+
+    def _restore(self, snapshot: tuple[Any, ...]) -> None:
+        self.slots, self.rows, self.dropout, self.generators, self.slot_index, self.in_slot_order, states = snapshot
+        for generator, state in zip(self.generators, states):
+            if state is not None:
+                generator.set_state(state)
+
+    @contextlib.contextmanager
+    def _replaying(self, snapshot: tuple[Any, ...]) -> Iterator[None]:
+        current = self._snapshot()
+        self._restore(snapshot)
+        try:
+            yield
+        finally:
+            self._restore(current)
+
     @property
     def uniform(self) -> bool:
         return len(set(self.rows)) == 1
 
 
 class MultiLoraLinear(nn.Module):
-    """A frozen `nn.Linear` plus S LoRA slots applied to their own rows (see module doc)."""
+    """A frozen `nn.Linear` (or `Conv1D`) plus S LoRA slots applied to their own rows (see module doc)."""
 
-    def __init__(self, base: nn.Linear, num_slots: int, max_rank: int, routing: Routing):
+    def __init__(self, base: nn.Module, num_slots: int, max_rank: int, routing: Routing):
         super().__init__()
         self.base = base
         for parameter in self.base.parameters():
             parameter.requires_grad_(False)
+        self.in_features, self.out_features = linear_features(base)
         factory = {"device": base.weight.device, "dtype": torch.float32}
-        self.lora_A = nn.Parameter(torch.zeros(num_slots, max_rank, base.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(num_slots, base.out_features, max_rank, **factory))
+        self.lora_A = nn.Parameter(torch.zeros(num_slots, max_rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(num_slots, self.out_features, max_rank, **factory))
         # alpha / rank per slot; 0 where the slot is empty or its adapter does not target this layer.
         self.register_buffer("scale", torch.zeros(num_slots, **factory), persistent=False)
         self.routing = routing
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     @property
     def weight(self) -> torch.Tensor:  # some model code reads .weight (dtype/device checks)
@@ -98,7 +138,7 @@ class MultiLoraLinear(nn.Module):
         routing = self.routing
         if not routing.slots:
             return result
-        lora_input = self._dropout(x).to(self.lora_A.dtype)
+        lora_input = self._dropout(x.to(self.lora_A.dtype))  # fp32, whatever the base's dtype
         if routing.uniform:
             groups, shape = len(routing.slots), lora_input.shape
             grouped = lora_input.reshape(groups, -1, shape[-1])
@@ -120,15 +160,29 @@ class MultiLoraLinear(nn.Module):
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.routing
-        if not self.training or not any(p > 0 for p in routing.dropout):
+        if not any(p > 0 for p in routing.dropout):  # only training steps set dropout
             return x
-        # One generator per group, so an adapter's dropout masks do not depend on its neighbours.
         pieces, start = [], 0
         for rows, p, generator in zip(routing.rows, routing.dropout, routing.generators):
             piece = x[start : start + rows]
             if p > 0:
-                keep = torch.rand(piece.shape, generator=generator, device=x.device, dtype=x.dtype) >= p
-                piece = piece * keep / (1.0 - p)
+                piece = piece * (_keep_mask(piece, generator) >= p) / (1.0 - p)
             pieces.append(piece)
             start += rows
         return torch.cat(pieces)
+
+
+def _keep_mask(piece: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Uniform noise for one adapter's rows that does not depend on its neighbours.
+
+    The adapter's own generator gives one seed per call (so its stream advances the same
+    whatever the batch), and the noise is drawn position-major, so a token's mask is the same
+    however far the fused batch is padded past it.
+    """
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))
+    local = torch.Generator(device=piece.device).manual_seed(seed)
+    if piece.dim() < 3:
+        return torch.rand(piece.shape, generator=local, device=piece.device, dtype=piece.dtype)
+    rows, length = piece.shape[0], piece.shape[1]
+    noise = torch.rand((length, rows, *piece.shape[2:]), generator=local, device=piece.device, dtype=piece.dtype)
+    return noise.transpose(0, 1)
