@@ -287,6 +287,14 @@ def run_worker_processes(
                                 results.setdefault(adapter.name, failed_entry(adapter, reason))
                 continue
             _handle(event, results, record, running)
+    except KeyboardInterrupt:
+        # The workers got Ctrl-C too and are saving their state between steps: keep
+        # recording their last steps' metrics until they exit (bounded), then stop.
+        deadline = time.monotonic() + 30
+        while any(p.is_alive() for p in processes.values()) and time.monotonic() < deadline:
+            _drain(events, results, record, running)
+        _drain(events, results, record, running)
+        raise
     finally:
         for process in processes.values():
             process.join(timeout=5)
