@@ -17,7 +17,6 @@ step's rows, the engine, the strategy state and each Fisher estimate.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,13 +212,7 @@ def run_sweep(data: dict[str, Any], run_dir: Path) -> Run:
     return run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Everything here on one thread (see run_sweep); on a small shared machine it is also faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
