@@ -72,7 +72,7 @@ def main(sweep_file: str, adapter_name: str, out_file: str, data_dir: str | None
     if config.strategy != "naive" or config.dropout > 0:
         raise SystemExit("the baseline runs naive fine-tuning without dropout only")
 
-    base = load_base(spec.base_model)
+    base = load_base(spec.base_model, options=spec.model)
     tokenizer = base.tokenizer
     tasks = [tokenize_task(load_task(t, adapter.seed, base_dir), tokenizer, train.max_seq_len)
              for t in spec.tasks]

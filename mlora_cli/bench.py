@@ -154,7 +154,7 @@ def fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Pa
     from mlora_cli.tasks import load_task
     from mlora_cli.train import StepInput, fused_step
 
-    base = load_base(spec.base_model, "cuda:0" if torch.cuda.is_available() else "cpu")
+    base = load_base(spec.base_model, "cuda:0" if torch.cuda.is_available() else "cpu", spec.model)
     pad = base.tokenizer.pad_token_id
     task = tokenize_task(load_task(spec.tasks[0], adapters[0].seed, data_dir), base.tokenizer, adapters[0].train.max_seq_len)
     targets = sorted({t for a in adapters for t in a.adapter.target_modules})

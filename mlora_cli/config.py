@@ -160,6 +160,26 @@ class TaskConfig:
     max_len: int = field(default=8, metadata=_doc("builtin: longest input", _positive))
     shift: int = field(default=3, metadata=_doc("builtin caesar: the shift"))
     prefix: str | None = field(default=None, metadata=_doc("builtin: the task tag before the input; default the generator name"))
+    format: Literal["plain", "chat"] = field(
+        default="plain",
+        metadata=_doc("plain: prompt then completion; chat: the prompt as a user turn through the tokenizer's chat template"),
+    )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """How the frozen base model is loaded (the model itself is the top-level `base_model`)."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata=_doc("the base weights' dtype; LoRA weights and their optimizer stay float32")
+    )
+    tokenizer: str | None = field(default=None, metadata=_doc("tokenizer id or folder; null: the base model's own"))
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = field(
+        default=None, metadata=_doc("attention kernel; null: the transformers default")
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata=_doc("recompute each layer's activations in backward: less memory, ~30% more compute")
+    )
 
 
 # Module-level aliases: inside SweepConfig the field names `list` and `zip` shadow the builtins.
@@ -182,7 +202,11 @@ class SweepSpec:
 
     name: str = field(metadata=_doc("run name; the run folder is <output_dir>/<name>-<timestamp>", _non_empty))
     tasks: tuple[TaskConfig, ...] = field(metadata=_doc("the ordered task sequence", _non_empty))
-    base_model: str = field(default="builtin:tiny", metadata=_doc("HF model id, local folder, or builtin:tiny", _non_empty))
+    base_model: str = field(
+        default="builtin:tiny",
+        metadata=_doc("HF model id, local folder, or builtin:tiny | micro | small | smollm2-135m", _non_empty),
+    )
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=_doc("how the base model loads"))
     seed: int = field(default=0, metadata=_doc("seed for adapter init, data order and builtin data"))
     adapter: AdapterConfig = field(default_factory=AdapterConfig, metadata=_doc("defaults for every adapter"))
     train: TrainConfig = field(default_factory=TrainConfig, metadata=_doc("training defaults for every adapter"))
@@ -522,7 +546,8 @@ def _built_tasks(spec: Any, data: dict[str, Any]) -> list[tuple[int, TaskConfig]
     return [(i, task) for i, task in built if task is not _NO]
 
 
-BUILTIN_MODELS = ("builtin:tiny", "builtin:micro")  # mirrors model.base.BUILTIN_SPECS (torch-free here)
+# model.base.BUILTIN_SPECS (built in code) plus SmolLM2, converted from a GGUF file; torch-free here.
+BUILTIN_MODELS = ("builtin:tiny", "builtin:micro", "builtin:small", "builtin:smollm2-135m")
 
 
 def load_sweep(path: str | Path, overrides: typing.Sequence[str] = ()) -> tuple[SweepSpec, dict[str, Any]]:

@@ -1,17 +1,21 @@
 """Tokenized tasks, per-adapter batch sampling, and padding rows into tensors.
 
 Every example is `prompt ids + completion ids + eos`; only the completion and eos carry
-loss. Batches are padded to their own longest row, never to `max_seq_len`.
+loss. A `format: chat` task's prompt is first wrapped as one user turn by the tokenizer's
+chat template (with the assistant header, `add_generation_prompt`), so the completion is the
+assistant's reply. Batches are padded to their own longest row, never to `max_seq_len`.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from mlora_cli.config import ConfigError, TaskConfig
 from mlora_cli.tasks import Example, TaskData
 
 IGNORE = -100
@@ -35,8 +39,30 @@ class TokenizedTask:
     eval: tuple[Row, ...]
 
 
-def tokenize_example(example: Example, tokenizer: Any, max_seq_len: int) -> Row:
-    prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
+def check_formats(tasks: Sequence[TaskConfig], tokenizer: Any, model_name: str) -> None:
+    """ConfigError for every `format: chat` task when the tokenizer has no chat template (known at worker start)."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    problems = [f"tasks[{i}].format: chat needs a chat template, and the tokenizer of {model_name} has none "
+                "(use format: plain, or model.tokenizer: one with a template)"
+                for i, task in enumerate(tasks) if task.format == "chat"]
+    if problems:
+        raise ConfigError(problems)
+
+
+def prompt_ids(prompt: str, tokenizer: Any, format: str) -> list[int]:
+    if format == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("format: chat needs a tokenizer with a chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        # The template already wrote any special tokens (bos, turn markers): add none again.
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def tokenize_example(example: Example, tokenizer: Any, max_seq_len: int, format: str = "plain") -> Row:
+    prompt = prompt_ids(example.prompt, tokenizer, format)
     completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     # Too long: keep the whole completion (the thing learned) and the end of the prompt.
     keep_prompt = max(1, max_seq_len - len(completion))
@@ -48,8 +74,8 @@ def tokenize_example(example: Example, tokenizer: Any, max_seq_len: int) -> Row:
 def tokenize_task(task: TaskData, tokenizer: Any, max_seq_len: int) -> TokenizedTask:
     return TokenizedTask(
         name=task.name,
-        train=tuple(tokenize_example(e, tokenizer, max_seq_len) for e in task.train),
-        eval=tuple(tokenize_example(e, tokenizer, max_seq_len) for e in task.eval),
+        train=tuple(tokenize_example(e, tokenizer, max_seq_len, task.format) for e in task.train),
+        eval=tuple(tokenize_example(e, tokenizer, max_seq_len, task.format) for e in task.eval),
     )
 
 

@@ -23,7 +23,7 @@ import yaml
 from mlora_cli import __version__
 from mlora_cli.config import ConfigError, SweepSpec, to_plain
 from mlora_cli.metrics import add_cl_metrics
-from mlora_cli.plan import WorkerPlan, assign, resolve_devices
+from mlora_cli.plan import WorkerPlan, assign, resolve_devices, sweep_work
 from mlora_cli.report import write_forgetting_csv
 from mlora_cli.runfolder import append_jsonl, write_bytes, write_json, write_text
 from mlora_cli.sweep import AdapterSpec, expand
@@ -58,7 +58,7 @@ def load_task_data(spec: SweepSpec, adapters: list[AdapterSpec], base_dir: Path 
 def plan_workers(spec: SweepSpec, adapters: list[AdapterSpec], cuda_count: int | None = None) -> list[WorkerPlan]:
     if cuda_count is None:
         cuda_count = visible_cuda_devices()
-    workers = resolve_devices(spec.devices, cuda_count, os.cpu_count() or 1)
+    workers = resolve_devices(spec.devices, cuda_count, os.cpu_count() or 1, len(adapters), sweep_work(adapters, spec))
     return assign(adapters, spec, workers)
 
 
@@ -249,6 +249,9 @@ def _worker_main(plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[Ta
         worker.run(plan, spec, task_data, run_dir, emit, worker_id=worker_id, resume=resume)
     except KeyboardInterrupt:  # the parent got Ctrl-C too; states are saved, leave quietly
         return
+    except ConfigError as exc:  # found once the model is loaded (target names, chat template)
+        events.put({"event": "config_error", "worker": worker_id, "problems": exc.problems})
+        return
     events.put({"event": "worker_done", "worker": worker_id})
 
 
@@ -304,6 +307,8 @@ def run_worker_processes(
 
 
 def _handle(event: dict[str, Any], results: dict[str, Any], record: Emit, running: set[int]) -> None:
+    if event["event"] == "config_error":  # sent as plain problems: ConfigError does not survive pickling
+        raise ConfigError(event["problems"])
     if event["event"] == "adapter_done":
         results[event["adapter"]] = event["result"]
     elif event["event"] == "worker_done":

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mlora_cli.config import SweepSpec
+from mlora_cli.config import ConfigError, SweepSpec
 from mlora_cli.plan import WorkerPlan
 from mlora_cli.tasks import TaskData
 
@@ -51,7 +51,11 @@ class WorkerActor:
             def ship(path: Path) -> None:
                 events.put({"event": "files", "worker": worker_id, "files": files_under(path, scratch)})
 
-            worker.run(plan, spec, task_data, scratch, events.put, worker_id=worker_id, resume=resume, written=ship)
+            try:
+                worker.run(plan, spec, task_data, scratch, events.put, worker_id=worker_id, resume=resume, written=ship)
+            except ConfigError as exc:  # found once the model is loaded (target names, chat template)
+                events.put({"event": "config_error", "worker": worker_id, "problems": exc.problems})
+                return
             events.put({"event": "worker_done", "worker": worker_id})
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -94,6 +98,8 @@ def run_ray_workers(
                         handle({"event": "worker_failed", "worker": worker_id,
                                 "reason": f"ray actor: {str(exc).splitlines()[0]}"})
             continue
+        if event["event"] == "config_error":
+            raise ConfigError(event["problems"])
         handle(event)
         if event["event"] == "worker_done":
             running.discard(event["worker"])

@@ -158,7 +158,7 @@ def evaluate_run(run_dir: Path, suite: TaskSuite | None = None, device: str = "c
         base_dir = None
     expanded = json.loads((run_dir / "adapters.json").read_text())
     started = time.perf_counter()
-    base = load_base(spec.base_model, device)
+    base = load_base(spec.base_model, device, spec.model)
     cache: dict[tuple[int, int], list[TokenizedTask]] = {}
 
     saved, task_sets, rows_of, tasks_of = [], [], {}, {}

@@ -14,6 +14,7 @@ tokenizer step appends it to the completion.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import random
@@ -45,6 +46,7 @@ class TaskData:
     name: str
     train: tuple[Example, ...]
     eval: tuple[Example, ...]
+    format: str = "plain"  # task.format: how data.tokenize_example turns a prompt into tokens
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,6 +311,5 @@ def load_task(task: TaskConfig, seed: int, base_dir: Path | None, *, path: str =
     if problems:
         raise ConfigError(problems)
     scheme, _, rest = task.source.partition(":")
-    if scheme == "builtin":
-        return _load_builtin(task, rest, seed)
-    return _load_rows(task, seed, base_dir, path)
+    data = _load_builtin(task, rest, seed) if scheme == "builtin" else _load_rows(task, seed, base_dir, path)
+    return dataclasses.replace(data, format=task.format)

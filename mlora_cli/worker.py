@@ -31,7 +31,7 @@ import torch
 
 from mlora_cli import PROCESS_START
 from mlora_cli.config import SweepSpec, to_plain
-from mlora_cli.data import BatchSampler, Row, TokenizedTask, tokenize_task
+from mlora_cli.data import BatchSampler, Row, TokenizedTask, check_formats, tokenize_task
 from mlora_cli.evaluate import EvalRequest, evaluate
 from mlora_cli.model.base import load_base
 from mlora_cli.model.engine import MultiLoraModel
@@ -103,7 +103,8 @@ class Worker:
         # Told of every file or folder written under run_dir (Ray ships them to the driver).
         self.written = written or (lambda path: None)
         started = time.perf_counter()
-        self.base = load_base(spec.base_model, plan.device)
+        self.base = load_base(spec.base_model, plan.device, spec.model)
+        check_formats(spec.tasks, self.base.tokenizer, spec.base_model)
         self.tokenizer = self.base.tokenizer
         self.tokenized: dict[tuple[int, int], list[TokenizedTask]] = {}
         targets = sorted({t for a in plan.adapters for t in a.adapter.target_modules})

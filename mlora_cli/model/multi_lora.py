@@ -86,27 +86,30 @@ class Routing:
         state, and the recompute runs under them, then puts back what it found: the
         gradients and every later random draw are those of a run without checkpointing.
         """
-        saved = self._snapshot()
-        return contextlib.nullcontext(), self._replaying(saved)
+        return contextlib.nullcontext(), self._replaying(self._snapshot(), self._generator_states())
 
     def _snapshot(self) -> tuple[Any, ...]:
-        states = [g.get_state() if g is not None and p > 0 else None for g, p in zip(self.generators, self.dropout)]
-        return self.slots, self.rows, self.dropout, self.generators, self.slot_index, self.in_slot_order, states
+        return self.slots, self.rows, self.dropout, self.generators, self.slot_index, self.in_slot_order
 
     def _restore(self, snapshot: tuple[Any, ...]) -> None:
-        self.slots, self.rows, self.dropout, self.generators, self.slot_index, self.in_slot_order, states = snapshot
-        for generator, state in zip(self.generators, states):
-            if state is not None:
-                generator.set_state(state)
+        self.slots, self.rows, self.dropout, self.generators, self.slot_index, self.in_slot_order = snapshot
+
+    def _generator_states(self) -> list[tuple[torch.Generator, torch.Tensor]]:
+        return [(g, g.get_state()) for g, p in zip(self.generators, self.dropout) if g is not None and p > 0]
 
     @contextlib.contextmanager
-    def _replaying(self, snapshot: tuple[Any, ...]) -> Iterator[None]:
-        current = self._snapshot()
+    def _replaying(self, snapshot: tuple[Any, ...], states: list[tuple[torch.Generator, torch.Tensor]]) -> Iterator[None]:
+        routing = self._snapshot()  # in backward: usually the cleared routing
+        now = [(generator, generator.get_state()) for generator, _ in states]  # the forward's generators, as they are now
         self._restore(snapshot)
+        for generator, state in states:
+            generator.set_state(state)
         try:
             yield
         finally:
-            self._restore(current)
+            self._restore(routing)
+            for generator, state in now:
+                generator.set_state(state)
 
     @property
     def uniform(self) -> bool:
