@@ -243,3 +243,23 @@ def test_metrics_do_not_import_torch() -> None:
     code = "import sys, mlora_cli.metrics; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_add_cl_metrics_fills_entries_and_seed_aggregates() -> None:
+    from mlora_cli.metrics import add_cl_metrics
+
+    def entry(name: str, seed: int, forgotten: float) -> dict:
+        R = [[0.0, 0.0], [1.0, 0.0], [1.0 - forgotten, 1.0]]
+        return {"name": name, "seed": seed, "config": {"adapter": {"rank": 4}}, "matrix": {"exact_match": R},
+                "final_mean": {"exact_match": (2.0 - forgotten) / 2}}
+
+    results = {"run": {"tasks": ["a", "b"]},
+               "adapters": {"x-s0": entry("x-s0", 0, 1.0), "x-s1": entry("x-s1", 1, 0.5)}}
+    add_cl_metrics(results)
+    assert results["adapters"]["x-s0"]["cl_metrics"]["exact_match"]["bwt"] == -1.0
+    aggregate = results["aggregates"]["x"]
+    assert aggregate["adapters"] == ["x-s0", "x-s1"]
+    assert aggregate["cl_metrics"]["exact_match"]["bwt"]["mean"] == -0.75
+    assert aggregate["cl_metrics"]["exact_match"]["bwt"]["n"] == 2
+    assert abs(aggregate["cl_metrics"]["exact_match"]["bwt"]["std"] - 0.3535533905932738) < 1e-12
+    assert aggregate["final_mean"]["exact_match"]["mean"] == 0.625
