@@ -135,7 +135,14 @@ def collate(rows: list[Row], pad_id: int, device: torch.device | str = "cpu") ->
         input_ids[i, : row.tokens] = ids
         attention_mask[i, : row.tokens] = 1
         labels[i, row.prompt_len : row.tokens] = ids[row.prompt_len :]
-    return Batch(input_ids.to(device), attention_mask.to(device), labels.to(device))
+    return Batch(*(_to_device(t, device) for t in (input_ids, attention_mask, labels)))
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """To `device`; through pinned memory and without blocking when that is a GPU."""
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
 
 
 def collate_prompts(rows: list[Row], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -134,7 +134,11 @@ def run_sweep(
     emit({"event": "run_start", "run_dir": str(run_dir), "plans": plans, "resume": resume_dir is not None})
     metrics_path = run_dir / "metrics.jsonl"
 
+    cuda_peaks: list[float] = []  # from worker processes, which own the GPUs
+
     def record(event: dict[str, Any]) -> None:
+        if event["event"] == "worker_done" and "cuda_max_allocated_mib" in event:
+            cuda_peaks.append(event["cuda_max_allocated_mib"])
         if event["event"] == "step":
             append_jsonl(metrics_path, event["records"])
         elif event["event"] == "worker_ready" and not (run_dir / "base.json").exists():
@@ -170,6 +174,7 @@ def run_sweep(
             "train_tokens": total_tokens,
             "train_tokens_per_s": total_tokens / wall if wall else 0.0,
             **peak_memory(),
+            **({"cuda_max_allocated_mib": max(cuda_peaks)} if cuda_peaks else {}),
             "versions": versions(),
             "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         },
@@ -252,7 +257,12 @@ def _worker_main(plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[Ta
     except ConfigError as exc:  # found once the model is loaded (target names, chat template)
         events.put({"event": "config_error", "worker": worker_id, "problems": exc.problems})
         return
-    events.put({"event": "worker_done", "worker": worker_id})
+    import torch
+
+    memory = {}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        memory["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    events.put({"event": "worker_done", "worker": worker_id, **memory})
 
 
 def run_worker_processes(

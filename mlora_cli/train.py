@@ -9,6 +9,7 @@ exactly the gradient it would get alone. Each slot then takes its own clipped Ad
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -39,6 +40,13 @@ class StepResult:
     finite: bool
 
 
+def autocast(engine: MultiLoraModel) -> contextlib.AbstractContextManager[object]:
+    """bf16 autocast on a GPU (matmuls in bf16, LoRA weights and optimizer state stay fp32); nothing on CPU."""
+    if engine.device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _adapter_losses(
     engine: MultiLoraModel, inputs: list[StepInput], pad_id: int, strategies: Strategies | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,7 +55,7 @@ def _adapter_losses(
     batch = collate(rows, pad_id, engine.device)
     slots = [part.slot for part in inputs]
     counts = [len(part.rows) for part in inputs]
-    with engine.routed(slots, counts, [p.dropout for p in inputs], [p.generator for p in inputs]):
+    with engine.routed(slots, counts, [p.dropout for p in inputs], [p.generator for p in inputs]), autocast(engine):
         logits = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     row_loss, row_tokens, _ = token_losses(logits, batch.labels)
     device = row_loss.device

@@ -212,6 +212,8 @@ def _first_line(exc: BaseException) -> str:
 def load_base(name: str, device: str = "cpu", options: ModelConfig | None = None) -> Base:
     """The frozen base model in eval mode, its tokenizer, and what rebuilds it."""
     import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # mlora shows its own progress
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     options = options or ModelConfig()
