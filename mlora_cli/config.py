@@ -576,6 +576,7 @@ class TaskSuite:
     tasks: tuple[TaskConfig, ...]
     eval: EvalConfig
     seed: int | None  # None: each adapter's own seed
+    base_dir: Path | None = None  # relative data paths resolve against it (the tasks file's folder)
 
 
 def load_task_suite(path: str | Path) -> TaskSuite:
@@ -606,4 +607,4 @@ def load_task_suite(path: str | Path) -> TaskSuite:
             errors.extend(check_task(task, f"tasks[{i}]", path.parent))
     if errors:
         raise ConfigError(errors)
-    return TaskSuite(tasks=tuple(tasks), eval=eval_config, seed=seed)
+    return TaskSuite(tasks=tuple(tasks), eval=eval_config, seed=seed, base_dir=path.parent)

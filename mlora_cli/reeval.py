@@ -127,7 +127,7 @@ def evaluate_adapters(
     started = time.perf_counter()
     base = load_base(base_model, device)
     cache: dict[tuple[int, int], list[TokenizedTask]] = {}
-    tasks = _tokenized_tasks(suite, suite.seed or 0, max_seq_len, base.tokenizer, None, cache)
+    tasks = _tokenized_tasks(suite, suite.seed or 0, max_seq_len, base.tokenizer, suite.base_dir, cache)
     scores, seconds = score_checkpoints(base, saved, [tasks] * len(saved), suite)
     task_names = [t.name for t in suite.tasks]
     adapters = {}
@@ -152,10 +152,8 @@ def evaluate_run(run_dir: Path, suite: TaskSuite | None = None, device: str = "c
     sweep_dir = Path(previous["run"].get("sweep_dir", run_dir))
     spec = parse_spec(yaml.safe_load((run_dir / "sweep.resolved.yaml").read_text()), base_dir=sweep_dir)
     if suite is None:
-        suite = TaskSuite(tasks=spec.tasks, eval=spec.eval, seed=None)
-        base_dir: Path | None = sweep_dir
-    else:
-        base_dir = None
+        suite = TaskSuite(tasks=spec.tasks, eval=spec.eval, seed=None, base_dir=sweep_dir)
+    base_dir = suite.base_dir
     expanded = json.loads((run_dir / "adapters.json").read_text())
     started = time.perf_counter()
     base = load_base(spec.base_model, device, spec.model)

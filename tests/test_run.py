@@ -155,3 +155,19 @@ def test_eval_any_peft_adapters_on_a_task_file(finished_run: Path, tmp_path: Pat
         for task, values in original["adapters"][name]["final"].items():
             assert scores["adapters"][name]["final"][task]["loss"] == pytest.approx(values["loss"], rel=1e-4)
             assert scores["adapters"][name]["final"][task]["exact_match"] == pytest.approx(values["exact_match"])
+
+
+def test_eval_task_file_paths_resolve_against_its_folder(finished_run: Path, tmp_path: Path, monkeypatch) -> None:
+    folder = tmp_path / "suite"
+    (folder / "data").mkdir(parents=True)
+    rows = [{"prompt": f"copy {w}=", "completion": w} for w in ("abc", "bcd", "cde", "def", "efg", "fgh")]
+    (folder / "data" / "copy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "tasks.yaml").write_text(yaml.safe_dump({
+        "tasks": [{"name": "file-copy", "source": "jsonl:data/copy.jsonl", "train_examples": 2, "eval_examples": 3}],
+        "eval": {"max_new_tokens": 4},
+    }))
+    monkeypatch.chdir(tmp_path)  # not the tasks file's folder
+    result = CliRunner().invoke(app, ["eval", "--base", "builtin:micro", "--adapter", str(finished_run / "adapters" / "r2-bs3"),
+                                      "--tasks", str(folder / "tasks.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "file-copy" in result.output
