@@ -6,7 +6,7 @@ collected with its full key path (`tasks[1].source: ...`) and raised together as
 `ConfigError`, so a user fixes a file in one pass. This module never imports torch.
 
 Each dataclass field carries its one-line help in `metadata["help"]`; the README's sweep
-reference and `mlora validate` use the same text.
+reference is generated from it (`scripts/sweep_reference.py`, checked by a test).
 """
 
 from __future__ import annotations
@@ -382,10 +382,6 @@ def check_value(section: str, key: str, value: Any, path: str, errors: list[str]
         if problem:
             errors.append(f"{path}: {problem}")
     return converted
-
-
-def field_help(cls: Any) -> dict[str, str]:
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
 # ---------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from helpers import numbers
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -79,17 +80,6 @@ def only_run_in(folder: Path) -> Path:
 
 def metric_lines(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def numbers(value: Any, path: str = "") -> dict[str, float]:
-    """Every number in a nested JSON value, keyed by its path."""
-    if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in numbers(item, f"{path}.{key}").items()}
-    if isinstance(value, list):
-        return {k: v for i, item in enumerate(value) for k, v in numbers(item, f"{path}[{i}]").items()}
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return {}
-    return {path: value}
 
 
 def assert_same_weights(folder: Path, reference_folder: Path) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import numbers
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -74,17 +75,6 @@ def run(folder: Path, **changes: Any) -> tuple[launcher.RunOutcome, list[dict[st
     events: list[dict[str, Any]] = []
     outcome = launcher.run_sweep(spec, resolved, path.parent, emit=events.append, plots=False)
     return outcome, events
-
-
-def numbers(value: Any, path: str = "") -> dict[str, float]:
-    """Every number in a nested JSON value, keyed by its path."""
-    if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in numbers(item, f"{path}.{key}").items()}
-    if isinstance(value, list):
-        return {k: v for i, item in enumerate(value) for k, v in numbers(item, f"{path}[{i}]").items()}
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return {}
-    return {path: value}
 
 
 def assert_same_adapter(run_dir: Path, entry: dict[str, Any], reference_dir: Path, reference: dict[str, Any]) -> None:
