@@ -15,7 +15,8 @@ Derived figures:
   process start to each adapter's end;
 - fusion efficiency (train) = time of one adapter's step on the union batch (N x batch rows)
   / time of the fused N-adapter step on the same rows; (eval) the same for one batched
-  evaluation pass. 1.0 means co-training costs no more than the union batch itself.
+  evaluation pass. 1.0 means co-training costs no more than the union batch itself. Both
+  are timed with the torch threads of one of the concurrent run's workers.
 - agreement: per adapter and task, |loss_c - loss_s| <= 1% of loss_s and
   |exact_match_c - exact_match_s| <= 0.02 (2 points).
 """
@@ -143,8 +144,25 @@ def agreement(concurrent: dict[str, Any], sequential: dict[str, Any]) -> dict[st
     return verdicts
 
 
-def fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, repeats: int = 7) -> dict[str, Any]:
-    """Union-batch time / fused time, for one training step and one evaluation pass (medians)."""
+def fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, repeats: int = 7,
+                      threads: int | None = None) -> dict[str, Any]:
+    """Union-batch time / fused time, for one training step and one evaluation pass (medians).
+
+    `threads`: torch threads while measuring, those of one of the concurrent run's CPU workers
+    (None: torch's default), so the steps are timed as the run ran them.
+    """
+    import torch
+
+    default_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return {**_fusion_efficiency(spec, adapters, data_dir, repeats), "torch_threads": torch.get_num_threads()}
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def _fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, repeats: int) -> dict[str, Any]:
     import torch
 
     from mlora_cli.data import TokenizedTask, tokenize_task
@@ -254,7 +272,13 @@ def run_bench(
         progress(f"concurrent@{c}: mlora run, max_concurrent={c}")
         raw[f"concurrent@{c}"] = run_mlora(sweep, [*overrides, f"max_concurrent={c}"], out / f"concurrent-{c}", f"concurrent@{c}")
     progress("fusion efficiency: fused step vs union batch")
-    fusion = fusion_efficiency(spec, adapters, data_dir)
+    import torch
+
+    from mlora_cli.plan import resolve_devices, sweep_work
+
+    workers = resolve_devices(spec.devices, torch.cuda.device_count(), os.cpu_count() or 1, len(adapters),
+                              sweep_work(adapters, spec))
+    fusion = fusion_efficiency(spec, adapters, data_dir, threads=workers[0][1] if workers[0][0] == "cpu" else None)
 
     report: dict[str, Any] = {
         "sweep": spec.name,

@@ -5,8 +5,10 @@ group sizes) so N adapters cost about one batched pass, not N. Metrics per task:
 
 - loss: mean cross-entropy over all completion tokens of the eval split;
 - token_accuracy: fraction of completion tokens whose argmax is the reference token;
-- exact_match: fraction of examples whose greedy generation (KV cache, until eos or
-  `max_new_tokens`) equals the reference completion, whitespace-trimmed.
+- exact_match: fraction of examples whose greedy generation (until eos or `max_new_tokens`)
+  equals the reference completion, whitespace-trimmed. Generation starts from the loss
+  pass itself (see `greedy_generate`): no second prefill, and rows leave the batch as soon
+  as they finish.
 
 An adapter with B = 0 equals the base, so "before training" is the base model alone,
 evaluated once per distinct eval data and shared.
@@ -14,6 +16,8 @@ evaluated once per distinct eval data and shared.
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +26,7 @@ from typing import Any
 import torch
 
 from mlora_cli.config import EvalConfig
-from mlora_cli.data import Row, TokenizedTask, collate, collate_prompts, token_losses
+from mlora_cli.data import Row, TokenizedTask, collate, token_losses
 from mlora_cli.model.engine import MultiLoraModel
 
 LOSS_METRICS = ("loss", "token_accuracy")
@@ -48,23 +52,25 @@ def _score_task(
 ) -> list[dict[str, float]]:
     sums = [{"loss": 0.0, "tokens": 0.0, "correct": 0.0, "exact": 0.0} for _ in groups]
     want_loss = any(m in config.metrics for m in LOSS_METRICS)
+    want_exact = "exact_match" in config.metrics
     for chunk in _chunks(groups, config.batch_size):
         rows = [row for part in chunk for row in part]
         counts = [len(part) for part in chunk]
         group_of_row = [g for g, n in enumerate(counts) for _ in range(n)]
-        routing = engine.routed(slots, counts) if slots is not None else engine.routed([], [])
-        with routing:
-            if want_loss:
-                batch = collate(rows, tokenizer.pad_token_id, engine.device)
-                logits = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                loss, tokens, correct = (t.cpu().tolist() for t in token_losses(logits, batch.labels))
-                for g, row_loss, row_tokens, row_correct in zip(group_of_row, loss, tokens, correct):
-                    sums[g]["loss"] += row_loss
-                    sums[g]["tokens"] += row_tokens
-                    sums[g]["correct"] += row_correct
-            if "exact_match" in config.metrics:
-                for g, hit in zip(group_of_row, _exact_matches(engine, rows, config.max_new_tokens, tokenizer)):
-                    sums[g]["exact"] += hit
+        batch = collate(rows, tokenizer.pad_token_id, engine.device)
+        with engine.routed(slots or [], counts if slots else []):
+            output = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=want_exact)
+        if want_loss:
+            loss, tokens, correct = (t.cpu().tolist() for t in token_losses(output.logits, batch.labels))
+            for g, row_loss, row_tokens, row_correct in zip(group_of_row, loss, tokens, correct):
+                sums[g]["loss"] += row_loss
+                sums[g]["tokens"] += row_tokens
+                sums[g]["correct"] += row_correct
+        if want_exact:
+            generated = greedy_generate(engine, rows, slots, group_of_row, batch.attention_mask, output,
+                                        config.max_new_tokens, tokenizer.eos_token_id)
+            for g, row, tokens_out in zip(group_of_row, rows, generated):
+                sums[g]["exact"] += _matches(tokens_out, row, tokenizer)
     results = []
     for group, total in zip(groups, sums):
         scores: dict[str, float] = {}
@@ -72,31 +78,85 @@ def _score_task(
             scores["loss"] = total["loss"] / max(1.0, total["tokens"])
         if "token_accuracy" in config.metrics:
             scores["token_accuracy"] = total["correct"] / max(1.0, total["tokens"])
-        if "exact_match" in config.metrics:
+        if want_exact:
             scores["exact_match"] = total["exact"] / max(1, len(group))
         results.append(scores)
     return results
 
 
-def _exact_matches(engine: MultiLoraModel, rows: list[Row], max_new_tokens: int, tokenizer: Any) -> list[bool]:
-    input_ids, attention_mask = collate_prompts(rows, tokenizer.pad_token_id, engine.device)
-    output = engine.model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-    )
-    hits = []
-    for row, generated in zip(rows, output[:, input_ids.size(1) :].tolist()):
-        if tokenizer.eos_token_id in generated:
-            generated = generated[: generated.index(tokenizer.eos_token_id)]
-        text = tokenizer.decode(generated, skip_special_tokens=True)
-        hits.append(text.strip() == row.completion.strip())
-    return hits
+def _matches(generated: list[int], row: Row, tokenizer: Any) -> bool:
+    if tokenizer.eos_token_id in generated:
+        generated = generated[: generated.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(generated, skip_special_tokens=True).strip() == row.completion.strip()
+
+
+def greedy_generate(
+    engine: MultiLoraModel,
+    rows: list[Row],
+    slots: list[int] | None,
+    group_of_row: list[int],
+    attention_mask: torch.Tensor,
+    output: Any,
+    max_new_tokens: int,
+    eos_id: int,
+) -> list[list[int]]:
+    """Greedy generation for every row, continuing from the teacher-forced pass over prompt + reference.
+
+    Greedy decoding is causal, so while its tokens equal the reference completion's, the
+    teacher-forced pass has already computed them: the argmax after prompt + reference[:j]
+    is generated token j. Each row's generation is read off that pass up to its first
+    mismatch (one token past it), and only the rows still unfinished there are decoded
+    further, one token per step, from that pass's KV cache cut to prompt + the matched
+    reference (the rest masked out, positions given explicitly). Finished rows (eos or
+    `max_new_tokens`) leave the batch at once instead of padding it to the slowest row.
+    The result is the same token sequence `generate(do_sample=False)` gives.
+    """
+    predicted = output.logits.argmax(-1).cpu()
+    generated: list[list[int]] = []
+    resume: list[int] = []  # per row: cache positions that stay valid (prompt + matched reference)
+    for i, row in enumerate(rows):
+        reference = row.ids[row.prompt_len :]
+        tokens = [int(predicted[i, row.prompt_len - 1])]
+        while (tokens[-1] != eos_id and len(tokens) < max_new_tokens and len(tokens) <= len(reference)
+               and tokens[-1] == reference[len(tokens) - 1]):
+            tokens.append(int(predicted[i, row.prompt_len - 1 + len(tokens)]))
+        generated.append(tokens)
+        resume.append(row.prompt_len + len(tokens) - 1)
+    active = [i for i, tokens in enumerate(generated) if tokens[-1] != eos_id and len(tokens) < max_new_tokens]
+    if not active:
+        return generated
+    cache = output.cache if getattr(output, "cache", None) is not None else output.past_key_values
+    cache_arg = "cache" if "cache" in inspect.signature(engine.model.forward).parameters else "past_key_values"
+    length = attention_mask.size(1)
+    index = torch.tensor(active, device=attention_mask.device)
+    cache.batch_select_indices(index)
+    positions = torch.tensor([resume[i] for i in active], device=attention_mask.device)
+    mask = (torch.arange(length, device=attention_mask.device).unsqueeze(0) < positions.unsqueeze(1)).long()
+    while active:
+        next_input = torch.tensor([[generated[i][-1]] for i in active], device=attention_mask.device)
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+        active_slots, counts = _runs([group_of_row[i] for i in active], slots)
+        with engine.routed(active_slots, counts):
+            step = engine.model(input_ids=next_input, attention_mask=mask, position_ids=positions.unsqueeze(1),
+                                use_cache=True, **{cache_arg: cache})
+        for i, token in zip(active, step.logits[:, -1].argmax(-1).tolist()):
+            generated[i].append(token)
+        keep = [k for k, i in enumerate(active) if generated[i][-1] != eos_id and len(generated[i]) < max_new_tokens]
+        if len(keep) < len(active):
+            kept = torch.tensor(keep, device=attention_mask.device, dtype=torch.long)
+            cache.batch_select_indices(kept)
+            mask, positions = mask[kept], positions[kept]
+            active = [active[k] for k in keep]
+        positions = positions + 1
+    return generated
+
+
+def _runs(groups: list[int], slots: list[int] | None) -> tuple[list[int], list[int]]:
+    """Rows' groups (consecutive) -> (slot of each run, rows in it); no routing for the base alone."""
+    if slots is None:
+        return [], []
+    runs = [(group, len(list(members))) for group, members in itertools.groupby(groups)]
+    return [slots[group] for group, _ in runs], [count for _, count in runs]
 
 
 def evaluate(

@@ -83,8 +83,8 @@ def fused_step(
         strategies.add_gradients()
 
     optimizer = engine.optimizer
-    norms = optimizer.grad_norms()
     slots = [part.slot for part in inputs]
+    norms = engine.grad_norms(slots)
     slot_index = torch.tensor(slots, device=norms.device)
     finite = torch.isfinite(objective.detach()) & torch.isfinite(norms[slot_index])
     active = torch.zeros(engine.num_slots, dtype=torch.bool, device=norms.device)

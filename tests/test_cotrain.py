@@ -1,7 +1,11 @@
 """Co-training is exact: N adapters trained together for 20 fused steps end with the same
 weights as each adapter trained alone with plain PEFT and torch.optim.AdamW on the same
 batches (fp32, rel. tol 1e-4), including warmup/cosine schedules, weight decay, per-adapter
-clipping, mixed ranks and batch sizes, and steps where an adapter has no rows.
+clipping, mixed ranks and batch sizes, and steps where an adapter has no rows; through the
+per-adapter matmuls (the CPU's path) and the batched ones (the GPU's path, run here on CPU).
+
+When adapters share their rows (same seed in a sweep), the fused batch is padded exactly as
+each adapter's own batch, and on the CPU every adapter is then bit-identical to PEFT alone.
 """
 
 from __future__ import annotations
@@ -43,21 +47,25 @@ def absent(slot: int, step: int) -> bool:
     return slot == 1 and step in (4, 5, 11)  # adapter 1 sits some steps out
 
 
-def batches(equal_sizes: bool) -> list[list[list[int]]]:
+def batches(mode: str) -> list[list[list[int]]]:
     rng = random.Random(0)
-    sizes = [3, 3, 3] if equal_sizes else [t.batch_size for _, t in ADAPTERS]
+    if mode == "shared":
+        return [[rows] * len(ADAPTERS) for rows in (rng.sample(range(64), 3) for _ in range(STEPS))]
+    sizes = [t.batch_size for _, t in ADAPTERS] if mode == "unequal" else [3, 3, 3]
     return [[rng.sample(range(64), sizes[slot]) for slot in range(len(ADAPTERS))] for _ in range(STEPS)]
 
 
-@pytest.mark.parametrize("equal_sizes", [True, False], ids=["uniform", "unequal"])
-def test_cotrained_weights_equal_peft_trained_alone(equal_sizes: bool) -> None:
+@pytest.mark.parametrize("mode", ["uniform", "unequal", "batched", "shared"])
+def test_cotrained_weights_equal_peft_trained_alone(mode: str) -> None:
     model, tokenizer, rows = rows_for_test()
     reference = copy.deepcopy(model)
     engine = MultiLoraModel(model, TARGETS, len(ADAPTERS), 8)
+    assert engine.routing.per_adapter  # the CPU default
+    engine.routing.per_adapter = mode != "batched"
     for slot, (config, train) in enumerate(ADAPTERS):
         engine.load_slot(slot, config, train.max_grad_norm, seed=slot)
     initial = [engine.slot_weights(slot, config) for slot, (config, _) in enumerate(ADAPTERS)]
-    plan = batches(equal_sizes)
+    plan = batches(mode)
 
     counts = [0] * len(ADAPTERS)
     for step in range(STEPS):
@@ -106,6 +114,9 @@ def test_cotrained_weights_equal_peft_trained_alone(equal_sizes: bool) -> None:
         got = engine.slot_weights(slot, config)
         assert set(expected) == set(got)
         for key in expected:
-            torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=f"adapter {slot} {key}")
+            if mode == "shared":
+                assert torch.equal(got[key], expected[key]), f"adapter {slot} {key}"
+            else:
+                torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=f"adapter {slot} {key}")
         # Training moved the weights: the comparison is not of two untouched tensors.
         assert any(not torch.allclose(got[k], initial[slot][k]) for k in got if "lora_B" in k)

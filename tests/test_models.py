@@ -319,7 +319,7 @@ def test_fused_layer_on_a_bfloat16_base_keeps_fp32_lora() -> None:
             layer.lora_B.copy_(torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(2)))
             layer.scale.fill_(0.5)
     x = torch.randn(4, 3, 16)
-    routing.set([0, 1], [2, 2], torch.device("cpu"))
+    routing.set([0, 1], [2, 2], [4, 4], torch.device("cpu"))
     full, half = layers[torch.float32](x), layers[torch.bfloat16](x.bfloat16())
     assert half.dtype == torch.bfloat16 and layers[torch.bfloat16].lora_A.dtype == torch.float32
     torch.testing.assert_close(half.float(), full, atol=0.1, rtol=0.02)

@@ -1,7 +1,8 @@
 """The fused layer is exact: mixed batch == each adapter alone == PEFT with the same weights.
 
-All in fp32 on a micro Llama built in code. Covers the uniform (batched matmul) path and
-the unequal-groups path, mixed ranks and alphas, and gradient isolation.
+All in fp32 on a micro Llama built in code. Covers the per-adapter path (the CPU's), the
+batched-matmul path (the GPU's, for equal groups), unequal groups, mixed ranks and alphas,
+and gradient isolation.
 """
 
 from __future__ import annotations
@@ -71,9 +72,11 @@ def loss_of(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torc
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
 
+@pytest.mark.parametrize("per_adapter", [True, False], ids=["per-adapter", "batched"])
 @pytest.mark.parametrize("rows", [[2, 2, 2], [3, 1, 2]], ids=["uniform", "unequal"])
-def test_mixed_batch_matches_alone_and_peft(rows: list[int]) -> None:
+def test_mixed_batch_matches_alone_and_peft(rows: list[int], per_adapter: bool) -> None:
     engine, reference = make_engine()
+    engine.routing.per_adapter = per_adapter  # the CPU's path, or the GPU's (batched when groups are equal)
     parts = [batch(n, seed=i) for i, n in enumerate(rows)]
     ids = torch.cat([p[0] for p in parts])
     mask = torch.cat([p[1] for p in parts])

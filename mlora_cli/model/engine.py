@@ -94,6 +94,9 @@ class MultiLoraModel:
         self.optimizer = SlotAdamW(params, num_slots, rank_dims=[1, 2] * len(self.layers))
         self.slot_rank = [0] * num_slots  # rank in use per slot (O-LoRA grows it task by task)
         self.device = next(model.parameters()).device
+        # On the CPU, per-adapter matmuls cost about what the padded bmm wastes, and they make
+        # every adapter bit-identical to PEFT alone (see multi_lora.py).
+        self.routing.per_adapter = self.device.type == "cpu"
 
     # -- slots ---------------------------------------------------------------------------
 
@@ -229,12 +232,20 @@ class MultiLoraModel:
         generators: Sequence[torch.Generator | None] | None = None,
     ) -> Iterator[None]:
         """Run the model with rows grouped as `rows[g]` rows for slot `slots[g]`."""
-        self.routing.set(list(slots), list(rows), self.device, list(dropout) if dropout else None,
-                         list(generators) if generators else None)
+        self.routing.set(list(slots), list(rows), [self.slot_rank[s] for s in slots], self.device,
+                         list(dropout) if dropout else None, list(generators) if generators else None)
         try:
             yield
         finally:
             self.routing.clear()
+
+    def grad_norms(self, slots: Sequence[int]) -> torch.Tensor:
+        """Each slot's gradient norm, shape (S,); on the CPU bit-identical to `clip_grad_norm_` on the adapter alone."""
+        if not self.routing.per_adapter:
+            return self.optimizer.grad_norms()
+        scales = torch.stack([layer.scale for layer in self.layers.values()]).tolist()  # (layers, S)
+        in_use = [(slot, self.slot_rank[slot], [bool(row[slot]) for row in scales for _ in ("A", "B")]) for slot in slots]
+        return self.optimizer.grad_norms(in_use)
 
     def zero_grad(self) -> None:
         for p in self.optimizer.params:

@@ -4,25 +4,33 @@ A batch of R rows holds the rows of several adapters, grouped contiguously: grou
 `rows[g]` rows and belongs to slot `slots[g]`. For input x (R, T, d_in) the layer returns
 
     y = x W^T + b                                            (frozen base, once for all rows)
-    y[rows of g] += s_k * dropout_k(x[rows of g]) A_k^T B_k^T   with k = slots[g], s_k = alpha_k / r_k
+    y[rows of g] += (dropout_k(x[rows of g]) A_k^T) B_k^T * s_k   with k = slots[g], s_k = alpha_k / r_k
 
-A_k is (r_k, d_in) and B_k is (d_out, r_k), exactly PEFT's lora_A / lora_B weights. Every
-slot's A and B live in two stacked parameters, zero-padded to the largest rank:
+A_k is (r_k, d_in) and B_k is (d_out, r_k), exactly PEFT's lora_A / lora_B weights, and the
+LoRA term is evaluated in PEFT's order (scale last). Every slot's A and B live in two stacked
+parameters, zero-padded to the largest rank:
 
     lora_A: (S, r_max, d_in)      lora_B: (S, d_out, r_max)
 
 The padding never changes a result: padded rows of A and columns of B start at zero and
 their gradients are exactly zero (each is multiplied by the other's zero), so they stay
-zero under AdamW. When every group has the same number of rows (the usual case: equal
-per-adapter batches, and always during evaluation), the LoRA term is two batched matmuls
-over all groups, so the cost does not grow with a Python loop over adapters:
+zero under AdamW. Rows never mix: each group only reads its own slot's A and B, and the loss
+of an adapter only reaches its own slot's gradients, so co-training is exact (see
+tests/test_multi_lora.py). Two ways to compute the LoRA term, same math:
 
-    h = bmm(x.view(G, m*T, d_in), A[slots]^T) * s[slots]    (G, m*T, r_max)
-    y += bmm(h, B[slots]^T).view(R, T, d_out)
+- on a GPU, when every group has the same number of rows (equal per-adapter batches, and
+  always during evaluation), two batched matmuls over all groups, so the cost does not grow
+  with a Python loop over adapters (kernel launches are what a loop costs there):
 
-Unequal groups fall back to one matmul pair per group. Rows never mix: each group only
-reads its own slot's A and B, and the loss of an adapter only reaches its own slot's
-gradients, so co-training is exact (see tests/test_multi_lora.py).
+      h = bmm(x.view(G, m*T, d_in), A[slots]^T)               (G, m*T, r_max)
+      y += (bmm(h, B[slots]^T) * s[slots]).view(R, T, d_out)
+
+- on the CPU (and for unequal groups), per group `linear(linear(x_g, A_k[:r_k]), B_k[:, :r_k]) * s_k`
+  on the adapter's own rank, with B_k's columns made contiguous: the very calls PEFT makes,
+  so an adapter's forward and gradients are bit-identical to training it alone with PEFT
+  (the padded bmm rounds differently). That makes co-trained and single-tenant runs agree
+  even where training is chaotic enough to amplify the last bit. On the CPU the loop costs
+  about what the padding wastes.
 
 The base may be an `nn.Linear` (weight (d_out, d_in)) or GPT-2's `Conv1D` (weight
 (d_in, d_out), y = x W + b); the LoRA term is the same for both. A and B are always fp32:
@@ -38,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -59,23 +68,26 @@ class Routing:
     generators: list[torch.Generator | None] = field(default_factory=list)  # per-group dropout RNG
     slot_index: torch.Tensor | None = None  # `slots` as a tensor on the model's device
     in_slot_order: bool = False  # slots == 0, 1, ..., G-1
+    ranks: list[int] = field(default_factory=list)  # rank in use by each group's slot
+    per_adapter: bool = False  # always compute the LoRA term group by group, PEFT's way (set on the CPU)
 
     def set(
         self,
         slots: list[int],
         rows: list[int],
+        ranks: list[int],
         device: torch.device,
         dropout: list[float] | None = None,
         generators: list[torch.Generator | None] | None = None,
     ) -> None:
-        self.slots, self.rows = list(slots), list(rows)
+        self.slots, self.rows, self.ranks = list(slots), list(rows), list(ranks)
         self.dropout = list(dropout) if dropout is not None else [0.0] * len(slots)
         self.generators = list(generators) if generators is not None else [None] * len(slots)
         self.slot_index = torch.tensor(self.slots, dtype=torch.long, device=device)
         self.in_slot_order = self.slots == list(range(len(self.slots)))
 
     def clear(self) -> None:
-        self.set([], [], torch.device("cpu"))
+        self.set([], [], [], torch.device("cpu"))
 
     def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
         """`context_fn` for torch.utils.checkpoint: replay a layer's recompute as its forward ran.
@@ -89,10 +101,11 @@ class Routing:
         return contextlib.nullcontext(), self._replaying(self._snapshot(), self._generator_states())
 
     def _snapshot(self) -> tuple[Any, ...]:
-        return self.slots, self.rows, self.dropout, self.generators, self.slot_index, self.in_slot_order
+        return self.slots, self.rows, self.ranks, self.dropout, self.generators, self.slot_index, self.in_slot_order
 
     def _restore(self, snapshot: tuple[Any, ...]) -> None:
-        self.slots, self.rows, self.dropout, self.generators, self.slot_index, self.in_slot_order = snapshot
+        (self.slots, self.rows, self.ranks, self.dropout, self.generators, self.slot_index,
+         self.in_slot_order) = snapshot
 
     def _generator_states(self) -> list[tuple[torch.Generator, torch.Tensor]]:
         return [(g, g.get_state()) for g, p in zip(self.generators, self.dropout) if g is not None and p > 0]
@@ -142,7 +155,7 @@ class MultiLoraLinear(nn.Module):
         if not routing.slots:
             return result
         lora_input = self._dropout(x.to(self.lora_A.dtype))  # fp32, whatever the base's dtype
-        if routing.uniform:
+        if routing.uniform and not routing.per_adapter:
             groups, shape = len(routing.slots), lora_input.shape
             grouped = lora_input.reshape(groups, -1, shape[-1])
             if routing.in_slot_order and groups == self.lora_A.size(0):
@@ -150,14 +163,17 @@ class MultiLoraLinear(nn.Module):
             else:
                 index = routing.slot_index
                 lora_a, lora_b, scale = self.lora_A[index], self.lora_B[index], self.scale[index]
-            hidden = torch.bmm(grouped, lora_a.transpose(1, 2)) * scale.view(groups, 1, 1)
-            delta = torch.bmm(hidden, lora_b.transpose(1, 2))
+            hidden = torch.bmm(grouped, lora_a.transpose(1, 2))
+            delta = torch.bmm(hidden, lora_b.transpose(1, 2)) * scale.view(groups, 1, 1)
             return result + delta.reshape(*shape[:-1], -1).to(result.dtype)
+        # unbind: one backward node gathers every group's gradient (slicing the stack per group
+        # would add a full-size zero-filled gradient per group).
+        slot_a, slot_b = self.lora_A.unbind(0), self.lora_B.unbind(0)
         parts, start = [], 0
-        for slot, rows in zip(routing.slots, routing.rows):
+        for slot, rows, rank in zip(routing.slots, routing.rows, routing.ranks):
             part = lora_input[start : start + rows]
-            hidden = (part @ self.lora_A[slot].T) * self.scale[slot]
-            parts.append(hidden @ self.lora_B[slot].T)
+            hidden = F.linear(part, slot_a[slot][:rank])
+            parts.append(F.linear(hidden, slot_b[slot][:, :rank].contiguous()) * self.scale[slot])
             start += rows
         return result + torch.cat(parts).to(result.dtype)
 
