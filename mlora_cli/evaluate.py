@@ -67,7 +67,9 @@ def _score_task(
                 sums[g]["tokens"] += row_tokens
                 sums[g]["correct"] += row_correct
         if want_exact:
-            generated = greedy_generate(engine, rows, slots, group_of_row, batch.attention_mask, output,
+            predicted, cache = output.logits.argmax(-1).cpu(), model_cache(output)
+            del output  # the logits (rows x length x vocab) are not needed while decoding
+            generated = greedy_generate(engine, rows, slots, group_of_row, batch.attention_mask, predicted, cache,
                                         config.max_new_tokens, tokenizer.eos_token_id)
             for g, row, tokens_out in zip(group_of_row, rows, generated):
                 sums[g]["exact"] += _matches(tokens_out, row, tokenizer)
@@ -96,7 +98,8 @@ def greedy_generate(
     slots: list[int] | None,
     group_of_row: list[int],
     attention_mask: torch.Tensor,
-    output: Any,
+    predicted: torch.Tensor,
+    cache: Any,
     max_new_tokens: int,
     eos_id: int,
 ) -> list[list[int]]:
@@ -110,8 +113,10 @@ def greedy_generate(
     reference (the rest masked out, positions given explicitly). Finished rows (eos or
     `max_new_tokens`) leave the batch at once instead of padding it to the slowest row.
     The result is the same token sequence `generate(do_sample=False)` gives.
+
+    `predicted` is the pass's argmax per position (rows x length, on the CPU), `cache` its
+    KV cache (see `model_cache`), `attention_mask` the pass's (right-padded) mask.
     """
-    predicted = output.logits.argmax(-1).cpu()
     generated: list[list[int]] = []
     resume: list[int] = []  # per row: cache positions that stay valid (prompt + matched reference)
     for i, row in enumerate(rows):
@@ -125,7 +130,6 @@ def greedy_generate(
     active = [i for i, tokens in enumerate(generated) if tokens[-1] != eos_id and len(tokens) < max_new_tokens]
     if not active:
         return generated
-    cache = output.cache if getattr(output, "cache", None) is not None else output.past_key_values
     cache_arg = "cache" if "cache" in inspect.signature(engine.model.forward).parameters else "past_key_values"
     length = attention_mask.size(1)
     index = torch.tensor(active, device=attention_mask.device)
@@ -149,6 +153,11 @@ def greedy_generate(
             active = [active[k] for k in keep]
         positions = positions + 1
     return generated
+
+
+def model_cache(output: Any) -> Any:
+    """The KV cache of a forward's output (`cache` in recent transformers, `past_key_values` before)."""
+    return output.cache if getattr(output, "cache", None) is not None else output.past_key_values
 
 
 def _runs(groups: list[int], slots: list[int] | None) -> tuple[list[int], list[int]]:

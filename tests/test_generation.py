@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from mlora_cli.config import AdapterConfig, TaskConfig
 from mlora_cli.data import Row, collate, collate_prompts
-from mlora_cli.evaluate import greedy_generate
+from mlora_cli.evaluate import greedy_generate, model_cache
 from mlora_cli.model.base import char_tokenizer
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.tasks import load_task
@@ -76,8 +76,8 @@ def test_greedy_generation_from_the_loss_pass_equals_hf_generate(kind: str) -> N
     with torch.no_grad():
         with engine.routed([0, 1], [len(prompts), len(prompts)]):
             output = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True)
-        generated = greedy_generate(engine, rows, [0, 1], groups, batch.attention_mask, output, MAX_NEW,
-                                    tokenizer.eos_token_id)
+        generated = greedy_generate(engine, rows, [0, 1], groups, batch.attention_mask, output.logits.argmax(-1),
+                                    model_cache(output), MAX_NEW, tokenizer.eos_token_id)
     assert generated == expected
     assert any(len(t) < MAX_NEW for t in expected) or kind != "gpt2"  # GPT-2's rows stop at eos
     assert expected[: len(prompts)] != expected[len(prompts) :]  # the two adapters really differ
