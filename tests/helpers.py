@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 
 def numbers(value: Any, path: str = "") -> dict[str, float]:
@@ -14,3 +17,11 @@ def numbers(value: Any, path: str = "") -> dict[str, float]:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return {}
     return {path: value}
+
+
+def write_sweep(base: dict[str, Any], folder: Path, /, **changes: Any) -> Path:
+    """`base` with top-level `changes` (any key, `sweep` too), as a sweep file whose runs go under `folder/runs`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**base, "output_dir": str(folder / "runs"), **changes}, sort_keys=False))
+    return path

@@ -17,9 +17,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 import torch
-import yaml
 from helpers import numbers
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -63,10 +63,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_sweep(folder: Path, **changes: Any) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "sweep.yaml"
-    path.write_text(yaml.safe_dump({**SWEEP, "output_dir": str(folder / "runs"), **changes}, sort_keys=False))
-    return path
+    return helpers.write_sweep(SWEEP, folder, **changes)
 
 
 def mlora(*args: str | Path) -> Any:

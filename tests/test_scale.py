@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
-import yaml
 from helpers import numbers
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -61,11 +61,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_sweep(folder: Path, **changes: Any) -> Path:
-    """SWEEP with top-level `changes`, as a sweep file whose runs go under `folder/runs`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "sweep.yaml"
-    path.write_text(yaml.safe_dump({**SWEEP, "output_dir": str(folder / "runs"), **changes}, sort_keys=False))
-    return path
+    return helpers.write_sweep(SWEEP, folder, **changes)
 
 
 def run(folder: Path, **changes: Any) -> tuple[launcher.RunOutcome, list[dict[str, Any]]]:
