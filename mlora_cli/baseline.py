@@ -3,7 +3,7 @@
     python -m mlora_cli.baseline RESOLVED_SWEEP.yaml ADAPTER_NAME OUT.json [DATA_DIR]
 
 This is what `mlora bench --sequential-baseline` runs, as a fresh process per adapter, one
-after another: import, load the base, `get_peft_model`, `torch.optim.AdamW` with a LambdaLR
+after another: import, load the base, `get_peft_model`, `torch.optim.AdamW(fused=True)` (the fast one) with a LambdaLR
 schedule and `clip_grad_norm_`, then the same evaluation as mlora (loss and token accuracy
 from one forward per eval batch; exact match from batched greedy `generate` with a KV cache).
 It sees exactly mlora's data: the same tasks, tokenization, batches (same per-adapter sampler
@@ -89,7 +89,7 @@ def main(sweep_file: str, adapter_name: str, out_file: str, data_dir: str | None
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
-                                  weight_decay=config.weight_decay)
+                                  weight_decay=config.weight_decay, fused=True)
     steps = [t.steps or train.steps_per_task for t in spec.tasks]
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: lr_factor(k, sum(steps), train.warmup_steps, train.schedule))

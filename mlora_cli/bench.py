@@ -172,41 +172,56 @@ def _fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: P
     from mlora_cli.tasks import load_task
     from mlora_cli.train import StepInput, fused_step
 
-    base = load_base(spec.base_model, "cuda:0" if torch.cuda.is_available() else "cpu", spec.model)
-    pad = base.tokenizer.pad_token_id
-    task = tokenize_task(load_task(spec.tasks[0], adapters[0].seed, data_dir), base.tokenizer, adapters[0].train.max_seq_len)
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
     targets = sorted({t for a in adapters for t in a.adapter.target_modules})
-    engine = MultiLoraModel(base.model, targets, len(adapters), max(a.adapter.rank for a in adapters))
-    for slot, adapter in enumerate(adapters):
-        engine.load_slot(slot, adapter.adapter, adapter.train.max_grad_norm, adapter.seed)
+
+    def engine_for(slots: list[AdapterSpec]) -> tuple[MultiLoraModel, Any]:
+        base = load_base(spec.base_model, device, spec.model)
+        engine = MultiLoraModel(base.model, targets, len(slots), max(a.adapter.rank for a in slots))
+        for slot, adapter in enumerate(slots):
+            engine.load_slot(slot, adapter.adapter, adapter.train.max_grad_norm, adapter.seed)
+        return engine, base.tokenizer
+
+    # The union batch runs on an engine of its own holding only the first adapter, as a
+    # single-tenant run would: no other slot's optimizer state or routing to carry.
+    fused_engine, tokenizer = engine_for(adapters)
+    union_engine, _ = engine_for(adapters[:1])
+    pad = tokenizer.pad_token_id
+    task = tokenize_task(load_task(spec.tasks[0], adapters[0].seed, data_dir), tokenizer, adapters[0].train.max_seq_len)
     size = adapters[0].train.batch_size
     rows = [[task.train[(slot * size + i) % len(task.train)] for i in range(size)] for slot in range(len(adapters))]
     fused = [StepInput(slot, rows[slot], 1e-9, 0.0, None) for slot in range(len(adapters))]
     union = [StepInput(0, [r for part in rows for r in part], 1e-9, 0.0, None)]
+    eval_rows = list(task.eval)
+    union_task = TokenizedTask(task.name, (), tuple(eval_rows * len(adapters)))
+    fused_requests = [EvalRequest(a.name, slot, [task]) for slot, a in enumerate(adapters)]
+    union_request = [EvalRequest("union", 0, [union_task])]
 
     def sync() -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
-    def median_seconds(step: Callable[[], Any]) -> float:
-        step()  # warm up
-        times = []
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    def seconds(step: Callable[[], Any]) -> float:
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        return time.perf_counter() - start
 
-    fused_train = median_seconds(lambda: fused_step(engine, fused, pad))
-    union_train = median_seconds(lambda: fused_step(engine, union, pad))
-    eval_rows = list(task.eval)
-    union_task = TokenizedTask(task.name, (), tuple(eval_rows * len(adapters)))
-    fused_requests = [EvalRequest(a.name, slot, [task]) for slot, a in enumerate(adapters)]
-    union_request = [EvalRequest("union", 0, [union_task])]
-    fused_eval = median_seconds(lambda: evaluate(engine, fused_requests, spec.eval, base.tokenizer))
-    union_eval = median_seconds(lambda: evaluate(engine, union_request, spec.eval, base.tokenizer))
+    def medians(union_step: Callable[[], Any], fused_step_: Callable[[], Any], times: int) -> tuple[float, float]:
+        """Medians of the two, timed alternately so that drift in the machine's speed hits both alike."""
+        union_step(), fused_step_()  # warm up
+        union_times, fused_times = [], []
+        for _ in range(times):
+            union_times.append(seconds(union_step))
+            fused_times.append(seconds(fused_step_))
+        return statistics.median(union_times), statistics.median(fused_times)
+
+    # A training step is short: more repeats for the same time.
+    union_train, fused_train = medians(lambda: fused_step(union_engine, union, pad),
+                                       lambda: fused_step(fused_engine, fused, pad), 3 * repeats)
+    union_eval, fused_eval = medians(lambda: evaluate(union_engine, union_request, spec.eval, tokenizer),
+                                     lambda: evaluate(fused_engine, fused_requests, spec.eval, tokenizer), repeats)
     return {
         "adapters": len(adapters),
         "rows_per_adapter": size,

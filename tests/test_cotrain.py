@@ -1,8 +1,9 @@
 """Co-training is exact: N adapters trained together for 20 fused steps end with the same
-weights as each adapter trained alone with plain PEFT and torch.optim.AdamW on the same
+weights as each adapter trained alone with plain PEFT and torch.optim.AdamW(fused=True) on the same
 batches (fp32, rel. tol 1e-4), including warmup/cosine schedules, weight decay, per-adapter
 clipping, mixed ranks and batch sizes, and steps where an adapter has no rows; through the
-per-adapter matmuls (the CPU's path) and the batched ones (the GPU's path, run here on CPU).
+per-adapter matmuls and fused AdamW kernel (the CPU's path) and the batched matmuls and
+masked AdamW over all slots (the GPU's path, run here on CPU).
 
 When adapters share their rows (same seed in a sweep), the fused batch is padded exactly as
 each adapter's own batch, and on the CPU every adapter is then bit-identical to PEFT alone.
@@ -62,6 +63,8 @@ def test_cotrained_weights_equal_peft_trained_alone(mode: str) -> None:
     engine = MultiLoraModel(model, TARGETS, len(ADAPTERS), 8)
     assert engine.routing.per_adapter  # the CPU default
     engine.routing.per_adapter = mode != "batched"
+    assert engine.optimizer.per_slot_fused  # the CPU default
+    engine.optimizer.per_slot_fused = mode != "batched"  # "batched" is the GPU's path throughout
     for slot, (config, train) in enumerate(ADAPTERS):
         engine.load_slot(slot, config, train.max_grad_norm, seed=slot)
     initial = [engine.slot_weights(slot, config) for slot, (config, _) in enumerate(ADAPTERS)]
@@ -93,7 +96,7 @@ def test_cotrained_weights_equal_peft_trained_alone(mode: str) -> None:
         set_peft_model_state_dict(peft, initial[slot])
         params = [p for p in peft.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
-                                      weight_decay=config.weight_decay)
+                                      weight_decay=config.weight_decay, fused=True)
         total = STEPS - sum(absent(slot, s) for s in range(STEPS))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda k, total=total, train=train: lr_factor(k, total, train.warmup_steps, train.schedule)

@@ -257,7 +257,7 @@ def load_base(name: str, device: str = "cpu", options: ModelConfig | None = None
             "parameters": sum(p.numel() for p in model.parameters()),
             "weights_sha256": weights_sha256(model),
             "transformers_version": transformers.__version__,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),  # a plain str: TorchVersion would unpickle only with torch
         }
     )
     return Base(model=model, tokenizer=tokenizer, info=info)

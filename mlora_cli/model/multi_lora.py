@@ -168,13 +168,12 @@ class MultiLoraLinear(nn.Module):
             return result + delta.reshape(*shape[:-1], -1).to(result.dtype)
         # unbind: one backward node gathers every group's gradient (slicing the stack per group
         # would add a full-size zero-filled gradient per group).
+        # Likewise split, not slice, the input: its backward is one cat of the groups' gradients.
         slot_a, slot_b = self.lora_A.unbind(0), self.lora_B.unbind(0)
-        parts, start = [], 0
-        for slot, rows, rank in zip(routing.slots, routing.rows, routing.ranks):
-            part = lora_input[start : start + rows]
-            hidden = F.linear(part, slot_a[slot][:rank])
-            parts.append(F.linear(hidden, slot_b[slot][:, :rank].contiguous()) * self.scale[slot])
-            start += rows
+        parts = [
+            F.linear(F.linear(part, slot_a[slot][:rank]), slot_b[slot][:, :rank].contiguous()) * self.scale[slot]
+            for part, slot, rank in zip(lora_input.split(routing.rows), routing.slots, routing.ranks)
+        ]
         return result + torch.cat(parts).to(result.dtype)
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,10 +2,13 @@
 
 Every parameter has shape (S, ...), one slice per slot. Each slot has its own lr, weight
 decay, betas, eps, step count and gradient-norm clip, and the update for slot k is exactly
-`torch.optim.AdamW` on that slot's slice (same formula, same order of operations). A slot
-that is not `active` in a step does not change at all: no weight-decay drift, no moment
-decay, no step count. The whole update is a handful of tensor ops per parameter whatever
-the number of slots, so its cost does not grow with a Python loop over adapters.
+`torch.optim.AdamW` on that slot's slice. A slot that is not `active` in a step does not
+change at all: no weight-decay drift, no moment decay, no step count.
+
+On the CPU each active slot goes through torch's fused AdamW kernel (one call per slot, on
+every parameter at once): bit-identical to `AdamW(fused=True)` on the adapter alone. On a
+GPU the update is a handful of masked tensor ops over the whole stacks, AdamW's formula op
+by op, whatever the number of slots (finding the active slots would be a host sync).
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class SlotAdamW:
         self.beta2 = per_slot(0.999)
         self.eps = per_slot(1e-8)
         self.max_grad_norm = per_slot(math.inf)
+        # The update's form (see the module doc): fused kernel per slot, or masked over all slots.
+        self.per_slot_fused = device.type == "cpu"
 
     def reset_slot(
         self,
@@ -112,13 +117,13 @@ class SlotAdamW:
                     total += p.grad.float().pow(2).flatten(1).sum(1)
             return total.sqrt()
         for slot, rank, owned in in_use:
-            norms = [
-                torch.linalg.vector_norm(p.grad[slot].narrow(rank_dim - 1, 0, rank).contiguous(), 2.0)
+            grads = [
+                p.grad[slot].narrow(rank_dim - 1, 0, rank).contiguous()
                 for p, rank_dim, mine in zip(self.params, self.rank_dims, owned)
                 if mine and p.grad is not None
             ]
-            if norms:
-                total[slot] = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+            if grads:  # _foreach_norm on the CPU is vector_norm per tensor, in one call
+                total[slot] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
         return total
 
     @torch.no_grad()
@@ -131,21 +136,21 @@ class SlotAdamW:
         device = self.params[0].device
         active = active.to(device)
         self.steps += active.cpu().long()
-        step = self.steps.to(device=device, dtype=torch.float64).clamp(min=1)
-        lrs = lrs.to(device=device, dtype=torch.float64)
         # clip_grad_norm_'s own fp32 arithmetic: max_norm / (norm + 1e-6), clamped to 1.
         clip = ((grad_norms.float() + 1e-6).reciprocal() * self.max_grad_norm.float()).clamp(max=1.0)
+        if self.per_slot_fused:
+            self._fused_step(active, lrs, clip)
+            return
+        # On a GPU, one masked update of the whole stacks, AdamW's formula op by op: no host
+        # sync to find the active slots, and frozen O-LoRA ranks keep their values.
+        any_frozen = bool(self.frozen_rank.any())
+        step = self.steps.to(device=device, dtype=torch.float64).clamp(min=1)
+        lrs = lrs.to(device=device, dtype=torch.float64)
         bias_correction1 = 1 - self.beta1**step
         bias_correction2_sqrt = (1 - self.beta2**step).sqrt()
         step_size = lrs / bias_correction1
         decay = 1 - lrs * self.weight_decay
-
-        any_frozen = bool(self.frozen_rank.any())
         frozen = self.frozen_rank.to(device)
-        # On the CPU, when every slot steps and none has frozen ranks, update in place: the same
-        # arithmetic without the masked copies (a third of the memory traffic). Elsewhere the
-        # check would be a host sync, and the masked form is used.
-        in_place = device.type == "cpu" and not any_frozen and bool(active.all())
         for p, m, v, rank_dim in zip(self.params, self.exp_avg, self.exp_avg_sq, self.rank_dims):
             if p.grad is None:
                 continue
@@ -154,15 +159,6 @@ class SlotAdamW:
                 return t.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
             grad = p.grad * col(clip)
-            # AdamW's `v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)` is written as torch
-            # rounds it (and 1 - beta2 is taken in fp64: in fp32 it is off by 1e-5).
-            if in_place:
-                p.mul_(col(decay))
-                m.lerp_(grad, col(1 - self.beta1))
-                v.mul_(col(self.beta2)).addcmul_(grad * col(1 - self.beta2), grad)
-                denom = v.sqrt().div_(col(bias_correction2_sqrt)).add_(col(self.eps))
-                p.sub_((col(step_size) * m).div_(denom))
-                continue
             mask = col(active.float()).bool()
             if any_frozen:
                 shape = [self.num_slots] + [1] * (p.dim() - 1)
@@ -171,9 +167,38 @@ class SlotAdamW:
                 mask = mask & (ranks >= frozen.view(-1, 1)).view(shape)
             new_p = p * col(decay)
             new_m = m.lerp(grad, col(1 - self.beta1))
+            # AdamW's `v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)` as torch rounds it
+            # (and 1 - beta2 in fp64: in fp32 it is off by 1e-5).
             new_v = (v * col(self.beta2)).addcmul(grad * col(1 - self.beta2), grad)
             denom = new_v.sqrt() / col(bias_correction2_sqrt) + col(self.eps)
             new_p = new_p - col(step_size) * new_m / denom
             p.copy_(torch.where(mask, new_p, p))
             m.copy_(torch.where(mask, new_m, m))
             v.copy_(torch.where(mask, new_v, v))
+
+    def _fused_step(self, active: torch.Tensor, lrs: torch.Tensor, clip: torch.Tensor) -> None:
+        """On the CPU: each active slot through torch's fused AdamW kernel, on its own slices.
+
+        This is exactly `clip_grad_norm_` followed by `torch.optim.AdamW(fused=True)` on the
+        adapter's own tensors: the kernel is elementwise, so the zero padding around a slot's
+        rank is neither read into its update nor changed (zero weight, gradient and moments
+        stay zero). One pass over memory instead of one per arithmetic op. Frozen O-LoRA
+        ranks are put back as they were after the kernel has run over them.
+        """
+        with_grad = [group for group in zip(self.params, self.exp_avg, self.exp_avg_sq, self.rank_dims)
+                     if group[0].grad is not None]
+        for slot in active.nonzero().flatten().tolist():
+            frozen = int(self.frozen_rank[slot])
+            kept = [(t[slot].narrow(rank_dim - 1, 0, frozen), t[slot].narrow(rank_dim - 1, 0, frozen).clone())
+                    for *tensors, rank_dim in with_grad for t in tensors] if frozen else []
+            grads = [p.grad[slot] for p, _, _, _ in with_grad]
+            torch._foreach_mul_(grads, clip[slot])  # as clip_grad_norm_ scales the gradients
+            step = torch.tensor(float(self.steps[slot]))
+            torch._fused_adamw_(
+                [p[slot] for p, _, _, _ in with_grad], grads, [m[slot] for _, m, _, _ in with_grad],
+                [v[slot] for _, _, v, _ in with_grad], [], [step] * len(grads),
+                lr=float(lrs[slot]), beta1=float(self.beta1[slot]), beta2=float(self.beta2[slot]),
+                weight_decay=float(self.weight_decay[slot]), eps=float(self.eps[slot]), amsgrad=False, maximize=False,
+            )
+            for view, saved in kept:
+                view.copy_(saved)
