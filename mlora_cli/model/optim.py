@@ -60,6 +60,10 @@ class SlotAdamW:
         self.max_grad_norm = per_slot(math.inf)
         # The update's form (see the module doc): fused kernel per slot, or masked over all slots.
         self.per_slot_fused = device.type == "cpu"
+        # Each slot's views of the parameters and moments, made once (the tensors are only ever
+        # updated in place): views cost more to make than the fused kernel takes on small slots.
+        self.slot_views = [tuple([t[slot] for t in tensors] for tensors in (params, self.exp_avg, self.exp_avg_sq))
+                           for slot in range(num_slots)]
 
     def reset_slot(
         self,
@@ -116,14 +120,31 @@ class SlotAdamW:
                 if p.grad is not None:
                     total += p.grad.float().pow(2).flatten(1).sum(1)
             return total.sqrt()
-        for slot, rank, owned in in_use:
-            grads = [
-                p.grad[slot].narrow(rank_dim - 1, 0, rank).contiguous()
-                for p, rank_dim, mine in zip(self.params, self.rank_dims, owned)
-                if mine and p.grad is not None
-            ]
-            if grads:  # _foreach_norm on the CPU is vector_norm per tensor, in one call
-                total[slot] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+        # Per parameter, every slot's norm in one reduction: bit for bit the norm of the slot's
+        # own contiguous tensor. Where the rank leads a slot's block (A), the block's zero
+        # padding follows the adapter's entries and changes no rounding; where it does not (B:
+        # zero columns between the entries), the slots' own columns are copied out first, one
+        # copy per rank in use.
+        by_rank: dict[int, list[int]] = {}
+        for slot, rank, _ in in_use:
+            by_rank.setdefault(rank, []).append(slot)
+        device = total.device
+        per_parameter = []
+        for p, rank_dim in zip(self.params, self.rank_dims):
+            norms = torch.zeros(self.num_slots, dtype=torch.float32, device=device)
+            if p.grad is not None and rank_dim == 1:
+                norms = torch.linalg.vector_norm(p.grad.flatten(1), 2.0, dim=1)
+            elif p.grad is not None:
+                for rank, slots in by_rank.items():
+                    index = torch.tensor(slots, device=device)
+                    own = p.grad.narrow(rank_dim, 0, rank).index_select(0, index)  # a gather: contiguous
+                    norms[index] = torch.linalg.vector_norm(own.flatten(1), 2.0, dim=1)
+            per_parameter.append(norms)
+        table = torch.stack(per_parameter)  # (parameters, S)
+        for slot, _, owned in in_use:
+            rows = [i for i, (p, mine) in enumerate(zip(self.params, owned)) if mine and p.grad is not None]
+            if rows:  # clip_grad_norm_: the norm of the per-tensor norms
+                total[slot] = torch.linalg.vector_norm(table[rows, slot], 2.0)
         return total
 
     @torch.no_grad()
@@ -185,18 +206,20 @@ class SlotAdamW:
         stay zero). One pass over memory instead of one per arithmetic op. Frozen O-LoRA
         ranks are put back as they were after the kernel has run over them.
         """
-        with_grad = [group for group in zip(self.params, self.exp_avg, self.exp_avg_sq, self.rank_dims)
-                     if group[0].grad is not None]
+        with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
+        scales = clip.tolist()
         for slot in active.nonzero().flatten().tolist():
+            params, exp_avgs, exp_avg_sqs = (views if len(with_grad) == len(views) else [views[i] for i in with_grad]
+                                             for views in self.slot_views[slot])
             frozen = int(self.frozen_rank[slot])
-            kept = [(t[slot].narrow(rank_dim - 1, 0, frozen), t[slot].narrow(rank_dim - 1, 0, frozen).clone())
-                    for *tensors, rank_dim in with_grad for t in tensors] if frozen else []
-            grads = [p.grad[slot] for p, _, _, _ in with_grad]
-            torch._foreach_mul_(grads, clip[slot])  # as clip_grad_norm_ scales the gradients
+            kept = [(view.narrow(self.rank_dims[i] - 1, 0, frozen), view.narrow(self.rank_dims[i] - 1, 0, frozen).clone())
+                    for views in (params, exp_avgs, exp_avg_sqs) for i, view in zip(with_grad, views)] if frozen else []
+            grads = [self.params[i].grad[slot] for i in with_grad]
+            if scales[slot] < 1.0:  # as clip_grad_norm_ scales the gradients (by 1.0: no change)
+                torch._foreach_mul_(grads, clip[slot])
             step = torch.tensor(float(self.steps[slot]))
             torch._fused_adamw_(
-                [p[slot] for p, _, _, _ in with_grad], grads, [m[slot] for _, m, _, _ in with_grad],
-                [v[slot] for _, _, v, _ in with_grad], [], [step] * len(grads),
+                params, grads, exp_avgs, exp_avg_sqs, [], [step] * len(grads),
                 lr=float(lrs[slot]), beta1=float(self.beta1[slot]), beta2=float(self.beta2[slot]),
                 weight_decay=float(self.weight_decay[slot]), eps=float(self.eps[slot]), amsgrad=False, maximize=False,
             )
