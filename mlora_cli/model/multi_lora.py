@@ -212,28 +212,29 @@ class PerAdapterLora(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
                 routing: Routing) -> torch.Tensor:
         d_in = x.size(-1)
+        scales = scale.tolist()  # times a Python float, as PEFT's `* scaling` is
         groups, tensors, parts = [], [], []
         for part, slot, rank in zip(x.split(routing.rows), routing.slots, routing.ranks):
             flat = part.reshape(-1, d_in)
             a, b = lora_a[slot, :rank], lora_b[slot, :, :rank].contiguous()  # PEFT's own (r, d_in), (d_out, r)
             hidden = flat.mm(a.t())
-            parts.append(hidden.mm(b.t()) * scale[slot])
+            parts.append(hidden.mm(b.t()) * scales[slot])
             groups.append((slot, rank, part.shape))
             tensors += [flat, a, b, hidden]
         # Saved the official way, so that activation checkpointing can drop and recompute them.
-        ctx.save_for_backward(scale, *tensors)
-        ctx.groups, ctx.shapes = groups, (lora_a.shape, lora_b.shape)
+        ctx.save_for_backward(*tensors)
+        ctx.groups, ctx.scales, ctx.shapes = groups, scales, (lora_a.shape, lora_b.shape)
         return torch.cat(parts).view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        scale, *tensors = ctx.saved_tensors
+        tensors = ctx.saved_tensors
         grad_a, grad_b = (grad_output.new_zeros(shape) for shape in ctx.shapes)
         grad_parts = []
         rows = [shape[0] for _, _, shape in ctx.groups]
         for index, (grad_part, (slot, rank, shape)) in enumerate(zip(grad_output.split(rows), ctx.groups)):
             flat, a, b, hidden = tensors[4 * index : 4 * index + 4]
-            grad_delta = grad_part.reshape(-1, grad_part.size(-1)) * scale[slot]
+            grad_delta = grad_part.reshape(-1, grad_part.size(-1)) * ctx.scales[slot]
             grad_hidden, grad_b_t = _mm_grads(grad_delta, hidden, b.t())
             grad_flat, grad_a_t = _mm_grads(grad_hidden, flat, a.t())
             grad_b[slot, :, :rank] += grad_b_t.t()
