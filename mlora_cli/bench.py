@@ -13,10 +13,11 @@ Derived figures:
 - experiment_throughput_ratio = concurrent experiments/hour / sequential experiments/hour;
 - mean experiment time: sequential, the mean process wall time; mlora, the mean time from
   process start to each adapter's end;
-- fusion efficiency (train) = time of one adapter's step on the union batch (N x batch rows)
-  / time of the fused N-adapter step on the same rows; (eval) the same for one batched
-  evaluation pass. 1.0 means co-training costs no more than the union batch itself. Both
-  are timed with the torch threads of one of the concurrent run's workers.
+- fusion efficiency (train) = time of one adapter's step on the union batch (N x batch rows),
+  on an engine holding only that adapter, / time of the fused N-adapter step on the same
+  rows, the two timed alternately; (eval) the same for one batched evaluation pass. 1.0
+  means co-training costs no more than the union batch itself. Both are timed with the
+  torch threads of one of the concurrent run's workers.
 - agreement: per adapter and task, |loss_c - loss_s| <= 1% of loss_s and
   |exact_match_c - exact_match_s| <= 0.02 (2 points).
 """

@@ -212,7 +212,9 @@ class PerAdapterLora(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
                 routing: Routing) -> torch.Tensor:
         d_in = x.size(-1)
-        scales = scale.tolist()  # times a Python float, as PEFT's `* scaling` is
+        # Times a Python float, as PEFT's `* scaling` is; on a GPU the 0-dim tensor (reading
+        # the values out would be a host sync).
+        scales = scale.tolist() if scale.device.type == "cpu" else scale
         groups, tensors, parts = [], [], []
         for part, slot, rank in zip(x.split(routing.rows), routing.slots, routing.ranks):
             flat = part.reshape(-1, d_in)
