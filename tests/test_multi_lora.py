@@ -142,3 +142,22 @@ def test_zero_b_equals_base() -> None:
     with engine.routed([0, 1], [2, 2]):
         fused = engine.model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(fused, reference(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
+
+
+def test_per_adapter_path_under_bf16_autocast_gives_fp32_gradients_close_to_fp32() -> None:
+    """The GPU trains under bf16 autocast, and unequal groups take the per-adapter path there:
+    its backward must run under the forward's autocast (bf16 matmuls on bf16 activations) and
+    hand fp32 gradients to the fp32 LoRA weights. Checked with the CPU's autocast."""
+    rows = [3, 1, 2]
+    ids, mask = batch(sum(rows), seed=7)
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        engine, _ = make_engine()
+        with engine.routed([0, 1, 2], rows), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = engine.model(input_ids=ids, attention_mask=mask).logits
+            loss = loss_of(logits.float(), ids, mask)
+        loss.backward()
+        grads[precision] = torch.cat([p.grad.flatten() for layer in engine.layers.values() for p in (layer.lora_A, layer.lora_B)])
+        assert all(p.grad.dtype == torch.float32 for layer in engine.layers.values() for p in (layer.lora_A, layer.lora_B))
+    cosine = torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], dim=0)
+    assert cosine > 0.99, cosine

@@ -226,10 +226,20 @@ class PerAdapterLora(torch.autograd.Function):
         # Saved the official way, so that activation checkpointing can drop and recompute them.
         ctx.save_for_backward(*tensors)
         ctx.groups, ctx.scales, ctx.shapes = groups, scales, (lora_a.shape, lora_b.shape)
+        # The backward runs under the forward's autocast (bf16 on a GPU), as autograd's own
+        # recorded casts would make it (what torch.amp.custom_bwd does, for any device).
+        device = x.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         return torch.cat(parts).view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        device, dtype, enabled = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return PerAdapterLora._backward(ctx, grad_output)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         tensors = ctx.saved_tensors
         grad_a, grad_b = (grad_output.new_zeros(shape) for shape in ctx.shapes)
         grad_parts = []
