@@ -137,3 +137,25 @@ def test_max_concurrent_and_slots() -> None:
     spec, adapters = ranked(8, 8, 8)
     [plan] = assign(adapters, spec, [("cpu", None)])
     assert (plan.max_concurrent, plan.slots) == (None, 3)
+
+
+def test_workers_are_placed_without_importing_torch_when_there_is_no_gpu() -> None:
+    """The driver starts the workers sooner when it does not import torch (a second or two) just
+    to learn there is no GPU: without a GPU device node, placement must not import it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlora_cli import launcher
+
+    if any(os.path.exists(node) for node in launcher.GPU_DEVICE_NODES):
+        pytest.skip("a GPU device node exists here: placement asks torch how many GPUs")
+    code = (
+        "import sys; from pathlib import Path; from mlora_cli.config import load_sweep; "
+        "from mlora_cli.sweep import expand; from mlora_cli.launcher import load_task_data, plan_workers; "
+        "spec, _ = load_sweep(Path('sweeps/bench.yaml'), []); adapters = expand(spec); "
+        "load_task_data(spec, adapters, Path('sweeps')); plans = plan_workers(spec, adapters); "
+        "assert all(p.device == 'cpu' for p in plans); assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
