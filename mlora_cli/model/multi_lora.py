@@ -251,7 +251,7 @@ class PerAdapterLora(torch.autograd.Function):
             grad_flat, grad_a_t = _mm_grads(grad_hidden, flat, a.t())
             grad_b[slot, :, :rank] += grad_b_t.t()
             grad_a[slot, :rank] += grad_a_t.t()
-            grad_parts.append(grad_flat.view(shape))
+            grad_parts.append(grad_flat.reshape(shape))
         grad_x = torch.cat(grad_parts) if ctx.needs_input_grad[0] else None
         return grad_x, grad_a, grad_b, None, None
 
