@@ -209,13 +209,13 @@ def _fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: P
         sync()
         return time.perf_counter() - start
 
-    def medians(union_step: Callable[[], Any], fused_step_: Callable[[], Any], times: int) -> tuple[float, float]:
+    def medians(union_run: Callable[[], Any], fused_run: Callable[[], Any], times: int) -> tuple[float, float]:
         """Medians of the two, timed alternately so that drift in the machine's speed hits both alike."""
-        union_step(), fused_step_()  # warm up
+        union_run(), fused_run()  # warm up
         union_times, fused_times = [], []
         for _ in range(times):
-            union_times.append(seconds(union_step))
-            fused_times.append(seconds(fused_step_))
+            union_times.append(seconds(union_run))
+            fused_times.append(seconds(fused_run))
         return statistics.median(union_times), statistics.median(fused_times)
 
     # A training step is short: more repeats for the same time.

@@ -125,21 +125,23 @@ class SlotAdamW:
         # padding follows the adapter's entries and changes no rounding; where it does not (B:
         # zero columns between the entries), the slots' own columns are copied out first, one
         # copy per rank in use.
+        device = total.device
         by_rank: dict[int, list[int]] = {}
         for slot, rank, _ in in_use:
             by_rank.setdefault(rank, []).append(slot)
-        device = total.device
+        rank_groups = [(rank, torch.tensor(slots, device=device)) for rank, slots in by_rank.items()]
         per_parameter = []
         for p, rank_dim in zip(self.params, self.rank_dims):
-            norms = torch.zeros(self.num_slots, dtype=torch.float32, device=device)
-            if p.grad is not None and rank_dim == 1:
-                norms = torch.linalg.vector_norm(p.grad.flatten(1), 2.0, dim=1)
-            elif p.grad is not None:
-                for rank, slots in by_rank.items():
-                    index = torch.tensor(slots, device=device)
+            if p.grad is None:
+                per_parameter.append(torch.zeros_like(total))
+            elif rank_dim == 1:
+                per_parameter.append(torch.linalg.vector_norm(p.grad.flatten(1), 2.0, dim=1))
+            else:
+                norms = torch.zeros_like(total)
+                for rank, index in rank_groups:
                     own = p.grad.narrow(rank_dim, 0, rank).index_select(0, index)  # a gather: contiguous
                     norms[index] = torch.linalg.vector_norm(own.flatten(1), 2.0, dim=1)
-            per_parameter.append(norms)
+                per_parameter.append(norms)
         table = torch.stack(per_parameter)  # (parameters, S)
         for slot, _, owned in in_use:
             rows = [i for i, (p, mine) in enumerate(zip(self.params, owned)) if mine and p.grad is not None]
