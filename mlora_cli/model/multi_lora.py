@@ -42,6 +42,7 @@ layer's output has the base output's dtype.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,26 +212,33 @@ class PerAdapterLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
                 routing: Routing) -> torch.Tensor:
-        d_in = x.size(-1)
         # Times a Python float, as PEFT's `* scaling` is; on a GPU the 0-dim tensor (reading
         # the values out would be a host sync).
         scales = scale.tolist() if scale.device.type == "cpu" else scale
-        groups, tensors, parts = [], [], []
-        for part, slot, rank in zip(x.split(routing.rows), routing.slots, routing.ranks):
-            flat = part.reshape(-1, d_in)
+        tokens_per_row = math.prod(x.shape[1:-1])
+        flat_parts = x.reshape(-1, x.size(-1)).split([rows * tokens_per_row for rows in routing.rows])
+        groups, tensors = [], []
+        delta = out_parts = None
+        for index, (flat, slot, rank) in enumerate(zip(flat_parts, routing.slots, routing.ranks)):
             a, b = lora_a[slot, :rank], lora_b[slot, :, :rank].contiguous()  # PEFT's own (r, d_in), (d_out, r)
             hidden = flat.mm(a.t())
-            parts.append(hidden.mm(b.t()) * scales[slot])
-            groups.append((slot, rank, part.shape))
+            product = hidden.mm(b.t())
+            if delta is None:  # in the matmul's dtype (bf16 under autocast)
+                # Each group's term is written straight into its rows of the output (no concatenation).
+                delta = product.new_empty(sum(part.size(0) for part in flat_parts), product.size(1))
+                out_parts = delta.split([part.size(0) for part in flat_parts])
+            torch.mul(product, scales[slot], out=out_parts[index])
+            groups.append((slot, rank))
             tensors += [flat, a, b, hidden]
         # Saved the official way, so that activation checkpointing can drop and recompute them.
         ctx.save_for_backward(*tensors)
         ctx.groups, ctx.scales, ctx.shapes = groups, scales, (lora_a.shape, lora_b.shape)
+        ctx.input_shape = x.shape
         # The backward runs under the forward's autocast (bf16 on a GPU), as autograd's own
         # recorded casts would make it (what torch.amp.custom_bwd does, for any device).
         device = x.device.type
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
-        return torch.cat(parts).view(*x.shape[:-1], -1)
+        return delta.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -242,26 +250,41 @@ class PerAdapterLora(torch.autograd.Function):
     def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         tensors = ctx.saved_tensors
         grad_a, grad_b = (grad_output.new_zeros(shape) for shape in ctx.shapes)
-        grad_parts = []
-        rows = [shape[0] for _, _, shape in ctx.groups]
-        for index, (grad_part, (slot, rank, shape)) in enumerate(zip(grad_output.split(rows), ctx.groups)):
+        flats = tensors[0::4]
+        grad_parts = grad_output.reshape(-1, grad_output.size(-1)).split([flat.size(0) for flat in flats])
+        # Without autocast, each group's input gradient is written straight into its rows (no
+        # concatenation); an `out=` matmul would skip autocast's cast, so under it they are joined.
+        into = None
+        if ctx.needs_input_grad[0] and not torch.is_autocast_enabled(grad_output.device.type):
+            into = grad_output.new_empty(sum(flat.size(0) for flat in flats), ctx.input_shape[-1])
+        into_parts = into.split([flat.size(0) for flat in flats]) if into is not None else [None] * len(flats)
+        grad_x_parts = []
+        for index, (grad_part, (slot, rank)) in enumerate(zip(grad_parts, ctx.groups)):
             flat, a, b, hidden = tensors[4 * index : 4 * index + 4]
-            grad_delta = grad_part.reshape(-1, grad_part.size(-1)) * ctx.scales[slot]
+            grad_delta = grad_part * ctx.scales[slot]
             grad_hidden, grad_b_t = _mm_grads(grad_delta, hidden, b.t())
-            grad_flat, grad_a_t = _mm_grads(grad_hidden, flat, a.t())
-            grad_b[slot, :, :rank] += grad_b_t.t()
-            grad_a[slot, :rank] += grad_a_t.t()
-            grad_parts.append(grad_flat.reshape(shape))
-        grad_x = torch.cat(grad_parts) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_a, grad_b, None, None
+            grad_flat, grad_a_t = _mm_grads(grad_hidden, flat, a.t(), into_parts[index])
+            grad_b[slot].narrow(1, 0, rank).add_(grad_b_t.t())
+            grad_a[slot].narrow(0, 0, rank).add_(grad_a_t.t())
+            grad_x_parts.append(grad_flat)
+        if not ctx.needs_input_grad[0]:
+            return None, grad_a, grad_b, None, None
+        grad_x = into if into is not None else torch.cat(grad_x_parts)
+        return grad_x.view(ctx.input_shape), grad_a, grad_b, None, None
 
 
-def _mm_grads(grad: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _mm_grads(grad: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor,
+              out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of `mat1.mm(mat2)` exactly as autograd computes them (torch's
     mm_mat1_backward / mm_mat2_backward: a column-major operand gets its gradient in column
-    order, which is a different matmul and so a different rounding)."""
+    order, which is a different matmul and so a different rounding). With `out`, mat1's
+    gradient is written there (the same matmul, into a given row-major buffer)."""
     if mat1.stride(0) == 1 and mat1.stride(1) == mat1.size(0):
         grad_mat1 = mat2.mm(grad.t()).t()
+        if out is not None:
+            out.copy_(grad_mat1)
+    elif out is not None:
+        grad_mat1 = torch.mm(grad, mat2.t(), out=out)
     else:
         grad_mat1 = grad.mm(mat2.t())
     if mat2.stride(0) == 1 and mat2.stride(1) == mat2.size(0):
