@@ -100,8 +100,7 @@ class Strategies:
             optimizer = self.engine.optimizer
             optimizer.frozen_rank[slot] = self.engine.slot_rank[slot]
             generator = torch.Generator().manual_seed(seed * 1009 + task_index + 1)
-            self.engine.grow_slot(slot, config, generator)
-            optimizer.restart_moments(slot)
+            self.engine.grow_slot(slot, config, generator)  # a fresh optimizer for the fresh LoRA, too
             self.olora1[slot] = config.olora_lambda1
 
     @torch.no_grad()
@@ -111,14 +110,9 @@ class Strategies:
         if bool(optimizer.frozen_rank.any()):
             # O-LoRA's earlier blocks are not trainable: drop their gradient so it does not count
             # in the adapter's clipping norm (as with requires_grad=False in the reference code).
-            for p, rank_dim in zip(self.params, optimizer.rank_dims):
-                if p.grad is None:
-                    continue
-                shape = [p.size(0)] + [1] * (p.dim() - 1)
-                shape[rank_dim] = p.size(rank_dim)
-                ranks = torch.arange(p.size(rank_dim), device=p.device).view(1, -1)
-                is_frozen = ranks < optimizer.frozen_rank.to(p.device).view(-1, 1)
-                p.grad.masked_fill_(is_frozen.view(shape), 0.0)
+            for index, p in enumerate(self.params):
+                if p.grad is not None:
+                    p.grad.masked_fill_(~optimizer.trainable(index), 0.0)
         if self.anchor is not None and bool((self.l2 > 0).any() or (self.ewc > 0).any()):
             fishers = self.fisher or [None] * len(self.params)
             for p, anchor, fisher in zip(self.params, self.anchor, fishers):

@@ -316,7 +316,7 @@ def test_fused_layer_on_a_bfloat16_base_keeps_fp32_lora() -> None:
         layer.base.load_state_dict({k: v.to(layer.base.weight.dtype) for k, v in linear.state_dict().items()})
         with torch.no_grad():
             layer.lora_A.copy_(torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(1)))
-            layer.lora_B.copy_(torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(2)))
+            layer.lora_B.copy_(torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(2)).view(2, -1))
             layer.scale.fill_(0.5)
     x = torch.randn(4, 3, 16)
     routing.set([0, 1], [2, 2], [4, 4], torch.device("cpu"))

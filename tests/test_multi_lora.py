@@ -36,7 +36,7 @@ def make_engine() -> tuple[MultiLoraModel, torch.nn.Module]:
         # B starts at zero; make it non-zero so the LoRA term is really tested.
         with torch.no_grad():
             for layer in engine.layers.values():
-                layer.lora_B[slot, :, : config.rank].copy_(torch.randn(layer.out_features, config.rank, generator=generator) * 0.1)
+                layer.b_block(slot, config.rank).copy_(torch.randn(layer.out_features, config.rank, generator=generator) * 0.1)
     for name in engine.targeted_layers(ADAPTERS[2]):
         assert name.endswith(("q_proj", "v_proj"))
     return engine, reference
@@ -104,11 +104,14 @@ def test_mixed_batch_matches_alone_and_peft(rows: list[int], per_adapter: bool) 
             if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
                 layer_name = name.removeprefix("base_model.model.")
                 grad_a, grad_b = mixed_grads[layer_name]
-                torch.testing.assert_close(grad_a[slot, :rank], module.lora_A["default"].weight.grad, atol=1e-5, rtol=1e-4)
-                torch.testing.assert_close(grad_b[slot, :, :rank], module.lora_B["default"].weight.grad, atol=1e-5, rtol=1e-4)
-                # Rank padding gets exactly zero gradient, so it stays zero.
+                layer = engine.layers[layer_name]
+                torch.testing.assert_close(layer.a_block(slot, rank, grad_a), module.lora_A["default"].weight.grad,
+                                           atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(layer.b_block(slot, rank, grad_b), module.lora_B["default"].weight.grad,
+                                           atol=1e-5, rtol=1e-4)
+                # The unused rest of the slot's rows gets exactly zero gradient, so it stays zero.
                 assert grad_a[slot, rank:].abs().sum() == 0
-                assert grad_b[slot, :, rank:].abs().sum() == 0
+                assert grad_b[slot, layer.out_features * rank :].abs().sum() == 0
 
 
 def test_gradients_reach_only_the_owning_slot_and_never_the_base() -> None:
@@ -129,6 +132,27 @@ def test_gradients_reach_only_the_owning_slot_and_never_the_base() -> None:
             if not any(parameter is p for layer in engine.layers.values() for p in (layer.lora_A, layer.lora_B)):
                 assert not parameter.requires_grad and parameter.grad is None
         engine.zero_grad()
+
+
+@pytest.mark.parametrize("per_adapter", [True, False], ids=["per-adapter", "batched"])
+def test_a_slot_in_two_groups_gets_the_sum_of_their_gradients(per_adapter: bool) -> None:
+    """Slot 1's rows split around slot 0's (groups [1, 0, 1]) train it as the same rows together do."""
+    engine, _ = make_engine()
+    engine.routing.per_adapter = per_adapter
+    ids, mask = batch(6, seed=4)
+    grads = []
+    # Rows 0, 1, 4, 5 are slot 1's: as groups [1, 0, 1] in this order, or as [1, 0] reordered.
+    for slots, rows, order, own in (([1, 0, 1], [2, 2, 2], [0, 1, 2, 3, 4, 5], [0, 1, 4, 5]),
+                                    ([1, 0], [4, 2], [0, 1, 4, 5, 2, 3], [0, 1, 2, 3])):
+        with engine.routed(slots, rows):
+            logits = engine.model(input_ids=ids[order], attention_mask=mask[order]).logits
+        loss_of(logits[own], ids[order][own], mask[order][own]).backward()
+        grads.append([p.grad.clone() for layer in engine.layers.values() for p in (layer.lora_A, layer.lora_B)])
+        engine.zero_grad()
+    for split, together in zip(*grads):
+        torch.testing.assert_close(split, together, atol=1e-6, rtol=1e-5)
+        assert split[0].abs().max() == 0  # slot 0's rows are not in the loss
+    assert any(split[1].abs().max() > 0 for split in grads[0])
 
 
 def test_zero_b_equals_base() -> None:

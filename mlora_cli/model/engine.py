@@ -91,14 +91,19 @@ class MultiLoraModel:
         if not self.layers:
             raise ValueError(f"no linear layer matches target_modules {list(targets)}")
         params = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
-        self.optimizer = SlotAdamW(params, num_slots, rank_dims=[1, 2] * len(self.layers))
-        self.slot_rank = [0] * num_slots  # rank in use per slot (O-LoRA grows it task by task)
+        layouts = [layout for layer in self.layers.values() for layout in (layer.a_layout, layer.b_layout)]
+        self.optimizer = SlotAdamW(params, num_slots, layouts)
         self.device = next(model.parameters()).device
         # On the CPU, per-adapter matmuls cost about what the padded bmm wastes, and they make
         # every adapter bit-identical to PEFT alone (see multi_lora.py).
         self.routing.per_adapter = self.device.type == "cpu"
 
     # -- slots ---------------------------------------------------------------------------
+
+    @property
+    def slot_rank(self) -> list[int]:
+        """Rank in use per slot (O-LoRA grows it task by task); the optimizer's own list."""
+        return self.optimizer.slot_rank
 
     def targeted_layers(self, config: AdapterConfig) -> list[str]:
         return [name for name in self.layers if matches_target(name, config.target_modules, self.output_layer)]
@@ -122,16 +127,23 @@ class MultiLoraModel:
 
     @torch.no_grad()
     def grow_slot(self, slot: int, config: AdapterConfig, generator: torch.Generator) -> None:
-        """Append `config.rank` fresh LoRA ranks to a slot: A as PEFT initialises it, B = 0."""
+        """Append `config.rank` fresh LoRA ranks to a slot: A as PEFT initialises it, B = 0.
+
+        The slot's optimizer moments restart: B's block is laid out for its rank, so a
+        larger rank moves the existing columns (see multi_lora.Block).
+        """
         start, stop = self.slot_rank[slot], self.slot_rank[slot] + config.rank
         if stop > self.max_rank:
             raise ValueError(f"rank {stop} exceeds the engine's max rank {self.max_rank}")
         for name in self.targeted_layers(config):
             layer = self.layers[name]
-            layer.lora_A[slot, start:stop].copy_(lora_a_init(config.rank, layer.in_features, generator))
-            layer.lora_B[slot, :, start:stop].zero_()
+            layer.a_block(slot, stop)[start:].copy_(lora_a_init(config.rank, layer.in_features, generator))
+            columns = layer.b_block(slot, start).clone()
+            layer.lora_B[slot].zero_()
+            layer.b_block(slot, stop)[:, :start].copy_(columns)
             layer.scale[slot] = config.alpha / config.rank
         self.slot_rank[slot] = stop
+        self.optimizer.restart_moments(slot)
 
     @torch.no_grad()
     def copy_slot(self, source: int, target: int) -> None:
@@ -155,6 +167,10 @@ class MultiLoraModel:
 
     @torch.no_grad()
     def load_slot_state(self, slot: int, state: dict[str, object]) -> None:
+        saved = [tuple(t.shape) for pair in zip(state["lora_A"], state["lora_B"]) for t in pair]  # type: ignore[call-overload]
+        if saved != [tuple(p[slot].shape) for p in self.optimizer.params]:
+            raise ValueError("the saved training state does not fit this engine "
+                             "(another model, maximum rank, or an older mlora's layout)")
         for layer, a, b, scale in zip(self.layers.values(), state["lora_A"], state["lora_B"], state["scale"]):  # type: ignore[call-overload]
             layer.lora_A[slot].copy_(a)
             layer.lora_B[slot].copy_(b)
@@ -167,8 +183,8 @@ class MultiLoraModel:
         weights, rank = {}, self.slot_rank[slot]
         for name in self.targeted_layers(config):
             layer = self.layers[name]
-            weights[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[slot, :rank].detach().clone()
-            weights[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B[slot, :, :rank].detach().clone()
+            weights[f"base_model.model.{name}.lora_A.weight"] = layer.a_block(slot, rank).detach().clone()
+            weights[f"base_model.model.{name}.lora_B.weight"] = layer.b_block(slot, rank).detach().clone()
         return weights
 
     @torch.no_grad()
@@ -180,8 +196,8 @@ class MultiLoraModel:
         for name in self.targeted_layers(config):
             layer = self.layers[name]
             lora_a = weights[f"base_model.model.{name}.lora_A.weight"]
-            layer.lora_A[slot, : lora_a.size(0)].copy_(lora_a)
-            layer.lora_B[slot, :, : lora_a.size(0)].copy_(weights[f"base_model.model.{name}.lora_B.weight"])
+            layer.a_block(slot, lora_a.size(0)).copy_(lora_a)
+            layer.b_block(slot, lora_a.size(0)).copy_(weights[f"base_model.model.{name}.lora_B.weight"])
             layer.scale[slot] = config.alpha / config.rank
             self.slot_rank[slot] = lora_a.size(0)
 
@@ -244,7 +260,7 @@ class MultiLoraModel:
         if not self.routing.per_adapter:
             return self.optimizer.grad_norms()
         scales = torch.stack([layer.scale for layer in self.layers.values()]).tolist()  # (layers, S)
-        in_use = [(slot, self.slot_rank[slot], [bool(row[slot]) for row in scales for _ in ("A", "B")]) for slot in slots]
+        in_use = [(slot, [bool(row[slot]) for row in scales for _ in ("A", "B")]) for slot in slots]
         return self.optimizer.grad_norms(in_use)
 
     def zero_grad(self) -> None:

@@ -8,26 +8,31 @@ A batch of R rows holds the rows of several adapters, grouped contiguously: grou
 
 A_k is (r_k, d_in) and B_k is (d_out, r_k), exactly PEFT's lora_A / lora_B weights, and the
 LoRA term is evaluated in PEFT's order (scale last). Every slot's A and B live in two stacked
-parameters, zero-padded to the largest rank:
+parameters, one row per slot, sized for the largest rank:
 
-    lora_A: (S, r_max, d_in)      lora_B: (S, d_out, r_max)
+    lora_A: (S, r_max, d_in)      lora_B: (S, d_out * r_max)
 
-The padding never changes a result: padded rows of A and columns of B start at zero and
-their gradients are exactly zero (each is multiplied by the other's zero), so they stay
-zero under AdamW. Rows never mix: each group only reads its own slot's A and B, and the loss
-of an adapter only reaches its own slot's gradients, so co-training is exact (see
-tests/test_multi_lora.py). Two ways to compute the LoRA term, same math:
+Slot k's A_k and B_k are the first r_k * d_in and d_out * r_k entries of its rows, viewed as
+(r_k, d_in) and (d_out, r_k) (`Block`): PEFT's own contiguous tensors, element for element.
+So the optimizer, the gradient norms and clipping work on exactly an adapter's own entries,
+as PEFT's do, with no padding to skip. The rest of a row is unused. Rows never mix: each
+group only reads its own slot's A and B, and the loss of an adapter only reaches its own
+slot's gradients, so co-training is exact (see tests/test_multi_lora.py). Two ways to
+compute the LoRA term, same math:
 
 - on a GPU, when every group has the same number of rows (equal per-adapter batches, and
   always during evaluation), two batched matmuls over all groups, so the cost does not grow
   with a Python loop over adapters (kernel launches are what a loop costs there):
 
-      h = bmm(x.view(G, m*T, d_in), A[slots]^T)               (G, m*T, r_max)
-      y += (bmm(h, B[slots]^T) * s[slots]).view(R, T, d_out)
+      h = bmm(x.view(G, m*T, d_in), A[slots, :r]^T)           (G, m*T, r),  r = the largest r_k
+      y += (bmm(h, B_pad[slots]^T) * s[slots]).view(R, T, d_out)
 
-- on the CPU (and for unequal groups), per group `linear(linear(x_g, A_k[:r_k]), B_k[:, :r_k]) * s_k`
-  on the adapter's own rank, with B_k's columns made contiguous: the very calls PEFT makes,
-  so an adapter's forward and gradients are bit-identical to training it alone with PEFT
+  with each B_k zero-padded to (d_out, r) (one gather per distinct rank): padded rows of A
+  and columns of B are zero, so they add nothing.
+
+- on the CPU (and for unequal groups), per group `linear(linear(x_g, A_k), B_k) * s_k` on
+  the adapter's own blocks: the very calls PEFT makes, on tensors laid out as PEFT's, so an
+  adapter's forward and gradients are bit-identical to training it alone with PEFT
   (the padded bmm rounds differently). That makes co-trained and single-tenant runs agree
   even where training is chaotic enough to amplify the last bit. All groups are one autograd
   node (`PerAdapterLora`) whose backward makes autograd's own matmuls: the loop then costs
@@ -59,6 +64,35 @@ def linear_features(layer: nn.Module) -> tuple[int, int]:
     return d_in, d_out
 
 
+@dataclass(frozen=True)
+class Block:
+    """Where one slot's LoRA matrix lives in its row of a stacked parameter.
+
+    The first `rank * width` entries of the row, viewed as (rank, width) when `rank_first`
+    (A: (r, d_in)) or as (width, rank) (B: (d_out, r)): a contiguous tensor laid out as
+    PEFT's. `of` works on any tensor shaped like the parameter (its gradient, a moment).
+    """
+
+    width: int
+    rank_first: bool
+
+    def of(self, row: torch.Tensor, rank: int) -> torch.Tensor:
+        entries = row.view(-1)[: rank * self.width]
+        return entries.view(rank, self.width) if self.rank_first else entries.view(self.width, rank)
+
+    def view(self, stack: torch.Tensor, slot: int, rank: int, transposed: bool = False) -> torch.Tensor:
+        """`of(stack[slot], rank)` (or its `.t()`) of a contiguous (S, ...) stack, made as one view."""
+        rows, columns = (rank, self.width) if self.rank_first else (self.width, rank)
+        shape, strides = ((columns, rows), (1, columns)) if transposed else ((rows, columns), (columns, 1))
+        return stack.as_strided(shape, strides, stack.storage_offset() + slot * stack.stride(0))
+
+    def rank_index(self, row_length: int, ranks: torch.Tensor) -> torch.Tensor:
+        """(S, row_length): for each entry of each slot's row, the LoRA rank it belongs to
+        (`ranks`: (S, 1), each slot's rank in use)."""
+        position = torch.arange(row_length, device=ranks.device).view(1, -1)
+        return position // self.width if self.rank_first else position % ranks.clamp(min=1)
+
+
 @dataclass
 class Routing:
     """Which slot owns which rows of the current batch; shared by every fused layer."""
@@ -71,6 +105,10 @@ class Routing:
     in_slot_order: bool = False  # slots == 0, 1, ..., G-1
     ranks: list[int] = field(default_factory=list)  # rank in use by each group's slot
     per_adapter: bool = False  # always compute the LoRA term group by group, PEFT's way (set on the CPU)
+    # For the batched path: [(rank, the slots of the groups with that rank)], ranks ascending,
+    # slots as a tensor on the device; and the permutation from that order back to group order.
+    rank_groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    rank_order_inverse: torch.Tensor | None = None
 
     def set(
         self,
@@ -86,6 +124,14 @@ class Routing:
         self.generators = list(generators) if generators is not None else [None] * len(slots)
         self.slot_index = torch.tensor(self.slots, dtype=torch.long, device=device)
         self.in_slot_order = self.slots == list(range(len(self.slots)))
+        order = sorted(range(len(self.slots)), key=lambda g: self.ranks[g])
+        self.rank_groups = [
+            (rank, torch.tensor([self.slots[g] for g in order if self.ranks[g] == rank], dtype=torch.long, device=device))
+            for rank in sorted(set(self.ranks))
+        ]
+        inverse = sorted(range(len(order)), key=lambda i: order[i])
+        self.rank_order_inverse = (None if order == list(range(len(order)))
+                                   else torch.tensor(inverse, dtype=torch.long, device=device))
 
     def clear(self) -> None:
         self.set([], [], [], torch.device("cpu"))
@@ -102,11 +148,12 @@ class Routing:
         return contextlib.nullcontext(), self._replaying(self._snapshot(), self._generator_states())
 
     def _snapshot(self) -> tuple[Any, ...]:
-        return self.slots, self.rows, self.ranks, self.dropout, self.generators, self.slot_index, self.in_slot_order
+        return (self.slots, self.rows, self.ranks, self.dropout, self.generators, self.slot_index, self.in_slot_order,
+                self.rank_groups, self.rank_order_inverse)
 
     def _restore(self, snapshot: tuple[Any, ...]) -> None:
         (self.slots, self.rows, self.ranks, self.dropout, self.generators, self.slot_index,
-         self.in_slot_order) = snapshot
+         self.in_slot_order, self.rank_groups, self.rank_order_inverse) = snapshot
 
     def _generator_states(self) -> list[tuple[torch.Generator, torch.Tensor]]:
         return [(g, g.get_state()) for g, p in zip(self.generators, self.dropout) if g is not None and p > 0]
@@ -141,7 +188,8 @@ class MultiLoraLinear(nn.Module):
         self.in_features, self.out_features = linear_features(base)
         factory = {"device": base.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.zeros(num_slots, max_rank, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(num_slots, self.out_features, max_rank, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(num_slots, self.out_features * max_rank, **factory))
+        self.a_layout, self.b_layout = Block(self.in_features, rank_first=True), Block(self.out_features, rank_first=False)
         # alpha / rank per slot; 0 where the slot is empty or its adapter does not target this layer.
         self.register_buffer("scale", torch.zeros(num_slots, **factory), persistent=False)
         self.routing = routing
@@ -149,6 +197,14 @@ class MultiLoraLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:  # some model code reads .weight (dtype/device checks)
         return self.base.weight
+
+    def a_block(self, slot: int, rank: int, stack: torch.Tensor | None = None) -> torch.Tensor:
+        """Slot `slot`'s A as (rank, d_in), a view into `stack` (default: lora_A; or its gradient, a moment)."""
+        return self.a_layout.of((self.lora_A if stack is None else stack)[slot], rank)
+
+    def b_block(self, slot: int, rank: int, stack: torch.Tensor | None = None) -> torch.Tensor:
+        """Slot `slot`'s B as (d_out, rank), a view into `stack` (default: lora_B)."""
+        return self.b_layout.of((self.lora_B if stack is None else stack)[slot], rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
@@ -159,16 +215,26 @@ class MultiLoraLinear(nn.Module):
         if routing.uniform and not routing.per_adapter:
             groups, shape = len(routing.slots), lora_input.shape
             grouped = lora_input.reshape(groups, -1, shape[-1])
+            rank = routing.rank_groups[-1][0]  # the largest in use
             if routing.in_slot_order and groups == self.lora_A.size(0):
-                lora_a, lora_b, scale = self.lora_A, self.lora_B, self.scale  # every slot, in order: no gather
+                lora_a, scale = self.lora_A[:, :rank], self.scale  # every slot, in order: no gather
             else:
-                index = routing.slot_index
-                lora_a, lora_b, scale = self.lora_A[index], self.lora_B[index], self.scale[index]
+                lora_a, scale = self.lora_A[routing.slot_index, :rank], self.scale[routing.slot_index]
             hidden = torch.bmm(grouped, lora_a.transpose(1, 2))
-            delta = torch.bmm(hidden, lora_b.transpose(1, 2)) * scale.view(groups, 1, 1)
+            delta = torch.bmm(hidden, self._padded_b(rank).transpose(1, 2)) * scale.view(groups, 1, 1)
             return result + delta.reshape(*shape[:-1], -1).to(result.dtype)
-        delta = PerAdapterLora.apply(lora_input, self.lora_A, self.lora_B, self.scale, routing)
+        delta = PerAdapterLora.apply(lora_input, self.lora_A, self.lora_B, self.scale, routing, (self.a_layout, self.b_layout))
         return result + delta.to(result.dtype)
+
+    def _padded_b(self, rank: int) -> torch.Tensor:
+        """(G, d_out, rank): each routed group's B, zero-padded to `rank` columns, in group order."""
+        d_out, routing = self.out_features, self.routing
+        padded = []
+        for group_rank, slots in routing.rank_groups:
+            blocks = self.lora_B[:, : d_out * group_rank].index_select(0, slots).view(-1, d_out, group_rank)
+            padded.append(nn.functional.pad(blocks, (0, rank - group_rank)))
+        stacked = torch.cat(padded) if len(padded) > 1 else padded[0]
+        return stacked if routing.rank_order_inverse is None else stacked[routing.rank_order_inverse]
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.routing
@@ -201,17 +267,17 @@ def _keep_mask(piece: torch.Tensor, generator: torch.Generator | None) -> torch.
 
 
 class PerAdapterLora(torch.autograd.Function):
-    """Each group's `linear(linear(x_g, A_k[:r_k]), B_k[:, :r_k]) * s_k`, as one autograd node.
+    """Each group's `linear(linear(x_g, A_k), B_k) * s_k` on its slot's blocks, as one autograd node.
 
     Forward and backward make exactly the matmuls autograd makes for PEFT's two `linear`
-    calls (the same operands, layouts and order: see `_mm_grads`), so results and gradients
+    calls (the same operands, layouts and order: see `_linear_grads`), so results and gradients
     are bit-identical to PEFT's; one node instead of a dozen per adapter and layer is what
     saves the time, which on the CPU is mostly the autograd bookkeeping of small matmuls.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
-                routing: Routing) -> torch.Tensor:
+                routing: Routing, layouts: tuple[Block, Block]) -> torch.Tensor:
         # Times a Python float, as PEFT's `* scaling` is; on a GPU the 0-dim tensor (reading
         # the values out would be a host sync).
         scales = scale.tolist() if scale.device.type == "cpu" else scale
@@ -220,19 +286,21 @@ class PerAdapterLora(torch.autograd.Function):
         groups, tensors = [], []
         delta = out_parts = None
         for index, (flat, slot, rank) in enumerate(zip(flat_parts, routing.slots, routing.ranks)):
-            a, b = lora_a[slot, :rank], lora_b[slot, :, :rank].contiguous()  # PEFT's own (r, d_in), (d_out, r)
-            hidden = flat.mm(a.t())
-            product = hidden.mm(b.t())
+            # A_k^T and B_k^T exactly as PEFT's `weight.t()` of its contiguous (r, d_in) and
+            # (d_out, r) weights: one view each, made directly (a slot's blocks, see Block).
+            a_t, b_t = layouts[0].view(lora_a, slot, rank, transposed=True), layouts[1].view(lora_b, slot, rank, transposed=True)
+            hidden = flat.mm(a_t)
+            product = hidden.mm(b_t)
             if delta is None:  # in the matmul's dtype (bf16 under autocast)
                 # Each group's term is written straight into its rows of the output (no concatenation).
                 delta = product.new_empty(sum(part.size(0) for part in flat_parts), product.size(1))
                 out_parts = delta.split([part.size(0) for part in flat_parts])
             torch.mul(product, scales[slot], out=out_parts[index])
             groups.append((slot, rank))
-            tensors += [flat, a, b, hidden]
+            tensors += [flat, a_t, b_t, hidden]
         # Saved the official way, so that activation checkpointing can drop and recompute them.
         ctx.save_for_backward(*tensors)
-        ctx.groups, ctx.scales, ctx.shapes = groups, scales, (lora_a.shape, lora_b.shape)
+        ctx.groups, ctx.scales, ctx.shapes, ctx.layouts = groups, scales, (lora_a.shape, lora_b.shape), layouts
         ctx.input_shape = x.shape
         # The backward runs under the forward's autocast (bf16 on a GPU), as autograd's own
         # recorded casts would make it (what torch.amp.custom_bwd does, for any device).
@@ -252,43 +320,53 @@ class PerAdapterLora(torch.autograd.Function):
         grad_a, grad_b = (grad_output.new_zeros(shape) for shape in ctx.shapes)
         flats = tensors[0::4]
         grad_parts = grad_output.reshape(-1, grad_output.size(-1)).split([flat.size(0) for flat in flats])
-        # Without autocast, each group's input gradient is written straight into its rows (no
-        # concatenation); an `out=` matmul would skip autocast's cast, so under it they are joined.
+        # Without autocast, each matmul writes its result where it belongs: the input gradient
+        # into its rows, the weight gradients into the slot's blocks (an `out=` matmul would
+        # skip autocast's cast, so under it results are added in and joined instead).
+        direct = not torch.is_autocast_enabled(grad_output.device.type)
         into = None
-        if ctx.needs_input_grad[0] and not torch.is_autocast_enabled(grad_output.device.type):
+        if ctx.needs_input_grad[0] and direct:
             into = grad_output.new_empty(sum(flat.size(0) for flat in flats), ctx.input_shape[-1])
         into_parts = into.split([flat.size(0) for flat in flats]) if into is not None else [None] * len(flats)
         grad_x_parts = []
+        written: set[int] = set()
         for index, (grad_part, (slot, rank)) in enumerate(zip(grad_parts, ctx.groups)):
-            flat, a, b, hidden = tensors[4 * index : 4 * index + 4]
+            flat, a_t, b_t, hidden = tensors[4 * index : 4 * index + 4]
+            # A slot met twice in one batch gets its gradients summed.
+            first = direct and slot not in written
+            written.add(slot)
             grad_delta = grad_part * ctx.scales[slot]
-            grad_hidden, grad_b_t = _mm_grads(grad_delta, hidden, b.t())
-            grad_flat, grad_a_t = _mm_grads(grad_hidden, flat, a.t(), into_parts[index])
-            grad_b[slot].narrow(1, 0, rank).add_(grad_b_t.t())
-            grad_a[slot].narrow(0, 0, rank).add_(grad_a_t.t())
-            grad_x_parts.append(grad_flat)
+            grad_a_block, grad_b_block = (layout.view(stack, slot, rank) for layout, stack in zip(ctx.layouts, (grad_a, grad_b)))
+            grad_hidden = _linear_grads(grad_delta, hidden, b_t, grad_b_block, first)
+            grad_x_parts.append(_linear_grads(grad_hidden, flat, a_t, grad_a_block, first, into_parts[index]))
         if not ctx.needs_input_grad[0]:
-            return None, grad_a, grad_b, None, None
+            return None, grad_a, grad_b, None, None, None
         grad_x = into if into is not None else torch.cat(grad_x_parts)
-        return grad_x.view(ctx.input_shape), grad_a, grad_b, None, None
+        return grad_x.view(ctx.input_shape), grad_a, grad_b, None, None, None
 
 
-def _mm_grads(grad: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor,
-              out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of `mat1.mm(mat2)` exactly as autograd computes them (torch's
-    mm_mat1_backward / mm_mat2_backward: a column-major operand gets its gradient in column
-    order, which is a different matmul and so a different rounding). With `out`, mat1's
-    gradient is written there (the same matmul, into a given row-major buffer)."""
-    if mat1.stride(0) == 1 and mat1.stride(1) == mat1.size(0):
-        grad_mat1 = mat2.mm(grad.t()).t()
-        if out is not None:
-            out.copy_(grad_mat1)
-    elif out is not None:
-        grad_mat1 = torch.mm(grad, mat2.t(), out=out)
+def _linear_grads(grad: torch.Tensor, inputs: torch.Tensor, weight_t: torch.Tensor, weight_grad: torch.Tensor,
+                  overwrite: bool, inputs_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Backward of `inputs.mm(weight_t)`, weight_t = W.t() for a contiguous W (PEFT's `linear`).
+
+    Returns the gradient of `inputs` (written into `inputs_out` if given: the same matmul,
+    into a given row-major buffer) and writes W's gradient into `weight_grad` (W's block of
+    the gradient stack), or adds it there unless `overwrite`. These are exactly autograd's
+    matmuls (torch's mm_mat1_backward / mm_mat2_backward): a column-major operand gets its
+    gradient in column order, which is a different matmul and so a different rounding.
+    `weight_t` is always column-major, so W's gradient is `grad.t().mm(inputs)` (which
+    autograd computes, then transposes twice).
+    """
+    if inputs.stride(0) == 1 and inputs.stride(1) == inputs.size(0):
+        grad_inputs = weight_t.mm(grad.t()).t()
+        if inputs_out is not None:
+            inputs_out.copy_(grad_inputs)
+    elif inputs_out is not None:
+        grad_inputs = torch.mm(grad, weight_t.t(), out=inputs_out)
     else:
-        grad_mat1 = grad.mm(mat2.t())
-    if mat2.stride(0) == 1 and mat2.stride(1) == mat2.size(0):
-        grad_mat2 = grad.t().mm(mat1).t()
+        grad_inputs = grad.mm(weight_t.t())
+    if overwrite:
+        torch.mm(grad.t(), inputs, out=weight_grad)
     else:
-        grad_mat2 = mat1.t().mm(grad)
-    return grad_mat1, grad_mat2
+        weight_grad.add_(grad.t().mm(inputs))
+    return grad_inputs

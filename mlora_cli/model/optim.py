@@ -1,14 +1,17 @@
 """Per-slot AdamW over stacked LoRA parameters, and the learning-rate schedule.
 
-Every parameter has shape (S, ...), one slice per slot. Each slot has its own lr, weight
-decay, betas, eps, step count and gradient-norm clip, and the update for slot k is exactly
-`torch.optim.AdamW` on that slot's slice. A slot that is not `active` in a step does not
-change at all: no weight-decay drift, no moment decay, no step count.
+Every parameter has shape (S, ...), one row per slot, and a `Block` layout: the slot's LoRA
+matrix is the first rank * width entries of its row (see multi_lora.py). Each slot has its
+own lr, weight decay, betas, eps, step count and gradient-norm clip, and the update for
+slot k is exactly `torch.optim.AdamW` on that slot's matrices. A slot that is not `active`
+in a step does not change at all: no weight-decay drift, no moment decay, no step count.
 
 On the CPU each active slot goes through torch's fused AdamW kernel (one call per slot, on
-every parameter at once): bit-identical to `AdamW(fused=True)` on the adapter alone. On a
-GPU the update is a handful of masked tensor ops over the whole stacks, AdamW's formula op
-by op, whatever the number of slots (finding the active slots would be a host sync).
+its own blocks of every parameter, which are contiguous and laid out as PEFT's): bit-
+identical to `clip_grad_norm_` + `AdamW(fused=True)` on the adapter alone, with no padding
+processed. On a GPU the update is a handful of masked tensor ops over the whole stacks,
+AdamW's formula op by op, whatever the number of slots (finding the active slots would be a
+host sync).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from mlora_cli.model.multi_lora import Block
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -34,20 +39,25 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
 
 
 class SlotAdamW:
-    """`params[i]` has shape (S, ...); `rank_dims[i]` is its LoRA-rank dimension.
+    """`params[i]` has shape (S, ...) and slot blocks laid out as `layouts[i]`.
 
-    Rank entries below `frozen_rank[slot]` never change (O-LoRA keeps earlier tasks' LoRA
-    frozen inside the same slot).
+    `slot_rank[slot]` is the rank in use by each slot (set by the engine). Rank entries below
+    `frozen_rank[slot]` never change (O-LoRA keeps earlier tasks' LoRA frozen inside the
+    same slot).
     """
 
-    def __init__(self, params: list[torch.Tensor], num_slots: int, rank_dims: list[int]):
+    def __init__(self, params: list[torch.Tensor], num_slots: int, layouts: list[Block]):
         self.params = params
-        self.rank_dims = rank_dims
+        self.layouts = layouts
         self.num_slots = num_slots
+        self.slot_rank = [0] * num_slots
         self.frozen_rank = torch.zeros(num_slots, dtype=torch.long)
         device = params[0].device
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+        self.row_lengths = [p[0].numel() for p in params]
+        if not all(p.is_contiguous() for p in params):
+            raise ValueError("stacked parameters must be contiguous")
 
         def per_slot(value: float) -> torch.Tensor:
             return torch.full((num_slots,), value, dtype=torch.float64, device=device)
@@ -60,10 +70,40 @@ class SlotAdamW:
         self.max_grad_norm = per_slot(math.inf)
         # The update's form (see the module doc): fused kernel per slot, or masked over all slots.
         self.per_slot_fused = device.type == "cpu"
-        # Each slot's views of the parameters and moments, made once (the tensors are only ever
-        # updated in place): views cost more to make than the fused kernel takes on small slots.
-        self.slot_views = [tuple([t[slot] for t in tensors] for tensors in (params, self.exp_avg, self.exp_avg_sq))
-                           for slot in range(num_slots)]
+        # Views of a slot's blocks of the parameters and moments, made once per (slot, rank,
+        # parameters) and reused (the tensors are only ever updated in place): views cost more
+        # to make than the fused kernel takes on small adapters.
+        self._state_views: dict[tuple[int, int, tuple[int, ...]], tuple[list[torch.Tensor], ...]] = {}
+        # The gradient blocks `grad_norms` made, kept for the `step` that follows it.
+        self._grad_blocks: tuple[list[torch.Tensor | None], dict[int, tuple[list[int], list[torch.Tensor]]]] | None = None
+
+    def block(self, index: int, tensor: torch.Tensor, slot: int) -> torch.Tensor:
+        """Slot `slot`'s block of parameter `index` (or of a tensor shaped like it), as PEFT lays it out."""
+        return self.layouts[index].of(tensor[slot], self.slot_rank[slot])
+
+    def _flat_blocks(self, tensors: list[torch.Tensor], indices: list[int], slot: int, rank: int) -> list[torch.Tensor]:
+        """Slot `slot`'s blocks of `tensors[i]` (contiguous, shaped like the parameters) as 1-d views.
+
+        The fused kernel, clipping and norms are elementwise or whole-tensor reductions, which
+        see a contiguous tensor as its flat entries; one `as_strided` per block is the
+        cheapest view to make, and there are (slots x parameters) of them per step.
+        """
+        return [tensors[i].as_strided((rank * self.layouts[i].width,), (1,),
+                                      tensors[i].storage_offset() + slot * self.row_lengths[i]) for i in indices]
+
+    def _gradients(self) -> list[torch.Tensor | None]:
+        """The parameters' gradients, each made contiguous if it is not (blocks are views of rows)."""
+        for p in self.params:
+            if p.grad is not None and not p.grad.is_contiguous():
+                p.grad = p.grad.contiguous()
+        return [p.grad for p in self.params]
+
+    def trainable(self, index: int) -> torch.Tensor:
+        """Bool, shaped like parameter `index`: False on entries of frozen ranks."""
+        p = self.params[index]
+        ranks = torch.tensor(self.slot_rank, device=p.device).view(-1, 1)
+        rank_index = self.layouts[index].rank_index(p[0].numel(), ranks)
+        return (rank_index >= self.frozen_rank.to(p.device).view(-1, 1)).view(p.shape)
 
     def reset_slot(
         self,
@@ -75,9 +115,7 @@ class SlotAdamW:
         max_grad_norm: float | None,
     ) -> None:
         """Fresh optimizer state for a new adapter in `slot`."""
-        for state in (*self.exp_avg, *self.exp_avg_sq):
-            state[slot].zero_()
-        self.steps[slot] = 0
+        self.restart_moments(slot)
         self.frozen_rank[slot] = 0
         self.weight_decay[slot] = weight_decay
         self.beta1[slot], self.beta2[slot], self.eps[slot] = beta1, beta2, eps
@@ -106,13 +144,14 @@ class SlotAdamW:
         self.frozen_rank[slot] = int(state["frozen_rank"])  # type: ignore[call-overload]
 
     @torch.no_grad()
-    def grad_norms(self, in_use: list[tuple[int, int, list[bool]]] | None = None) -> torch.Tensor:
+    def grad_norms(self, in_use: list[tuple[int, list[bool]]] | None = None) -> torch.Tensor:
         """The L2 norm of each slot's whole gradient, shape (S,).
 
-        With `in_use` = [(slot, rank in use, whether each parameter belongs to the slot's
-        adapter)], those slots' norms are computed as `clip_grad_norm_` computes them on the
-        adapter's own unpadded tensors (the norm of the per-tensor norms), bit for bit; the
-        default is one vectorized sum of squares over the padded stacks.
+        With `in_use` = [(slot, whether each parameter belongs to the slot's adapter)], those
+        slots' norms are computed as `clip_grad_norm_` computes them on the adapter's own
+        tensors (the norm of the per-tensor norms), bit for bit: each block is the adapter's
+        own contiguous tensor. The default is one vectorized sum of squares over the stacks
+        (the unused rest of every row is zero and adds nothing).
         """
         total = torch.zeros(self.num_slots, dtype=torch.float32, device=self.params[0].device)
         if in_use is None:
@@ -120,33 +159,18 @@ class SlotAdamW:
                 if p.grad is not None:
                     total += p.grad.float().pow(2).flatten(1).sum(1)
             return total.sqrt()
-        # Per parameter, every slot's norm in one reduction: bit for bit the norm of the slot's
-        # own contiguous tensor. Where the rank leads a slot's block (A), the block's zero
-        # padding follows the adapter's entries and changes no rounding; where it does not (B:
-        # zero columns between the entries), the slots' own columns are copied out first, one
-        # copy per rank in use.
-        device = total.device
-        by_rank: dict[int, list[int]] = {}
-        for slot, rank, _ in in_use:
-            by_rank.setdefault(rank, []).append(slot)
-        rank_groups = [(rank, torch.tensor(slots, device=device)) for rank, slots in by_rank.items()]
-        per_parameter = []
-        for p, rank_dim in zip(self.params, self.rank_dims):
-            if p.grad is None:
-                per_parameter.append(torch.zeros_like(total))
-            elif rank_dim == 1:
-                per_parameter.append(torch.linalg.vector_norm(p.grad.flatten(1), 2.0, dim=1))
-            else:
-                norms = torch.zeros_like(total)
-                for rank, index in rank_groups:
-                    own = p.grad.narrow(rank_dim, 0, rank).index_select(0, index)  # a gather: contiguous
-                    norms[index] = torch.linalg.vector_norm(own.flatten(1), 2.0, dim=1)
-                per_parameter.append(norms)
-        table = torch.stack(per_parameter)  # (parameters, S)
-        for slot, _, owned in in_use:
-            rows = [i for i, (p, mine) in enumerate(zip(self.params, owned)) if mine and p.grad is not None]
-            if rows:  # clip_grad_norm_: the norm of the per-tensor norms
-                total[slot] = torch.linalg.vector_norm(table[rows, slot], 2.0)
+        grads = self._gradients()
+        blocks = {}
+        norms = []
+        for slot, owned in in_use:
+            indices = [i for i, (grad, mine) in enumerate(zip(grads, owned)) if mine and grad is not None]
+            views = self._flat_blocks(grads, indices, slot, self.slot_rank[slot])  # type: ignore[arg-type]
+            blocks[slot] = (indices, views)
+            if views:  # clip_grad_norm_: the norm of the per-tensor norms
+                norms.append((slot, torch.linalg.vector_norm(torch.stack(torch._foreach_norm(views, 2.0)), 2.0)))
+        if norms:
+            total[[slot for slot, _ in norms]] = torch.stack([norm for _, norm in norms])
+        self._grad_blocks = (grads, blocks)
         return total
 
     @torch.no_grad()
@@ -161,8 +185,9 @@ class SlotAdamW:
         self.steps += active.cpu().long()
         # clip_grad_norm_'s own fp32 arithmetic: max_norm / (norm + 1e-6), clamped to 1.
         clip = ((grad_norms.float() + 1e-6).reciprocal() * self.max_grad_norm.float()).clamp(max=1.0)
+        grad_blocks, self._grad_blocks = self._grad_blocks, None
         if self.per_slot_fused:
-            self._fused_step(active, lrs, clip)
+            self._fused_step(active, lrs, clip, grad_blocks)
             return
         # On a GPU, one masked update of the whole stacks, AdamW's formula op by op: no host
         # sync to find the active slots, and frozen O-LoRA ranks keep their values.
@@ -173,8 +198,7 @@ class SlotAdamW:
         bias_correction2_sqrt = (1 - self.beta2**step).sqrt()
         step_size = lrs / bias_correction1
         decay = 1 - lrs * self.weight_decay
-        frozen = self.frozen_rank.to(device)
-        for p, m, v, rank_dim in zip(self.params, self.exp_avg, self.exp_avg_sq, self.rank_dims):
+        for index, (p, m, v) in enumerate(zip(self.params, self.exp_avg, self.exp_avg_sq)):
             if p.grad is None:
                 continue
 
@@ -184,10 +208,7 @@ class SlotAdamW:
             grad = p.grad * col(clip)
             mask = col(active.float()).bool()
             if any_frozen:
-                shape = [self.num_slots] + [1] * (p.dim() - 1)
-                shape[rank_dim] = p.size(rank_dim)
-                ranks = torch.arange(p.size(rank_dim), device=device).view(1, -1)
-                mask = mask & (ranks >= frozen.view(-1, 1)).view(shape)
+                mask = mask & self.trainable(index)
             new_p = p * col(decay)
             new_m = m.lerp(grad, col(1 - self.beta1))
             # AdamW's `v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)` as torch rounds it
@@ -199,29 +220,47 @@ class SlotAdamW:
             m.copy_(torch.where(mask, new_m, m))
             v.copy_(torch.where(mask, new_v, v))
 
-    def _fused_step(self, active: torch.Tensor, lrs: torch.Tensor, clip: torch.Tensor) -> None:
-        """On the CPU: each active slot through torch's fused AdamW kernel, on its own slices.
+    def _fused_step(self, active: torch.Tensor, lrs: torch.Tensor, clip: torch.Tensor,
+                    grad_blocks: tuple[list[torch.Tensor | None], dict[int, tuple[list[int], list[torch.Tensor]]]] | None) -> None:
+        """On the CPU: each active slot through torch's fused AdamW kernel, on its own blocks.
 
         This is exactly `clip_grad_norm_` followed by `torch.optim.AdamW(fused=True)` on the
-        adapter's own tensors: the kernel is elementwise, so the zero padding around a slot's
-        rank is neither read into its update nor changed (zero weight, gradient and moments
-        stay zero). One pass over memory instead of one per arithmetic op. Frozen O-LoRA
-        ranks are put back as they were after the kernel has run over them.
+        adapter's own tensors: the blocks are those tensors, entry for entry, so the kernel
+        and the clipping see nothing else. Frozen O-LoRA ranks are put back as they were
+        after the kernel has run over them.
         """
-        with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
+        grads = self._gradients()
+        # The blocks `grad_norms` made, if they are of these very gradients.
+        made = grad_blocks[1] if grad_blocks is not None and all(
+            a is b for a, b in zip(grad_blocks[0], grads)) else {}
         scales = clip.tolist()
         for slot in active.nonzero().flatten().tolist():
-            params, exp_avgs, exp_avg_sqs = (views if len(with_grad) == len(views) else [views[i] for i in with_grad]
-                                             for views in self.slot_views[slot])
+            rank = self.slot_rank[slot]
+            if slot in made:
+                indices, grad_views = made[slot]
+            else:
+                indices = [i for i, grad in enumerate(grads) if grad is not None]
+                grad_views = self._flat_blocks(grads, indices, slot, rank)  # type: ignore[arg-type]
+            if not indices:
+                continue
+            key = (slot, rank, tuple(indices))
+            if key not in self._state_views:
+                self._state_views[key] = tuple(self._flat_blocks(tensors, indices, slot, rank)
+                                               for tensors in (self.params, self.exp_avg, self.exp_avg_sq))
+            params, exp_avgs, exp_avg_sqs = self._state_views[key]
             frozen = int(self.frozen_rank[slot])
-            kept = [(view.narrow(self.rank_dims[i] - 1, 0, frozen), view.narrow(self.rank_dims[i] - 1, 0, frozen).clone())
-                    for views in (params, exp_avgs, exp_avg_sqs) for i, view in zip(with_grad, views)] if frozen else []
-            grads = [self.params[i].grad[slot] for i in with_grad]
+            kept = []
+            if frozen:
+                for i in indices:
+                    for tensors in (self.params, self.exp_avg, self.exp_avg_sq):
+                        block = self.block(i, tensors[i], slot)
+                        view = block.narrow(0 if self.layouts[i].rank_first else 1, 0, frozen)
+                        kept.append((view, view.clone()))
             if scales[slot] < 1.0:  # as clip_grad_norm_ scales the gradients (by 1.0: no change)
-                torch._foreach_mul_(grads, clip[slot])
+                torch._foreach_mul_(grad_views, clip[slot])
             step = torch.tensor(float(self.steps[slot]))
             torch._fused_adamw_(
-                params, grads, exp_avgs, exp_avg_sqs, [], [step] * len(grads),
+                params, grad_views, exp_avgs, exp_avg_sqs, [], [step] * len(grad_views),
                 lr=float(lrs[slot]), beta1=float(self.beta1[slot]), beta2=float(self.beta2[slot]),
                 weight_decay=float(self.weight_decay[slot]), eps=float(self.eps[slot]), amsgrad=False, maximize=False,
             )
