@@ -16,14 +16,17 @@ Derived figures:
 - fusion efficiency (train) = time of one adapter's step on the union batch (N x batch rows),
   on an engine holding only that adapter, / time of the fused N-adapter step on the same
   rows, the two timed alternately; (eval) the same for one batched evaluation pass. 1.0
-  means co-training costs no more than the union batch itself. Both are timed with the
-  torch threads of one of the concurrent run's workers.
+  means co-training costs no more than the union batch itself. The one adapter is the first
+  with the sweep's mean rank, so that its LoRA matmuls on the union batch do the work of the
+  N adapters' on their own rows (sum of rows x rank). Both are timed with the torch threads
+  of one of the concurrent run's workers.
 - agreement: per adapter and task, |loss_c - loss_s| <= 1% of loss_s and
   |exact_match_c - exact_match_s| <= 0.02 (2 points).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -183,10 +186,15 @@ def _fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: P
             engine.load_slot(slot, adapter.adapter, adapter.train.max_grad_norm, adapter.seed)
         return engine, base.tokenizer
 
-    # The union batch runs on an engine of its own holding only the first adapter, as a
-    # single-tenant run would: no other slot's optimizer state or routing to carry.
+    # The union batch runs on an engine of its own holding one adapter, as a single-tenant run
+    # would: no other slot's optimizer state or routing to carry. It is the first adapter at
+    # the sweep's mean rank: N adapters of ranks r_k on their own rows make the LoRA matmuls
+    # of one adapter of rank mean(r_k) on all the rows, so both sides do the same work (at the
+    # first adapter's own rank the fused step would have more to do, or less).
+    union_rank = max(1, round(statistics.mean(a.adapter.rank for a in adapters)))
+    union_adapter = dataclasses.replace(adapters[0], adapter=dataclasses.replace(adapters[0].adapter, rank=union_rank))
     fused_engine, tokenizer = engine_for(adapters)
-    union_engine, _ = engine_for(adapters[:1])
+    union_engine, _ = engine_for([union_adapter])
     pad = tokenizer.pad_token_id
     task = tokenize_task(load_task(spec.tasks[0], adapters[0].seed, data_dir), tokenizer, adapters[0].train.max_seq_len)
     size = adapters[0].train.batch_size
@@ -226,6 +234,7 @@ def _fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: P
     return {
         "adapters": len(adapters),
         "rows_per_adapter": size,
+        "union_rank": union_rank,
         "fused_step_seconds": fused_train,
         "union_step_seconds": union_train,
         "fusion_efficiency_train": union_train / fused_train,

@@ -371,8 +371,9 @@ def bench_tables(report: dict[str, Any]) -> list[Table]:
     summary.add_column("value", justify="right")
     summary.add_column("meaning")
     summary.add_row("fusion efficiency (train)", f"{fusion['fusion_efficiency_train']:.2f}",
-                    f"union step {fusion['union_step_seconds'] * 1e3:.0f} ms / fused step {fusion['fused_step_seconds'] * 1e3:.0f} ms"
-                    f" ({fusion['torch_threads']} thread{'s' if fusion['torch_threads'] != 1 else ''})")
+                    f"union step (rank {fusion['union_rank']}) {fusion['union_step_seconds'] * 1e3:.0f} ms / fused step"
+                    f" {fusion['fused_step_seconds'] * 1e3:.0f} ms ({fusion['torch_threads']} thread"
+                    f"{'s' if fusion['torch_threads'] != 1 else ''})")
     summary.add_row("fusion efficiency (eval)", f"{fusion['fusion_efficiency_eval']:.2f}",
                     f"union pass {fusion['union_eval_seconds']:.2f} s / fused pass {fusion['fused_eval_seconds']:.2f} s")
     if "experiment_throughput_ratio" in report:

@@ -40,6 +40,7 @@ def test_bench_runs_agrees_and_writes_report(tmp_path: Path) -> None:
     for figures in report["modes"].values():
         assert figures["experiments"] == 2 and figures["wall_seconds"] > 0 and figures["peak_rss_mib"] > 0
     assert report["experiment_throughput_ratio"] > 0 and report["fusion_efficiency_train"] > 0
+    assert report["fusion"]["union_rank"] == 3  # the union adapter does the work of ranks 2 and 4: their mean
     # The concurrent and sequential runs trained the same experiments to the same results.
     for verdict in report["agreement"].values():
         assert verdict["max_loss_rel_delta"] < 1e-3
