@@ -110,9 +110,9 @@ class Strategies:
         if bool(optimizer.frozen_rank.any()):
             # O-LoRA's earlier blocks are not trainable: drop their gradient so it does not count
             # in the adapter's clipping norm (as with requires_grad=False in the reference code).
-            for index, p in enumerate(self.params):
+            for p, unfrozen in zip(self.params, optimizer.trainable()):
                 if p.grad is not None:
-                    p.grad.masked_fill_(~optimizer.trainable(index), 0.0)
+                    p.grad.masked_fill_(~unfrozen, 0.0)
         if self.anchor is not None and bool((self.l2 > 0).any() or (self.ewc > 0).any()):
             fishers = self.fisher or [None] * len(self.params)
             for p, anchor, fisher in zip(self.params, self.anchor, fishers):

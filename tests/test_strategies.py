@@ -580,13 +580,16 @@ def test_olora_orthogonality_penalty_separates_the_blocks(main_run: Run) -> None
     assert values["olora"] < 0.25 * values["start"], values
 
 
-def test_olora_clips_only_the_trainable_block() -> None:
-    """After a boundary the frozen block's gradient is not the adapter's: it is not in the clipping norm."""
+@pytest.mark.parametrize("per_slot_fused", [True, False], ids=["cpu-update", "masked-update"])
+def test_olora_clips_only_the_trainable_block(per_slot_fused: bool) -> None:
+    """After a boundary the frozen block's gradient is not the adapter's: it is not in the clipping
+    norm, and neither AdamW update (the CPU's per slot, the GPU's masked) moves the frozen block."""
     model, tokenizer, rows = micro_rows(8)
     config = AdapterConfig(
         rank=2, alpha=4.0, lr=1e-2, target_modules=("q_proj", "v_proj"), strategy="olora", olora_lambda1=0.0
     )
     engine = MultiLoraModel(model, config.target_modules, 1, 4)
+    engine.optimizer.per_slot_fused = per_slot_fused
     strategies = Strategies(engine, 1)
     engine.load_slot(0, config, 1.0, seed=0)
     strategies.start(0, config)

@@ -98,12 +98,13 @@ class SlotAdamW:
                 p.grad = p.grad.contiguous()
         return [p.grad for p in self.params]
 
-    def trainable(self, index: int) -> torch.Tensor:
-        """Bool, shaped like parameter `index`: False on entries of frozen ranks."""
-        p = self.params[index]
-        ranks = torch.tensor(self.slot_rank, device=p.device).view(-1, 1)
-        rank_index = self.layouts[index].rank_index(p[0].numel(), ranks)
-        return (rank_index >= self.frozen_rank.to(p.device).view(-1, 1)).view(p.shape)
+    def trainable(self) -> list[torch.Tensor]:
+        """Per parameter, bool and shaped like it: False on the entries of frozen ranks."""
+        device = self.params[0].device
+        ranks = torch.tensor(self.slot_rank, device=device).view(-1, 1)
+        frozen = self.frozen_rank.to(device).view(-1, 1)
+        return [(layout.rank_index(p[0].numel(), ranks) >= frozen).view(p.shape)
+                for p, layout in zip(self.params, self.layouts)]
 
     def reset_slot(
         self,
@@ -198,7 +199,8 @@ class SlotAdamW:
         bias_correction2_sqrt = (1 - self.beta2**step).sqrt()
         step_size = lrs / bias_correction1
         decay = 1 - lrs * self.weight_decay
-        for index, (p, m, v) in enumerate(zip(self.params, self.exp_avg, self.exp_avg_sq)):
+        trainable = self.trainable() if any_frozen else [None] * len(self.params)
+        for p, m, v, unfrozen in zip(self.params, self.exp_avg, self.exp_avg_sq, trainable):
             if p.grad is None:
                 continue
 
@@ -207,8 +209,8 @@ class SlotAdamW:
 
             grad = p.grad * col(clip)
             mask = col(active.float()).bool()
-            if any_frozen:
-                mask = mask & self.trainable(index)
+            if unfrozen is not None:
+                mask = mask & unfrozen
             new_p = p * col(decay)
             new_m = m.lerp(grad, col(1 - self.beta1))
             # AdamW's `v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)` as torch rounds it
