@@ -17,9 +17,10 @@ Derived figures:
   on an engine holding only that adapter, / time of the fused N-adapter step on the same
   rows, the two timed alternately; (eval) the same for one batched evaluation pass. 1.0
   means co-training costs no more than the union batch itself. The one adapter is the first
-  with the sweep's mean rank, so that its LoRA matmuls on the union batch do the work of the
-  N adapters' on their own rows (sum of rows x rank). Both are timed with the torch threads
-  of one of the concurrent run's workers.
+  adapter given the sweep's mean rank, so that its LoRA matmuls on the union batch do the
+  work of the N adapters' on their own rows (sum of rows x rank; on a GPU the batched path
+  pads every adapter to the largest rank, so there the fused step does more). Both are timed
+  with the torch threads of one of the concurrent run's workers.
 - agreement: per adapter and task, |loss_c - loss_s| <= 1% of loss_s and
   |exact_match_c - exact_match_s| <= 0.02 (2 points).
 """

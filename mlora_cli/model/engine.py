@@ -135,12 +135,15 @@ class MultiLoraModel:
         start, stop = self.slot_rank[slot], self.slot_rank[slot] + config.rank
         if stop > self.max_rank:
             raise ValueError(f"rank {stop} exceeds the engine's max rank {self.max_rank}")
+        if start:  # every layer's B, targeted now or before, moves its columns to the new width
+            for layer in self.layers.values():
+                columns = layer.b_block(slot, start).clone()
+                layer.lora_B[slot].zero_()
+                layer.b_block(slot, stop)[:, :start].copy_(columns)
         for name in self.targeted_layers(config):
             layer = self.layers[name]
             layer.a_block(slot, stop)[start:].copy_(lora_a_init(config.rank, layer.in_features, generator))
-            columns = layer.b_block(slot, start).clone()
-            layer.lora_B[slot].zero_()
-            layer.b_block(slot, stop)[:, :start].copy_(columns)
+            layer.b_block(slot, stop)[:, start:].zero_()
             layer.scale[slot] = config.alpha / config.rank
         self.slot_rank[slot] = stop
         self.optimizer.restart_moments(slot)

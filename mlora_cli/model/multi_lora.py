@@ -86,12 +86,6 @@ class Block:
         shape, strides = ((columns, rows), (1, columns)) if transposed else ((rows, columns), (columns, 1))
         return stack.as_strided(shape, strides, stack.storage_offset() + slot * stack.stride(0))
 
-    def rank_index(self, row_length: int, ranks: torch.Tensor) -> torch.Tensor:
-        """(S, row_length): for each entry of each slot's row, the LoRA rank it belongs to
-        (`ranks`: (S, 1), each slot's rank in use)."""
-        position = torch.arange(row_length, device=ranks.device).view(1, -1)
-        return position // self.width if self.rank_first else position % ranks.clamp(min=1)
-
 
 @dataclass
 class Routing:
@@ -105,10 +99,8 @@ class Routing:
     in_slot_order: bool = False  # slots == 0, 1, ..., G-1
     ranks: list[int] = field(default_factory=list)  # rank in use by each group's slot
     per_adapter: bool = False  # always compute the LoRA term group by group, PEFT's way (set on the CPU)
-    # For the batched path: [(rank, the slots of the groups with that rank)], ranks ascending,
-    # slots as a tensor on the device; and the permutation from that order back to group order.
-    rank_groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-    rank_order_inverse: torch.Tensor | None = None
+    device: torch.device = torch.device("cpu")
+    _by_rank: tuple[list[tuple[int, torch.Tensor]], torch.Tensor | None] | None = None  # see `by_rank`
 
     def set(
         self,
@@ -124,14 +116,20 @@ class Routing:
         self.generators = list(generators) if generators is not None else [None] * len(slots)
         self.slot_index = torch.tensor(self.slots, dtype=torch.long, device=device)
         self.in_slot_order = self.slots == list(range(len(self.slots)))
-        order = sorted(range(len(self.slots)), key=lambda g: self.ranks[g])
-        self.rank_groups = [
-            (rank, torch.tensor([self.slots[g] for g in order if self.ranks[g] == rank], dtype=torch.long, device=device))
-            for rank in sorted(set(self.ranks))
-        ]
-        inverse = sorted(range(len(order)), key=lambda i: order[i])
-        self.rank_order_inverse = (None if order == list(range(len(order)))
-                                   else torch.tensor(inverse, dtype=torch.long, device=device))
+        self.device, self._by_rank = torch.device(device), None
+
+    def by_rank(self) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor | None]:
+        """For the batched path: [(rank, the slots of the groups with that rank)], ranks
+        ascending, slots as a tensor on the device; and the permutation from that order back
+        to group order (None when it is group order). Made on first use per routing."""
+        if self._by_rank is None:
+            order = sorted(range(len(self.slots)), key=lambda g: self.ranks[g])
+            groups = [(rank, torch.tensor([self.slots[g] for g in order if self.ranks[g] == rank], device=self.device))
+                      for rank in sorted(set(self.ranks))]
+            inverse = sorted(range(len(order)), key=lambda i: order[i])
+            identity = inverse == list(range(len(inverse)))
+            self._by_rank = groups, None if identity else torch.tensor(inverse, device=self.device)
+        return self._by_rank
 
     def clear(self) -> None:
         self.set([], [], [], torch.device("cpu"))
@@ -149,11 +147,11 @@ class Routing:
 
     def _snapshot(self) -> tuple[Any, ...]:
         return (self.slots, self.rows, self.ranks, self.dropout, self.generators, self.slot_index, self.in_slot_order,
-                self.rank_groups, self.rank_order_inverse)
+                self.device, self._by_rank)
 
     def _restore(self, snapshot: tuple[Any, ...]) -> None:
         (self.slots, self.rows, self.ranks, self.dropout, self.generators, self.slot_index,
-         self.in_slot_order, self.rank_groups, self.rank_order_inverse) = snapshot
+         self.in_slot_order, self.device, self._by_rank) = snapshot
 
     def _generator_states(self) -> list[tuple[torch.Generator, torch.Tensor]]:
         return [(g, g.get_state()) for g, p in zip(self.generators, self.dropout) if g is not None and p > 0]
@@ -215,26 +213,29 @@ class MultiLoraLinear(nn.Module):
         if routing.uniform and not routing.per_adapter:
             groups, shape = len(routing.slots), lora_input.shape
             grouped = lora_input.reshape(groups, -1, shape[-1])
-            rank = routing.rank_groups[-1][0]  # the largest in use
-            if routing.in_slot_order and groups == self.lora_A.size(0):
-                lora_a, scale = self.lora_A[:, :rank], self.scale  # every slot, in order: no gather
-            else:
-                lora_a, scale = self.lora_A[routing.slot_index, :rank], self.scale[routing.slot_index]
+            rank = max(routing.ranks)
+            every_slot = routing.in_slot_order and groups == self.lora_A.size(0)  # no gather needed
+            lora_a = self.lora_A[:, :rank] if every_slot else self.lora_A[routing.slot_index, :rank]
+            scale = self.scale if every_slot else self.scale[routing.slot_index]
             hidden = torch.bmm(grouped, lora_a.transpose(1, 2))
-            delta = torch.bmm(hidden, self._padded_b(rank).transpose(1, 2)) * scale.view(groups, 1, 1)
+            delta = torch.bmm(hidden, self._padded_b(rank, every_slot).transpose(1, 2)) * scale.view(groups, 1, 1)
             return result + delta.reshape(*shape[:-1], -1).to(result.dtype)
-        delta = PerAdapterLora.apply(lora_input, self.lora_A, self.lora_B, self.scale, routing, (self.a_layout, self.b_layout))
+        delta = PerAdapterLora.apply(lora_input, self.lora_A, self.lora_B, self.scale, routing,
+                                     (self.a_layout, self.b_layout))
         return result + delta.to(result.dtype)
 
-    def _padded_b(self, rank: int) -> torch.Tensor:
+    def _padded_b(self, rank: int, every_slot: bool) -> torch.Tensor:
         """(G, d_out, rank): each routed group's B, zero-padded to `rank` columns, in group order."""
-        d_out, routing = self.out_features, self.routing
+        d_out = self.out_features
+        by_rank, inverse = self.routing.by_rank()
+        if every_slot and len(by_rank) == 1:  # one rank, all slots in order: the blocks as they lie
+            return self.lora_B[:, : d_out * rank].view(self.lora_B.size(0), d_out, rank)
         padded = []
-        for group_rank, slots in routing.rank_groups:
-            blocks = self.lora_B[:, : d_out * group_rank].index_select(0, slots).view(-1, d_out, group_rank)
+        for group_rank, slots in by_rank:
+            blocks = self.lora_B[:, : d_out * group_rank].index_select(0, slots).view(len(slots), d_out, group_rank)
             padded.append(nn.functional.pad(blocks, (0, rank - group_rank)))
         stacked = torch.cat(padded) if len(padded) > 1 else padded[0]
-        return stacked if routing.rank_order_inverse is None else stacked[routing.rank_order_inverse]
+        return stacked if inverse is None else stacked[inverse]
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.routing
@@ -338,7 +339,8 @@ class PerAdapterLora(torch.autograd.Function):
             grad_delta = grad_part * ctx.scales[slot]
             grad_a_block, grad_b_block = (layout.view(stack, slot, rank) for layout, stack in zip(ctx.layouts, (grad_a, grad_b)))
             grad_hidden = _linear_grads(grad_delta, hidden, b_t, grad_b_block, first)
-            grad_x_parts.append(_linear_grads(grad_hidden, flat, a_t, grad_a_block, first, into_parts[index]))
+            grad_x_parts.append(_linear_grads(grad_hidden, flat, a_t, grad_a_block, first, into_parts[index],
+                                              inputs_grad=ctx.needs_input_grad[0]))
         if not ctx.needs_input_grad[0]:
             return None, grad_a, grad_b, None, None, None
         grad_x = into if into is not None else torch.cat(grad_x_parts)
@@ -346,18 +348,20 @@ class PerAdapterLora(torch.autograd.Function):
 
 
 def _linear_grads(grad: torch.Tensor, inputs: torch.Tensor, weight_t: torch.Tensor, weight_grad: torch.Tensor,
-                  overwrite: bool, inputs_out: torch.Tensor | None = None) -> torch.Tensor:
+                  overwrite: bool, inputs_out: torch.Tensor | None = None, inputs_grad: bool = True) -> torch.Tensor | None:
     """Backward of `inputs.mm(weight_t)`, weight_t = W.t() for a contiguous W (PEFT's `linear`).
 
     Returns the gradient of `inputs` (written into `inputs_out` if given: the same matmul,
-    into a given row-major buffer) and writes W's gradient into `weight_grad` (W's block of
-    the gradient stack), or adds it there unless `overwrite`. These are exactly autograd's
+    into a given row-major buffer; None if not `inputs_grad`) and writes W's gradient into
+    `weight_grad` (W's block of the gradient stack), or adds it there unless `overwrite`. These are exactly autograd's
     matmuls (torch's mm_mat1_backward / mm_mat2_backward): a column-major operand gets its
     gradient in column order, which is a different matmul and so a different rounding.
     `weight_t` is always column-major, so W's gradient is `grad.t().mm(inputs)` (which
     autograd computes, then transposes twice).
     """
-    if inputs.stride(0) == 1 and inputs.stride(1) == inputs.size(0):
+    if not inputs_grad:
+        grad_inputs = None
+    elif inputs.stride(0) == 1 and inputs.stride(1) == inputs.size(0):
         grad_inputs = weight_t.mm(grad.t()).t()
         if inputs_out is not None:
             inputs_out.copy_(grad_inputs)

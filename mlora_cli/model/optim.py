@@ -17,6 +17,8 @@ host sync).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -36,6 +38,13 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"unknown schedule {schedule!r}")
+
+
+class GradBlocks(NamedTuple):
+    """What `grad_norms` made for the `step` that follows it."""
+
+    grads: list[torch.Tensor | None]  # the gradients it read (the step checks they are still these)
+    by_slot: dict[int, tuple[list[int], list[torch.Tensor]]]  # slot -> (its parameters, its gradient blocks)
 
 
 class SlotAdamW:
@@ -75,7 +84,7 @@ class SlotAdamW:
         # to make than the fused kernel takes on small adapters.
         self._state_views: dict[tuple[int, int, tuple[int, ...]], tuple[list[torch.Tensor], ...]] = {}
         # The gradient blocks `grad_norms` made, kept for the `step` that follows it.
-        self._grad_blocks: tuple[list[torch.Tensor | None], dict[int, tuple[list[int], list[torch.Tensor]]]] | None = None
+        self._grad_blocks: GradBlocks | None = None
 
     def block(self, index: int, tensor: torch.Tensor, slot: int) -> torch.Tensor:
         """Slot `slot`'s block of parameter `index` (or of a tensor shaped like it), as PEFT lays it out."""
@@ -98,13 +107,18 @@ class SlotAdamW:
                 p.grad = p.grad.contiguous()
         return [p.grad for p in self.params]
 
-    def trainable(self) -> list[torch.Tensor]:
-        """Per parameter, bool and shaped like it: False on the entries of frozen ranks."""
+    def trainable(self) -> Iterator[torch.Tensor]:
+        """Per parameter in turn, a bool mask that broadcasts to it: False on frozen ranks' entries."""
         device = self.params[0].device
-        ranks = torch.tensor(self.slot_rank, device=device).view(-1, 1)
-        frozen = self.frozen_rank.to(device).view(-1, 1)
-        return [(layout.rank_index(p[0].numel(), ranks) >= frozen).view(p.shape)
-                for p, layout in zip(self.params, self.layouts)]
+        ranks = torch.tensor(self.slot_rank, dtype=torch.int32, device=device).view(-1, 1).clamp(min=1)
+        frozen = self.frozen_rank.to(device=device, dtype=torch.int32).view(-1, 1)
+        for p, layout in zip(self.params, self.layouts):
+            if layout.rank_first:  # each rank is a run of `width` entries: one flag per rank
+                rank_of = torch.arange(p[0].numel() // layout.width, dtype=torch.int32, device=device)
+                yield (rank_of >= frozen).view(p.size(0), -1, *([1] * (p.dim() - 2)))
+            else:  # (width, rank): the rank is the column
+                rank_of = torch.arange(p[0].numel(), dtype=torch.int32, device=device) % ranks
+                yield (rank_of >= frozen).view(p.shape)
 
     def reset_slot(
         self,
@@ -171,7 +185,7 @@ class SlotAdamW:
                 norms.append((slot, torch.linalg.vector_norm(torch.stack(torch._foreach_norm(views, 2.0)), 2.0)))
         if norms:
             total[[slot for slot, _ in norms]] = torch.stack([norm for _, norm in norms])
-        self._grad_blocks = (grads, blocks)
+        self._grad_blocks = GradBlocks(grads, blocks)
         return total
 
     @torch.no_grad()
@@ -223,7 +237,7 @@ class SlotAdamW:
             v.copy_(torch.where(mask, new_v, v))
 
     def _fused_step(self, active: torch.Tensor, lrs: torch.Tensor, clip: torch.Tensor,
-                    grad_blocks: tuple[list[torch.Tensor | None], dict[int, tuple[list[int], list[torch.Tensor]]]] | None) -> None:
+                    grad_blocks: GradBlocks | None) -> None:
         """On the CPU: each active slot through torch's fused AdamW kernel, on its own blocks.
 
         This is exactly `clip_grad_norm_` followed by `torch.optim.AdamW(fused=True)` on the
@@ -233,8 +247,8 @@ class SlotAdamW:
         """
         grads = self._gradients()
         # The blocks `grad_norms` made, if they are of these very gradients.
-        made = grad_blocks[1] if grad_blocks is not None and all(
-            a is b for a, b in zip(grad_blocks[0], grads)) else {}
+        reusable = grad_blocks is not None and all(a is b for a, b in zip(grad_blocks.grads, grads))
+        made = grad_blocks.by_slot if reusable else {}
         scales = clip.tolist()
         for slot in active.nonzero().flatten().tolist():
             rank = self.slot_rank[slot]
