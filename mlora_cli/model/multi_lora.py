@@ -81,10 +81,15 @@ class Block:
         return entries.view(rank, self.width) if self.rank_first else entries.view(self.width, rank)
 
     def view(self, stack: torch.Tensor, slot: int, rank: int, transposed: bool = False) -> torch.Tensor:
-        """`of(stack[slot], rank)` (or its `.t()`) of a contiguous (S, ...) stack, made as one view."""
+        """`of(stack[slot], rank)` (or its `.t()`) of a contiguous (S, ...) stack, made as one view
+        (these are made per adapter, layer and step: one `as_strided` is the cheapest view)."""
         rows, columns = (rank, self.width) if self.rank_first else (self.width, rank)
         shape, strides = ((columns, rows), (1, columns)) if transposed else ((rows, columns), (columns, 1))
         return stack.as_strided(shape, strides, stack.storage_offset() + slot * stack.stride(0))
+
+    def entries(self, stack: torch.Tensor, slot: int, rank: int) -> torch.Tensor:
+        """The same block as its flat entries (1-d), one view."""
+        return stack.as_strided((rank * self.width,), (1,), stack.storage_offset() + slot * stack.stride(0))
 
 
 @dataclass
@@ -289,7 +294,8 @@ class PerAdapterLora(torch.autograd.Function):
         for index, (flat, slot, rank) in enumerate(zip(flat_parts, routing.slots, routing.ranks)):
             # A_k^T and B_k^T exactly as PEFT's `weight.t()` of its contiguous (r, d_in) and
             # (d_out, r) weights: one view each, made directly (a slot's blocks, see Block).
-            a_t, b_t = layouts[0].view(lora_a, slot, rank, transposed=True), layouts[1].view(lora_b, slot, rank, transposed=True)
+            a_t = layouts[0].view(lora_a, slot, rank, transposed=True)
+            b_t = layouts[1].view(lora_b, slot, rank, transposed=True)
             hidden = flat.mm(a_t)
             product = hidden.mm(b_t)
             if delta is None:  # in the matmul's dtype (bf16 under autocast)
@@ -337,7 +343,7 @@ class PerAdapterLora(torch.autograd.Function):
             first = direct and slot not in written
             written.add(slot)
             grad_delta = grad_part * ctx.scales[slot]
-            grad_a_block, grad_b_block = (layout.view(stack, slot, rank) for layout, stack in zip(ctx.layouts, (grad_a, grad_b)))
+            grad_a_block, grad_b_block = ctx.layouts[0].view(grad_a, slot, rank), ctx.layouts[1].view(grad_b, slot, rank)
             grad_hidden = _linear_grads(grad_delta, hidden, b_t, grad_b_block, first)
             grad_x_parts.append(_linear_grads(grad_hidden, flat, a_t, grad_a_block, first, into_parts[index],
                                               inputs_grad=ctx.needs_input_grad[0]))
@@ -348,14 +354,16 @@ class PerAdapterLora(torch.autograd.Function):
 
 
 def _linear_grads(grad: torch.Tensor, inputs: torch.Tensor, weight_t: torch.Tensor, weight_grad: torch.Tensor,
-                  overwrite: bool, inputs_out: torch.Tensor | None = None, inputs_grad: bool = True) -> torch.Tensor | None:
+                  overwrite: bool, inputs_out: torch.Tensor | None = None,
+                  inputs_grad: bool = True) -> torch.Tensor | None:
     """Backward of `inputs.mm(weight_t)`, weight_t = W.t() for a contiguous W (PEFT's `linear`).
 
     Returns the gradient of `inputs` (written into `inputs_out` if given: the same matmul,
     into a given row-major buffer; None if not `inputs_grad`) and writes W's gradient into
-    `weight_grad` (W's block of the gradient stack), or adds it there unless `overwrite`. These are exactly autograd's
-    matmuls (torch's mm_mat1_backward / mm_mat2_backward): a column-major operand gets its
-    gradient in column order, which is a different matmul and so a different rounding.
+    `weight_grad` (W's block of the gradient stack), or adds it there unless `overwrite`.
+    These are exactly autograd's matmuls (torch's mm_mat1_backward / mm_mat2_backward): a
+    column-major operand gets its gradient in column order, which is a different matmul and
+    so a different rounding.
     `weight_t` is always column-major, so W's gradient is `grad.t().mm(inputs)` (which
     autograd computes, then transposes twice).
     """

@@ -64,7 +64,6 @@ class SlotAdamW:
         device = params[0].device
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
-        self.row_lengths = [p[0].numel() for p in params]
         if not all(p.is_contiguous() for p in params):
             raise ValueError("stacked parameters must be contiguous")
 
@@ -91,14 +90,10 @@ class SlotAdamW:
         return self.layouts[index].of(tensor[slot], self.slot_rank[slot])
 
     def _flat_blocks(self, tensors: list[torch.Tensor], indices: list[int], slot: int, rank: int) -> list[torch.Tensor]:
-        """Slot `slot`'s blocks of `tensors[i]` (contiguous, shaped like the parameters) as 1-d views.
-
-        The fused kernel, clipping and norms are elementwise or whole-tensor reductions, which
-        see a contiguous tensor as its flat entries; one `as_strided` per block is the
-        cheapest view to make, and there are (slots x parameters) of them per step.
-        """
-        return [tensors[i].as_strided((rank * self.layouts[i].width,), (1,),
-                                      tensors[i].storage_offset() + slot * self.row_lengths[i]) for i in indices]
+        """Slot `slot`'s blocks of `tensors[i]` (contiguous, shaped like the parameters) as 1-d views:
+        the fused kernel, clipping and norms are elementwise or whole-tensor reductions, which see
+        a contiguous tensor as its flat entries."""
+        return [self.layouts[i].entries(tensors[i], slot, rank) for i in indices]
 
     def _gradients(self) -> list[torch.Tensor | None]:
         """The parameters' gradients, each made contiguous if it is not (blocks are views of rows)."""
