@@ -161,7 +161,12 @@ class Worker:
         progress.sampler = BatchSampler(len(progress.tasks[0].train), adapter.seed, 0)
         saved = state_path(self.run_dir, adapter.name) if self.run_dir is not None else None
         if self.resume and saved is not None and saved.is_file():
-            self.restore(progress, torch.load(saved, weights_only=False))
+            try:
+                self.restore(progress, torch.load(saved, weights_only=False))
+            except ValueError as exc:  # a state this engine cannot take: this adapter fails, the others go on
+                progress.failure = f"resume: {saved}: {exc}"
+                self.finish(progress)
+                return
             self.emit({"event": "resumed", "worker": self.worker_id, "adapter": adapter.name, "step": progress.step})
 
     def finish(self, progress: AdapterProgress) -> None:
@@ -200,10 +205,10 @@ class Worker:
         self.written(path)
 
     def restore(self, progress: AdapterProgress, state: dict[str, Any]) -> None:
+        self.engine.load_slot_state(progress.slot, state["slot"])  # first: it checks the state fits
         for name in AdapterProgress.SAVED:
             setattr(progress, name, state[name])
         progress.replay_buffer = [tuple(item) for item in progress.replay_buffer]  # type: ignore[misc]
-        self.engine.load_slot_state(progress.slot, state["slot"])
         self.strategies.load_slot_state(progress.slot, state["strategy"])
         if not progress.finished:
             task = progress.tasks[progress.task_index]

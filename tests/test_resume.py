@@ -207,6 +207,41 @@ def test_ctrl_c_during_a_task_end_saves_a_state_that_resumes_exactly(
     assert_same_run(run_dir, reference)
 
 
+def test_a_saved_state_that_does_not_fit_fails_that_adapter_only(
+    reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state file written for another layout (here: an older mlora's padded B) is one clear
+    failure of its adapter on resume; the others resume and end as if never stopped."""
+    real_squared_gradients = worker.squared_gradients
+
+    def ctrl_c_once(*args: Any) -> list[torch.Tensor]:
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_squared_gradients(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(worker, "squared_gradients", ctrl_c_once)
+        result = mlora("run", write_sweep(tmp_path), "--no-plots")
+    assert result.exit_code == 130, result.output
+    run_dir = only_run_in(tmp_path)
+    saved = worker.state_path(run_dir, "replay")
+    state = torch.load(saved, weights_only=False)
+    rank = state["slot"]["rank"]
+    state["slot"]["lora_B"] = [b.view(-1, rank) for b in state["slot"]["lora_B"]]  # (d_out, r_max)
+    torch.save(state, saved)
+
+    result = mlora("run", "--resume", run_dir, "--no-plots")
+
+    assert result.exit_code == 1, result.output  # a run with a failed adapter
+    assert "Traceback" not in result.output
+    results = json.loads((run_dir / "results.json").read_text())["adapters"]
+    assert results["replay"]["status"] == "failed"
+    assert results["replay"]["failure"] == (f"resume: {saved}: the saved training state does not fit this engine "
+                                            "(another model, maximum rank, or an older mlora's layout)")
+    for name in NAMES[1:]:
+        assert results[name]["status"] == "done", (name, results[name]["failure"])
+        assert_same_weights(run_dir / "adapters" / name, reference / "adapters" / name)
+
+
 def test_resuming_a_finished_run_changes_and_trains_nothing(
     reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
