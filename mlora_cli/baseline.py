@@ -93,7 +93,7 @@ def main(sweep_file: str, adapter_name: str, out_file: str, data_dir: str | None
     steps = [t.steps or train.steps_per_task for t in spec.tasks]
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: lr_factor(k, sum(steps), train.warmup_steps, train.schedule))
-    matrix_rows, train_seconds, eval_seconds, train_tokens = [], 0.0, 0.0, 0
+    matrix_rows, train_losses, train_seconds, eval_seconds, train_tokens = [], [], 0.0, 0.0, 0
     start = time.perf_counter()
     matrix_rows.append(evaluate(model, tasks, tokenizer, spec.eval))
     eval_seconds += time.perf_counter() - start
@@ -105,7 +105,9 @@ def main(sweep_file: str, adapter_name: str, out_file: str, data_dir: str | None
             batch = collate([task.train[i] for i in sampler.next(train.batch_size)], tokenizer.pad_token_id)
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             loss_sum, tokens, _ = token_losses(logits, batch.labels)
-            (loss_sum.sum() / tokens.sum().clamp(min=1)).backward()
+            loss = loss_sum.sum() / tokens.sum().clamp(min=1)
+            loss.backward()
+            train_losses.append(loss.item())
             if train.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
             optimizer.step()
@@ -129,6 +131,7 @@ def main(sweep_file: str, adapter_name: str, out_file: str, data_dir: str | None
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
         "train_tokens": train_tokens,
+        "train_losses": train_losses,
         "wall_seconds": time.perf_counter() - T0,
     }
     Path(out_file).write_text(json.dumps(result, indent=2))

@@ -21,8 +21,15 @@ Derived figures:
   work of the N adapters' on their own rows (sum of rows x rank; on a GPU the batched path
   pads every adapter to the largest rank, so there the fused step does more). Both are timed
   with the torch threads of one of the concurrent run's workers.
-- agreement: per adapter and task, |loss_c - loss_s| <= 1% of loss_s and
-  |exact_match_c - exact_match_s| <= 0.02 (2 points).
+- agreement, per adapter, in two parts. Early: the training loss of each of the first
+  EARLY_STEPS steps within EARLY_LOSS_TOLERANCE (relative) of the baseline's: the two compute
+  the same thing, so they differ by rounding at most, and a wrong gradient or update shows at
+  step 2. Final: per task, |loss_c - loss_s| <= FINAL_LOSS_TOLERANCE of loss_s and
+  |exact_match_c - exact_match_s| <= EXACT_MATCH_TOLERANCE. The final tolerance is wider
+  because training amplifies rounding: where the CPU's matmul kernels round differently for a
+  different number of rows, a co-trained adapter's first gradient differs from the lone one's
+  in the 7th digit, and over 120 steps at lr 3e-3 that grows to a few percent of eval loss, as
+  it does between two plain-PEFT runs at 1 and at 2 threads (measured: 2.3%).
 """
 
 from __future__ import annotations
@@ -44,8 +51,10 @@ import yaml
 from mlora_cli.config import SweepSpec
 from mlora_cli.sweep import AdapterSpec
 
-LOSS_TOLERANCE = 0.01  # relative
-EXACT_MATCH_TOLERANCE = 0.02  # absolute (2 points)
+EARLY_STEPS = 5
+EARLY_LOSS_TOLERANCE = 1e-4  # relative, per step: rounding, not a different computation
+FINAL_LOSS_TOLERANCE = 0.10  # relative, per task
+EXACT_MATCH_TOLERANCE = 0.05  # absolute (5 points), per task
 
 
 def _timed(command: list[str], log: Path) -> tuple[float, float]:
@@ -76,16 +85,27 @@ def run_mlora(sweep: Path, overrides: list[str], out: Path, label: str) -> dict[
         "train_tokens": sum(e["train_tokens"] for e in adapters.values()),
         "eval_seconds": sum(e["eval_seconds"] for e in adapters.values()),
         "final": {name: e["final"] for name, e in adapters.items()},
+        "early_losses": _early_losses(run_dir / "metrics.jsonl"),
         "run_dir": str(run_dir),
         **({"cuda_max_allocated_mib": results["run"]["cuda_max_allocated_mib"]}
            if "cuda_max_allocated_mib" in results["run"] else {}),
     }
 
 
+def _early_losses(metrics_file: Path) -> dict[str, list[float]]:
+    """Each adapter's training loss at its first EARLY_STEPS steps, from a run's metrics.jsonl."""
+    losses: dict[str, list[float]] = {}
+    for line in metrics_file.read_text().splitlines():
+        record = json.loads(line)
+        if record["step"] <= EARLY_STEPS:
+            losses.setdefault(record["adapter"], []).append(record["loss"])
+    return losses
+
+
 def run_sequential(resolved_sweep: Path, data_dir: Path, adapters: list[AdapterSpec], out: Path,
                    progress: Callable[[str], None]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    walls, rss, finals, train_tokens, eval_seconds = [], [], {}, 0, 0.0
+    walls, rss, finals, early, train_tokens, eval_seconds = [], [], {}, {}, 0, 0.0
     start = time.perf_counter()
     for adapter in adapters:
         progress(f"sequential: {adapter.name}")
@@ -97,6 +117,7 @@ def run_sequential(resolved_sweep: Path, data_dir: Path, adapters: list[AdapterS
         walls.append(wall)
         rss.append(peak)
         finals[adapter.name] = result["final"]
+        early[adapter.name] = result["train_losses"][:EARLY_STEPS]
         train_tokens += result["train_tokens"]
         eval_seconds += result["eval_seconds"]
     return {
@@ -108,6 +129,7 @@ def run_sequential(resolved_sweep: Path, data_dir: Path, adapters: list[AdapterS
         "train_tokens": train_tokens,
         "eval_seconds": eval_seconds,
         "final": finals,
+        "early_losses": early,
     }
 
 
@@ -131,7 +153,7 @@ def summarize(mode: dict[str, Any], sequential: dict[str, Any] | None) -> dict[s
 
 
 def agreement(concurrent: dict[str, Any], sequential: dict[str, Any]) -> dict[str, Any]:
-    """Per adapter: the largest |delta| of loss (relative) and exact match over tasks, and agree."""
+    """Per adapter: the largest relative |delta| of the early training losses, of final loss and exact match, and agree."""
     verdicts = {}
     for name, final in sequential["final"].items():
         ours = concurrent["final"].get(name, {})
@@ -141,10 +163,14 @@ def agreement(concurrent: dict[str, Any], sequential: dict[str, Any]) -> dict[st
                 worst_loss = max(worst_loss, abs(ours[task]["loss"] - scores["loss"]) / max(abs(scores["loss"]), 1e-12))
             if "exact_match" in scores:
                 worst_em = max(worst_em, abs(ours[task]["exact_match"] - scores["exact_match"]))
+        theirs_early, ours_early = sequential["early_losses"][name], concurrent["early_losses"].get(name, [])
+        worst_early = max((abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ours_early, theirs_early)), default=0.0)
         verdicts[name] = {
+            "max_early_loss_rel_delta": worst_early,
             "max_loss_rel_delta": worst_loss,
             "max_exact_match_delta": worst_em,
-            "agree": worst_loss <= LOSS_TOLERANCE and worst_em <= EXACT_MATCH_TOLERANCE,
+            "agree": (len(ours_early) == len(theirs_early) and worst_early <= EARLY_LOSS_TOLERANCE
+                      and worst_loss <= FINAL_LOSS_TOLERANCE and worst_em <= EXACT_MATCH_TOLERANCE),
         }
     return verdicts
 

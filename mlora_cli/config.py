@@ -66,6 +66,19 @@ def _optional_positive(value: Any) -> str | None:
     return None if value is None else _positive(value)
 
 
+_REGEX_CHARACTERS = re.compile(r"[\\^$*+?()\[\]{}|]")
+
+
+def _target_modules(value: tuple[str, ...]) -> str | None:
+    if not value:
+        return "must not be empty"
+    regexes = [name for name in value if _REGEX_CHARACTERS.search(name)]
+    if regexes:
+        # PEFT reads a string target as a regex; mlora matches names by suffix only.
+        return f"'{regexes[0]}' looks like a regex; list the module names instead (suffix match, or all-linear)"
+    return None
+
+
 
 
 @dataclass(frozen=True)
@@ -77,7 +90,8 @@ class AdapterConfig:
     dropout: float = field(default=0.0, metadata=_doc("dropout on the LoRA input, in [0, 1)", _dropout_range))
     target_modules: tuple[str, ...] = field(
         default=("q_proj", "k_proj", "v_proj", "o_proj"),
-        metadata=_doc("names of the linear layers that get LoRA (suffix match, as in PEFT), or [all-linear]", _non_empty),
+        metadata={**_doc("names of the linear layers that get LoRA (suffix match, as in PEFT), or all-linear",
+                         _target_modules), "one_or_list": True},
     )
     lr: float = field(default=1e-3, metadata=_doc("peak learning rate (AdamW)", _positive))
     weight_decay: float = field(default=0.0, metadata=_doc("AdamW decoupled weight decay", _non_negative))
@@ -204,7 +218,7 @@ class SweepSpec:
     tasks: tuple[TaskConfig, ...] = field(metadata=_doc("the ordered task sequence", _non_empty))
     base_model: str = field(
         default="builtin:tiny",
-        metadata=_doc("HF model id, local folder, or builtin:tiny | micro | small | smollm2-135m", _non_empty),
+        metadata=_doc("HF model id, local folder, or builtin:tiny (pretrained) | tiny-random | micro | small | smollm2-135m", _non_empty),
     )
     model: ModelConfig = field(default_factory=ModelConfig, metadata=_doc("how the base model loads"))
     seed: int = field(default=0, metadata=_doc("seed for adapter init, data order and builtin data"))
@@ -354,7 +368,7 @@ def build(cls: Any, data: Any, path: str, errors: list[str]) -> Any:
                 errors.append(f"{key_path}: required")
                 failed = True
             continue
-        value = convert(hints[name], data[name], key_path, errors)
+        value = convert(hints[name], _one_or_list(f, data[name]), key_path, errors)
         if value is _NO or (isinstance(value, tuple) and _NO in value):
             failed = True
             continue
@@ -370,12 +384,17 @@ def build(cls: Any, data: Any, path: str, errors: list[str]) -> Any:
     return cls(**kwargs)
 
 
+def _one_or_list(f: dataclasses.Field, value: Any) -> Any:
+    """A field that takes one name or a list (as PEFT's `target_modules`) reads a lone string as a list of one."""
+    return [value] if f.metadata.get("one_or_list") and isinstance(value, str) else value
+
+
 def check_value(section: str, key: str, value: Any, path: str, errors: list[str]) -> Any:
     """Check one sweep value for `section.key` as the field itself would be checked."""
     cls = SWEEPABLE_SECTIONS[section]
     f = {f.name: f for f in dataclasses.fields(cls)}[key]
     before = len(errors)
-    converted = convert(typing.get_type_hints(cls)[key], value, path, errors)
+    converted = convert(typing.get_type_hints(cls)[key], _one_or_list(f, value), path, errors)
     if len(errors) == before:
         check = f.metadata.get("check")
         problem = check(converted) if check else None
@@ -485,12 +504,49 @@ def resolve(data: dict[str, Any], overrides: typing.Sequence[str] = ()) -> dict[
     return _apply_aliases(resolved)  # type: ignore[arg-type]
 
 
+# PEFT's `LoraConfig` spellings of adapter keys, accepted wherever an adapter key is written.
+PEFT_ALIASES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
+
+
+def _rename_peft_keys(adapter: dict[str, Any], path: str, problems: list[str]) -> dict[str, Any]:
+    renamed = dict(adapter)
+    for alias, key in PEFT_ALIASES.items():
+        if alias in renamed:
+            if key in renamed:
+                problems.append(f"{path}.{alias}: PEFT's name for {path}.{key}, which is also set; keep one")
+            renamed[key] = renamed.pop(alias)
+    return renamed
+
+
 def _apply_aliases(data: dict[str, Any]) -> dict[str, Any]:
-    """`train.lr` is accepted for `adapter.lr` (people reach for it); it wins when both are set."""
+    """Other spellings people reach for, rewritten to mlora's keys before validation.
+
+    `train.lr` is accepted for `adapter.lr` (it wins when both are set), and PEFT's `r`,
+    `lora_alpha`, `lora_dropout` for `rank`, `alpha`, `dropout`: in the adapter section and
+    in the sweep's grid, zip and list.
+    """
+    problems: list[str] = []
     train, adapter = data.get("train"), data.get("adapter", {})
     if isinstance(train, dict) and "lr" in train and isinstance(adapter, dict):
         data["adapter"] = {**adapter, "lr": train["lr"]}
         data["train"] = {k: v for k, v in train.items() if k != "lr"}
+    if isinstance(data.get("adapter"), dict):
+        data["adapter"] = _rename_peft_keys(data["adapter"], "adapter", problems)
+    sweep = data.get("sweep")
+    if isinstance(sweep, dict):
+        for axis in ("grid", "zip"):
+            section = sweep.get(axis)
+            if isinstance(section, dict) and isinstance(section.get("adapter"), dict):
+                section["adapter"] = _rename_peft_keys(section["adapter"], f"sweep.{axis}.adapter", problems)
+        entries = sweep.get("list")
+        for i, entry in enumerate(entries if isinstance(entries, list) else []):
+            if isinstance(entry, dict):
+                entries[i] = _nest_dotted(entry)
+                if isinstance(entries[i].get("adapter"), dict):
+                    entries[i]["adapter"] = _rename_peft_keys(entries[i]["adapter"], f"sweep.list[{i}].adapter",
+                                                              problems)
+    if problems:
+        raise ConfigError(problems)
     return data
 
 
@@ -517,6 +573,12 @@ def parse_spec(data: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
     base_model = data.get("base_model")
     if isinstance(base_model, str) and base_model.startswith("builtin:") and base_model not in BUILTIN_MODELS:
         errors.append(f"base_model: unknown builtin model '{base_model}'{did_you_mean(base_model, BUILTIN_MODELS)}")
+    from mlora_cli.weights import PRETRAINED_WEIGHTS, read_checked  # torch-free
+
+    if base_model in PRETRAINED_WEIGHTS:
+        problem = read_checked(base_model)[1]
+        if problem:
+            errors.append(problem)
 
     # The deeper checks run on every part that built, even when another part failed, so one
     # pass reports every problem. Parts that failed have their errors in `errors` already.
@@ -543,7 +605,7 @@ def _built_tasks(spec: Any, data: dict[str, Any]) -> list[tuple[int, TaskConfig]
 
 
 # model.base.BUILTIN_SPECS (built in code) plus SmolLM2, converted from a GGUF file; torch-free here.
-BUILTIN_MODELS = ("builtin:tiny", "builtin:micro", "builtin:small", "builtin:smollm2-135m")
+BUILTIN_MODELS = ("builtin:tiny", "builtin:tiny-random", "builtin:micro", "builtin:small", "builtin:smollm2-135m")
 
 
 def load_sweep(path: str | Path, overrides: typing.Sequence[str] = ()) -> tuple[SweepSpec, dict[str, Any]]:

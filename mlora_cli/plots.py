@@ -1,21 +1,20 @@
 """PNG plots of a run's continual-learning results: R heatmaps, evaluation curves, learning vs forgetting.
 
-matplotlib is optional (`pip install 'mlora-sweep[plots]'`) and imported only when a plot is drawn. Figures are
+matplotlib (a dependency) is imported only when a plot is drawn, so commands that draw none start faster. Figures are
 built with the object API on the Agg canvas, never through pyplot, so plotting changes no global backend state
 and works headless and from any thread.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from mlora_cli import metrics as cl
 from mlora_cli.report import PERCENT_METRICS, format_metric, metric_header
+from mlora_cli.runfolder import write_bytes
 
 # The metrics `write_all` plots, when the run evaluated them.
 PLOTTED_METRICS = ("exact_match", "loss")
@@ -27,26 +26,19 @@ def _figure(width: float, height: float) -> Any:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as error:
-        raise ImportError("plots need matplotlib: pip install 'mlora-sweep[plots]'") from error
+        raise ImportError("plots need matplotlib, a dependency of mlora-sweep that is missing here: "
+                          "pip install matplotlib") from error
     figure = Figure(figsize=(width, height), dpi=120, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
 
 
 def _save(figure: Any, path: Path) -> Path:
-    """Write the PNG under a temporary name, then rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            figure.savefig(handle, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write the PNG atomically (a reader never sees half a file)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    write_bytes(Path(path), buffer.getvalue())
+    return Path(path)
 
 
 def _scale(metric: str) -> float:

@@ -12,6 +12,19 @@ from pathlib import Path
 from typing import Any
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp and mkdtemp create private files (0600) and folders (0700); what the run folder holds
+# gets the modes any other write would (0666 and 0777 less the umask), so others can read it.
+_UMASK = _current_umask()
+_FILE_MODE = 0o666 & ~_UMASK
+_FOLDER_MODE = 0o777 & ~_UMASK
+
+
 def write_text(path: Path, text: str) -> None:
     """Replace `path` with `text` atomically (a reader sees the old file or the new one)."""
     write_bytes(path, text.encode())
@@ -22,6 +35,7 @@ def write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -51,6 +65,7 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        tmp.chmod(_FOLDER_MODE)
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old")

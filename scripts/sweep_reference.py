@@ -47,6 +47,8 @@ def reference() -> str:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             kind = _type_name(hints[f.name]).replace("|", "\\|")
+            if f.metadata.get("one_or_list"):
+                kind = f"a string or {kind}"
             meaning = f.metadata.get("help", "").replace("|", "\\|")
             lines.append(f"| `{f.name}` | {kind} | {default_text(f)} | {meaning} |")
         lines.append("")

@@ -44,7 +44,7 @@ def test_every_shipped_sweep_loads(path: Path) -> None:
 def test_quickstart() -> None:
     spec, _ = load_sweep(REPO / "sweeps" / "quickstart.yaml")
     assert (spec.name, len(spec.tasks), len(expand(spec))) == ("quickstart", 3, 8)
-    assert [t.name for t in spec.tasks] == ["copy", "reverse", "caesar"]
+    assert [t.name for t in spec.tasks] == ["copy", "reverse", "sort"]
     assert spec.adapter.lr == 2e-3 and isinstance(spec.adapter.lr, float)  # YAML 1.1 would read "2e-3" as text
 
 
@@ -193,3 +193,36 @@ def test_readme_sweep_reference_is_current() -> None:
     spec.loader.exec_module(module)
     readme = (REPO / "README.md").read_text()
     assert module.updated_readme(readme) == readme, "run: python scripts/sweep_reference.py --write"
+
+
+def test_peft_spellings_are_accepted(write_sweep: WriteSweep) -> None:
+    """`target_modules` as one string, and PEFT's r / lora_alpha / lora_dropout, wherever an adapter key goes."""
+    path = write_sweep(MINIMAL_SWEEP + """\
+adapter: {r: 4, lora_alpha: 8, lora_dropout: 0.05, target_modules: all-linear}
+sweep:
+  grid: {adapter.r: [4, 8]}
+  list: [{adapter.lora_alpha: 2}, {adapter: {lora_dropout: 0.1, target_modules: q_proj}}]
+""")
+    spec, _ = load_sweep(path)
+    assert (spec.adapter.rank, spec.adapter.alpha, spec.adapter.dropout) == (4, 8.0, 0.05)
+    assert spec.adapter.target_modules == ("all-linear",)
+    adapters = expand(spec)
+    assert [(a.adapter.rank, a.adapter.alpha, a.adapter.dropout, a.adapter.target_modules) for a in adapters] == [
+        (4, 2.0, 0.05, ("all-linear",)), (4, 8.0, 0.1, ("q_proj",)),
+        (8, 2.0, 0.05, ("all-linear",)), (8, 8.0, 0.1, ("q_proj",)),
+    ]
+
+
+def test_peft_spelling_next_to_ours_and_regex_targets_are_errors(write_sweep: WriteSweep) -> None:
+    path = write_sweep(MINIMAL_SWEEP + "adapter: {r: 4, rank: 8, target_modules: '.*proj'}\n")
+    with pytest.raises(ConfigError) as error:
+        load_sweep(path)
+    assert error.value.problems == [
+        "adapter.r: PEFT's name for adapter.rank, which is also set; keep one",
+    ]
+    path = write_sweep(MINIMAL_SWEEP + "adapter: {target_modules: '.*proj'}\n")
+    with pytest.raises(ConfigError) as error:
+        load_sweep(path)
+    assert error.value.problems == [
+        "adapter.target_modules: '.*proj' looks like a regex; list the module names instead (suffix match, or all-linear)",
+    ]

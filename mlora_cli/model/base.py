@@ -31,20 +31,27 @@ import torch
 from torch import nn
 
 from mlora_cli.config import ConfigError, ModelConfig, to_plain
+from mlora_cli.weights import PRETRAINED_WEIGHTS, read_checked
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 CHARACTERS = tuple(chr(i) for i in range(32, 127)) + ("\n",)
 
+TINY_ARCHITECTURE: dict[str, Any] = {
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "intermediate_size": 1024,
+    "max_position_embeddings": 512,
+    "init_seed": 1234,
+}
+
 BUILTIN_SPECS: dict[str, dict[str, Any]] = {
-    "builtin:tiny": {
-        "hidden_size": 256,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "intermediate_size": 1024,
-        "max_position_embeddings": 512,
-        "init_seed": 1234,
-    },
+    # Pretrained by scripts/pretrain_tiny.py (prose + sequence games, never the builtin tasks'
+    # format): what LoRA adapts in the quickstart, the benchmark and the strategies sweep.
+    "builtin:tiny": TINY_ARCHITECTURE,
+    # The same architecture at its random initialisation: a LoRA on it has little to adapt.
+    "builtin:tiny-random": TINY_ARCHITECTURE,
     # For unit tests and smoke runs: the same architecture, small enough to train in milliseconds.
     "builtin:micro": {
         "hidden_size": 32,
@@ -114,7 +121,19 @@ def build_builtin(name: str, attn_implementation: str | None = None) -> tuple[nn
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         model = LlamaForCausalLM(config)
+    if name in PRETRAINED_WEIGHTS:
+        model.load_state_dict(pretrained_state(name))
     return model, tokenizer
+
+
+def pretrained_state(name: str) -> dict[str, torch.Tensor]:
+    """A pretrained builtin's weights, after checking the file's SHA-256 (a corrupt or stale file is one clear line)."""
+    from safetensors.torch import load
+
+    data, problem = read_checked(name)
+    if problem is not None or data is None:
+        raise ConfigError([problem or f"base_model: {name}: no weights"])
+    return load(data)
 
 
 def weights_sha256(model: nn.Module) -> str:
