@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mlora_cli.config import ConfigError, load_sweep
+from mlora_cli.errors import ConfigError
+from mlora_cli.spec.load import load_sweep
 
 app = typer.Typer(
     help="Co-train a sweep of LoRA adapters over one shared frozen base model.",
@@ -36,7 +37,7 @@ def fail(problems: list[str]) -> None:
 @app.command()
 def validate(sweep: SweepArg, overrides: OverridesArg = None) -> None:
     """Check a sweep file without loading any model: every problem, or a one-line summary."""
-    from mlora_cli.sweep import expand
+    from mlora_cli.spec.sweep import expand
 
     try:
         spec, _ = load_sweep(sweep, overrides or [])
@@ -51,7 +52,9 @@ def run(
     sweep: Annotated[Path | None, typer.Argument(help="the sweep YAML file", show_default=False)] = None,
     overrides: OverridesArg = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="continue an interrupted run folder")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="show the expanded adapters and placement; train nothing")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="show the expanded adapters and placement; train nothing")
+    ] = False,
     matrix: Annotated[bool, typer.Option("--matrix", help="also print each adapter's accuracy matrix R")] = False,
     plots: Annotated[bool, typer.Option(help="write PNG plots into the run folder")] = True,
     backend: Annotated[str, typer.Option("--backend", help="local (processes on this machine) or ray")] = "local",
@@ -60,8 +63,9 @@ def run(
     ] = None,
 ) -> None:
     """Train every adapter of the sweep, evaluate, and write a run folder."""
-    from mlora_cli.report import ProgressView, plan_table, print_cl_report, print_summary
-    from mlora_cli.sweep import expand
+    from mlora_cli.report.progress import ProgressView
+    from mlora_cli.report.tables import plan_table, print_cl_report, print_summary
+    from mlora_cli.spec.sweep import expand
 
     view = None
     if backend not in ("local", "ray"):
@@ -77,7 +81,7 @@ def run(
         fail(["--resume continues a run as it was: no overrides"])
     try:
         if resume is not None:
-            from mlora_cli.launcher import load_run
+            from mlora_cli.run.launcher import load_run
 
             if not resume.is_dir():
                 fail([f"{resume}: no such run folder"])
@@ -88,11 +92,11 @@ def run(
             sweep_dir = sweep.parent
         adapters = expand(spec)
         if dry_run:
-            from mlora_cli.launcher import plan_workers
+            from mlora_cli.run.launcher import plan_workers
 
             console.print(plan_table(spec, plan_workers(spec, adapters)))
             return
-        from mlora_cli.launcher import run_sweep
+        from mlora_cli.run.launcher import run_sweep
 
         view = ProgressView(console, spec)
         with view:
@@ -114,16 +118,22 @@ def run(
 
 @app.command("eval")
 def eval_command(
-    run_dir: Annotated[Path | None, typer.Argument(help="a run folder: recompute its evaluation from checkpoints")] = None,
-    tasks: Annotated[Path | None, typer.Option("--tasks", help="YAML with tasks: (and optional eval:, seed:), or a sweep")] = None,
-    base: Annotated[str | None, typer.Option("--base", help="base model for --adapter (HF id, folder, builtin:...)")] = None,
+    run_dir: Annotated[
+        Path | None, typer.Argument(help="a run folder: recompute its evaluation from checkpoints")
+    ] = None,
+    tasks: Annotated[
+        Path | None, typer.Option("--tasks", help="YAML with tasks: (and optional eval:, seed:), or a sweep")
+    ] = None,
+    base: Annotated[
+        str | None, typer.Option("--base", help="base model for --adapter (HF id, folder, builtin:...)")
+    ] = None,
     adapter: Annotated[list[Path] | None, typer.Option("--adapter", help="a PEFT LoRA folder; repeat for more")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda:N")] = "cpu",
     matrix: Annotated[bool, typer.Option("--matrix", help="also print each adapter's accuracy matrix R")] = False,
 ) -> None:
     """Evaluate saved adapters: a run's per-task checkpoints, or any PEFT LoRA adapters, in batched passes."""
-    from mlora_cli.config import load_task_suite
-    from mlora_cli.report import adapters_eval_table, print_cl_report
+    from mlora_cli.report.tables import adapters_eval_table, print_cl_report
+    from mlora_cli.spec.load import load_task_suite
 
     problems = []
     if run_dir is None and not adapter:
@@ -141,10 +151,14 @@ def eval_command(
         fail(problems)
     try:
         suite = load_task_suite(tasks) if tasks is not None else None
-        from mlora_cli import reeval
+        from mlora_cli.eval import reeval
 
         if run_dir is not None:
             out_dir, results = reeval.evaluate_run(run_dir, suite, device)
+            from mlora_cli.report.outputs import write_reports
+
+            for note in write_reports(out_dir, results):
+                console.print(f"note {note}", markup=False)
             if results["run"]["trained_tasks"] == results["run"]["tasks"]:
                 print_cl_report(console, results, matrices=matrix)
             else:  # other tasks than trained: no forgetting metrics, the final scores per task
@@ -167,13 +181,15 @@ def bench(
     ] = False,
     mode: Annotated[list[str] | None, typer.Option("--mode", help="extra mode: engine-serial")] = None,
     concurrency: Annotated[str, typer.Option("--concurrency", help="max_concurrent values, e.g. 1,2,4,8")] = "",
-    output: Annotated[Path, typer.Option("--output", help="folder for bench.json and every mode's runs")] = Path("bench"),
+    output: Annotated[
+        Path, typer.Option("--output", help="folder for bench.json and every mode's runs")
+    ] = Path("bench"),
 ) -> None:
     """Measure concurrent co-training against the sequential single-tenant baseline on the same sweep."""
     from datetime import datetime
 
-    from mlora_cli.report import bench_tables
-    from mlora_cli.sweep import expand
+    from mlora_cli.report.benchmark import bench_tables
+    from mlora_cli.spec.sweep import expand
 
     problems = [f"--mode: unknown mode '{m}' (known: engine-serial)" for m in mode or [] if m != "engine-serial"]
     try:
@@ -191,8 +207,9 @@ def bench(
         if sequential_baseline:
             unsupported = [a.name for a in adapters if a.adapter.strategy != "naive" or a.adapter.dropout > 0]
             if unsupported:
-                fail([f"sweep: the sequential baseline runs naive fine-tuning without dropout; not: {', '.join(unsupported)}"])
-        from mlora_cli.bench import run_bench
+                fail(["sweep: the sequential baseline runs naive fine-tuning without dropout; "
+                      f"not: {', '.join(unsupported)}"])
+        from mlora_cli.bench.bench import run_bench
 
         out = output / f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         with console.status("benchmarking") as status:

@@ -1,4 +1,4 @@
-"""Print (or --write into README.md) the sweep-file reference, generated from mlora_cli.config.
+"""Print (or --write into docs/sweep-reference.md) the sweep-file reference, generated from mlora_cli/spec/schema.py.
 
     python scripts/sweep_reference.py --write
 """
@@ -10,7 +10,8 @@ import sys
 import typing
 from pathlib import Path
 
-from mlora_cli.config import (
+from mlora_cli.spec.convert import _type_name
+from mlora_cli.spec.schema import (
     AdapterConfig,
     EvalConfig,
     ModelConfig,
@@ -18,12 +19,11 @@ from mlora_cli.config import (
     SweepSpec,
     TaskConfig,
     TrainConfig,
-    _type_name,
 )
 
 START, END = "<!-- sweep-reference:start -->", "<!-- sweep-reference:end -->"
-SECTIONS = [("top level", SweepSpec), ("model", ModelConfig), ("tasks[i]", TaskConfig), ("adapter", AdapterConfig), ("train", TrainConfig),
-            ("eval", EvalConfig), ("sweep", SweepConfig)]
+SECTIONS = [("top level", SweepSpec), ("model", ModelConfig), ("tasks[i]", TaskConfig), ("adapter", AdapterConfig),
+            ("train", TrainConfig), ("eval", EvalConfig), ("sweep", SweepConfig)]
 
 
 def default_text(f: dataclasses.Field) -> str:
@@ -55,15 +55,17 @@ def reference() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def updated_readme(text: str) -> str:
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "sweep-reference.md"
+
+
+def updated_page(text: str) -> str:
     head, _, rest = text.partition(START)
     _, _, tail = rest.partition(END)
     return f"{head}{START}\n{reference()}{END}{tail}"
 
 
 if __name__ == "__main__":
-    readme = Path(__file__).resolve().parent.parent / "README.md"
     if "--write" in sys.argv:
-        readme.write_text(updated_readme(readme.read_text()))
+        PAGE.write_text(updated_page(PAGE.read_text()))
     else:
         print(reference())

@@ -12,6 +12,9 @@ from typer.testing import CliRunner
 
 from mlora_cli.cli import app
 
+# Mlora bench runs every mode as fresh processes: the slow tier.
+pytestmark = pytest.mark.slow
+
 SWEEP = {
     "name": "tinybench",
     "base_model": "builtin:micro",
@@ -57,7 +60,7 @@ def test_bench_rejects_strategies_the_baseline_cannot_run(tmp_path: Path) -> Non
 
 
 def test_agreement_needs_the_early_steps_to_match_and_the_finals_to_be_close() -> None:
-    from mlora_cli.bench import agreement
+    from mlora_cli.bench.bench import agreement
 
     final = {"copy": {"loss": 1.0, "exact_match": 0.5}}
     sequential = {"final": {"a": final, "b": final, "c": final}, "early_losses": {n: [3.0, 2.0] for n in "abc"}}

@@ -24,9 +24,9 @@ QUICKSTART = str(REPO / "sweeps" / "quickstart.yaml")
 @pytest.fixture(autouse=True)
 def no_cuda_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     """Place on CPU without asking torch for GPUs: fast, and the same table on any machine."""
-    import mlora_cli.launcher
+    import mlora_cli.run.launcher
 
-    monkeypatch.setattr(mlora_cli.launcher, "visible_cuda_devices", lambda: 0)
+    monkeypatch.setattr(mlora_cli.run.launcher, "visible_cuda_devices", lambda: 0)
 
 
 def invoke(*args: str | Path) -> Result:
@@ -98,12 +98,12 @@ def test_interpolation(write_sweep: WriteSweep) -> None:
 
 
 def test_dry_run_prints_the_plan_and_trains_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    import mlora_cli.launcher
+    import mlora_cli.run.launcher
 
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("--dry-run must not train")
 
-    monkeypatch.setattr(mlora_cli.launcher, "run_sweep", no_training)
+    monkeypatch.setattr(mlora_cli.run.launcher, "run_sweep", no_training)
     result = invoke("run", QUICKSTART, "--dry-run")
     assert result.exit_code == 0, result.output
     assert "quickstart: 8 adapters, 3 tasks" in result.output
@@ -128,7 +128,7 @@ def test_validate_never_imports_torch() -> None:
 
 def test_config_sweep_plan_import_without_torch() -> None:
     code = (
-        "import json, sys; import mlora_cli.config, mlora_cli.sweep, mlora_cli.plan, mlora_cli.cli; "
+        "import json, sys; import mlora_cli.spec.load, mlora_cli.spec.sweep, mlora_cli.spec.plan, mlora_cli.cli; "
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
     )
     assert not set(json.loads(run_python(code))) & {"torch", "transformers", "peft", "datasets"}
@@ -142,7 +142,7 @@ def test_dry_run_loads_no_model() -> None:
         "print(json.dumps(sorted(sys.modules)))"
     )
     modules = set(json.loads(run_python(code)))
-    assert not modules & {"transformers", "peft", "datasets", "mlora_cli.model", "mlora_cli.worker"}
+    assert not modules & {"transformers", "peft", "datasets", "mlora_cli.model", "mlora_cli.run.worker"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -269,7 +269,8 @@ CASES: dict[str, Case] = {
         MINIMAL_SWEEP, "adapter.rnak: unknown key (did you mean 'rank'?)", overrides=("adapter.rnak=4",)
     ),
     "override-wrong-section": bad(
-        MINIMAL_SWEEP, "adapter.batch_size: unknown key (did you mean 'train.batch_size'?)", overrides=("adapter.batch_size=4",)
+        MINIMAL_SWEEP, "adapter.batch_size: unknown key (did you mean 'train.batch_size'?)",
+        overrides=("adapter.batch_size=4",)
     ),
     "override-wrong-type": bad(
         MINIMAL_SWEEP, "adapter.rank: expected an integer, got 'abc'", overrides=("adapter.rank=abc",)
@@ -309,13 +310,13 @@ RUN_CASES = [
 def test_run_rejects_before_any_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, dry_run: bool
 ) -> None:
-    import mlora_cli.launcher
+    import mlora_cli.run.launcher
 
     def must_not_run(*args: object, **kwargs: object) -> None:
         raise AssertionError("a bad sweep reached the launcher")
 
-    monkeypatch.setattr(mlora_cli.launcher, "run_sweep", must_not_run)
-    monkeypatch.setattr(mlora_cli.launcher, "plan_workers", must_not_run)
+    monkeypatch.setattr(mlora_cli.run.launcher, "run_sweep", must_not_run)
+    monkeypatch.setattr(mlora_cli.run.launcher, "plan_workers", must_not_run)
     path = write_case(tmp_path, CASES[case])
     result = invoke("run", path, *CASES[case].overrides, *(["--dry-run"] if dry_run else []))
     assert_problems(result, list(CASES[case].expected))

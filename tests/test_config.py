@@ -9,19 +9,11 @@ from pathlib import Path
 import pytest
 from conftest import MINIMAL_SWEEP, REPO, WriteSweep
 
-from mlora_cli.config import (
-    AdapterConfig,
-    ConfigError,
-    EvalConfig,
-    SweepConfig,
-    SweepSpec,
-    TaskConfig,
-    TrainConfig,
-    load_sweep,
-    parse_spec,
-    to_plain,
-)
-from mlora_cli.sweep import expand
+from mlora_cli.errors import ConfigError
+from mlora_cli.spec.convert import to_plain
+from mlora_cli.spec.load import load_sweep, parse_spec
+from mlora_cli.spec.schema import AdapterConfig, EvalConfig, SweepConfig, SweepSpec, TaskConfig, TrainConfig
+from mlora_cli.spec.sweep import expand
 
 SHIPPED = sorted((REPO / "sweeps").glob("*.yaml"))
 
@@ -37,7 +29,8 @@ def test_every_shipped_sweep_loads(path: Path) -> None:
     spec, resolved = load_sweep(path)
     assert expand(spec)
     assert path.read_text().startswith("#"), "a sweep file starts with a header comment"
-    assert re.search(rf"mlora (run|bench) sweeps/{re.escape(path.name)}", path.read_text()), "the header shows its command"
+    assert re.search(rf"mlora (run|bench) sweeps/{re.escape(path.name)}",
+                     path.read_text()), "the header shows its command"
     assert parse_spec(resolved) == spec
 
 
@@ -185,14 +178,15 @@ def test_train_lr_is_an_alias_of_adapter_lr() -> None:
     assert spec.adapter.lr == 3e-3 and "lr" not in resolved["train"] and resolved["adapter"]["lr"] == 3e-3
 
 
-def test_readme_sweep_reference_is_current() -> None:
+def test_sweep_reference_page_is_current() -> None:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("sweep_reference", REPO / "scripts" / "sweep_reference.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    readme = (REPO / "README.md").read_text()
-    assert module.updated_readme(readme) == readme, "run: python scripts/sweep_reference.py --write"
+    page = (REPO / "docs" / "sweep-reference.md").read_text()
+    assert module.START in page and module.END in page
+    assert module.updated_page(page) == page, "run: python scripts/sweep_reference.py --write"
 
 
 def test_peft_spellings_are_accepted(write_sweep: WriteSweep) -> None:
@@ -224,5 +218,6 @@ def test_peft_spelling_next_to_ours_and_regex_targets_are_errors(write_sweep: Wr
     with pytest.raises(ConfigError) as error:
         load_sweep(path)
     assert error.value.problems == [
-        "adapter.target_modules: '.*proj' looks like a regex; list the module names instead (suffix match, or all-linear)",
+        "adapter.target_modules: '.*proj' looks like a regex; list the module names instead "
+        "(suffix match, or all-linear)",
     ]

@@ -18,13 +18,13 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from mlora_cli.config import AdapterConfig, TaskConfig, TrainConfig
-from mlora_cli.data import collate, token_losses, tokenize_task
+from mlora_cli.data.batches import collate, token_losses, tokenize_task
+from mlora_cli.data.sources import load_task
 from mlora_cli.model.base import build_builtin
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.model.optim import lr_factor
-from mlora_cli.tasks import load_task
-from mlora_cli.train import StepInput, fused_step
+from mlora_cli.spec.schema import AdapterConfig, TaskConfig, TrainConfig
+from mlora_cli.train.step import StepInput, fused_step
 
 STEPS = 20
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -91,7 +91,8 @@ def test_cotrained_weights_equal_peft_trained_alone(mode: str) -> None:
     for slot, (config, train) in enumerate(ADAPTERS):
         peft = get_peft_model(
             copy.deepcopy(reference),
-            LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=list(config.target_modules)),
+            LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
+                       target_modules=list(config.target_modules)),
         )
         set_peft_model_state_dict(peft, initial[slot])
         params = [p for p in peft.parameters() if p.requires_grad]

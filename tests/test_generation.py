@@ -14,12 +14,12 @@ import torch
 from test_models import TARGETS, tiny_config
 from transformers import AutoModelForCausalLM
 
-from mlora_cli.config import AdapterConfig, TaskConfig
-from mlora_cli.data import Row, collate, collate_prompts
-from mlora_cli.evaluate import greedy_generate, model_cache
+from mlora_cli.data.batches import Row, collate, collate_prompts
+from mlora_cli.data.sources import load_task
+from mlora_cli.eval.evaluate import greedy_generate, model_cache
 from mlora_cli.model.base import char_tokenizer
 from mlora_cli.model.engine import MultiLoraModel
-from mlora_cli.tasks import load_task
+from mlora_cli.spec.schema import AdapterConfig, TaskConfig
 
 MAX_NEW = 8
 

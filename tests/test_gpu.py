@@ -16,14 +16,15 @@ import pytest
 import torch
 import yaml
 
-from mlora_cli.config import AdapterConfig, ModelConfig, TaskConfig, load_sweep, parse_spec
-from mlora_cli.data import collate, tokenize_task
-from mlora_cli.launcher import run_sweep
+from mlora_cli.data.batches import collate, tokenize_task
+from mlora_cli.data.sources import load_task
 from mlora_cli.model.base import load_base
 from mlora_cli.model.engine import MultiLoraModel
-from mlora_cli.sweep import expand
-from mlora_cli.tasks import load_task
-from mlora_cli.train import StepInput, fused_step
+from mlora_cli.run.launcher import run_sweep
+from mlora_cli.spec.load import load_sweep, parse_spec
+from mlora_cli.spec.schema import AdapterConfig, ModelConfig, TaskConfig
+from mlora_cli.spec.sweep import expand
+from mlora_cli.train.step import StepInput, fused_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

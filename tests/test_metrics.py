@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from mlora_cli import metrics as cl
-from mlora_cli.report import forgetting_rows, write_forgetting_csv
+from mlora_cli.eval import metrics as cl
+from mlora_cli.report.outputs import forgetting_rows, write_forgetting_csv
 
 approx = pytest.approx
 
@@ -240,13 +240,13 @@ def test_entry_cl_metrics_adds_stability_gap_with_a_curve() -> None:
 
 
 def test_metrics_do_not_import_torch() -> None:
-    code = "import sys, mlora_cli.metrics; print('torch' in sys.modules)"
+    code = "import sys, mlora_cli.eval.metrics; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_add_cl_metrics_fills_entries_and_seed_aggregates() -> None:
-    from mlora_cli.metrics import add_cl_metrics
+    from mlora_cli.eval.metrics import add_cl_metrics
 
     def entry(name: str, seed: int, forgotten: float) -> dict:
         R = [[0.0, 0.0], [1.0, 0.0], [1.0 - forgotten, 1.0]]

@@ -23,15 +23,17 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mlora_cli.cli import app
-from mlora_cli.config import AdapterConfig, ConfigError, ModelConfig, TaskConfig, load_sweep, parse_spec
-from mlora_cli.data import Row, check_formats, collate, token_losses, tokenize_example, tokenize_task
-from mlora_cli.launcher import run_sweep
+from mlora_cli.data.batches import Row, check_formats, collate, token_losses, tokenize_example, tokenize_task
+from mlora_cli.data.sources import Example, load_task
+from mlora_cli.errors import ConfigError
 from mlora_cli.model.base import SMOLLM2, SMOLLM2_INSTALL, char_tokenizer, load_base
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.model.multi_lora import MultiLoraLinear, Routing
-from mlora_cli.sweep import expand
-from mlora_cli.tasks import Example, load_task
-from mlora_cli.train import StepInput, fused_step
+from mlora_cli.run.launcher import run_sweep
+from mlora_cli.spec.load import load_sweep, parse_spec
+from mlora_cli.spec.schema import AdapterConfig, ModelConfig, TaskConfig
+from mlora_cli.spec.sweep import expand
+from mlora_cli.train.step import StepInput, fused_step
 
 # A user turn and the assistant header, in characters the character tokenizer knows.
 CHAT_TEMPLATE = (
@@ -220,7 +222,8 @@ def test_unknown_target_name_lists_the_models_linear_layers(folders: dict[str, P
 
 def test_tokenizer_override(folders: dict[str, Path]) -> None:
     base = load_base("builtin:micro", options=ModelConfig(tokenizer=str(folders["llama"])))
-    assert base.tokenizer.chat_template == CHAT_TEMPLATE and base.info["model_options"]["tokenizer"] == str(folders["llama"])
+    assert (base.tokenizer.chat_template == CHAT_TEMPLATE
+            and base.info["model_options"]["tokenizer"] == str(folders["llama"]))
     with pytest.raises(ConfigError, match=r"^model\.tokenizer: cannot load"):
         load_base("builtin:micro", options=ModelConfig(tokenizer=str(folders["llama"] / "missing")))
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-from mlora_cli.config import AdapterConfig
 from mlora_cli.model.base import build_builtin
 from mlora_cli.model.engine import MultiLoraModel
+from mlora_cli.spec.schema import AdapterConfig
 
 TARGETS = ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 ADAPTERS = [
@@ -36,7 +36,8 @@ def make_engine() -> tuple[MultiLoraModel, torch.nn.Module]:
         # B starts at zero; make it non-zero so the LoRA term is really tested.
         with torch.no_grad():
             for layer in engine.layers.values():
-                layer.b_block(slot, config.rank).copy_(torch.randn(layer.out_features, config.rank, generator=generator) * 0.1)
+                layer.b_block(slot, config.rank).copy_(
+                    torch.randn(layer.out_features, config.rank, generator=generator) * 0.1)
     for name in engine.targeted_layers(ADAPTERS[2]):
         assert name.endswith(("q_proj", "v_proj"))
     return engine, reference
@@ -46,7 +47,8 @@ def peft_model(reference: torch.nn.Module, engine: MultiLoraModel, slot: int) ->
     config = ADAPTERS[slot]
     peft = get_peft_model(
         copy.deepcopy(reference),
-        LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=list(config.target_modules)),
+        LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
+                   target_modules=list(config.target_modules)),
     )
     weights = engine.slot_weights(slot, config)
     # Only targeted layers are in the checkpoint; padded or untargeted parts must be zero.
@@ -69,7 +71,8 @@ def batch(rows: int, seed: int, length: int = 12) -> tuple[torch.Tensor, torch.T
 
 def loss_of(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                             ignore_index=-100)
 
 
 @pytest.mark.parametrize("per_adapter", [True, False], ids=["per-adapter", "batched"])
@@ -181,7 +184,9 @@ def test_per_adapter_path_under_bf16_autocast_gives_fp32_gradients_close_to_fp32
             logits = engine.model(input_ids=ids, attention_mask=mask).logits
             loss = loss_of(logits.float(), ids, mask)
         loss.backward()
-        grads[precision] = torch.cat([p.grad.flatten() for layer in engine.layers.values() for p in (layer.lora_A, layer.lora_B)])
-        assert all(p.grad.dtype == torch.float32 for layer in engine.layers.values() for p in (layer.lora_A, layer.lora_B))
+        grads[precision] = torch.cat([p.grad.flatten() for layer in engine.layers.values()
+                                      for p in (layer.lora_A, layer.lora_B)])
+        assert all(p.grad.dtype == torch.float32 for layer in engine.layers.values()
+                   for p in (layer.lora_A, layer.lora_B))
     cosine = torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], dim=0)
     assert cosine > 0.99, cosine

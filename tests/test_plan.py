@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from mlora_cli.config import SweepConfig, SweepSpec, TaskConfig
-from mlora_cli.plan import WorkerPlan, adapter_cost, assign, resolve_devices
-from mlora_cli.sweep import AdapterSpec, expand
+from mlora_cli.spec.plan import WorkerPlan, adapter_cost, assign, resolve_devices
+from mlora_cli.spec.schema import SweepConfig, SweepSpec, TaskConfig
+from mlora_cli.spec.sweep import AdapterSpec, expand
 
 
 def make_spec(max_concurrent: int | None = None, **sweep: Any) -> SweepSpec:
@@ -147,13 +147,13 @@ def test_workers_are_placed_without_importing_torch_when_there_is_no_gpu() -> No
     import sys
     from pathlib import Path
 
-    from mlora_cli import launcher
+    from mlora_cli.run import launcher
 
     if any(os.path.exists(node) for node in launcher.GPU_DEVICE_NODES):
         pytest.skip("a GPU device node exists here: placement asks torch how many GPUs")
     code = (
-        "import sys; from pathlib import Path; from mlora_cli.config import load_sweep; "
-        "from mlora_cli.sweep import expand; from mlora_cli.launcher import load_task_data, plan_workers; "
+        "import sys; from pathlib import Path; from mlora_cli.spec.load import load_sweep; "
+        "from mlora_cli.spec.sweep import expand; from mlora_cli.run.launcher import load_task_data, plan_workers; "
         "spec, _ = load_sweep(Path('sweeps/bench.yaml'), []); adapters = expand(spec); "
         "load_task_data(spec, adapters, Path('sweeps')); plans = plan_workers(spec, adapters); "
         "assert all(p.device == 'cpu' for p in plans); assert 'torch' not in sys.modules, 'torch imported'"

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from mlora_cli import plots
-from mlora_cli.report import cl_seed_table, cl_table, matrix_panel, print_cl_report
+from mlora_cli.report import plots
+from mlora_cli.report.tables import cl_seed_table, cl_table, matrix_panel, print_cl_report
 
 TASKS = ["copy", "reverse", "sort"]
 

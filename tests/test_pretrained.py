@@ -12,11 +12,11 @@ import torch
 from conftest import MINIMAL_SWEEP, REPO
 from typer.testing import CliRunner
 
-from mlora_cli import weights as weights_module
 from mlora_cli.cli import app
-from mlora_cli.config import ConfigError
+from mlora_cli.errors import ConfigError
 from mlora_cli.model.base import build_builtin, load_base
-from mlora_cli.weights import PRETRAINED_WEIGHTS, WEIGHTS_DIR
+from mlora_cli.spec import models as weights_module
+from mlora_cli.spec.models import PRETRAINED_WEIGHTS, WEIGHTS_DIR
 
 
 def test_shipped_weights_match_their_recorded_sha256() -> None:
@@ -72,6 +72,7 @@ def test_a_corrupt_weights_file_stops_validate_and_run_with_exit_2(
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_pretraining_script_is_deterministic(tmp_path: Path) -> None:
     """Two short runs of scripts/pretrain_tiny.py with the same seed write byte-identical files."""
     digests = []

@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlora_cli.config import parse_spec
-from mlora_cli.launcher import run_sweep
+from mlora_cli.run.launcher import run_sweep
+from mlora_cli.spec.load import parse_spec
+
+# A local Ray cluster: the slow tier.
+pytestmark = pytest.mark.slow
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'mlora-sweep[ray]'")
 

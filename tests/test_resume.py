@@ -24,8 +24,8 @@ from helpers import numbers
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from mlora_cli import worker
 from mlora_cli.cli import app
+from mlora_cli.run import worker
 
 RTOL, ATOL = 1e-5, 1e-7
 STEPS_PER_TASK = 12
@@ -41,8 +41,10 @@ SWEEP = {
     "seed": 7,
     "devices": "cpu",
     "tasks": [
-        {"name": "copy", "source": "builtin:copy", "train_examples": 24, "eval_examples": 6, "min_len": 5, "max_len": 5},
-        {"name": "sort", "source": "builtin:sort", "train_examples": 24, "eval_examples": 6, "min_len": 5, "max_len": 5},
+        {"name": "copy", "source": "builtin:copy", "train_examples": 24, "eval_examples": 6, "min_len": 5,
+         "max_len": 5},
+        {"name": "sort", "source": "builtin:sort", "train_examples": 24, "eval_examples": 6, "min_len": 5,
+         "max_len": 5},
     ],
     "adapter": {"rank": 4, "alpha": 8, "lr": 1e-2, "target_modules": ["q_proj", "v_proj", "down_proj"]},
     "train": {"steps_per_task": STEPS_PER_TASK, "batch_size": 2, "max_seq_len": 24, "checkpoint_every": 3},
@@ -59,7 +61,8 @@ SWEEP = {
 NAMES = [entry["name"] for entry in SWEEP["sweep"]["list"]]
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# Whole runs killed and resumed in subprocesses: the slow tier.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def write_sweep(folder: Path, **changes: Any) -> Path:
@@ -134,7 +137,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
-def test_a_run_stopped_mid_task_resumes_to_the_same_results(stop: signal.Signals, reference: Path, tmp_path: Path) -> None:
+def test_a_run_stopped_mid_task_resumes_to_the_same_results(
+    stop: signal.Signals, reference: Path, tmp_path: Path
+) -> None:
     """SIGKILL: resumed from the periodic states. Ctrl-C: every adapter saved where it stopped."""
     sweep = write_sweep(tmp_path)
     # The same single thread as the reference, so that rounding agrees.

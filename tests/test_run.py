@@ -13,10 +13,13 @@ from peft import PeftModel
 from typer.testing import CliRunner
 
 from mlora_cli.cli import app
-from mlora_cli.config import TaskConfig
-from mlora_cli.data import collate, collate_prompts, token_losses, tokenize_task
+from mlora_cli.data.batches import collate, collate_prompts, token_losses, tokenize_task
+from mlora_cli.data.sources import load_task
 from mlora_cli.model.base import load_base
-from mlora_cli.tasks import load_task
+from mlora_cli.spec.schema import TaskConfig
+
+# Whole runs and evaluations through the CLI: the slow tier.
+pytestmark = pytest.mark.slow
 
 SWEEP = {
     "name": "micro",
@@ -145,8 +148,8 @@ def test_eval_any_peft_adapters_on_a_task_file(finished_run: Path, tmp_path: Pat
     assert result.exit_code == 0, result.output
     assert "2 adapters on builtin:micro" in result.output
 
-    from mlora_cli import reeval
-    from mlora_cli.config import load_task_suite
+    from mlora_cli.eval import reeval
+    from mlora_cli.spec.load import load_task_suite
 
     scores = reeval.evaluate_adapters("builtin:micro", [finished_run / "adapters" / n for n in names],
                                       load_task_suite(tasks), max_seq_len=SWEEP["train"]["max_seq_len"])
@@ -167,7 +170,7 @@ def test_eval_task_file_paths_resolve_against_its_folder(finished_run: Path, tmp
         "eval": {"max_new_tokens": 4},
     }))
     monkeypatch.chdir(tmp_path)  # not the tasks file's folder
-    result = CliRunner().invoke(app, ["eval", "--base", "builtin:micro", "--adapter", str(finished_run / "adapters" / "r2-bs3"),
-                                      "--tasks", str(folder / "tasks.yaml")])
+    result = CliRunner().invoke(app, ["eval", "--base", "builtin:micro", "--adapter",
+                                      str(finished_run / "adapters" / "r2-bs3"), "--tasks", str(folder / "tasks.yaml")])
     assert result.exit_code == 0, result.output
     assert "file-copy" in result.output

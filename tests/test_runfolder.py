@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from mlora_cli.runfolder import atomic_directory, write_json, write_text
+from mlora_cli.files import atomic_directory, write_json, write_text
 
 
 def _umask() -> int:

@@ -26,9 +26,9 @@ from helpers import numbers
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from mlora_cli import launcher
 from mlora_cli.cli import app
-from mlora_cli.config import load_sweep
+from mlora_cli.run import launcher
+from mlora_cli.spec.load import load_sweep
 
 RTOL, ATOL = 1e-5, 1e-7
 
@@ -57,7 +57,8 @@ SWEEP = {
 }
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# Whole runs over worker processes: the slow tier.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def write_sweep(folder: Path, **changes: Any) -> Path:
@@ -234,7 +235,8 @@ def has_ended(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc")
 def test_a_worker_stops_when_mlora_is_killed(tmp_path: Path) -> None:
     """A killed `mlora run` leaves no worker behind, training on into the run folder."""
-    sweep = write_sweep(tmp_path, devices="cpu:1", sweep={"list": [{"name": "endless", "train.steps_per_task": 100_000}]})
+    sweep = write_sweep(tmp_path, devices="cpu:1",
+                        sweep={"list": [{"name": "endless", "train.steps_per_task": 100_000}]})
     process = subprocess.Popen([sys.executable, "-m", "mlora_cli", "run", str(sweep), "--no-plots"], cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

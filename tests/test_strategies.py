@@ -26,17 +26,18 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from mlora_cli import worker
-from mlora_cli.config import AdapterConfig, SweepSpec, TaskConfig, parse_spec
-from mlora_cli.data import Row, collate, token_losses, tokenize_task
-from mlora_cli.launcher import load_task_data
+from mlora_cli.data.batches import Row, collate, token_losses, tokenize_task
+from mlora_cli.data.sources import load_task
 from mlora_cli.model.base import build_builtin
 from mlora_cli.model.engine import MultiLoraModel
-from mlora_cli.plan import assign
-from mlora_cli.strategies import Strategies
-from mlora_cli.sweep import expand
-from mlora_cli.tasks import load_task
-from mlora_cli.train import StepInput, StepResult, fused_step
+from mlora_cli.run import worker
+from mlora_cli.run.launcher import load_task_data
+from mlora_cli.spec.load import parse_spec
+from mlora_cli.spec.plan import assign
+from mlora_cli.spec.schema import AdapterConfig, SweepSpec, TaskConfig
+from mlora_cli.spec.sweep import expand
+from mlora_cli.train.step import StepInput, StepResult, fused_step
+from mlora_cli.train.strategies import Strategies
 
 Weights = dict[str, torch.Tensor]  # PEFT key -> tensor, as in adapter_model.safetensors
 
@@ -497,11 +498,11 @@ def test_lwf_distillation_term_is_kl_of_teacher_to_student() -> None:
     strategies = Strategies(engine, 2)
     for slot in (0, 1):
         engine.load_slot(slot, config, None, seed=slot)
-        strategies.start(slot, config)
+        strategies.start(slot, config, 0)
         with torch.no_grad():
             for layer in engine.layers.values():
                 layer.lora_B[slot].normal_(0, 0.5, generator=torch.Generator().manual_seed(slot))
-    strategies.end_task(0, config, 0, 0, lambda: [])  # slot 0 gets a teacher; slot 1 has none
+    strategies.end_task(0, config, 0, 0, lambda: [], train_rows=0)  # slot 0 gets a teacher; slot 1 has none
     assert strategies.teacher_of == {0: 2}
     with torch.no_grad():
         for layer in engine.layers.values():
@@ -592,10 +593,10 @@ def test_olora_clips_only_the_trainable_block(per_slot_fused: bool) -> None:
     engine.optimizer.per_slot_fused = per_slot_fused
     strategies = Strategies(engine, 1)
     engine.load_slot(0, config, 1.0, seed=0)
-    strategies.start(0, config)
+    strategies.start(0, config, 0)
     for _ in range(3):
         fused_step(engine, [StepInput(0, rows[:4], config.lr, 0.0, None)], tokenizer.pad_token_id, strategies)
-    strategies.end_task(0, config, 0, 0, lambda: [])
+    strategies.end_task(0, config, 0, 0, lambda: [], train_rows=0)
     assert engine.slot_rank[0] == 4 and int(engine.optimizer.frozen_rank[0]) == 2
 
     # The task gradient of the new block, by hand.
@@ -604,7 +605,8 @@ def test_olora_clips_only_the_trainable_block(per_slot_fused: bool) -> None:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     loss, tokens, _ = token_losses(logits, batch.labels)
     (loss.sum() / tokens.sum()).backward()
-    grads = [(layer.a_block(0, 4, layer.lora_A.grad), layer.b_block(0, 4, layer.lora_B.grad)) for layer in engine.layers.values()]
+    grads = [(layer.a_block(0, 4, layer.lora_A.grad), layer.b_block(0, 4, layer.lora_B.grad))
+             for layer in engine.layers.values()]
     new_block = torch.cat([t.flatten() for a, b in grads for t in (a[2:4], b[:, 2:4])]).norm().item()
     frozen_block = torch.cat([b[:, :2].flatten() for _, b in grads]).norm().item()
     assert frozen_block > 0.1 * new_block  # the loss does reach the frozen block

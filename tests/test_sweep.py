@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from mlora_cli.config import AdapterConfig, ConfigError, SweepConfig, SweepSpec, TaskConfig, TrainConfig
-from mlora_cli.sweep import AdapterSpec, check_sweep, expand, format_value
+from mlora_cli.errors import ConfigError
+from mlora_cli.spec.schema import AdapterConfig, SweepConfig, SweepSpec, TaskConfig, TrainConfig
+from mlora_cli.spec.sweep import AdapterSpec, check_sweep, expand, format_value
 
 TASKS = (TaskConfig(name="a", source="builtin:copy"), TaskConfig(name="b", source="builtin:reverse", steps=7))
 

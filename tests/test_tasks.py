@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from mlora_cli.config import ConfigError, TaskConfig
-from mlora_cli.tasks import BUILTIN_GENERATORS, Example, TaskData, check_task, load_task
+from mlora_cli.data.sources import Example, TaskData, load_task
+from mlora_cli.errors import ConfigError
+from mlora_cli.spec.schema import TaskConfig
+from mlora_cli.spec.tasks import BUILTIN_GENERATORS, check_task
 
 REPO = Path(__file__).resolve().parents[1]
 LETTER_TASKS = ("reverse", "sort", "caesar", "copy")
@@ -110,7 +112,7 @@ def test_custom_prefix() -> None:
 
 
 def test_builtin_data_does_not_depend_on_hash_seed() -> None:
-    code = "from mlora_cli.tasks import load_task; from mlora_cli.config import TaskConfig; " + (
+    code = "from mlora_cli.data.sources import load_task; from mlora_cli.spec.load import TaskConfig; " + (
         "print(load_task(TaskConfig(name='t', source='builtin:reverse'), 0, None).train[:3])"
     )
     outputs = {
@@ -128,7 +130,7 @@ def test_builtin_data_does_not_depend_on_hash_seed() -> None:
 
 
 def test_import_is_light() -> None:
-    code = "import json, sys, mlora_cli.tasks; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    code = "import json, sys, mlora_cli.data.sources; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, text=True).stdout
     modules = set(json.loads(out))
     assert not modules & {"torch", "datasets", "pyarrow", "transformers"}

@@ -30,8 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mlora_cli.config import ConfigError, ModelConfig, to_plain
-from mlora_cli.weights import PRETRAINED_WEIGHTS, read_checked
+from mlora_cli.errors import ConfigError
+from mlora_cli.spec.convert import to_plain
+from mlora_cli.spec.models import PRETRAINED_WEIGHTS, read_checked
+from mlora_cli.spec.schema import ModelConfig
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 CHARACTERS = tuple(chr(i) for i in range(32, 127)) + ("\n",)

@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mlora_cli.config import AdapterConfig, ConfigError
+from mlora_cli import seeds
+from mlora_cli.errors import ConfigError
 from mlora_cli.model.base import enable_checkpointing, is_checkpointing
 from mlora_cli.model.multi_lora import MultiLoraLinear, Routing
 from mlora_cli.model.optim import SlotAdamW
+from mlora_cli.spec.schema import AdapterConfig
 
 
 def matches_target(module_name: str, targets: Sequence[str], output_layer: str | None) -> bool:
@@ -54,8 +56,8 @@ def check_targets(model: nn.Module, targets: Sequence[str], model_name: str) -> 
     missing = [t for t in targets if t != "all-linear" and not any(matches_target(n, [t], None) for n in names)]
     if missing:
         short = ", ".join(dict.fromkeys(name.rpartition(".")[2] for name in names))
-        raise ConfigError([f"adapter.target_modules: '{t}' matches no linear layer of {model_name} (its linear layers: {short})"
-                           for t in missing])
+        raise ConfigError([f"adapter.target_modules: '{t}' matches no linear layer of {model_name} "
+                           f"(its linear layers: {short})" for t in missing])
 
 
 def output_layer_name(model: nn.Module) -> str | None:
@@ -122,7 +124,7 @@ class MultiLoraModel:
             layer.lora_B[slot].zero_()
             layer.scale[slot] = 0.0
         self.slot_rank[slot] = 0
-        self.grow_slot(slot, config, torch.Generator().manual_seed(seed))
+        self.grow_slot(slot, config, torch.Generator().manual_seed(seeds.lora_init(seed)))
         self.optimizer.reset_slot(slot, config.weight_decay, config.beta1, config.beta2, config.eps, max_grad_norm)
 
     @torch.no_grad()
@@ -144,7 +146,7 @@ class MultiLoraModel:
             layer = self.layers[name]
             layer.a_block(slot, stop)[start:].copy_(lora_a_init(config.rank, layer.in_features, generator))
             layer.b_block(slot, stop)[:, start:].zero_()
-            layer.scale[slot] = config.alpha / config.rank
+            layer.scale[slot] = config.scale
         self.slot_rank[slot] = stop
         self.optimizer.restart_moments(slot)
 
@@ -201,14 +203,14 @@ class MultiLoraModel:
             lora_a = weights[f"base_model.model.{name}.lora_A.weight"]
             layer.a_block(slot, lora_a.size(0)).copy_(lora_a)
             layer.b_block(slot, lora_a.size(0)).copy_(weights[f"base_model.model.{name}.lora_B.weight"])
-            layer.scale[slot] = config.alpha / config.rank
+            layer.scale[slot] = config.scale
             self.slot_rank[slot] = lora_a.size(0)
 
     def save_slot(self, slot: int, config: AdapterConfig, directory: Path, base_model: str) -> None:
         """Write the adapter in `slot` as a PEFT LoRA checkpoint (written, then renamed)."""
         from safetensors.torch import save_file
 
-        from mlora_cli.runfolder import atomic_directory
+        from mlora_cli.files import atomic_directory
 
         layers = self.targeted_layers(config)
         targets = "all-linear" if "all-linear" in config.target_modules else sorted(

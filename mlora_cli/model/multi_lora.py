@@ -139,7 +139,9 @@ class Routing:
     def clear(self) -> None:
         self.set([], [], [], torch.device("cpu"))
 
-    def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
+    def checkpoint_contexts(
+        self
+    ) -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
         """`context_fn` for torch.utils.checkpoint: replay a layer's recompute as its forward ran.
 
         Gradient checkpointing recomputes a layer during backward, after `routed()` has
@@ -162,9 +164,12 @@ class Routing:
         return [(g, g.get_state()) for g, p in zip(self.generators, self.dropout) if g is not None and p > 0]
 
     @contextlib.contextmanager
-    def _replaying(self, snapshot: tuple[Any, ...], states: list[tuple[torch.Generator, torch.Tensor]]) -> Iterator[None]:
+    def _replaying(
+        self, snapshot: tuple[Any, ...], states: list[tuple[torch.Generator, torch.Tensor]]
+    ) -> Iterator[None]:
         routing = self._snapshot()  # in backward: usually the cleared routing
-        now = [(generator, generator.get_state()) for generator, _ in states]  # the forward's generators, as they are now
+        # the forward's generators, as they are now
+        now = [(generator, generator.get_state()) for generator, _ in states]
         self._restore(snapshot)
         for generator, state in states:
             generator.set_state(state)
@@ -192,7 +197,8 @@ class MultiLoraLinear(nn.Module):
         factory = {"device": base.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.zeros(num_slots, max_rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(num_slots, self.out_features * max_rank, **factory))
-        self.a_layout, self.b_layout = Block(self.in_features, rank_first=True), Block(self.out_features, rank_first=False)
+        self.a_layout, self.b_layout = (Block(self.in_features, rank_first=True),
+                                        Block(self.out_features, rank_first=False))
         # alpha / rank per slot; 0 where the slot is empty or its adapter does not target this layer.
         self.register_buffer("scale", torch.zeros(num_slots, **factory), persistent=False)
         self.routing = routing
@@ -343,7 +349,8 @@ class PerAdapterLora(torch.autograd.Function):
             first = direct and slot not in written
             written.add(slot)
             grad_delta = grad_part * ctx.scales[slot]
-            grad_a_block, grad_b_block = ctx.layouts[0].view(grad_a, slot, rank), ctx.layouts[1].view(grad_b, slot, rank)
+            grad_a_block, grad_b_block = (ctx.layouts[0].view(grad_a, slot, rank),
+                                          ctx.layouts[1].view(grad_b, slot, rank))
             grad_hidden = _linear_grads(grad_delta, hidden, b_t, grad_b_block, first)
             grad_x_parts.append(_linear_grads(grad_hidden, flat, a_t, grad_a_block, first, into_parts[index],
                                               inputs_grad=ctx.needs_input_grad[0]))

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from mlora_cli.config import EvalConfig
-from mlora_cli.data import Row, TokenizedTask, collate, token_losses
+from mlora_cli.data.batches import Row, TokenizedTask, collate, token_losses
 from mlora_cli.model.engine import MultiLoraModel
+from mlora_cli.spec.schema import EvalConfig
 
 LOSS_METRICS = ("loss", "token_accuracy")
 
@@ -72,24 +72,33 @@ def _score_task(
             generated = greedy_generate(engine, rows, slots, group_of_row, batch.attention_mask, predicted, cache,
                                         config.max_new_tokens, tokenizer.eos_token_id)
             for g, row, tokens_out in zip(group_of_row, rows, generated):
-                sums[g]["exact"] += _matches(tokens_out, row, tokenizer)
-    results = []
-    for group, total in zip(groups, sums):
-        scores: dict[str, float] = {}
-        if "loss" in config.metrics:
-            scores["loss"] = total["loss"] / max(1.0, total["tokens"])
-        if "token_accuracy" in config.metrics:
-            scores["token_accuracy"] = total["correct"] / max(1.0, total["tokens"])
-        if want_exact:
-            scores["exact_match"] = total["exact"] / max(1, len(group))
-        results.append(scores)
-    return results
+                sums[g]["exact"] += is_exact_match(tokens_out, row.completion, tokenizer)
+    return [task_scores(total["loss"], total["tokens"], total["correct"], total["exact"], len(group), config.metrics)
+            for group, total in zip(groups, sums)]
 
 
-def _matches(generated: list[int], row: Row, tokenizer: Any) -> bool:
+def task_scores(loss: float, tokens: float, correct: float, exact: float, rows: int,
+                metrics: Sequence[str]) -> dict[str, float]:
+    """One task's scores from its sums over the eval split (the one scorer; the baseline uses it too).
+
+    loss: mean cross-entropy per completion token; token_accuracy: share of completion tokens
+    whose argmax is the reference; exact_match: share of rows whose generation matched.
+    """
+    scores: dict[str, float] = {}
+    if "loss" in metrics:
+        scores["loss"] = loss / max(1.0, tokens)
+    if "token_accuracy" in metrics:
+        scores["token_accuracy"] = correct / max(1.0, tokens)
+    if "exact_match" in metrics:
+        scores["exact_match"] = exact / max(1, rows)
+    return scores
+
+
+def is_exact_match(generated: list[int], reference: str, tokenizer: Any) -> bool:
+    """Generated ids up to the first end-of-sequence, decoded, equal the reference (both whitespace-trimmed)."""
     if tokenizer.eos_token_id in generated:
         generated = generated[: generated.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(generated, skip_special_tokens=True).strip() == row.completion.strip()
+    return tokenizer.decode(generated, skip_special_tokens=True).strip() == reference.strip()
 
 
 def greedy_generate(

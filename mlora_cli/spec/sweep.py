@@ -19,18 +19,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from mlora_cli.config import (
-    MAX_ADAPTERS,
-    SWEEPABLE_SECTIONS,
-    AdapterConfig,
-    ConfigError,
-    SweepConfig,
-    SweepSpec,
-    TrainConfig,
-    check_value,
-    did_you_mean,
-    unknown_key_hint,
-)
+from mlora_cli.errors import ConfigError
+from mlora_cli.spec.convert import check_value, did_you_mean, unknown_key_hint
+from mlora_cli.spec.schema import MAX_ADAPTERS, SWEEPABLE_SECTIONS, AdapterConfig, SweepConfig, SweepSpec, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -108,7 +99,8 @@ def _check_key(key: str, path: str, errors: list[str]) -> bool:
     section, _, name = key.partition(".")
     if section not in SWEEPABLE_SECTIONS or not name:
         options = [f"{s}.{f.name}" for s, cls in SWEEPABLE_SECTIONS.items() for f in dataclasses.fields(cls)]
-        errors.append(f"{path}: unknown key '{key}'; a sweep varies adapter.* and train.* keys{did_you_mean(key, options)}")
+        errors.append(f"{path}: unknown key '{key}'; a sweep varies adapter.* and train.* keys"
+                      f"{did_you_mean(key, options)}")
         return False
     fields = [f.name for f in dataclasses.fields(SWEEPABLE_SECTIONS[section])]
     if name not in fields:

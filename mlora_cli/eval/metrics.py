@@ -258,7 +258,7 @@ def add_cl_metrics(results: dict[str, Any]) -> None:
             "adapters": names,
             "cl_metrics": {
                 m: {k: aggregate([e["cl_metrics"].get(m, {}).get(k) for e in entries])
-                    for k in ("acc", "bwt", "fwt", "forgetting", "learning_acc")}
+                    for k in CL_KEYS}
                 for m in metrics
             },
             "final_mean": {m: aggregate([e["final_mean"].get(m) for e in entries]) for m in metrics},

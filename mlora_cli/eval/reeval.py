@@ -22,14 +22,17 @@ from typing import Any
 import torch
 import yaml
 
-from mlora_cli.config import AdapterConfig, ConfigError, TaskSuite, parse_spec
-from mlora_cli.data import TokenizedTask, tokenize_task
-from mlora_cli.evaluate import EvalRequest, evaluate
-from mlora_cli.metrics import add_cl_metrics
+from mlora_cli.contract import ADAPTERS, RESOLVED_SWEEP, RESULTS, matrix_of, mean_over_tasks
+from mlora_cli.data.batches import TokenizedTask, tokenize_task
+from mlora_cli.data.sources import load_task
+from mlora_cli.errors import ConfigError
+from mlora_cli.eval.evaluate import EvalRequest, evaluate
+from mlora_cli.eval.metrics import add_cl_metrics
+from mlora_cli.files import write_json
 from mlora_cli.model.base import load_base
 from mlora_cli.model.engine import MultiLoraModel
-from mlora_cli.runfolder import write_json
-from mlora_cli.tasks import load_task
+from mlora_cli.spec.load import TaskSuite, parse_spec
+from mlora_cli.spec.schema import AdapterConfig
 
 SLOTS_PER_PASS = 64  # checkpoints evaluated together; more only grows the batch
 
@@ -136,7 +139,7 @@ def evaluate_adapters(
         adapters[adapter.label] = {
             "name": adapter.label, "path": str(adapter.path), "rank": adapter.config.rank,
             "final": final,
-            "final_mean": {m: sum(final[t][m] for t in task_names) / len(task_names) for m in final[task_names[0]]},
+            "final_mean": mean_over_tasks(final),
         }
     return {"adapters": adapters, "run": {"base_model": base_model, "tasks": task_names, "eval_seconds": seconds,
                                           "wall_seconds": time.perf_counter() - started}}
@@ -144,17 +147,17 @@ def evaluate_adapters(
 
 def evaluate_run(run_dir: Path, suite: TaskSuite | None = None, device: str = "cpu") -> tuple[Path, dict[str, Any]]:
     """Recompute every adapter's matrix from its per-task checkpoints into run_dir/evals/<time>/."""
-    problems = [f"{run_dir}: missing {name}" for name in ("sweep.resolved.yaml", "adapters.json", "results.json")
+    problems = [f"{run_dir}: missing {name}" for name in (RESOLVED_SWEEP, ADAPTERS, RESULTS)
                 if not (run_dir / name).is_file()]
     if problems:
         raise ConfigError(problems)
-    previous = json.loads((run_dir / "results.json").read_text())
+    previous = json.loads((run_dir / RESULTS).read_text())
     sweep_dir = Path(previous["run"].get("sweep_dir", run_dir))
-    spec = parse_spec(yaml.safe_load((run_dir / "sweep.resolved.yaml").read_text()), base_dir=sweep_dir)
+    spec = parse_spec(yaml.safe_load((run_dir / RESOLVED_SWEEP).read_text()), base_dir=sweep_dir)
     if suite is None:
         suite = TaskSuite(tasks=spec.tasks, eval=spec.eval, seed=None, base_dir=sweep_dir)
     base_dir = suite.base_dir
-    expanded = json.loads((run_dir / "adapters.json").read_text())
+    expanded = json.loads((run_dir / ADAPTERS).read_text())
     started = time.perf_counter()
     base = load_base(spec.base_model, device, spec.model)
     cache: dict[tuple[int, int], list[TokenizedTask]] = {}
@@ -183,8 +186,8 @@ def evaluate_run(run_dir: Path, suite: TaskSuite | None = None, device: str = "c
     for adapter in expanded:
         if not rows_of[adapter["name"]]:
             continue  # failed before its first task ended: nothing saved
-        rows = [scores[f"{adapter['name']}/before"]] + [scores[f"{adapter['name']}/{c}"] for c in rows_of[adapter["name"]]]
-        metrics = sorted(rows[0][task_names[0]])
+        rows = [scores[f"{adapter['name']}/before"]] + [scores[f"{adapter['name']}/{c}"]
+                                                         for c in rows_of[adapter["name"]]]
         final = rows[-1]
         adapters[adapter["name"]] = {
             "name": adapter["name"], "seed": adapter["seed"], "varied": adapter["varied"],
@@ -192,8 +195,8 @@ def evaluate_run(run_dir: Path, suite: TaskSuite | None = None, device: str = "c
             "status": previous["adapters"].get(adapter["name"], {}).get("status", "unknown"),
             "checkpoints": rows_of[adapter["name"]],
             "final": final,
-            "final_mean": {m: sum(final[t][m] for t in task_names) / len(task_names) for m in metrics},
-            "matrix": {m: [[row[t][m] for t in task_names] for row in rows] for m in metrics},
+            "final_mean": mean_over_tasks(final),
+            "matrix": matrix_of(rows, task_names),
         }
     results = {
         "adapters": adapters,
@@ -209,8 +212,5 @@ def evaluate_run(run_dir: Path, suite: TaskSuite | None = None, device: str = "c
         suffix += 1
         out_dir = out_dir.with_name(f"{out_dir.name.split('~')[0]}~{suffix}")
     out_dir.mkdir(parents=True)
-    write_json(out_dir / "results.json", results)
-    from mlora_cli.launcher import write_reports
-
-    results["run"]["notes"] = write_reports(out_dir, results)
+    write_json(out_dir / RESULTS, results)
     return out_dir, results

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mlora_cli import metrics as cl
-from mlora_cli.report import PERCENT_METRICS, format_metric, metric_header
-from mlora_cli.runfolder import write_bytes
+from mlora_cli.eval import metrics as cl
+from mlora_cli.files import write_bytes
+from mlora_cli.report.format import PERCENT_METRICS, format_metric, metric_header
 
 # The metrics `write_all` plots, when the run evaluated them.
 PLOTTED_METRICS = ("exact_match", "loss")

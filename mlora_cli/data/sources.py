@@ -6,33 +6,29 @@ A task's `source` is one of:
 - `jsonl:PATH`, `csv:PATH`, `parquet:PATH`: local files, relative to the sweep file's folder;
 - `hf:NAME[:CONFIG]`: a Hugging Face dataset (`task.split`).
 
-`check_task` validates a task from file headers only (what `mlora validate` runs, so it never
-imports `datasets` or torch); `load_task` builds the examples. Prompts carry no EOS: the
+`spec.tasks.check_task` validates a task from file headers only (what `mlora validate` runs);
+`load_task` builds the examples (torch-free too; `datasets` is imported only to read files). Prompts carry no EOS: the
 tokenizer step appends it to the completion.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import hashlib
-import json
 import random
-import re
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlora_cli.config import ConfigError, TaskConfig, did_you_mean
+from mlora_cli import seeds
+from mlora_cli.errors import ConfigError
+from mlora_cli.spec.schema import TaskConfig
+from mlora_cli.spec.tasks import BUILTIN_GENERATORS, FILE_LOADERS, check_task, first_line, read_fields, resolve_path
 
 # One alphabet for every letter task: tasks then differ only in their rule and prefix, which
 # is what makes them interfere (the point of a continual-learning benchmark).
 ALPHABET = string.ascii_lowercase
-SCHEMES = ("builtin", "jsonl", "csv", "parquet", "hf")
-FILE_LOADERS = {"jsonl": "json", "csv": "csv", "parquet": "parquet"}  # scheme -> `datasets` builder
-_HF_FORM = re.compile(r"([^:\s]+)(?::([^:\s]+))?")
 
 
 @dataclass(frozen=True)
@@ -79,27 +75,7 @@ _GENERATORS: dict[str, tuple[Draw, Answer]] = {
     "add": (_sum_problem, lambda text, task: str(sum(int(n) for n in text.split("+")))),
     "copy": (_letters, lambda text, task: text),
 }
-BUILTIN_GENERATORS: tuple[str, ...] = tuple(_GENERATORS)
-
-
-def _distinct_inputs(generator: str, task: TaskConfig, needed: int) -> int:
-    """How many distinct inputs `generator` can draw, counted only as far as `needed`."""
-    numbers = total = 0
-    for length in range(task.min_len, task.max_len + 1):
-        # Capped at 16: 26**16 and 10**16 exceed any example count, and huge lengths stay instant.
-        if generator == "add":
-            numbers += 10 if length == 1 else 9 * 10 ** (min(length, 16) - 1)
-            total = numbers**2  # an add input is a pair of numbers
-        else:
-            total += 26 ** min(length, 16)
-        if total >= needed:
-            return needed
-    return total
-
-
-def _stable_seed(seed: int, name: str) -> int:
-    # Python's hash() is salted per process; workers must agree on the data.
-    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "big")
+assert tuple(_GENERATORS) == BUILTIN_GENERATORS  # spec.tasks checks sources by these names
 
 
 def _prompt(prefix: str, text: str) -> str:
@@ -108,7 +84,7 @@ def _prompt(prefix: str, text: str) -> str:
 
 def _load_builtin(task: TaskConfig, generator: str, seed: int) -> TaskData:
     draw, answer = _GENERATORS[generator]
-    rng = random.Random(_stable_seed(seed, task.name))
+    rng = random.Random(seeds.data_seed(seed, task.name))
     needed = task.eval_examples + task.train_examples
     seen: set[str] = set()
     inputs: list[str] = []
@@ -124,114 +100,7 @@ def _load_builtin(task: TaskConfig, generator: str, seed: int) -> TaskData:
 
 
 # ---------------------------------------------------------------------------------------
-# Checking (fast, no `datasets` import).
-
-
-def _resolve(file: str, base_dir: Path | None) -> Path:
-    path = Path(file).expanduser()
-    return base_dir / path if base_dir is not None and not path.is_absolute() else path
-
-
-def _read_fields(scheme: str, path: Path) -> list[str]:
-    """Column names from the file's header (first row for jsonl); ValueError if unreadable or empty."""
-    if scheme == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            meta = pq.read_metadata(path)
-        except Exception as exc:  # pyarrow raises several types for a bad file
-            raise ValueError(_first_line(exc)) from exc
-        if meta.num_rows == 0:
-            raise ValueError("no rows")
-        return list(meta.schema.names)
-    with path.open(newline="", encoding="utf-8") as f:
-        if scheme == "csv":
-            header = next(csv.reader(f), None)
-            if not header:
-                raise ValueError("no header row")
-            return header
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                row = json.loads(line)  # JSONDecodeError is a ValueError
-                if not isinstance(row, dict):
-                    raise ValueError(f"line {number} is not a JSON object")
-                return list(row)
-    raise ValueError("no rows")
-
-
-def _unknown_source(source: str, key: str) -> str:
-    scheme, sep, _ = source.partition(":")
-    hint = did_you_mean(scheme, SCHEMES) if sep else ""
-    for name in FILE_LOADERS:
-        if not sep and source.endswith(f".{name}"):
-            hint = f" (did you mean '{name}:{source}'?)"
-    expected = "builtin:NAME, jsonl:PATH, csv:PATH, parquet:PATH or hf:NAME[:CONFIG]"
-    return f"{key}: unknown source '{source}'; expected {expected}{hint}"
-
-
-def _check_data_source(task: TaskConfig, source: str, key: str, path: str, base_dir: Path | None) -> list[str]:
-    scheme, _, rest = source.partition(":")
-    if scheme == "builtin":
-        return [f"{key}: a builtin cannot be an eval_source (builtins make their own eval split)"]
-    if scheme == "hf":
-        return [] if _HF_FORM.fullmatch(rest) else [f"{key}: expected hf:NAME[:CONFIG], got '{source}'"]
-    if scheme not in FILE_LOADERS:
-        return [_unknown_source(source, key)]
-    if not rest:
-        return [f"{key}: missing path after '{scheme}:'"]
-    file = _resolve(rest, base_dir)
-    if not file.is_file():
-        return [f"{key}: no such file: {rest}"]
-    try:
-        fields = _read_fields(scheme, file)
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        return [f"{key}: cannot read {rest}: {_first_line(exc)}"]
-    return [
-        f"{path}.{name}: '{value}' not in {rest} (fields: {', '.join(fields)})"
-        for name, value in (("prompt_field", task.prompt_field), ("completion_field", task.completion_field))
-        if value not in fields
-    ]
-
-
-def _check_builtin(task: TaskConfig, generator: str, path: str) -> list[str]:
-    if generator not in _GENERATORS:
-        hint = did_you_mean(generator, BUILTIN_GENERATORS) or f" (choose from {', '.join(BUILTIN_GENERATORS)})"
-        return [f"{path}.source: unknown builtin '{generator}'{hint}"]
-    problems = []
-    if task.eval_source is not None:
-        problems.append(f"{path}.eval_source: not allowed for builtin sources (they make their own eval split)")
-    if task.prefix is not None and not all(" " <= c <= "~" for c in task.prefix):
-        problems.append(f"{path}.prefix: use printable ASCII only (no tabs or newlines), got {task.prefix!r}")
-    needed = task.train_examples + task.eval_examples
-    if task.min_len <= task.max_len and (available := _distinct_inputs(generator, task, needed)) < needed:
-        problems.append(
-            f"{path}.train_examples: builtin:{generator} with lengths {task.min_len}..{task.max_len} has only "
-            f"{available} distinct inputs, fewer than train_examples + eval_examples = {needed}; raise max_len"
-        )
-    return problems
-
-
-def check_task(task: TaskConfig, path: str, base_dir: Path | None) -> list[str]:
-    """Problems with one task, each `path.key: message`; reads file headers only."""
-    problems = []
-    if task.min_len > task.max_len:
-        problems.append(f"{path}.min_len: must be <= max_len ({task.min_len} > {task.max_len})")
-    scheme, _, rest = task.source.partition(":")
-    if scheme == "builtin":
-        return problems + _check_builtin(task, rest, path)
-    problems += _check_data_source(task, task.source, f"{path}.source", path, base_dir)
-    if task.eval_source is not None:
-        problems += _check_data_source(task, task.eval_source, f"{path}.eval_source", path, base_dir)
-    return problems
-
-
-# ---------------------------------------------------------------------------------------
 # Loading files and hf datasets through `datasets` (imported here only).
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _load_dataset(task: TaskConfig, source: str, key: str, base_dir: Path | None) -> Any:
@@ -243,12 +112,12 @@ def _load_dataset(task: TaskConfig, source: str, key: str, base_dir: Path | None
         try:
             return datasets.load_dataset(name, config or None, split=task.split)
         except Exception as exc:  # offline, not cached, no such dataset or split, ...
-            raise ConfigError([f"{key}: cannot load hf dataset '{name}': {_first_line(exc)}"]) from exc
-    file = _resolve(rest, base_dir)
+            raise ConfigError([f"{key}: cannot load hf dataset '{name}': {first_line(exc)}"]) from exc
+    file = resolve_path(rest, base_dir)
     options: dict[str, Any] = {}
     if scheme == "csv":
         # CSV cells are text: without this pandas reads "007" as 7 and "NA" as a missing value.
-        columns = _read_fields(scheme, file)
+        columns = read_fields(scheme, file)
         options = {
             "features": datasets.Features({c: datasets.Value("string") for c in columns}),
             "keep_default_na": False,
@@ -256,7 +125,7 @@ def _load_dataset(task: TaskConfig, source: str, key: str, base_dir: Path | None
     try:
         return datasets.load_dataset(FILE_LOADERS[scheme], data_files=str(file), split="train", **options)
     except Exception as exc:  # malformed rows, mixed types, ...
-        raise ConfigError([f"{key}: cannot load {rest}: {_first_line(exc)}"]) from exc
+        raise ConfigError([f"{key}: cannot load {rest}: {first_line(exc)}"]) from exc
 
 
 def _examples(dataset: Any, indices: list[int], task: TaskConfig, path: str, key: str) -> tuple[Example, ...]:
@@ -277,7 +146,7 @@ def _examples(dataset: Any, indices: list[int], task: TaskConfig, path: str, key
 def _load_rows(task: TaskConfig, seed: int, base_dir: Path | None, path: str) -> TaskData:
     train_set = _load_dataset(task, task.source, f"{path}.source", base_dir)
     order = list(range(len(train_set)))
-    random.Random(_stable_seed(seed, task.name)).shuffle(order)
+    random.Random(seeds.data_seed(seed, task.name)).shuffle(order)
     if task.eval_source is None:
         # Held-out split: eval takes the first rows of the seeded shuffle, train what follows.
         eval_set, eval_indices = train_set, order[: task.eval_examples]

@@ -1,6 +1,6 @@
 """The single-tenant baseline: one adapter of a sweep, trained the usual way with plain PEFT.
 
-    python -m mlora_cli.baseline RESOLVED_SWEEP.yaml ADAPTER_NAME OUT.json [DATA_DIR]
+    python -m mlora_cli.bench.baseline RESOLVED_SWEEP.yaml ADAPTER_NAME OUT.json [DATA_DIR]
 
 This is what `mlora bench --sequential-baseline` runs, as a fresh process per adapter, one
 after another: import, load the base, `get_peft_model`, `torch.optim.AdamW(fused=True)` (the fast one) with a LambdaLR
@@ -18,18 +18,21 @@ import sys
 import time
 from pathlib import Path
 
-T0 = time.perf_counter()  # the process is timed from its first line, imports included
+from mlora_cli import PROCESS_START  # the process is timed from its first line, imports included
 
 import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
-from mlora_cli.config import parse_spec  # noqa: E402
-from mlora_cli.data import BatchSampler, collate, collate_prompts, token_losses, tokenize_task  # noqa: E402
+from mlora_cli import seeds  # noqa: E402
+from mlora_cli.contract import matrix_of, mean_over_tasks  # noqa: E402
+from mlora_cli.spec.load import parse_spec  # noqa: E402
+from mlora_cli.data.batches import BatchSampler, collate, collate_prompts, token_losses, tokenize_task  # noqa: E402
+from mlora_cli.eval.evaluate import is_exact_match, task_scores  # noqa: E402
 from mlora_cli.model.base import load_base  # noqa: E402
 from mlora_cli.model.engine import linear_layer_names, lora_a_init, matches_target, output_layer_name  # noqa: E402
 from mlora_cli.model.optim import lr_factor  # noqa: E402
-from mlora_cli.sweep import expand  # noqa: E402
-from mlora_cli.tasks import load_task  # noqa: E402
+from mlora_cli.spec.sweep import expand  # noqa: E402
+from mlora_cli.data.sources import load_task  # noqa: E402
 
 
 @torch.no_grad()
@@ -53,11 +56,8 @@ def evaluate(model, tasks, tokenizer, eval_config) -> dict[str, dict[str, float]
                                      do_sample=False, num_beams=1, use_cache=True,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
                 for row, generated in zip(chunk, out[:, ids.size(1) :].tolist()):
-                    if tokenizer.eos_token_id in generated:
-                        generated = generated[: generated.index(tokenizer.eos_token_id)]
-                    hits += tokenizer.decode(generated, skip_special_tokens=True).strip() == row.completion.strip()
-        every = {"loss": loss / max(tokens, 1), "token_accuracy": correct / max(tokens, 1), "exact_match": hits / len(rows)}
-        scores[task.name] = {m: v for m, v in every.items() if m in eval_config.metrics}
+                    hits += is_exact_match(generated, row.completion, tokenizer)
+        scores[task.name] = task_scores(loss, tokens, correct, hits, len(rows), eval_config.metrics)
     model.train()
     return scores
 
@@ -78,7 +78,7 @@ def main(sweep_file: str, adapter_name: str, out_file: str, data_dir: str | None
              for t in spec.tasks]
     # The same initial A as mlora gives this adapter (same seed, same layer order).
     targets = [n for n in linear_layer_names(base.model) if matches_target(n, config.target_modules, output_layer_name(base.model))]
-    generator = torch.Generator().manual_seed(adapter.seed)
+    generator = torch.Generator().manual_seed(seeds.lora_init(adapter.seed))
     initial_a = {n: lora_a_init(config.rank, base.model.get_submodule(n).in_features, generator) for n in targets}
     model = get_peft_model(base.model, LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
                                                  target_modules=list(config.target_modules)))
@@ -119,20 +119,18 @@ def main(sweep_file: str, adapter_name: str, out_file: str, data_dir: str | None
         matrix_rows.append(evaluate(model, tasks, tokenizer, spec.eval))
         eval_seconds += time.perf_counter() - start
 
-    names = [t.name for t in tasks]
     final = matrix_rows[-1]
-    metrics = sorted(final[names[0]])
     result = {
         "name": adapter.name,
         "final": final,
-        "final_mean": {m: sum(final[t][m] for t in names) / len(names) for m in metrics},
-        "matrix": {m: [[row[t][m] for t in names] for row in matrix_rows] for m in metrics},
-        "startup_seconds": ready - T0,
+        "final_mean": mean_over_tasks(final),
+        "matrix": matrix_of(matrix_rows, [t.name for t in tasks]),
+        "startup_seconds": ready - PROCESS_START,
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
         "train_tokens": train_tokens,
         "train_losses": train_losses,
-        "wall_seconds": time.perf_counter() - T0,
+        "wall_seconds": time.perf_counter() - PROCESS_START,
     }
     Path(out_file).write_text(json.dumps(result, indent=2))
 

@@ -15,8 +15,10 @@ from typing import Any
 
 import torch
 
-from mlora_cli.config import ConfigError, TaskConfig
-from mlora_cli.tasks import Example, TaskData
+from mlora_cli import seeds
+from mlora_cli.data.sources import Example, TaskData
+from mlora_cli.errors import ConfigError
+from mlora_cli.spec.schema import TaskConfig
 
 IGNORE = -100
 
@@ -88,7 +90,7 @@ class BatchSampler:
 
     def __init__(self, size: int, seed: int, task_index: int):
         self.size = size
-        self.rng = random.Random(f"batches:{seed}:{task_index}")
+        self.rng = random.Random(seeds.batch_order(seed, task_index))
         self.order: list[int] = []
         self.position = 0
 
@@ -145,7 +147,9 @@ def _to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor
     return tensor
 
 
-def collate_prompts(rows: list[Row], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def collate_prompts(
+    rows: list[Row], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad the prompts of rows, for generation."""
     length = max(r.prompt_len for r in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)

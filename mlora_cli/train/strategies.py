@@ -5,7 +5,7 @@ one fused step. What each adds (theta: the adapter's LoRA weights):
 
 - naive:  nothing; keep fine-tuning the same adapter.
 - replay: a buffer of `buffer_size` training examples from each finished task; each batch
-          draws `round(batch_size * replay_ratio)` rows from it (data only, see worker.py).
+          draws `round(batch_size * replay_ratio)` rows from it (`replayed_rows`), data only.
 - l2:     + l2_lambda/2 * ||theta - theta_prev||^2, theta_prev = the adapter at the end of
           the previous task.
 - ewc:    + ewc_lambda/2 * sum_i F_i (theta_i - theta*_i)^2 (Kirkpatrick et al. 2017,
@@ -28,13 +28,27 @@ vectorized over slots, before per-adapter clipping: the same as adding them to t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from mlora_cli.config import AdapterConfig
+from mlora_cli import seeds
+from mlora_cli.data.batches import Row, TokenizedTask
 from mlora_cli.model.engine import MultiLoraModel
+from mlora_cli.spec.schema import AdapterConfig
+
+
+def engine_shape(adapters: Sequence[AdapterConfig], slots: int, task_count: int) -> tuple[int, int]:
+    """(engine slots, largest rank) for `slots` adapters trained at once.
+
+    O-LoRA stacks one LoRA per task in its slot, so its slot needs rank x tasks; LwF keeps a
+    frozen teacher per student in a spare slot, so any LwF adapter doubles the slots.
+    """
+    max_rank = max(a.rank * (task_count if a.strategy == "olora" else 1) for a in adapters)
+    teachers = any(a.strategy == "lwf" for a in adapters)
+    return slots * (2 if teachers else 1), max_rank
 
 
 def _col(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -56,13 +70,20 @@ class Strategies:
         self.fisher: list[torch.Tensor] | None = None
         self.teacher_of: dict[int, int] = {}  # student slot -> slot holding its frozen snapshot
         self.lwf: dict[int, tuple[float, float]] = {}  # student slot -> (lambda, temperature)
+        self.replay_buffer: dict[int, list[tuple[int, int]]] = {}  # slot -> (task index, row index) kept
+        self.replay_rng: dict[int, random.Random] = {}  # slot -> which buffered rows each batch draws
 
     @property
     def params(self) -> list[torch.Tensor]:
         return self.engine.optimizer.params
 
-    def start(self, slot: int, config: AdapterConfig) -> None:
-        """A new adapter in `slot`: no anchor, no Fisher, no teacher yet."""
+    def start(self, slot: int, config: AdapterConfig, seed: int) -> None:
+        """A new adapter in `slot`: no buffer, anchor, Fisher or teacher yet."""
+        self.replay_buffer.pop(slot, None)
+        self.replay_rng.pop(slot, None)
+        if config.strategy == "replay":
+            self.replay_buffer[slot] = []
+            self.replay_rng[slot] = random.Random(seeds.replay_draws(seed))
         for tensor in (self.l2, self.ewc, self.olora1):
             tensor[slot] = 0.0
         self.olora2[slot] = config.olora_lambda2 if config.strategy == "olora" else 0.0
@@ -71,14 +92,29 @@ class Strategies:
         for state in (self.anchor or []) + (self.fisher or []):
             state[slot].zero_()
 
+    def replayed_rows(
+        self, slot: int, config: AdapterConfig, batch_size: int, tasks: Sequence[TokenizedTask]
+    ) -> list[Row]:
+        """The rows of this step's batch that replay draws from the buffer (none for other strategies)."""
+        buffer = self.replay_buffer.get(slot)
+        if not buffer:
+            return []
+        count = min(round(batch_size * config.replay_ratio), len(buffer))
+        return [tasks[t].train[i] for t, i in self.replay_rng[slot].sample(buffer, count)]
+
     @torch.no_grad()
     def end_task(
         self, slot: int, config: AdapterConfig, task_index: int, seed: int,
-        squared_gradients: Callable[[], list[torch.Tensor]],
+        squared_gradients: Callable[[], list[torch.Tensor]], train_rows: int,
     ) -> None:
-        """Called when the adapter in `slot` finished task `task_index` and a next task follows."""
+        """Called when the adapter in `slot` finished task `task_index` (of `train_rows` rows) and a next task
+        follows."""
         strategy = config.strategy
-        if strategy in ("l2", "ewc"):
+        if strategy == "replay":
+            keep = random.Random(seeds.replay_buffer(seed, task_index))
+            picked = keep.sample(range(train_rows), min(config.buffer_size, train_rows))
+            self.replay_buffer[slot].extend((task_index, i) for i in picked)
+        elif strategy in ("l2", "ewc"):
             if self.anchor is None:
                 self.anchor = [torch.zeros_like(p) for p in self.params]
             if strategy == "ewc":
@@ -99,7 +135,7 @@ class Strategies:
         elif strategy == "olora":
             optimizer = self.engine.optimizer
             optimizer.frozen_rank[slot] = self.engine.slot_rank[slot]
-            generator = torch.Generator().manual_seed(seed * 1009 + task_index + 1)
+            generator = torch.Generator().manual_seed(seeds.olora_task_init(seed, task_index))
             self.engine.grow_slot(slot, config, generator)  # a fresh optimizer for the fresh LoRA, too
             self.olora1[slot] = config.olora_lambda1
 
@@ -147,7 +183,8 @@ class Strategies:
             return None
         starts = [sum(counts[:g]) for g in range(len(counts))]
         rows = torch.cat([torch.arange(starts[g], starts[g] + counts[g]) for g in groups]).to(input_ids.device)
-        with torch.no_grad(), self.engine.routed([self.teacher_of[slots[g]] for g in groups], [counts[g] for g in groups]):
+        with torch.no_grad(), self.engine.routed([self.teacher_of[slots[g]] for g in groups],
+                                                 [counts[g] for g in groups]):
             teacher_logits = self.engine.model(input_ids=input_ids[rows], attention_mask=attention_mask[rows]).logits
         terms = torch.zeros(len(slots), device=student_logits.device)
         offset = 0
@@ -172,6 +209,8 @@ class Strategies:
             "fisher": [f[slot].cpu().clone() for f in self.fisher] if self.fisher is not None else None,
             "teacher": self.engine.slot_state(teacher) if teacher is not None else None,
             "lwf": self.lwf.get(slot),
+            "replay_buffer": self.replay_buffer.get(slot),
+            "replay_rng": self.replay_rng[slot].getstate() if slot in self.replay_rng else None,
         }
 
     @torch.no_grad()
@@ -189,3 +228,8 @@ class Strategies:
             self.engine.load_slot_state(teacher, state["teacher"])
             self.teacher_of[slot] = teacher
             self.lwf[slot] = tuple(state["lwf"])  # type: ignore[assignment]
+        if state.get("replay_buffer") is not None:
+            self.replay_buffer[slot] = [tuple(item) for item in state["replay_buffer"]]  # type: ignore[misc]
+        if state.get("replay_rng") is not None:
+            rng = state["replay_rng"]
+            self.replay_rng[slot].setstate((rng[0], tuple(rng[1]), rng[2]))

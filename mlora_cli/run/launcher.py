@@ -12,7 +12,6 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,15 +20,27 @@ from typing import Any
 import yaml
 
 from mlora_cli import __version__
-from mlora_cli.config import ConfigError, SweepSpec, to_plain
-from mlora_cli.metrics import add_cl_metrics
-from mlora_cli.plan import WorkerPlan, assign, resolve_devices, sweep_work
-from mlora_cli.report import write_forgetting_csv
-from mlora_cli.runfolder import append_jsonl, write_bytes, write_json, write_text
-from mlora_cli.sweep import AdapterSpec, expand
-from mlora_cli.tasks import TaskData, load_task
-
-Emit = Callable[[dict[str, Any]], None]
+from mlora_cli.contract import (
+    ADAPTERS,
+    BASE_RECORD,
+    METRICS,
+    RESOLVED_SWEEP,
+    RESULTS,
+    RUN_RECORD,
+    Emit,
+    failed_result,
+    result_path,
+    state_path,
+)
+from mlora_cli.data.sources import TaskData, load_task
+from mlora_cli.errors import ConfigError
+from mlora_cli.eval.metrics import add_cl_metrics
+from mlora_cli.files import append_jsonl, write_bytes, write_json, write_text
+from mlora_cli.report.outputs import write_reports
+from mlora_cli.spec.convert import to_plain
+from mlora_cli.spec.plan import WorkerPlan, assign, resolve_devices, sweep_work
+from mlora_cli.spec.schema import SweepSpec
+from mlora_cli.spec.sweep import AdapterSpec, expand
 
 
 @dataclass
@@ -130,17 +141,18 @@ def run_sweep(
     plans = plan_workers(spec, adapters)
     if resume_dir is None:
         run_dir = new_run_dir(spec, output_base or Path.cwd())
-        write_text(run_dir / "sweep.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        write_json(run_dir / "run.json", {"sweep_dir": str(sweep_dir.resolve()), "started": datetime.now().isoformat()})
-        write_json(run_dir / "adapters.json", [
-            {"name": a.name, "seed": a.seed, "varied": a.varied, "adapter": to_plain(a.adapter), "train": to_plain(a.train)}
+        write_text(run_dir / RESOLVED_SWEEP, yaml.safe_dump(resolved, sort_keys=False))
+        write_json(run_dir / RUN_RECORD, {"sweep_dir": str(sweep_dir.resolve()), "started": datetime.now().isoformat()})
+        write_json(run_dir / ADAPTERS, [
+            {"name": a.name, "seed": a.seed, "varied": a.varied, "adapter": to_plain(a.adapter),
+             "train": to_plain(a.train)}
             for a in adapters
         ])
     else:
         run_dir = resume_dir
         keep_metrics_up_to_checkpoints(run_dir, adapters)
     emit({"event": "run_start", "run_dir": str(run_dir), "plans": plans, "resume": resume_dir is not None})
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = run_dir / METRICS
 
     cuda_peaks: list[float] = []  # from worker processes, which own the GPUs
 
@@ -149,8 +161,8 @@ def run_sweep(
             cuda_peaks.append(event["cuda_max_allocated_mib"])
         if event["event"] == "step":
             append_jsonl(metrics_path, event["records"])
-        elif event["event"] == "worker_ready" and not (run_dir / "base.json").exists():
-            write_json(run_dir / "base.json", event["base"])
+        elif event["event"] == "worker_ready" and not (run_dir / BASE_RECORD).exists():
+            write_json(run_dir / BASE_RECORD, event["base"])
         emit(event)
 
     resume = resume_dir is not None
@@ -158,7 +170,7 @@ def run_sweep(
         results = run_on_ray(plans, spec, task_data, run_dir, record, resume, address)
     elif len(plans) == 1 and plans[0].device == "cpu" and plans[0].threads is None:
         # One default CPU worker: run it here and skip a second interpreter start.
-        from mlora_cli import worker
+        from mlora_cli.run import worker
 
         results = worker.run(plans[0], spec, task_data, run_dir, record, worker_id=0, resume=resume)
     else:
@@ -177,7 +189,8 @@ def run_sweep(
             "tasks": [t.name for t in spec.tasks],
             "adapter_count": len(adapters),
             "failed": sorted(name for name, r in ordered.items() if r["status"] != "done"),
-            "workers": [{"device": p.device, "threads": p.threads, "adapters": [a.name for a in p.adapters]} for p in plans],
+            "workers": [{"device": p.device, "threads": p.threads, "adapters": [a.name for a in p.adapters]}
+                        for p in plans],
             "wall_seconds": wall,
             "train_tokens": total_tokens,
             "train_tokens_per_s": total_tokens / wall if wall else 0.0,
@@ -188,7 +201,7 @@ def run_sweep(
         },
     }
     add_cl_metrics(summary)
-    write_json(run_dir / "results.json", summary)
+    write_json(run_dir / RESULTS, summary)
     summary["run"]["notes"] = write_reports(run_dir, summary, plots)
     return RunOutcome(run_dir=run_dir, results=summary)
 
@@ -199,7 +212,6 @@ def keep_metrics_up_to_checkpoints(run_dir: Path, adapters: list[AdapterSpec]) -
 
     import torch
 
-    from mlora_cli.worker import result_path, state_path
 
     last_step = {}
     for adapter in adapters:
@@ -207,7 +219,7 @@ def keep_metrics_up_to_checkpoints(run_dir: Path, adapters: list[AdapterSpec]) -
             last_step[adapter.name] = float("inf")
         elif state_path(run_dir, adapter.name).is_file():
             last_step[adapter.name] = torch.load(state_path(run_dir, adapter.name), weights_only=False)["step"]
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS
     if not metrics.is_file():
         return
     kept = []
@@ -225,13 +237,13 @@ def load_run(run_dir: Path) -> tuple[SweepSpec, dict[str, Any], Path]:
     """A run folder's resolved sweep, for `--resume`: (spec, resolved data, the sweep file's folder)."""
     import json
 
-    from mlora_cli.config import parse_spec
+    from mlora_cli.spec.load import parse_spec
 
-    missing = [name for name in ("sweep.resolved.yaml", "run.json", "adapters.json") if not (run_dir / name).is_file()]
+    missing = [name for name in (RESOLVED_SWEEP, RUN_RECORD, ADAPTERS) if not (run_dir / name).is_file()]
     if missing:
         raise ConfigError([f"{run_dir}: not a run folder mlora can resume (no {', '.join(missing)})"])
-    resolved = yaml.safe_load((run_dir / "sweep.resolved.yaml").read_text())
-    sweep_dir = Path(json.loads((run_dir / "run.json").read_text())["sweep_dir"])
+    resolved = yaml.safe_load((run_dir / RESOLVED_SWEEP).read_text())
+    sweep_dir = Path(json.loads((run_dir / RUN_RECORD).read_text())["sweep_dir"])
     return parse_spec(resolved, base_dir=sweep_dir), resolved, sweep_dir
 
 
@@ -247,7 +259,7 @@ def _worker_main(plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[Ta
             os.environ[variable] = str(plan.threads)
     import multiprocessing
 
-    from mlora_cli import worker
+    from mlora_cli.run import worker
 
     parent = multiprocessing.parent_process()
 
@@ -263,7 +275,7 @@ def _worker_main(plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[Ta
     except KeyboardInterrupt:  # the parent got Ctrl-C too; states are saved, leave quietly
         return
     except ConfigError as exc:  # found once the model is loaded (target names, chat template)
-        events.put({"event": "config_error", "worker": worker_id, "problems": exc.problems})
+        events.put({"event": "worker_error", "worker": worker_id, "error": exc})  # ConfigError pickles whole
         return
     import torch
 
@@ -291,7 +303,8 @@ def run_worker_processes(
     context = multiprocessing.get_context("spawn")
     events = context.Queue()
     processes = {
-        worker_id: context.Process(target=_worker_main, args=(plan, spec, task_data, run_dir, events, worker_id, resume),
+        worker_id: context.Process(target=_worker_main,
+                                   args=(plan, spec, task_data, run_dir, events, worker_id, resume),
                                    name=f"mlora-worker-{worker_id}", daemon=True)
         for worker_id, plan in enumerate(plans)
     }
@@ -310,9 +323,10 @@ def run_worker_processes(
                         _drain(events, results, record, running)
                         if worker_id in running:  # died without saying it finished
                             running.discard(worker_id)
-                            reason = f"worker {worker_id} ({plans[worker_id].device}) died with exit code {process.exitcode}"
+                            reason = (f"worker {worker_id} ({plans[worker_id].device}) died with exit code "
+                                      f"{process.exitcode}")
                             for adapter in plans[worker_id].adapters:
-                                results.setdefault(adapter.name, failed_entry(adapter, reason))
+                                results.setdefault(adapter.name, failed_result(adapter, reason))
                 continue
             _handle(event, results, record, running)
     except KeyboardInterrupt:
@@ -332,8 +346,8 @@ def run_worker_processes(
 
 
 def _handle(event: dict[str, Any], results: dict[str, Any], record: Emit, running: set[int]) -> None:
-    if event["event"] == "config_error":  # sent as plain problems: ConfigError does not survive pickling
-        raise ConfigError(event["problems"])
+    if event["event"] == "worker_error":  # a user error found in the worker: the run stops with it
+        raise event["error"]
     if event["event"] == "adapter_done":
         results[event["adapter"]] = event["result"]
     elif event["event"] == "worker_done":
@@ -356,7 +370,7 @@ def run_on_ray(
     resume: bool, address: str | None,
 ) -> dict[str, Any]:
     """Workers as Ray actors; their files arrive as events and are written here, on the driver."""
-    from mlora_cli.ray_backend import run_ray_workers
+    from mlora_cli.run.ray_backend import run_ray_workers
 
     results: dict[str, Any] = {}
 
@@ -369,32 +383,8 @@ def run_on_ray(
             results[event["adapter"]] = event["result"]
         elif event["event"] == "worker_failed":
             for adapter in plans[event["worker"]].adapters:
-                results.setdefault(adapter.name, failed_entry(adapter, event["reason"]))
+                results.setdefault(adapter.name, failed_result(adapter, event["reason"]))
         record(event)
 
     run_ray_workers(plans, spec, task_data, run_dir, handle, resume, address)
     return results
-
-
-def failed_entry(adapter: AdapterSpec, reason: str) -> dict[str, Any]:
-    """A results.json entry for an adapter that never finished."""
-    return {
-        "name": adapter.name, "seed": adapter.seed, "status": "failed", "failure": reason, "varied": adapter.varied,
-        "config": {"adapter": to_plain(adapter.adapter), "train": to_plain(adapter.train)},
-        "final": {}, "final_mean": {}, "matrix": {}, "curve": [], "steps": 0, "train_tokens": 0, "train_seconds": 0.0,
-        "train_tokens_per_s": 0.0, "steps_per_s": 0.0, "eval_seconds": 0.0, "finished_after_s": None,
-    }
-
-
-def write_reports(folder: Path, results: dict[str, Any], plots: bool = True) -> list[str]:
-    """forgetting.csv and PNG plots next to results.json; returns notes for the user."""
-    write_forgetting_csv(folder / "forgetting.csv", results)
-    if not plots:
-        return []
-    try:
-        from mlora_cli import plots as plotting
-
-        plotting.write_all(folder, results, results["run"]["tasks"])
-    except ImportError as exc:
-        return [str(exc)]
-    return []

@@ -1,4 +1,6 @@
-"""Pretrained weights shipped inside the package, and their check (torch-free: `mlora validate` runs it).
+"""The builtin models' names, and the pretrained weights shipped in the package with their check.
+
+Torch-free: `mlora validate` runs the check.
 
 `builtin:tiny` is made by `scripts/pretrain_tiny.py`; its SHA-256 is recorded here and checked
 before every load, so a corrupt, truncated or stale file is one clear line, not a silently
@@ -10,7 +12,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "model" / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "model" / "weights"
+# model.base.BUILTIN_SPECS (built in code) plus SmolLM2, converted from a GGUF file.
+BUILTIN_MODELS = ("builtin:tiny", "builtin:tiny-random", "builtin:micro", "builtin:small", "builtin:smollm2-135m")
 PRETRAIN_SCRIPT = "scripts/pretrain_tiny.py"
 # Pretrained builtin -> (file in WEIGHTS_DIR, its SHA-256).
 PRETRAINED_WEIGHTS: dict[str, tuple[str, str]] = {
@@ -19,7 +23,8 @@ PRETRAINED_WEIGHTS: dict[str, tuple[str, str]] = {
 
 
 def read_checked(name: str, folder: Path | None = None) -> tuple[bytes | None, str | None]:
-    """(the file's bytes, None) when its SHA-256 is the recorded one, else (None, one line naming the file and the fix)."""
+    """(the file's bytes, None) when its SHA-256 is the recorded one, else (None, one line naming the file
+    and the fix)."""
     file_name, expected = PRETRAINED_WEIGHTS[name]
     path = (folder or WEIGHTS_DIR) / file_name
     fix = f"reinstall mlora-sweep, or rebuild the file with python {PRETRAIN_SCRIPT}"

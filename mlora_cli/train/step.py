@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mlora_cli.data import Row, collate, token_losses
+from mlora_cli.data.batches import Row, collate, token_losses
 from mlora_cli.model.engine import MultiLoraModel
-from mlora_cli.strategies import Strategies
+from mlora_cli.train.strategies import Strategies
 
 
 @dataclass
@@ -49,8 +49,8 @@ def autocast(engine: MultiLoraModel) -> contextlib.AbstractContextManager[object
 
 def _adapter_losses(
     engine: MultiLoraModel, inputs: list[StepInput], pad_id: int, strategies: Strategies | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward the stacked rows once; per-adapter (objective, task loss, tokens) and row groups."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward the stacked rows once; per adapter: (objective, task loss, tokens)."""
     rows = [row for part in inputs for row in part.rows]
     batch = collate(rows, pad_id, engine.device)
     slots = [part.slot for part in inputs]
@@ -69,7 +69,7 @@ def _adapter_losses(
         if distillation is not None:
             objective = task_loss + distillation
     tokens = torch.zeros(len(inputs), dtype=torch.long, device=device).index_add(0, group, batch.tokens_per_row)
-    return objective, task_loss, tokens, group
+    return objective, task_loss, tokens
 
 
 def fused_step(
@@ -77,7 +77,7 @@ def fused_step(
 ) -> tuple[list[StepResult], float]:
     """Train every adapter in `inputs` one step; returns per-adapter results and seconds."""
     start = time.perf_counter()
-    objective, task_loss, tokens, _ = _adapter_losses(engine, inputs, pad_id, strategies)
+    objective, task_loss, tokens = _adapter_losses(engine, inputs, pad_id, strategies)
     objective.sum().backward()
     if strategies is not None:
         strategies.add_gradients()
@@ -95,7 +95,8 @@ def fused_step(
     engine.zero_grad()
 
     # One host transfer for everything logged.
-    losses, grad_norms, flags = task_loss.detach().cpu().tolist(), norms[slot_index].cpu().tolist(), finite.cpu().tolist()
+    losses, grad_norms, flags = (task_loss.detach().cpu().tolist(), norms[slot_index].cpu().tolist(),
+                                 finite.cpu().tolist())
     results = [
         StepResult(slot, loss, norm, int(count), ok)
         for slot, loss, norm, count, ok in zip(slots, losses, grad_norms, tokens.cpu().tolist(), flags)
@@ -111,7 +112,7 @@ def squared_gradients(engine: MultiLoraModel, batches: list[list[StepInput]], pa
     """
     totals = [torch.zeros_like(p) for p in engine.optimizer.params]
     for inputs in batches:
-        objective, _, _, _ = _adapter_losses(engine, inputs, pad_id, None)
+        objective, _, _ = _adapter_losses(engine, inputs, pad_id, None)
         objective.sum().backward()
         for total, p in zip(totals, engine.optimizer.params):
             if p.grad is not None:

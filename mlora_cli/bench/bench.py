@@ -2,7 +2,7 @@
 
 Modes (each a fresh process, timed from launch to exit, imports and model load included):
 - concurrent:     `mlora run` as a user runs it (all adapters co-trained);
-- sequential:     one `python -m mlora_cli.baseline` process per adapter, one after another
+- sequential:     one `python -m mlora_cli.bench.baseline` process per adapter, one after another
                   (plain PEFT + torch AdamW; see baseline.py);
 - engine-serial:  `mlora run` with max_concurrent=1 (one process, one adapter at a time):
                   separates the saved cold starts from the fused steps;
@@ -48,8 +48,8 @@ from typing import Any
 
 import yaml
 
-from mlora_cli.config import SweepSpec
-from mlora_cli.sweep import AdapterSpec
+from mlora_cli.spec.schema import SweepSpec
+from mlora_cli.spec.sweep import AdapterSpec
 
 EARLY_STEPS = 5
 EARLY_LOSS_TOLERANCE = 1e-4  # relative, per step: rounding, not a different computation
@@ -110,7 +110,7 @@ def run_sequential(resolved_sweep: Path, data_dir: Path, adapters: list[AdapterS
     for adapter in adapters:
         progress(f"sequential: {adapter.name}")
         result_file = out / f"{adapter.name}.json"
-        command = [sys.executable, "-m", "mlora_cli.baseline", str(resolved_sweep), adapter.name, str(result_file),
+        command = [sys.executable, "-m", "mlora_cli.bench.baseline", str(resolved_sweep), adapter.name, str(result_file),
                    str(data_dir)]
         wall, peak = _timed(command, out / f"{adapter.name}.log")
         result = json.loads(result_file.read_text())
@@ -196,12 +196,12 @@ def fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Pa
 def _fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, repeats: int) -> dict[str, Any]:
     import torch
 
-    from mlora_cli.data import TokenizedTask, tokenize_task
-    from mlora_cli.evaluate import EvalRequest, evaluate
+    from mlora_cli.data.batches import TokenizedTask, tokenize_task
+    from mlora_cli.eval.evaluate import EvalRequest, evaluate
     from mlora_cli.model.base import load_base
     from mlora_cli.model.engine import MultiLoraModel
-    from mlora_cli.tasks import load_task
-    from mlora_cli.train import StepInput, fused_step
+    from mlora_cli.data.sources import load_task
+    from mlora_cli.train.step import StepInput, fused_step
 
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     targets = sorted({t for a in adapters for t in a.adapter.target_modules})
@@ -326,7 +326,7 @@ def run_bench(
     progress("fusion efficiency: fused step vs union batch")
     import torch
 
-    from mlora_cli.plan import resolve_devices, sweep_work
+    from mlora_cli.spec.plan import resolve_devices, sweep_work
 
     workers = resolve_devices(spec.devices, torch.cuda.device_count(), os.cpu_count() or 1, len(adapters),
                               sweep_work(adapters, spec))
@@ -345,6 +345,8 @@ def run_bench(
         report["experiment_throughput_ratio"] = report["modes"]["concurrent"]["throughput_vs_sequential"]
         report["agreement"] = agreement(raw["concurrent"], sequential)
         report["agree"] = all(v["agree"] for v in report["agreement"].values())
+        report["agreement_tolerances"] = {"early_steps": EARLY_STEPS, "early_loss": EARLY_LOSS_TOLERANCE,
+                                          "final_loss": FINAL_LOSS_TOLERANCE, "exact_match": EXACT_MATCH_TOLERANCE}
         report["memory_below_two_sequential"] = raw["concurrent"]["peak_rss_mib"] < 2 * sequential["peak_rss_mib"]
     curve = {1 if name == "engine-serial" else int(name.split("@")[1]): figures
              for name, figures in report["modes"].items() if name == "engine-serial" or name.startswith("concurrent@")}

@@ -18,9 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mlora_cli.config import ConfigError, SweepSpec
-from mlora_cli.plan import WorkerPlan
-from mlora_cli.tasks import TaskData
+from mlora_cli.data.sources import TaskData
+from mlora_cli.errors import ConfigError
+from mlora_cli.spec.plan import WorkerPlan
+from mlora_cli.spec.schema import SweepSpec
 
 
 def files_under(path: Path, root: Path) -> dict[str, bytes]:
@@ -36,7 +37,7 @@ class WorkerActor:
             resume: bool, saved_state: dict[str, bytes], events: Any) -> None:
         import os
 
-        from mlora_cli import worker
+        from mlora_cli.run import worker
 
         if plan.device.startswith("cuda"):
             plan = WorkerPlan("cuda:0", plan.adapters, plan.threads, plan.max_concurrent)  # Ray sets the visible GPU
@@ -54,7 +55,7 @@ class WorkerActor:
             try:
                 worker.run(plan, spec, task_data, scratch, events.put, worker_id=worker_id, resume=resume, written=ship)
             except ConfigError as exc:  # found once the model is loaded (target names, chat template)
-                events.put({"event": "config_error", "worker": worker_id, "problems": exc.problems})
+                events.put({"event": "worker_error", "worker": worker_id, "error": exc})  # ConfigError pickles whole
                 return
             events.put({"event": "worker_done", "worker": worker_id})
         finally:
@@ -98,8 +99,8 @@ def run_ray_workers(
                         handle({"event": "worker_failed", "worker": worker_id,
                                 "reason": f"ray actor: {str(exc).splitlines()[0]}"})
             continue
-        if event["event"] == "config_error":
-            raise ConfigError(event["problems"])
+        if event["event"] == "worker_error":
+            raise event["error"]
         handle(event)
         if event["event"] == "worker_done":
             running.discard(event["worker"])

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlora_cli.config import SweepSpec
-from mlora_cli.sweep import AdapterSpec
+from mlora_cli.spec.schema import SweepSpec
+from mlora_cli.spec.sweep import AdapterSpec
 
 
 @dataclass(frozen=True)
@@ -26,9 +26,17 @@ class WorkerPlan:
         return min(self.max_concurrent or len(self.adapters), len(self.adapters))
 
 
+# An adapter's share of the frozen base's work in a fused step, in units of LoRA rank: the base
+# costs every row the same whatever the rank, so a rank-r adapter costs (r + BASE_COST_IN_RANKS)
+# per row-token, not r. A rough constant (the base is the larger part of a step for small ranks).
+BASE_COST_IN_RANKS = 8
+
+
 def adapter_cost(adapter: AdapterSpec, spec: SweepSpec) -> float:
+    """Relative work of an adapter (rows x tokens x steps, weighted by rank), to balance workers."""
     steps = adapter.total_steps([t.steps for t in spec.tasks])
-    return float((adapter.adapter.rank + 8) * adapter.train.batch_size * adapter.train.max_seq_len * steps)
+    rank_weight = adapter.adapter.rank + BASE_COST_IN_RANKS
+    return float(rank_weight * adapter.train.batch_size * adapter.train.max_seq_len * steps)
 
 
 # `devices: auto` without GPUs: two CPU workers with half the cores each beat one worker with
@@ -38,7 +46,8 @@ AUTO_SPLIT_MIN_WORK = 100_000
 
 
 def sweep_work(adapters: list[AdapterSpec], spec: SweepSpec) -> float:
-    return sum(a.total_steps([t.steps for t in spec.tasks]) * a.train.batch_size * a.train.max_seq_len for a in adapters)
+    return sum(a.total_steps([t.steps for t in spec.tasks]) * a.train.batch_size * a.train.max_seq_len
+               for a in adapters)
 
 
 def resolve_devices(

@@ -1,0 +1,187 @@
+"""A run's contract, defined once: the run folder's paths, each adapter's results.json entry, and worker events.
+
+Everything that writes or reads these (the worker, the launcher, the Ray backend, `mlora eval`,
+the bench) uses the names here, so a field or a path is spelled in one place.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypedDict
+
+from mlora_cli import PROCESS_START
+from mlora_cli.spec.convert import to_plain
+from mlora_cli.spec.sweep import AdapterSpec
+
+# -- the run folder ---------------------------------------------------------------------------
+
+RESOLVED_SWEEP = "sweep.resolved.yaml"
+RUN_RECORD = "run.json"
+ADAPTERS = "adapters.json"
+BASE_RECORD = "base.json"
+METRICS = "metrics.jsonl"
+RESULTS = "results.json"
+
+
+def state_path(run_dir: Path, name: str) -> Path:
+    """An adapter's whole training state (weights, optimizer, data and RNG positions, strategy)."""
+    return run_dir / "state" / f"{name}.pt"
+
+
+def result_path(run_dir: Path, name: str) -> Path:
+    """An adapter's results entry, written when it ends (done or failed)."""
+    return run_dir / "state" / f"{name}.result.json"
+
+
+def adapter_dir(run_dir: Path, name: str) -> Path:
+    """The final adapter, PEFT format."""
+    return run_dir / "adapters" / name
+
+
+def checkpoint_dir(run_dir: Path, name: str, after_task: int) -> Path:
+    """The adapter after task `after_task` (1-based), PEFT format."""
+    return run_dir / "checkpoints" / name / f"after-task-{after_task}"
+
+
+# -- results.json: one entry per adapter ---------------------------------------------------------
+
+Scores = dict[str, dict[str, float]]  # task -> metric -> value
+
+
+def matrix_of(rows: Sequence[dict[str, dict[str, float]]], task_names: Sequence[str]) -> dict[str, list[list[float]]]:
+    """metric -> R from evaluation rows (row i: task -> metric -> score after i tasks)."""
+    metrics = sorted({m for row in rows for scores in row.values() for m in scores})
+    return {m: [[row[t][m] for t in task_names] for row in rows] for m in metrics}
+
+
+def mean_over_tasks(scores: dict[str, dict[str, float]]) -> dict[str, float]:
+    """metric -> its mean over the tasks of one evaluation row ({} for none)."""
+    if not scores:
+        return {}
+    metrics = sorted({m for values in scores.values() for m in values})
+    return {m: sum(values[m] for values in scores.values()) / len(scores) for m in metrics}
+
+
+class AdapterResult(TypedDict):
+    name: str
+    seed: int
+    status: Literal["done", "failed"]
+    failure: str | None
+    varied: dict[str, Any]  # dotted key -> value, what the sweep set
+    config: dict[str, Any]  # {"adapter": ..., "train": ...}, plain
+    final: Scores  # after the last task; {} when failed
+    final_mean: dict[str, float]  # metric -> mean over tasks
+    matrix: dict[str, list[list[float]]]  # metric -> R, one row before training and one after each task
+    curve: list[dict[str, Any]]  # every evaluation: step, task_index, after_task, scores
+    steps: int
+    train_tokens: int
+    train_seconds: float
+    train_tokens_per_s: float
+    steps_per_s: float
+    eval_seconds: float
+    finished_after_s: float | None  # from process start (imports and base load included) to this adapter's end
+
+
+def adapter_result(
+    adapter: AdapterSpec, task_names: list[str], *, evals: list[Scores], curve: list[dict[str, Any]], steps: int,
+    train_tokens: int, train_seconds: float, eval_seconds: float, failure: str | None,
+    finished_after_s: float | None = None,
+) -> AdapterResult:
+    """The results.json entry of an adapter that ran `steps` steps; `evals[i]` is the matrix row after i tasks."""
+    final = evals[-1] if failure is None and evals else {}
+    return {
+        "name": adapter.name,
+        "seed": adapter.seed,
+        "status": "failed" if failure else "done",
+        "failure": failure,
+        "varied": adapter.varied,
+        "config": {"adapter": to_plain(adapter.adapter), "train": to_plain(adapter.train)},
+        "final": final,
+        "final_mean": mean_over_tasks(final),
+        "matrix": matrix_of(evals, task_names),
+        "curve": curve,
+        "steps": steps,
+        "train_tokens": train_tokens,
+        "train_seconds": train_seconds,
+        "train_tokens_per_s": train_tokens / train_seconds if train_seconds else 0.0,
+        "steps_per_s": steps / train_seconds if train_seconds else 0.0,
+        "eval_seconds": eval_seconds,
+        "finished_after_s": (time.perf_counter() - PROCESS_START) if finished_after_s is None else finished_after_s,
+    }
+
+
+def failed_result(adapter: AdapterSpec, reason: str) -> AdapterResult:
+    """The entry of an adapter that never finished (its worker died or failed)."""
+    entry = adapter_result(adapter, [], evals=[], curve=[], steps=0, train_tokens=0, train_seconds=0.0,
+                           eval_seconds=0.0, failure=reason)
+    entry["finished_after_s"] = None
+    return entry
+
+
+# -- events: what a worker tells the launcher (in process, through a queue, or from a Ray actor) ---
+
+
+class WorkerReady(TypedDict):
+    event: Literal["worker_ready"]
+    worker: int
+    load_seconds: float
+    base: dict[str, Any]  # base.json
+
+
+class StepRecord(TypedDict):  # one line of metrics.jsonl
+    adapter: str
+    task: str
+    task_index: int
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int
+    seconds: float
+
+
+class Step(TypedDict):
+    event: Literal["step"]
+    worker: int
+    records: list[StepRecord]
+
+
+class Evaluated(TypedDict):
+    event: Literal["eval"]
+    worker: int
+    adapter: str
+    after_task: int
+    scores: Scores
+
+
+class Resumed(TypedDict):
+    event: Literal["resumed"]
+    worker: int
+    adapter: str
+    step: int
+
+
+class AdapterDone(TypedDict, total=False):
+    event: Literal["adapter_done"]
+    worker: int
+    adapter: str
+    result: AdapterResult
+    resumed: bool  # its result was already in the run folder
+
+
+class WorkerDone(TypedDict, total=False):
+    event: Literal["worker_done"]
+    worker: int
+    cuda_max_allocated_mib: float
+
+
+class WorkerError(TypedDict):
+    event: Literal["worker_error"]  # a user error found once the model loaded (a ConfigError, pickled)
+    worker: int
+    error: Exception
+
+
+Event = WorkerReady | Step | Evaluated | Resumed | AdapterDone | WorkerDone | WorkerError | dict[str, Any]
+Emit = Callable[[Any], None]

@@ -1,0 +1,1 @@
+"""Task sources -> examples -> tokenized rows and padded batches."""

@@ -1,0 +1,1 @@
+"""What a person sees: tables, progress, plots, and the CSV written beside results.json."""

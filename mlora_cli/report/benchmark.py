@@ -1,0 +1,93 @@
+"""`mlora bench`'s tables: modes side by side, co-training against its limits, agreement."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.markup import escape
+from rich.table import Table
+
+from mlora_cli.report.fit import Col, caption_text, drop_to_fit, fitted_table, left_out_notes, width_budget
+
+
+def bench_tables(report: dict[str, Any], width: int | None = None) -> list[Table]:
+    """`mlora bench`: modes side by side, co-training against its limits, agreement.
+
+    At 100 columns and more the modes table adds each mode's mean experiment time against the sequential one
+    (always in bench.json).
+    """
+
+    budget = width_budget(width)
+    machine = report["machine"]
+    header = f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}" + (
+        f", {machine['gpu']}" if "gpu" in machine else "")
+    modes = list(report["modes"].values())
+
+    def ratio(key: str) -> list[str]:
+        return [f"{m[key]:.2f}x" if key in m else "-" for m in modes]
+
+    columns = [
+        Col("mode", [escape(name) for name in report["modes"]], justify="left"),
+        Col("wall\ns", [f"{m['wall_seconds']:.1f}" for m in modes]),
+        Col("exps\nper h", [f"{m['experiments_per_hour']:,.0f}" for m in modes]),
+        Col("mean\nexp s", [f"{m['mean_experiment_seconds']:.1f}" for m in modes]),
+        Col("train\ntok/s", [f"{m['train_tokens_per_s']:,.0f}" for m in modes], drop=4),
+        Col("eval\ns", [f"{m['eval_seconds']:.1f}" for m in modes], drop=2),
+        Col("RSS\nMiB", [f"{m['peak_rss_mib']:,.0f}" for m in modes], drop=3),
+        Col("speed\nvs seq", ratio("throughput_vs_sequential")),
+    ]
+    if budget >= 100:
+        columns.append(Col("time\nvs seq", ratio("mean_experiment_time_vs_sequential"), drop=1))
+    shown, dropped = drop_to_fit(columns, budget)
+    headers = {c.header for c in shown}
+    legend = [text for column, text in (
+        ("wall\ns", "wall s: launch to exit"), ("exps\nper h", "exps per h: experiments (adapters trained) per hour"),
+        ("mean\nexp s", "mean exp s: mean seconds from start to each adapter's end"),
+        ("train\ntok/s", "tok/s: training tokens per second"), ("eval\ns", "eval s: seconds evaluating"),
+        ("RSS\nMiB", "RSS: peak resident memory"),
+        ("speed\nvs seq", "speed vs seq: experiments per hour against the sequential baseline"),
+        ("time\nvs seq", "time vs seq: sequential mean experiment time / this mode's"),
+    ) if column in headers]
+    tables = [fitted_table(shown, title=f"mlora bench: {report['sweep']}, {report['adapters']} adapters",
+                     caption=caption_text(header, "; ".join(legend), *left_out_notes(dropped, budget)))]
+
+    fusion = report["fusion"]
+    threads = fusion["torch_threads"]
+    summary = Table(title="co-training against its limits", caption_justify="left")
+    summary.add_column("figure", no_wrap=True)
+    summary.add_column("value", justify="right", no_wrap=True)
+    summary.add_column("meaning")
+    summary.add_row("fusion efficiency (train)", f"{fusion['fusion_efficiency_train']:.2f}",
+                    f"union step (rank {fusion['union_rank']}) {fusion['union_step_seconds'] * 1e3:.0f} ms / fused step"
+                    f" {fusion['fused_step_seconds'] * 1e3:.0f} ms ({threads} thread{'s' if threads != 1 else ''})")
+    summary.add_row("fusion efficiency (eval)", f"{fusion['fusion_efficiency_eval']:.2f}",
+                    f"union pass {fusion['union_eval_seconds']:.2f} s"
+                    f" / fused pass {fusion['fused_eval_seconds']:.2f} s")
+    if "experiment_throughput_ratio" in report:
+        summary.add_row("experiment throughput ratio", f"{report['experiment_throughput_ratio']:.2f}x",
+                        "concurrent / sequential experiments per hour")
+        summary.add_row("peak RSS below 2 sequential", "yes" if report["memory_below_two_sequential"] else "no",
+                        f"{report['modes']['concurrent']['peak_rss_mib']:,.0f} MiB vs 2 x "
+                        f"{report['modes']['sequential']['peak_rss_mib']:,.0f} MiB")
+    for level, per_hour in report.get("concurrency_curve", {}).items():
+        summary.add_row(f"experiments/h, {level} at once", f"{per_hour:,.0f}", f"with max_concurrent {level}")
+    tables.append(summary)
+
+    if "agreement" in report:
+        tol = report["agreement_tolerances"]
+        names = list(report["agreement"])
+        verdicts = list(report["agreement"].values())
+        agree = fitted_table([
+            Col("adapter", [escape(name) for name in names], justify="left"),
+            Col("early\n|d loss|", [f"{v['max_early_loss_rel_delta']:.0e}" for v in verdicts]),
+            Col("|d loss|\n%", [f"{100 * v['max_loss_rel_delta']:.3f}" for v in verdicts]),
+            Col("|d exact|\npp", [f"{100 * v['max_exact_match_delta']:.1f}" for v in verdicts]),
+            Col("verdict", ["[green]agree[/]" if v["agree"] else "[red]disagree[/]" for v in verdicts], justify="left"),
+        ], title="agreement: concurrent vs sequential",
+           caption=f"early |d loss|: largest relative difference of the training loss over the first "
+                   f"{tol['early_steps']} steps (within {tol['early_loss']:g}: rounding); |d loss|, |d exact|: "
+                   "worst case over tasks of "
+                   f"the final eval loss (relative, within {100 * tol['final_loss']:g}%) and exact match (points, "
+                   f"within {100 * tol['exact_match']:g}); see docs/benchmark.md: training amplifies rounding")
+        tables.append(agree)
+    return tables

@@ -1,0 +1,66 @@
+"""Where one adapter is in its run: its slot, tasks, data position, evaluations and counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mlora_cli.data.batches import BatchSampler, TokenizedTask
+from mlora_cli.spec.sweep import AdapterSpec
+
+
+@dataclass
+class AdapterProgress:
+    spec: AdapterSpec
+    slot: int
+    tasks: list[TokenizedTask]
+    task_steps: list[int]
+    sampler: BatchSampler
+    dropout_generator: torch.Generator | None
+    task_index: int = 0
+    step_in_task: int = 0
+    step: int = 0
+    needs_eval: bool = True  # at a task boundary (a row of the accuracy matrix)
+    needs_curve_eval: bool = False  # mid-task (eval.every_steps)
+    evals: list[dict[str, dict[str, float]]] = field(default_factory=list)  # row i: after i tasks
+    curve: list[dict[str, Any]] = field(default_factory=list)  # every evaluation, by step
+    tokens: int = 0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    failure: str | None = None
+
+    # Plain fields saved in a checkpoint (tensors and RNG states are added by run.state).
+    SAVED = ("task_index", "step_in_task", "step", "needs_eval", "needs_curve_eval", "evals", "curve",
+             "tokens", "train_seconds", "eval_seconds")
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.task_steps)
+
+    @property
+    def finished(self) -> bool:
+        return self.task_index >= len(self.tasks)
+
+    @property
+    def task(self) -> TokenizedTask:
+        return self.tasks[self.task_index]
+
+    def count_step(self, tokens: int, seconds: float) -> None:
+        self.step += 1
+        self.step_in_task += 1
+        self.tokens += tokens
+        self.train_seconds += seconds
+
+    @property
+    def task_done(self) -> bool:
+        return self.step_in_task >= self.task_steps[self.task_index]
+
+    def next_task(self) -> None:
+        """The current task's steps are done: the next row of R is due, then the next task's data."""
+        self.task_index += 1
+        self.step_in_task = 0
+        self.needs_eval = True
+        if not self.finished:
+            self.sampler = BatchSampler(len(self.task.train), self.spec.seed, self.task_index)

@@ -1,0 +1,302 @@
+"""One worker: load the base once, then co-train its adapters through the task sequence.
+
+`run(plan, ...)` is a plain function (tests call it in-process). The worker holds
+`plan.slots` adapters at once; each trains `tasks[0]`, `tasks[1]`, ... and is evaluated
+on every task before training and after each task (all due adapters in one batched
+pass). When an adapter finishes or fails, its slot takes the next queued adapter at once,
+without reloading the base. Everything an adapter sees (init, batches, dropout) comes
+from its own seed (`mlora_cli.seeds`), so neighbours never change its results.
+
+The loop is `start -> evaluate when due -> step -> finish`; what a strategy adds lives in
+`train.strategies`, the training state on disk in `run.state`, what a slot holds in the engine.
+Ctrl-C saves every active adapter's state at the end of the step it interrupts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlora_cli import seeds
+from mlora_cli.contract import (
+    AdapterResult,
+    Emit,
+    adapter_dir,
+    adapter_result,
+    checkpoint_dir,
+    result_path,
+    state_path,
+)
+from mlora_cli.data.batches import BatchSampler, Row, TokenizedTask, check_formats, tokenize_task
+from mlora_cli.data.sources import TaskData
+from mlora_cli.eval.evaluate import EvalRequest, evaluate
+from mlora_cli.files import write_json
+from mlora_cli.model.base import load_base
+from mlora_cli.model.engine import MultiLoraModel
+from mlora_cli.model.optim import lr_factor
+from mlora_cli.run import state
+from mlora_cli.run.progress import AdapterProgress
+from mlora_cli.spec.plan import WorkerPlan
+from mlora_cli.spec.schema import SweepSpec
+from mlora_cli.spec.sweep import AdapterSpec
+from mlora_cli.train.step import StepInput, fused_step, squared_gradients
+from mlora_cli.train.strategies import Strategies, engine_shape
+
+
+class Worker:
+    """The training loop of one worker over a slot engine; see the module doc."""
+
+    def __init__(self, plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[TaskData]], run_dir: Path | None,
+                 emit: Emit, worker_id: int, resume: bool, written: Callable[[Path], None] | None = None):
+        self.plan, self.spec, self.task_data, self.run_dir = plan, spec, task_data, run_dir
+        self.emit, self.worker_id, self.resume = emit, worker_id, resume
+        # Told of every file or folder written under run_dir (Ray ships them to the driver).
+        self.written = written or (lambda path: None)
+        started = time.perf_counter()
+        self.base = load_base(spec.base_model, plan.device, spec.model)
+        check_formats(spec.tasks, self.base.tokenizer, spec.base_model)
+        self.tokenizer = self.base.tokenizer
+        self.tokenized: dict[tuple[int, int], list[TokenizedTask]] = {}
+        targets = sorted({t for a in plan.adapters for t in a.adapter.target_modules})
+        num_slots, max_rank = engine_shape([a.adapter for a in plan.adapters], plan.slots, len(spec.tasks))
+        self.engine = MultiLoraModel(self.base.model, targets, num_slots, max_rank)
+        self.strategies = Strategies(self.engine, plan.slots)
+        self.queue = deque(plan.adapters)
+        self.free_slots = list(range(plan.slots))[::-1]
+        self.active: list[AdapterProgress] = []
+        self.results: dict[str, AdapterResult] = {}
+        self.interrupted = False  # Ctrl-C seen; see ctrl_c_between_steps
+        emit({"event": "worker_ready", "worker": worker_id, "load_seconds": time.perf_counter() - started,
+              "base": self.base.info})
+
+    # -- adapters entering and leaving slots ------------------------------------------------
+
+    def tasks_for(self, adapter: AdapterSpec) -> list[TokenizedTask]:
+        key = (adapter.seed, adapter.train.max_seq_len)
+        if key not in self.tokenized:
+            self.tokenized[key] = [tokenize_task(t, self.tokenizer, adapter.train.max_seq_len)
+                                   for t in self.task_data[adapter.seed]]
+        return self.tokenized[key]
+
+    def start(self, adapter: AdapterSpec, slot: int) -> None:
+        if self.resume and self.run_dir is not None and result_path(self.run_dir, adapter.name).is_file():
+            self.results[adapter.name] = json.loads(result_path(self.run_dir, adapter.name).read_text())
+            self.free_slots.append(slot)
+            self.emit({"event": "adapter_done", "worker": self.worker_id, "adapter": adapter.name,
+                       "result": self.results[adapter.name], "resumed": True})
+            return
+        self.engine.load_slot(slot, adapter.adapter, adapter.train.max_grad_norm, adapter.seed)
+        self.strategies.start(slot, adapter.adapter, adapter.seed)
+        dropout = None
+        if adapter.adapter.dropout > 0:
+            dropout = torch.Generator(device=self.engine.device).manual_seed(seeds.dropout(adapter.seed))
+        progress = AdapterProgress(spec=adapter, slot=slot, tasks=[], sampler=BatchSampler(1, adapter.seed, 0),
+                                   task_steps=[t.steps or adapter.train.steps_per_task for t in self.spec.tasks],
+                                   dropout_generator=dropout)
+        self.active.append(progress)
+        try:
+            progress.tasks = self.tasks_for(adapter)
+        except Exception as exc:  # bad data for this adapter must not stop the others
+            return self.finish(progress, f"data: {type(exc).__name__}: {exc}")
+        progress.sampler = BatchSampler(len(progress.tasks[0].train), adapter.seed, 0)
+        saved = state_path(self.run_dir, adapter.name) if self.run_dir is not None else None
+        if self.resume and saved is not None and saved.is_file():
+            try:
+                state.restore(saved, progress, self.engine, self.strategies)
+            except ValueError as exc:  # a state this engine cannot take: this adapter fails, the others go on
+                return self.finish(progress, f"resume: {saved}: {exc}")
+            self.emit({"event": "resumed", "worker": self.worker_id, "adapter": adapter.name, "step": progress.step})
+
+    def finish(self, progress: AdapterProgress, failure: str | None = None) -> None:
+        progress.failure = progress.failure or failure
+        if self.run_dir is not None and progress.failure is None:
+            folder = adapter_dir(self.run_dir, progress.spec.name)
+            self.engine.save_slot(progress.slot, progress.spec.adapter, folder, self.spec.base_model)
+            self.written(folder)
+        entry = adapter_result(progress.spec, [t.name for t in self.spec.tasks], evals=progress.evals,
+                               curve=progress.curve, steps=progress.step, train_tokens=progress.tokens,
+                               train_seconds=progress.train_seconds, eval_seconds=progress.eval_seconds,
+                               failure=progress.failure)
+        self.results[progress.spec.name] = entry
+        if self.run_dir is not None:
+            write_json(result_path(self.run_dir, progress.spec.name), entry)
+            self.written(result_path(self.run_dir, progress.spec.name))
+        self.emit({"event": "adapter_done", "worker": self.worker_id, "adapter": progress.spec.name, "result": entry})
+        self.active.remove(progress)
+        self.free_slots.append(progress.slot)
+
+    def checkpoint(self, progress: AdapterProgress) -> None:
+        if self.run_dir is not None:
+            self.written(state.save(self.run_dir, progress, self.engine, self.strategies))
+
+    def end_task(self, progress: AdapterProgress) -> None:
+        """Strategy bookkeeping after task `task_index - 1` ended (and was evaluated), before the next."""
+        finished = progress.task_index - 1
+        finished_rows = progress.tasks[finished].train
+
+        def fisher() -> list[torch.Tensor]:
+            # One example per backward: the empirical Fisher is the mean of per-example squared gradients.
+            sampler = BatchSampler(len(finished_rows), progress.spec.seed, seeds.fisher_samples_task(finished))
+            batches = [[StepInput(progress.slot, [finished_rows[i]], 0.0, 0.0, None)]
+                       for i in sampler.next(progress.spec.adapter.fisher_samples)]
+            with torch.enable_grad():  # called from inside the strategies' no-grad bookkeeping
+                return squared_gradients(self.engine, batches, self.tokenizer.pad_token_id)
+
+        self.strategies.end_task(progress.slot, progress.spec.adapter, finished, progress.spec.seed, fisher,
+                                 len(finished_rows))
+
+    def batch_rows(self, progress: AdapterProgress) -> list[Row]:
+        size = progress.spec.train.batch_size
+        replayed = self.strategies.replayed_rows(progress.slot, progress.spec.adapter, size, progress.tasks)
+        return [progress.task.train[i] for i in progress.sampler.next(size - len(replayed))] + replayed
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self) -> dict[str, AdapterResult]:
+        with ctrl_c_between_steps(self):
+            while self.queue or self.active:
+                if self.interrupted:
+                    for progress in self.active:
+                        self.checkpoint(progress)  # Ctrl-C: stop cleanly; `--resume` continues from here
+                    raise KeyboardInterrupt
+                while self.free_slots and self.queue:
+                    self.start(self.queue.popleft(), self.free_slots.pop())
+                if not self.evaluate_due() and self.active:  # none active: every adapter started was already done
+                    self.train_step()
+        return self.results
+
+    def evaluate_due(self) -> bool:
+        """Evaluate every adapter that is due, in one batched pass; False when none was."""
+        due = [p for p in self.active if p.needs_eval or p.needs_curve_eval]
+        if not due:
+            return False
+        requests = [EvalRequest(p.spec.name, p.slot if p.step else None, p.tasks) for p in due]
+        scores, seconds = evaluate(self.engine, requests, self.spec.eval, self.tokenizer)
+        for progress in due:
+            progress.eval_seconds += seconds / len(due)
+            boundary = progress.needs_eval
+            progress.curve.append({
+                "step": progress.step,
+                # the task being trained at this step; at a boundary, the one just finished
+                "task_index": max(0, progress.task_index - 1) if boundary else progress.task_index,
+                "after_task": progress.task_index if boundary else None,
+                "scores": scores[progress.spec.name],
+            })
+            progress.needs_curve_eval = False
+            if boundary:
+                self.row_done(progress, scores[progress.spec.name])
+        return True
+
+    def row_done(self, progress: AdapterProgress, scores: dict[str, dict[str, float]]) -> None:
+        """A row of R: save the per-task checkpoint, then finish the adapter or start its next task."""
+        progress.evals.append(scores)
+        progress.needs_eval = False
+        self.emit({"event": "eval", "worker": self.worker_id, "adapter": progress.spec.name,
+                   "after_task": progress.task_index, "scores": scores})
+        if progress.task_index and self.run_dir is not None:
+            checkpoint = checkpoint_dir(self.run_dir, progress.spec.name, progress.task_index)
+            self.engine.save_slot(progress.slot, progress.spec.adapter, checkpoint, self.spec.base_model)
+            self.written(checkpoint)
+        if progress.finished:
+            return self.finish(progress)
+        if progress.task_index:
+            self.end_task(progress)  # after the checkpoint above: it holds the adapter as trained
+        self.checkpoint(progress)
+
+    def train_step(self) -> None:
+        inputs = []
+        for progress in self.active:
+            train = progress.spec.train
+            factor = lr_factor(progress.step, progress.total_steps, train.warmup_steps, train.schedule)
+            inputs.append(StepInput(progress.slot, self.batch_rows(progress), progress.spec.adapter.lr * factor,
+                                    progress.spec.adapter.dropout, progress.dropout_generator))
+        step_results, seconds = fused_step(self.engine, inputs, self.tokenizer.pad_token_id, self.strategies)
+        records, failed, saves = [], [], []
+        for progress, part, outcome in zip(list(self.active), inputs, step_results):
+            progress.count_step(outcome.tokens, seconds)
+            records.append({
+                "adapter": progress.spec.name, "task": progress.task.name, "task_index": progress.task_index,
+                "step": progress.step, "loss": outcome.loss, "lr": part.lr, "grad_norm": outcome.grad_norm,
+                "tokens": outcome.tokens, "seconds": seconds,
+            })
+            progress.failure = step_failure(progress, outcome.finite, outcome.loss, outcome.grad_norm)
+            if progress.failure:
+                failed.append(progress)
+            elif progress.task_done:
+                progress.next_task()
+            else:
+                if self.spec.eval.every_steps and progress.step % self.spec.eval.every_steps == 0:
+                    progress.needs_curve_eval = True
+                every = progress.spec.train.checkpoint_every
+                if every and progress.step % every == 0:
+                    saves.append(progress)
+        # The step's metrics go out before any state or result that holds the step: after a kill,
+        # `--resume` keeps metrics.jsonl up to each saved state, so a line missing there stays missing.
+        self.emit({"event": "step", "worker": self.worker_id, "records": records})
+        for progress in failed:
+            self.finish(progress)
+        for progress in saves:
+            self.checkpoint(progress)
+
+
+@contextlib.contextmanager
+def ctrl_c_between_steps(worker: Worker) -> Iterator[None]:
+    """Ctrl-C only sets `worker.interrupted`, which the loop checks between steps.
+
+    A KeyboardInterrupt raised mid-step (weights stepped, counters not; a task evaluated,
+    its strategy bookkeeping not done; metrics not yet written) would be saved as a state
+    that resumes wrong. A second Ctrl-C stops at once, without saving.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def on_ctrl_c(signum: int, frame: Any) -> None:
+        if worker.interrupted:
+            raise KeyboardInterrupt
+        worker.interrupted = True
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def step_failure(progress: AdapterProgress, finite: bool, loss: float, grad_norm: float) -> str | None:
+    """Why this step stops the adapter (the failure policy), or None."""
+    where = f"at step {progress.step}, task '{progress.task.name}'"
+    if not finite:
+        return f"non-finite loss or gradient (loss={loss}, grad_norm={grad_norm}) {where}"
+    limit = progress.spec.train.grad_norm_limit
+    if limit is not None and grad_norm > limit:
+        return f"gradient norm {grad_norm:.3g} above train.grad_norm_limit={limit:g} {where}"
+    return None
+
+
+def run(
+    plan: WorkerPlan,
+    spec: SweepSpec,
+    task_data: dict[int, list[TaskData]],
+    run_dir: Path | None,
+    emit: Emit = lambda event: None,
+    worker_id: int = 0,
+    resume: bool = False,
+    written: Callable[[Path], None] | None = None,
+) -> dict[str, AdapterResult]:
+    """Train and evaluate every adapter of `plan`; returns {adapter name: result entry}.
+
+    `task_data` maps a data seed to the task sequence generated with it.
+    """
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
+    return Worker(plan, spec, task_data, run_dir, emit, worker_id, resume, written).run()

@@ -1,0 +1,270 @@
+"""Reading a sweep file: YAML -> omegaconf (interpolation, overrides) -> plain data -> SweepSpec.
+
+`load_sweep(path, overrides)` reads YAML through omegaconf (so `${...}` interpolation works),
+applies dotted command-line overrides and other spellings (aliases), and builds and
+cross-checks a `SweepSpec`. Every problem is collected with its full key path
+(`tasks[1].source: ...`) and raised together as one `ConfigError`. Torch-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mlora_cli.errors import ConfigError
+from mlora_cli.spec.convert import _NO, build, did_you_mean
+from mlora_cli.spec.models import BUILTIN_MODELS, PRETRAINED_WEIGHTS, read_checked
+from mlora_cli.spec.schema import EvalConfig, SweepConfig, SweepSpec, TaskConfig
+from mlora_cli.spec.sweep import check_sweep
+from mlora_cli.spec.tasks import check_task
+
+
+def _nest_dotted(mapping: Any) -> Any:
+    """`{"adapter.rank": [4]}` -> `{"adapter": {"rank": [4]}}`, so both spellings merge."""
+    if not isinstance(mapping, dict):
+        return mapping
+    nested: dict[str, Any] = {}
+    for key, value in mapping.items():
+        parts = str(key).split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            value = _nest_dotted(value)
+            if isinstance(node.get(parts[-1]), dict) and isinstance(value, dict):
+                node[parts[-1]].update(value)
+            else:
+                node[parts[-1]] = value
+    return nested
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError([f"{path}: no such file"])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read: {exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"{path}: YAML syntax error{where}: {problem}"]) from None
+    if data is None:
+        raise ConfigError([f"{path}: the sweep file is empty; it must be a mapping of keys (name, tasks, ...)"])
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the sweep file must be a mapping of keys (name, tasks, ...), "
+                           f"got {type(data).__name__}"])
+    try:
+        # Parse again through omegaconf's loader: it reads 1e-3 as a float, as users expect.
+        data = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+        raise ConfigError([f"{path}: {_error_text(exc)}"]) from None
+    return data  # type: ignore[return-value]
+
+
+def _error_text(exc: Exception) -> str:
+    """One line for an omegaconf or YAML error, led by the key it concerns when known."""
+    if isinstance(exc, yaml.YAMLError):
+        return str(getattr(exc, "problem", None) or exc).splitlines()[0]
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    key = getattr(exc, "full_key", None)
+    return f"{key}: {text}" if key else text
+
+
+_OMEGACONF_ERRORS = (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError)
+
+
+def _apply_overrides(conf: Any, overrides: typing.Sequence[str]) -> None:
+    """Set each dotted `key=value` (list items by index: tasks.1.steps=5); ConfigError naming each bad one."""
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override '{item}': expected key=value, e.g. adapter.lr=3e-3")
+            continue
+        try:
+            conf.merge_with_dotlist([item])
+        except _OMEGACONF_ERRORS as exc:  # bad YAML value, a list index out of range or not a number, ...
+            problems.append(f"override '{item}': {_error_text(exc)}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def resolve(data: dict[str, Any], overrides: typing.Sequence[str] = ()) -> dict[str, Any]:
+    """Apply dotted overrides and `${...}` interpolation; return plain data."""
+    data = dict(data)
+    sweep = data.get("sweep")
+    if isinstance(sweep, dict):
+        sweep = dict(sweep)
+        for axis in ("grid", "zip"):
+            if isinstance(sweep.get(axis), dict):
+                sweep[axis] = _nest_dotted(sweep[axis])
+        data["sweep"] = sweep
+    try:
+        conf = OmegaConf.create(data)
+    except _OMEGACONF_ERRORS as exc:
+        raise ConfigError([_error_text(exc)]) from None
+    _apply_overrides(conf, overrides)
+    try:
+        resolved = OmegaConf.to_container(conf, resolve=True)
+    except _OMEGACONF_ERRORS as exc:
+        raise ConfigError([_error_text(exc)]) from None
+    return _apply_aliases(resolved)  # type: ignore[arg-type]
+
+
+# PEFT's `LoraConfig` spellings of adapter keys, accepted wherever an adapter key is written.
+PEFT_ALIASES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
+
+
+def _rename_peft_keys(adapter: dict[str, Any], path: str, problems: list[str]) -> dict[str, Any]:
+    renamed = dict(adapter)
+    for alias, key in PEFT_ALIASES.items():
+        if alias in renamed:
+            if key in renamed:
+                problems.append(f"{path}.{alias}: PEFT's name for {path}.{key}, which is also set; keep one")
+            renamed[key] = renamed.pop(alias)
+    return renamed
+
+
+def _apply_aliases(data: dict[str, Any]) -> dict[str, Any]:
+    """Other spellings people reach for, rewritten to mlora's keys before validation.
+
+    `train.lr` is accepted for `adapter.lr` (it wins when both are set), and PEFT's `r`,
+    `lora_alpha`, `lora_dropout` for `rank`, `alpha`, `dropout`: in the adapter section and
+    in the sweep's grid, zip and list.
+    """
+    problems: list[str] = []
+    train, adapter = data.get("train"), data.get("adapter", {})
+    if isinstance(train, dict) and "lr" in train and isinstance(adapter, dict):
+        data["adapter"] = {**adapter, "lr": train["lr"]}
+        data["train"] = {k: v for k, v in train.items() if k != "lr"}
+    if isinstance(data.get("adapter"), dict):
+        data["adapter"] = _rename_peft_keys(data["adapter"], "adapter", problems)
+    sweep = data.get("sweep")
+    if isinstance(sweep, dict):
+        for axis in ("grid", "zip"):
+            section = sweep.get(axis)
+            if isinstance(section, dict) and isinstance(section.get("adapter"), dict):
+                section["adapter"] = _rename_peft_keys(section["adapter"], f"sweep.{axis}.adapter", problems)
+        entries = sweep.get("list")
+        for i, entry in enumerate(entries if isinstance(entries, list) else []):
+            if isinstance(entry, dict):
+                entries[i] = _nest_dotted(entry)
+                if isinstance(entries[i].get("adapter"), dict):
+                    entries[i]["adapter"] = _rename_peft_keys(entries[i]["adapter"], f"sweep.list[{i}].adapter",
+                                                              problems)
+    if problems:
+        raise ConfigError(problems)
+    return data
+
+
+def parse_spec(data: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
+    """Build and cross-check a SweepSpec; raise ConfigError listing every problem."""
+    errors: list[str] = []
+    spec = build(SweepSpec, data, "", errors)
+    tasks = data.get("tasks")
+    if isinstance(tasks, list):
+        seen: dict[str, int] = {}
+        for i, task in enumerate(tasks):
+            name = task.get("name") if isinstance(task, dict) else None
+            if isinstance(name, str):
+                if name in seen:
+                    errors.append(f"tasks[{i}].name: duplicate task name '{name}' (also tasks[{seen[name]}])")
+                seen[name] = i
+    if isinstance(data.get("name"), str) and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", data["name"]):
+        errors.append("name: use letters, digits, '-', '_' and '.' only (it names the run folder)")
+    devices = data.get("devices", "auto")
+    for i, device in enumerate(devices if isinstance(devices, list) else [devices]):
+        path = f"devices[{i}]" if isinstance(devices, list) else "devices"
+        if isinstance(device, str) and not re.fullmatch(r"auto|cpu|cpu:[1-9][0-9]*|cuda(:[0-9]+)?", device):
+            errors.append(f"{path}: expected auto, cpu, cpu:K or cuda:N, got '{device}'")
+    base_model = data.get("base_model")
+    if isinstance(base_model, str) and base_model.startswith("builtin:") and base_model not in BUILTIN_MODELS:
+        errors.append(f"base_model: unknown builtin model '{base_model}'{did_you_mean(base_model, BUILTIN_MODELS)}")
+    if base_model in PRETRAINED_WEIGHTS:
+        problem = read_checked(base_model)[1]
+        if problem:
+            errors.append(problem)
+
+    # The deeper checks run on every part that built, even when another part failed, so one
+    # pass reports every problem. Parts that failed have their errors in `errors` already.
+    for i, task in _built_tasks(spec, data):
+        errors.extend(check_task(task, f"tasks[{i}]", base_dir))
+    sweep = spec.sweep if spec is not _NO else build(SweepConfig, data.get("sweep"), "sweep", [])
+    if sweep is not _NO:
+        errors.extend(check_sweep(sweep))
+    if errors:
+        raise ConfigError(errors)
+    return spec
+
+
+def _built_tasks(spec: Any, data: dict[str, Any]) -> list[tuple[int, TaskConfig]]:
+    """(index, task) for every task that is valid on its own."""
+    if spec is not _NO:
+        return list(enumerate(spec.tasks))
+    tasks = data.get("tasks")
+    built = [(i, build(TaskConfig, t, f"tasks[{i}]", []))
+             for i, t in enumerate(tasks if isinstance(tasks, list) else [])]
+    return [(i, task) for i, task in built if task is not _NO]
+
+
+
+
+def load_sweep(path: str | Path, overrides: typing.Sequence[str] = ()) -> tuple[SweepSpec, dict[str, Any]]:
+    """Read, override, resolve and validate a sweep file. Returns (spec, resolved plain data)."""
+    path = Path(path)
+    data = resolve(read_yaml(path), overrides)
+    spec = parse_spec(data, base_dir=path.parent)
+    return spec, data
+
+
+@dataclass(frozen=True)
+class TaskSuite:
+    """What `mlora eval --tasks FILE` evaluates on: a task list, eval settings and a data seed."""
+
+    tasks: tuple[TaskConfig, ...]
+    eval: EvalConfig
+    seed: int | None  # None: each adapter's own seed
+    base_dir: Path | None = None  # relative data paths resolve against it (the tasks file's folder)
+
+
+def load_task_suite(path: str | Path) -> TaskSuite:
+    """Read `tasks:` (plus optional `eval:` and `seed:`) from a tasks file or a whole sweep file."""
+    path = Path(path)
+    data = resolve(read_yaml(path))
+    errors: list[str] = []
+    allowed = {f.name for f in dataclasses.fields(SweepSpec)}
+    for key in data:
+        if key not in allowed:
+            errors.append(f"{path}: {key}: unknown key{did_you_mean(str(key), allowed)}")
+    raw_tasks = data.get("tasks")
+    if not isinstance(raw_tasks, list) or not raw_tasks:
+        errors.append(f"{path}: tasks: expected a non-empty list of tasks")
+        raw_tasks = []
+    tasks = [build(TaskConfig, t, f"tasks[{i}]", errors) for i, t in enumerate(raw_tasks)]
+    eval_config = build(EvalConfig, data.get("eval"), "eval", errors)
+    seed = data.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        errors.append(f"seed: expected an integer, got {seed!r}")
+    names = [t.name for t in tasks if t is not _NO]
+    for name in {n for n in names if names.count(n) > 1}:
+        errors.append(f"tasks: duplicate task name '{name}'")
+    if not errors:
+        for i, task in enumerate(tasks):
+            errors.extend(check_task(task, f"tasks[{i}]", path.parent))
+    if errors:
+        raise ConfigError(errors)
+    return TaskSuite(tasks=tuple(tasks), eval=eval_config, seed=seed, base_dir=path.parent)

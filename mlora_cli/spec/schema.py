@@ -1,0 +1,244 @@
+"""The sweep file's schema: frozen dataclasses whose fields carry their one-line help and range check.
+
+Each field's `metadata["help"]` is its documentation (the sweep reference in docs/ is
+generated from it by `scripts/sweep_reference.py`, checked by a test) and `metadata["check"]`
+its range check, applied by `spec.convert.build`. Torch-free.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def _doc(help_text: str, check: Any = None) -> dict[str, Any]:
+    return {"help": help_text, "check": check}
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+def _below_one(value: float) -> str | None:  # a dropout probability, an AdamW beta
+    return None if 0.0 <= value < 1.0 else "must be in [0, 1)"
+
+
+def _unit_interval(value: float) -> str | None:
+    return None if 0.0 <= value <= 1.0 else "must be in [0, 1]"
+
+
+def _non_empty(value: Any) -> str | None:
+    return None if len(value) > 0 else "must not be empty"
+
+
+def _optional_positive(value: Any) -> str | None:
+    return None if value is None else _positive(value)
+
+
+_REGEX_CHARACTERS = re.compile(r"[\\^$*+?()\[\]{}|]")
+
+
+def _target_modules(value: tuple[str, ...]) -> str | None:
+    if not value:
+        return "must not be empty"
+    regexes = [name for name in value if _REGEX_CHARACTERS.search(name)]
+    if regexes:
+        # PEFT reads a string target as a regex; mlora matches names by suffix only.
+        return f"'{regexes[0]}' looks like a regex; list the module names instead (suffix match, or all-linear)"
+    return None
+
+
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """One LoRA adapter's shape and optimizer; `sweep` varies these per adapter."""
+
+    rank: int = field(default=8, metadata=_doc("LoRA rank r", _positive))
+    alpha: float = field(default=16.0, metadata=_doc("LoRA alpha; the update is scaled by alpha / rank", _positive))
+    dropout: float = field(default=0.0, metadata=_doc("dropout on the LoRA input, in [0, 1)", _below_one))
+    target_modules: tuple[str, ...] = field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj"),
+        metadata={**_doc("names of the linear layers that get LoRA (suffix match, as in PEFT), or all-linear",
+                         _target_modules), "one_or_list": True},
+    )
+    lr: float = field(default=1e-3, metadata=_doc("peak learning rate (AdamW)", _positive))
+    weight_decay: float = field(default=0.0, metadata=_doc("AdamW decoupled weight decay", _non_negative))
+    beta1: float = field(default=0.9, metadata=_doc("AdamW beta1", _below_one))
+    beta2: float = field(default=0.999, metadata=_doc("AdamW beta2", _below_one))
+    eps: float = field(default=1e-8, metadata=_doc("AdamW epsilon", _positive))
+    strategy: Literal["naive", "replay", "l2", "ewc", "lwf", "olora"] = field(
+        default="naive", metadata=_doc("continual-learning strategy (see docs/strategies.md)")
+    )
+    buffer_size: int = field(default=64, metadata=_doc("replay: examples kept from each finished task", _positive))
+    replay_ratio: float = field(
+        default=0.25, metadata=_doc("replay: share of each batch drawn from the buffer", _unit_interval)
+    )
+    l2_lambda: float = field(
+        default=1.0, metadata=_doc("l2: lambda of lambda/2 ||theta - theta_prev||^2", _non_negative)
+    )
+    ewc_lambda: float = field(
+        default=1000.0, metadata=_doc("ewc: lambda of lambda/2 sum F (theta - theta*)^2", _non_negative)
+    )
+    ewc_gamma: float = field(
+        default=1.0, metadata=_doc("ewc: online decay of the old Fisher (1: sum over tasks)", _unit_interval)
+    )
+    fisher_samples: int = field(
+        default=32, metadata=_doc("ewc: training examples whose squared gradients estimate the Fisher", _positive)
+    )
+    lwf_lambda: float = field(
+        default=1.0, metadata=_doc("lwf: weight of KL(previous adapter || current)", _non_negative)
+    )
+    lwf_temperature: float = field(
+        default=2.0, metadata=_doc("lwf: softmax temperature of the distillation", _positive)
+    )
+    olora_lambda1: float = field(default=0.5, metadata=_doc("olora: weight of sum |A_old A_new^T|", _non_negative))
+    olora_lambda2: float = field(default=0.0, metadata=_doc("olora: weight of ||A_new||^2", _non_negative))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How each adapter trains; per adapter, so `sweep` may vary these too."""
+
+    steps_per_task: int = field(default=50, metadata=_doc("optimizer steps on each task", _positive))
+    batch_size: int = field(default=8, metadata=_doc("rows per adapter per step", _positive))
+    max_seq_len: int = field(
+        default=64, metadata=_doc("prompt + completion tokens; longer examples are cut", _positive)
+    )
+    warmup_steps: int = field(default=0, metadata=_doc("linear warmup steps at the start of training", _non_negative))
+    schedule: Literal["constant", "linear", "cosine"] = field(
+        default="constant", metadata=_doc("lr after warmup, over all of an adapter's steps")
+    )
+    max_grad_norm: float | None = field(
+        default=1.0, metadata=_doc("clip each adapter's gradient to this norm; null: no clipping", _optional_positive)
+    )
+    grad_norm_limit: float | None = field(
+        default=1e4, metadata=_doc(
+            "stop an adapter (failed) whose gradient norm, before clipping, exceeds this", _optional_positive
+        )
+    )
+    checkpoint_every: int | None = field(
+        default=50, metadata=_doc(
+            "also save the training state every N steps (always at task ends); null: task ends only", _optional_positive
+        )
+    )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What is measured on every task's eval split after every task."""
+
+    metrics: tuple[Literal["loss", "token_accuracy", "exact_match"], ...] = field(
+        default=("loss", "token_accuracy", "exact_match"),
+        metadata=_doc("loss, token_accuracy: on completion tokens; exact_match: greedy generation", _non_empty),
+    )
+    max_new_tokens: int = field(default=16, metadata=_doc("tokens generated for exact_match", _positive))
+    batch_size: int = field(
+        default=256, metadata=_doc("rows per evaluation forward (all adapters together)", _positive)
+    )
+    every_steps: int | None = field(
+        default=None, metadata=_doc(
+            "also evaluate every N steps within a task (per-task curves); null: only at task ends", _optional_positive
+        )
+    )
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One task of the ordered sequence."""
+
+    name: str = field(metadata=_doc("unique task name", _non_empty))
+    source: str = field(
+        metadata=_doc("builtin:<generator> | jsonl:PATH | csv:PATH | parquet:PATH | hf:NAME[:CONFIG]", _non_empty)
+    )
+    train_examples: int = field(default=256, metadata=_doc("training examples drawn from the source", _positive))
+    eval_examples: int = field(default=64, metadata=_doc("held-out evaluation examples", _positive))
+    steps: int | None = field(
+        default=None, metadata=_doc("steps on this task; default train.steps_per_task", _optional_positive)
+    )
+    prompt_field: str = field(default="prompt", metadata=_doc("file/hf sources: the prompt column"))
+    completion_field: str = field(default="completion", metadata=_doc("file/hf sources: the completion column"))
+    eval_source: str | None = field(
+        default=None, metadata=_doc("file/hf sources: a separate eval set, else a held-out split")
+    )
+    split: str = field(default="train", metadata=_doc("hf sources: the split to read"))
+    eval_split: str | None = field(default=None, metadata=_doc("hf eval_source: its split; default `split`"))
+    min_len: int = field(default=3, metadata=_doc("builtin: shortest input (characters, or digits for add)", _positive))
+    max_len: int = field(default=8, metadata=_doc("builtin: longest input", _positive))
+    shift: int = field(default=3, metadata=_doc("builtin caesar: the shift"))
+    prefix: str | None = field(
+        default=None, metadata=_doc("builtin: the task tag before the input; default the generator name")
+    )
+    format: Literal["plain", "chat"] = field(
+        default="plain",
+        metadata=_doc("plain: prompt then completion; chat: the prompt as a user turn through the tokenizer's "
+                      "chat template"),
+    )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """How the frozen base model is loaded (the model itself is the top-level `base_model`)."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata=_doc("the base weights' dtype; LoRA weights and their optimizer stay float32")
+    )
+    tokenizer: str | None = field(default=None, metadata=_doc("tokenizer id or folder; null: the base model's own"))
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = field(
+        default=None, metadata=_doc("attention kernel; null: the transformers default")
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata=_doc("recompute each layer's activations in backward: less memory, ~30% more compute")
+    )
+
+
+# Module-level aliases: inside SweepConfig the field names `list` and `zip` shadow the builtins.
+Mapping = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """How the `adapter` and `train` defaults expand into many adapters."""
+
+    grid: Mapping = field(default_factory=dict, metadata=_doc("cartesian product: dotted key -> values"))
+    zip: Mapping = field(default_factory=dict, metadata=_doc("equal-length lists advanced together"))
+    list: tuple[Mapping, ...] = field(default=(), metadata=_doc("explicit adapters: mappings of dotted key -> value"))
+    seeds: tuple[int, ...] | None = field(default=None, metadata=_doc("repeat every configuration per seed"))
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """The whole sweep file."""
+
+    name: str = field(metadata=_doc("run name; the run folder is <output_dir>/<name>-<timestamp>", _non_empty))
+    tasks: tuple[TaskConfig, ...] = field(metadata=_doc("the ordered task sequence", _non_empty))
+    base_model: str = field(
+        default="builtin:tiny",
+        metadata=_doc("HF model id, local folder, or builtin:tiny (pretrained) | tiny-random | micro | small | "
+                      "smollm2-135m", _non_empty),
+    )
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=_doc("how the base model loads"))
+    seed: int = field(default=0, metadata=_doc("seed for adapter init, data order and builtin data"))
+    adapter: AdapterConfig = field(default_factory=AdapterConfig, metadata=_doc("defaults for every adapter"))
+    train: TrainConfig = field(default_factory=TrainConfig, metadata=_doc("training defaults for every adapter"))
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=_doc("evaluation settings"))
+    sweep: SweepConfig = field(default_factory=SweepConfig, metadata=_doc("grid / zip / list expansion"))
+    devices: str | tuple[str, ...] = field(default="auto", metadata=_doc("auto | cpu | [cuda:0, ...]"))
+    max_concurrent: int | None = field(
+        default=None, metadata=_doc("adapters one worker trains at once; null: all", _optional_positive)
+    )
+    output_dir: str = field(default="runs", metadata=_doc("where run folders are written", _non_empty))
+
+
+# Keys a sweep may vary per adapter: every field of `adapter` and `train`.
+SWEEPABLE_SECTIONS = {"adapter": AdapterConfig, "train": TrainConfig}
+MAX_ADAPTERS = 10_000

@@ -1,0 +1,140 @@
+"""Checking a task's source from file headers only: what `mlora validate` runs (no `datasets`, no torch).
+
+`check_task` returns one `tasks[i].key: message` line per problem: an unknown scheme or
+builtin generator, a missing file, a field not in its header, too few distinct builtin inputs.
+Loading the examples is `data.sources.load_task`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+from mlora_cli.spec.convert import did_you_mean
+from mlora_cli.spec.schema import TaskConfig
+
+SCHEMES = ("builtin", "jsonl", "csv", "parquet", "hf")
+FILE_LOADERS = {"jsonl": "json", "csv": "csv", "parquet": "parquet"}  # scheme -> `datasets` builder
+HF_FORM = re.compile(r"([^:\s]+)(?::([^:\s]+))?")
+# The builtin generators (data.sources holds their code).
+BUILTIN_GENERATORS = ("reverse", "sort", "caesar", "add", "copy")
+
+
+def _distinct_inputs(generator: str, task: TaskConfig, needed: int) -> int:
+    """How many distinct inputs `generator` can draw, counted only as far as `needed`."""
+    numbers = total = 0
+    for length in range(task.min_len, task.max_len + 1):
+        # Capped at 16: 26**16 and 10**16 exceed any example count, and huge lengths stay instant.
+        if generator == "add":
+            numbers += 10 if length == 1 else 9 * 10 ** (min(length, 16) - 1)
+            total = numbers**2  # an add input is a pair of numbers
+        else:
+            total += 26 ** min(length, 16)
+        if total >= needed:
+            return needed
+    return total
+
+
+def first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def resolve_path(file: str, base_dir: Path | None) -> Path:
+    path = Path(file).expanduser()
+    return base_dir / path if base_dir is not None and not path.is_absolute() else path
+
+
+def read_fields(scheme: str, path: Path) -> list[str]:
+    """Column names from the file's header (first row for jsonl); ValueError if unreadable or empty."""
+    if scheme == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            meta = pq.read_metadata(path)
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise ValueError(first_line(exc)) from exc
+        if meta.num_rows == 0:
+            raise ValueError("no rows")
+        return list(meta.schema.names)
+    with path.open(newline="", encoding="utf-8") as f:
+        if scheme == "csv":
+            header = next(csv.reader(f), None)
+            if not header:
+                raise ValueError("no header row")
+            return header
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                row = json.loads(line)  # JSONDecodeError is a ValueError
+                if not isinstance(row, dict):
+                    raise ValueError(f"line {number} is not a JSON object")
+                return list(row)
+    raise ValueError("no rows")
+
+
+def _unknown_source(source: str, key: str) -> str:
+    scheme, sep, _ = source.partition(":")
+    hint = did_you_mean(scheme, SCHEMES) if sep else ""
+    for name in FILE_LOADERS:
+        if not sep and source.endswith(f".{name}"):
+            hint = f" (did you mean '{name}:{source}'?)"
+    expected = "builtin:NAME, jsonl:PATH, csv:PATH, parquet:PATH or hf:NAME[:CONFIG]"
+    return f"{key}: unknown source '{source}'; expected {expected}{hint}"
+
+
+def _check_data_source(task: TaskConfig, source: str, key: str, path: str, base_dir: Path | None) -> list[str]:
+    scheme, _, rest = source.partition(":")
+    if scheme == "builtin":
+        return [f"{key}: a builtin cannot be an eval_source (builtins make their own eval split)"]
+    if scheme == "hf":
+        return [] if HF_FORM.fullmatch(rest) else [f"{key}: expected hf:NAME[:CONFIG], got '{source}'"]
+    if scheme not in FILE_LOADERS:
+        return [_unknown_source(source, key)]
+    if not rest:
+        return [f"{key}: missing path after '{scheme}:'"]
+    file = resolve_path(rest, base_dir)
+    if not file.is_file():
+        return [f"{key}: no such file: {rest}"]
+    try:
+        fields = read_fields(scheme, file)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return [f"{key}: cannot read {rest}: {first_line(exc)}"]
+    return [
+        f"{path}.{name}: '{value}' not in {rest} (fields: {', '.join(fields)})"
+        for name, value in (("prompt_field", task.prompt_field), ("completion_field", task.completion_field))
+        if value not in fields
+    ]
+
+
+def _check_builtin(task: TaskConfig, generator: str, path: str) -> list[str]:
+    if generator not in BUILTIN_GENERATORS:
+        hint = did_you_mean(generator, BUILTIN_GENERATORS) or f" (choose from {', '.join(BUILTIN_GENERATORS)})"
+        return [f"{path}.source: unknown builtin '{generator}'{hint}"]
+    problems = []
+    if task.eval_source is not None:
+        problems.append(f"{path}.eval_source: not allowed for builtin sources (they make their own eval split)")
+    if task.prefix is not None and not all(" " <= c <= "~" for c in task.prefix):
+        problems.append(f"{path}.prefix: use printable ASCII only (no tabs or newlines), got {task.prefix!r}")
+    needed = task.train_examples + task.eval_examples
+    if task.min_len <= task.max_len and (available := _distinct_inputs(generator, task, needed)) < needed:
+        problems.append(
+            f"{path}.train_examples: builtin:{generator} with lengths {task.min_len}..{task.max_len} has only "
+            f"{available} distinct inputs, fewer than train_examples + eval_examples = {needed}; raise max_len"
+        )
+    return problems
+
+
+def check_task(task: TaskConfig, path: str, base_dir: Path | None) -> list[str]:
+    """Problems with one task, each `path.key: message`; reads file headers only."""
+    problems = []
+    if task.min_len > task.max_len:
+        problems.append(f"{path}.min_len: must be <= max_len ({task.min_len} > {task.max_len})")
+    scheme, _, rest = task.source.partition(":")
+    if scheme == "builtin":
+        return problems + _check_builtin(task, rest, path)
+    problems += _check_data_source(task, task.source, f"{path}.source", path, base_dir)
+    if task.eval_source is not None:
+        problems += _check_data_source(task, task.eval_source, f"{path}.eval_source", path, base_dir)
+    return problems

@@ -1,0 +1,1 @@
+"""The fused training step, and the continual-learning strategies inside it."""
