@@ -597,7 +597,7 @@ def test_olora_clips_only_the_trainable_block(per_slot_fused: bool) -> None:
     for _ in range(3):
         fused_step(engine, [StepInput(0, rows[:4], config.lr, 0.0, None)], tokenizer.pad_token_id, strategies)
     strategies.end_task(0, config, 0, 0, lambda: [], train_rows=0)
-    assert engine.slot_rank[0] == 4 and int(engine.optimizer.frozen_rank[0]) == 2
+    assert engine.slot_rank[0] == 4 and int(engine.ranks.frozen[0]) == 2
 
     # The task gradient of the new block, by hand.
     batch = collate(rows[4:], tokenizer.pad_token_id)

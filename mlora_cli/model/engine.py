@@ -23,6 +23,7 @@ from mlora_cli.errors import ConfigError
 from mlora_cli.model.base import enable_checkpointing, is_checkpointing
 from mlora_cli.model.multi_lora import MultiLoraLinear, Routing
 from mlora_cli.model.optim import SlotAdamW
+from mlora_cli.model.slots import SlotRanks
 from mlora_cli.spec.schema import AdapterConfig
 
 
@@ -94,7 +95,8 @@ class MultiLoraModel:
             raise ValueError(f"no linear layer matches target_modules {list(targets)}")
         params = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
         layouts = [layout for layer in self.layers.values() for layout in (layer.a_layout, layer.b_layout)]
-        self.optimizer = SlotAdamW(params, num_slots, layouts)
+        self.ranks = SlotRanks(num_slots)
+        self.optimizer = SlotAdamW(params, num_slots, layouts, self.ranks)
         self.device = next(model.parameters()).device
         # On the CPU, per-adapter matmuls cost about what the padded bmm wastes, and they make
         # every adapter bit-identical to PEFT alone (see multi_lora.py).
@@ -104,8 +106,8 @@ class MultiLoraModel:
 
     @property
     def slot_rank(self) -> list[int]:
-        """Rank in use per slot (O-LoRA grows it task by task); the optimizer's own list."""
-        return self.optimizer.slot_rank
+        """Rank in use per slot (O-LoRA grows it task by task)."""
+        return self.ranks.in_use
 
     def targeted_layers(self, config: AdapterConfig) -> list[str]:
         return [name for name in self.layers if matches_target(name, config.target_modules, self.output_layer)]
@@ -123,7 +125,7 @@ class MultiLoraModel:
             layer.lora_A[slot].zero_()
             layer.lora_B[slot].zero_()
             layer.scale[slot] = 0.0
-        self.slot_rank[slot] = 0
+        self.ranks.clear(slot)
         self.grow_slot(slot, config, torch.Generator().manual_seed(seeds.lora_init(seed)))
         self.optimizer.reset_slot(slot, config.weight_decay, config.beta1, config.beta2, config.eps, max_grad_norm)
 
@@ -147,7 +149,7 @@ class MultiLoraModel:
             layer.a_block(slot, stop)[start:].copy_(lora_a_init(config.rank, layer.in_features, generator))
             layer.b_block(slot, stop)[:, start:].zero_()
             layer.scale[slot] = config.scale
-        self.slot_rank[slot] = stop
+        self.ranks.grow(slot, config.rank)
         self.optimizer.restart_moments(slot)
 
     @torch.no_grad()
@@ -157,7 +159,7 @@ class MultiLoraModel:
             layer.lora_A[target].copy_(layer.lora_A[source])
             layer.lora_B[target].copy_(layer.lora_B[source])
             layer.scale[target] = layer.scale[source]
-        self.slot_rank[target] = self.slot_rank[source]
+        self.ranks.copy(source, target)
 
     def slot_state(self, slot: int) -> dict[str, object]:
         """Everything of one slot needed to resume it exactly: weights, scales, rank, optimizer."""
@@ -180,7 +182,7 @@ class MultiLoraModel:
             layer.lora_A[slot].copy_(a)
             layer.lora_B[slot].copy_(b)
             layer.scale[slot] = scale
-        self.slot_rank[slot] = int(state["rank"])  # type: ignore[call-overload]
+        self.ranks.in_use[slot] = int(state["rank"])  # type: ignore[call-overload]
         self.optimizer.load_slot_state(slot, state["optimizer"])  # type: ignore[arg-type]
 
     def slot_weights(self, slot: int, config: AdapterConfig) -> dict[str, torch.Tensor]:
@@ -204,7 +206,7 @@ class MultiLoraModel:
             layer.a_block(slot, lora_a.size(0)).copy_(lora_a)
             layer.b_block(slot, lora_a.size(0)).copy_(weights[f"base_model.model.{name}.lora_B.weight"])
             layer.scale[slot] = config.scale
-            self.slot_rank[slot] = lora_a.size(0)
+            self.ranks.in_use[slot] = lora_a.size(0)
 
     def save_slot(self, slot: int, config: AdapterConfig, directory: Path, base_model: str) -> None:
         """Write the adapter in `slot` as a PEFT LoRA checkpoint (written, then renamed)."""

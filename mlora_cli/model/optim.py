@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from mlora_cli.model.multi_lora import Block
+from mlora_cli.model.slots import SlotRanks
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -50,17 +51,16 @@ class GradBlocks(NamedTuple):
 class SlotAdamW:
     """`params[i]` has shape (S, ...) and slot blocks laid out as `layouts[i]`.
 
-    `slot_rank[slot]` is the rank in use by each slot (set by the engine). Rank entries below
-    `frozen_rank[slot]` never change (O-LoRA keeps earlier tasks' LoRA frozen inside the
-    same slot).
+    `ranks` (shared with the engine) holds the rank in use by each slot; rank entries below a
+    slot's frozen rank never change (O-LoRA keeps earlier tasks' LoRA frozen inside the same
+    slot).
     """
 
-    def __init__(self, params: list[torch.Tensor], num_slots: int, layouts: list[Block]):
+    def __init__(self, params: list[torch.Tensor], num_slots: int, layouts: list[Block], ranks: SlotRanks):
         self.params = params
         self.layouts = layouts
         self.num_slots = num_slots
-        self.slot_rank = [0] * num_slots
-        self.frozen_rank = torch.zeros(num_slots, dtype=torch.long)
+        self.ranks = ranks
         device = params[0].device
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
@@ -87,7 +87,7 @@ class SlotAdamW:
 
     def block(self, index: int, tensor: torch.Tensor, slot: int) -> torch.Tensor:
         """Slot `slot`'s block of parameter `index` (or of a tensor shaped like it), as PEFT lays it out."""
-        return self.layouts[index].of(tensor[slot], self.slot_rank[slot])
+        return self.layouts[index].of(tensor[slot], self.ranks.in_use[slot])
 
     def _flat_blocks(self, tensors: list[torch.Tensor], indices: list[int], slot: int, rank: int) -> list[torch.Tensor]:
         """Slot `slot`'s blocks of `tensors[i]` (contiguous, shaped like the parameters) as 1-d views:
@@ -105,8 +105,8 @@ class SlotAdamW:
     def trainable(self) -> Iterator[torch.Tensor]:
         """Per parameter in turn, a bool mask that broadcasts to it: False on frozen ranks' entries."""
         device = self.params[0].device
-        ranks = torch.tensor(self.slot_rank, dtype=torch.int32, device=device).view(-1, 1).clamp(min=1)
-        frozen = self.frozen_rank.to(device=device, dtype=torch.int32).view(-1, 1)
+        ranks = torch.tensor(self.ranks.in_use, dtype=torch.int32, device=device).view(-1, 1).clamp(min=1)
+        frozen = self.ranks.frozen.to(device=device, dtype=torch.int32).view(-1, 1)
         for p, layout in zip(self.params, self.layouts):
             if layout.rank_first:  # each rank is a run of `width` entries: one flag per rank
                 rank_of = torch.arange(p[0].numel() // layout.width, dtype=torch.int32, device=device)
@@ -126,7 +126,6 @@ class SlotAdamW:
     ) -> None:
         """Fresh optimizer state for a new adapter in `slot`."""
         self.restart_moments(slot)
-        self.frozen_rank[slot] = 0
         self.weight_decay[slot] = weight_decay
         self.beta1[slot], self.beta2[slot], self.eps[slot] = beta1, beta2, eps
         self.max_grad_norm[slot] = math.inf if max_grad_norm is None else max_grad_norm
@@ -142,7 +141,7 @@ class SlotAdamW:
             "exp_avg": [m[slot].clone() for m in self.exp_avg],
             "exp_avg_sq": [v[slot].clone() for v in self.exp_avg_sq],
             "step": int(self.steps[slot]),
-            "frozen_rank": int(self.frozen_rank[slot]),
+            "frozen_rank": int(self.ranks.frozen[slot]),
         }
 
     def load_slot_state(self, slot: int, state: dict[str, object]) -> None:
@@ -151,7 +150,7 @@ class SlotAdamW:
         for target, source in zip(self.exp_avg_sq, state["exp_avg_sq"]):  # type: ignore[call-overload]
             target[slot].copy_(source)
         self.steps[slot] = int(state["step"])  # type: ignore[call-overload]
-        self.frozen_rank[slot] = int(state["frozen_rank"])  # type: ignore[call-overload]
+        self.ranks.frozen[slot] = int(state["frozen_rank"])  # type: ignore[call-overload]
 
     @torch.no_grad()
     def grad_norms(self, in_use: list[tuple[int, list[bool]]] | None = None) -> torch.Tensor:
@@ -174,7 +173,7 @@ class SlotAdamW:
         norms = []
         for slot, owned in in_use:
             indices = [i for i, (grad, mine) in enumerate(zip(grads, owned)) if mine and grad is not None]
-            views = self._flat_blocks(grads, indices, slot, self.slot_rank[slot])  # type: ignore[arg-type]
+            views = self._flat_blocks(grads, indices, slot, self.ranks.in_use[slot])  # type: ignore[arg-type]
             blocks[slot] = (indices, views)
             if views:  # clip_grad_norm_: the norm of the per-tensor norms
                 norms.append((slot, torch.linalg.vector_norm(torch.stack(torch._foreach_norm(views, 2.0)), 2.0)))
@@ -201,7 +200,7 @@ class SlotAdamW:
             return
         # On a GPU, one masked update of the whole stacks, AdamW's formula op by op: no host
         # sync to find the active slots, and frozen O-LoRA ranks keep their values.
-        any_frozen = bool(self.frozen_rank.any())
+        any_frozen = bool(self.ranks.frozen.any())
         step = self.steps.to(device=device, dtype=torch.float64).clamp(min=1)
         lrs = lrs.to(device=device, dtype=torch.float64)
         bias_correction1 = 1 - self.beta1**step
@@ -246,7 +245,7 @@ class SlotAdamW:
         made = grad_blocks.by_slot if reusable else {}
         scales = clip.tolist()
         for slot in active.nonzero().flatten().tolist():
-            rank = self.slot_rank[slot]
+            rank = self.ranks.in_use[slot]
             if slot in made:
                 indices, grad_views = made[slot]
             else:
@@ -259,7 +258,7 @@ class SlotAdamW:
                 self._state_views[key] = tuple(self._flat_blocks(tensors, indices, slot, rank)
                                                for tensors in (self.params, self.exp_avg, self.exp_avg_sq))
             params, exp_avgs, exp_avg_sqs = self._state_views[key]
-            frozen = int(self.frozen_rank[slot])
+            frozen = int(self.ranks.frozen[slot])
             kept = []
             if frozen:
                 for i in indices:

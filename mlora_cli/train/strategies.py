@@ -133,8 +133,7 @@ class Strategies:
             self.teacher_of[slot] = teacher
             self.lwf[slot] = (config.lwf_lambda, config.lwf_temperature)
         elif strategy == "olora":
-            optimizer = self.engine.optimizer
-            optimizer.frozen_rank[slot] = self.engine.slot_rank[slot]
+            self.engine.ranks.freeze_all(slot)
             generator = torch.Generator().manual_seed(seeds.olora_task_init(seed, task_index))
             self.engine.grow_slot(slot, config, generator)  # a fresh optimizer for the fresh LoRA, too
             self.olora1[slot] = config.olora_lambda1
@@ -143,7 +142,7 @@ class Strategies:
     def add_gradients(self) -> None:
         """Add the l2 / ewc / olora penalty gradients of every slot to the LoRA gradients."""
         optimizer = self.engine.optimizer
-        if bool(optimizer.frozen_rank.any()):
+        if bool(self.engine.ranks.frozen.any()):
             # O-LoRA's earlier blocks are not trainable: drop their gradient so it does not count
             # in the adapter's clipping norm (as with requires_grad=False in the reference code).
             for p, unfrozen in zip(self.params, optimizer.trainable()):
@@ -159,7 +158,7 @@ class Strategies:
                     weight = weight + _col(self.ewc, p) * fisher
                 p.grad.add_(weight * (p - anchor))
         if bool((self.olora1 > 0).any() or (self.olora2 > 0).any()):
-            frozen = self.engine.optimizer.frozen_rank
+            frozen = self.engine.ranks.frozen
             in_use = torch.tensor(self.engine.slot_rank)
             for layer in self.engine.layers.values():
                 a = layer.lora_A
