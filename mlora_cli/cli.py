@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mlora_cli.errors import ConfigError
+from mlora_cli.errors import ConfigError, Interrupted, StorageError
 from mlora_cli.spec.load import load_sweep
 
 app = typer.Typer(
@@ -81,7 +81,7 @@ def run(
         fail(["--resume continues a run as it was: no overrides"])
     try:
         if resume is not None:
-            from mlora_cli.run.launcher import load_run
+            from mlora_cli.run.folder import load_run
 
             if not resume.is_dir():
                 fail([f"{resume}: no such run folder"])
@@ -104,12 +104,17 @@ def run(
                                 backend=backend, address=address)
     except ConfigError as exc:
         fail(exc.problems)
-    except KeyboardInterrupt:
+    except StorageError as exc:
+        folder = view.run_dir if view is not None and view.run_dir else "RUN_DIR"
+        errors.print(f"{exc}; everything saved before it is whole. Free space, then:\n  mlora run --resume {folder}",
+                     markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Interrupted)
         folder = view.run_dir if view is not None and view.run_dir else "RUN_DIR"
         # soft_wrap: the command stays one line to copy, however narrow the terminal (or a log file)
         errors.print(f"interrupted: training state saved. Resume with:\n  mlora run --resume {folder}",
                      markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(exc.exit_code if isinstance(exc, Interrupted) else 130) from None
     print_cl_report(console, outcome.results, matrices=matrix)
     print_summary(console, outcome.results)
     if outcome.results["run"]["failed"]:

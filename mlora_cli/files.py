@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mlora_cli.errors import ConfigError
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -78,3 +80,31 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def exclusive_run_folder(folder: Path) -> Iterator[None]:
+    """Hold `folder/.lock` (an advisory lock the OS drops when this process ends, however it ends).
+
+    A second mlora on the same run folder (`--resume` twice at once) fails with one line rather
+    than interleaving its writes with the first one's.
+    """
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = (folder / ".lock").open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ConfigError([f"{folder}: in use by another mlora ({holder}); wait for it to end, or stop it "
+                               "(its state is saved) and resume then"]) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()

@@ -1,11 +1,84 @@
-"""Small helpers shared by test modules (imported as `helpers`: pytest puts tests/ on sys.path)."""
+"""Plain values and functions shared by the test modules; fixtures live in conftest.py.
+
+Imported as `from helpers import ...` (pytest puts tests/ on sys.path).
+"""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import yaml
+from typer.testing import CliRunner
+
+from mlora_cli.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+
+# typer.testing.Result in typer >= 0.24 (typer vendors click), click.testing.Result before.
+Result = Any
+
+# The smallest valid sweep, as YAML text to append to: two builtin tasks, default adapter, one adapter.
+MINIMAL_SWEEP = """\
+name: t
+tasks:
+  - {name: a, source: "builtin:copy", train_examples: 16, eval_examples: 4}
+  - {name: b, source: "builtin:reverse", train_examples: 16, eval_examples: 4}
+"""
+
+
+def builtin_tasks(*names: str, train_examples: int = 16, eval_examples: int = 4, **fields: Any) -> list[dict[str, Any]]:
+    """One task per name on `builtin:<name>`, each with the same sizes and `fields`."""
+    return [
+        {"name": name, "source": f"builtin:{name}", "train_examples": train_examples, "eval_examples": eval_examples,
+         **fields}
+        for name in names
+    ]
+
+
+# What the micro sweeps of the slow tests share: builtin:micro, two small builtin tasks, a short
+# training. No eval or sweep section: each test states its own.
+MICRO_SWEEP: dict[str, Any] = {
+    "name": "micro",
+    "base_model": "builtin:micro",
+    "tasks": builtin_tasks("copy", "reverse"),
+    "adapter": {"alpha": 8, "lr": 1e-2},
+    "train": {"steps_per_task": 3, "batch_size": 2, "max_seq_len": 24},
+}
+
+
+def micro_sweep(**changes: Any) -> dict[str, Any]:
+    """A fresh copy of MICRO_SWEEP with top-level `changes`: a mapping is merged into the section of
+    that name (`train={"steps_per_task": 4}` keeps the other train keys), anything else replaces it."""
+    sweep = copy.deepcopy(MICRO_SWEEP)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(sweep.get(key), dict):
+            sweep[key] = {**sweep[key], **value}
+        else:
+            sweep[key] = value
+    return sweep
+
+
+def write_sweep(folder: Path, sweep: str | dict[str, Any], /, **changes: Any) -> Path:
+    """Write `folder/sweep.yaml` and return its path: YAML text as it is, or a dict with top-level
+    `changes` (any key replaced whole, `sweep` too) whose runs go under `folder/runs` unless it
+    names its own output_dir."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "sweep.yaml"
+    if isinstance(sweep, str):
+        assert not changes, "changes apply to a dict sweep only"
+        path.write_text(sweep)
+    else:
+        data = {**sweep, **changes}
+        data.setdefault("output_dir", str(folder / "runs"))
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def mlora(*args: str | Path, columns: int | None = None) -> Result:
+    """`mlora ARGS...` in-process; `columns`: the terminal width rich sees (None: left to the environment)."""
+    return CliRunner().invoke(app, [str(a) for a in args], env=None if columns is None else {"COLUMNS": str(columns)})
 
 
 def numbers(value: Any, path: str = "") -> dict[str, float]:
@@ -17,11 +90,3 @@ def numbers(value: Any, path: str = "") -> dict[str, float]:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return {}
     return {path: value}
-
-
-def write_sweep(base: dict[str, Any], folder: Path, /, **changes: Any) -> Path:
-    """`base` with top-level `changes` (any key, `sweep` too), as a sweep file whose runs go under `folder/runs`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "sweep.yaml"
-    path.write_text(yaml.safe_dump({**base, "output_dir": str(folder / "runs"), **changes}, sort_keys=False))
-    return path

@@ -7,33 +7,23 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
-from typer.testing import CliRunner
-
-from mlora_cli.cli import app
+from helpers import micro_sweep, mlora, write_sweep
 
 # Mlora bench runs every mode as fresh processes: the slow tier.
 pytestmark = pytest.mark.slow
 
-SWEEP = {
-    "name": "tinybench",
-    "base_model": "builtin:micro",
-    "tasks": [
-        {"name": "copy", "source": "builtin:copy", "train_examples": 16, "eval_examples": 4},
-        {"name": "reverse", "source": "builtin:reverse", "train_examples": 16, "eval_examples": 4},
-    ],
-    "adapter": {"rank": 2, "alpha": 4, "lr": 1e-2},
-    "train": {"steps_per_task": 2, "batch_size": 2, "max_seq_len": 24},
-    "eval": {"max_new_tokens": 4},
-    "sweep": {"grid": {"adapter.rank": [2, 4]}},
-}
+SWEEP = micro_sweep(
+    name="tinybench",
+    adapter={"rank": 2, "alpha": 4},
+    train={"steps_per_task": 2},
+    eval={"max_new_tokens": 4},
+    sweep={"grid": {"adapter.rank": [2, 4]}},
+)
 
 
 def test_bench_runs_agrees_and_writes_report(tmp_path: Path) -> None:
-    sweep = tmp_path / "bench.yaml"
-    sweep.write_text(yaml.safe_dump(SWEEP, sort_keys=False))
-    args = ["bench", str(sweep), "--sequential-baseline", "--mode", "engine-serial", "--output", str(tmp_path / "out")]
-    result = CliRunner().invoke(app, args)
+    sweep = write_sweep(tmp_path, SWEEP)
+    result = mlora("bench", sweep, "--sequential-baseline", "--mode", "engine-serial", "--output", tmp_path / "out")
     assert result.exit_code == 0, result.output
     (folder,) = (tmp_path / "out").iterdir()
     report = json.loads((folder / "bench.json").read_text())
@@ -52,9 +42,8 @@ def test_bench_runs_agrees_and_writes_report(tmp_path: Path) -> None:
 
 
 def test_bench_rejects_strategies_the_baseline_cannot_run(tmp_path: Path) -> None:
-    sweep = tmp_path / "bench.yaml"
-    sweep.write_text(yaml.safe_dump({**SWEEP, "adapter": {**SWEEP["adapter"], "strategy": "ewc"}}))
-    result = CliRunner().invoke(app, ["bench", str(sweep), "--sequential-baseline", "--output", str(tmp_path)])
+    sweep = write_sweep(tmp_path, SWEEP, adapter={**SWEEP["adapter"], "strategy": "ewc"})
+    result = mlora("bench", sweep, "--sequential-baseline", "--output", tmp_path)
     assert result.exit_code == 2
     assert "naive fine-tuning" in result.output and "Traceback" not in result.output
 

@@ -8,17 +8,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import MINIMAL_SWEEP, REPO, WriteSweep
-from typer.testing import CliRunner
+from helpers import MINIMAL_SWEEP, REPO, Result, mlora, write_sweep
 
-from mlora_cli.cli import app
-
-# typer.testing.Result in typer >= 0.24 (typer vendors click), click.testing.Result before.
-Result = Any
 QUICKSTART = str(REPO / "sweeps" / "quickstart.yaml")
+WIDE = 200  # terminal columns: rich then does not cut adapter names in the dry-run table
 
 
 @pytest.fixture(autouse=True)
@@ -27,11 +22,6 @@ def no_cuda_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     import mlora_cli.run.launcher
 
     monkeypatch.setattr(mlora_cli.run.launcher, "visible_cuda_devices", lambda: 0)
-
-
-def invoke(*args: str | Path) -> Result:
-    # Wide enough that rich does not cut adapter names in the dry-run table.
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
 
 
 def stderr_of(result: Result) -> str | None:
@@ -63,13 +53,13 @@ def assert_problems(result: Result, expected: list[str]) -> None:
 
 
 def test_validate_quickstart() -> None:
-    result = invoke("validate", QUICKSTART)
+    result = mlora("validate", QUICKSTART, columns=WIDE)
     assert result.exit_code == 0, result.output
     assert result.output.strip() == "ok: 8 adapters, 3 tasks"
 
 
 def test_validate_with_overrides() -> None:
-    result = invoke("validate", QUICKSTART, "adapter.lr=3e-3", "sweep.grid.adapter.rank=[4,8]")
+    result = mlora("validate", QUICKSTART, "adapter.lr=3e-3", "sweep.grid.adapter.rank=[4,8]", columns=WIDE)
     assert result.exit_code == 0, result.output
     assert result.output.strip() == "ok: 4 adapters, 3 tasks"
 
@@ -79,10 +69,10 @@ GRID_NESTED = "sweep:\n  grid:\n    adapter:\n      rank: [4, 8, 16]\n      lr: 
 
 
 @pytest.mark.parametrize("grid", [GRID_DOTTED, GRID_NESTED], ids=["dotted", "nested"])
-def test_grid_override_either_spelling(write_sweep: WriteSweep, grid: str) -> None:
-    path = write_sweep(MINIMAL_SWEEP + grid)
-    assert invoke("validate", path).output.strip() == "ok: 6 adapters, 2 tasks"
-    result = invoke("run", path, "--dry-run", "sweep.grid.adapter.rank=[4,8]")
+def test_grid_override_either_spelling(tmp_path: Path, grid: str) -> None:
+    path = write_sweep(tmp_path, MINIMAL_SWEEP + grid)
+    assert mlora("validate", path, columns=WIDE).output.strip() == "ok: 6 adapters, 2 tasks"
+    result = mlora("run", path, "--dry-run", "sweep.grid.adapter.rank=[4,8]", columns=WIDE)
     assert result.exit_code == 0, result.output
     assert "4 adapters" in result.output
     for name in ("r4-lr1e-3", "r4-lr3e-3", "r8-lr1e-3", "r8-lr3e-3"):
@@ -90,9 +80,9 @@ def test_grid_override_either_spelling(write_sweep: WriteSweep, grid: str) -> No
     assert "r16" not in result.output
 
 
-def test_interpolation(write_sweep: WriteSweep) -> None:
-    path = write_sweep(MINIMAL_SWEEP + "train: {batch_size: 4}\neval:\n  batch_size: ${train.batch_size}\n")
-    result = invoke("validate", path)
+def test_interpolation(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, MINIMAL_SWEEP + "train: {batch_size: 4}\neval:\n  batch_size: ${train.batch_size}\n")
+    result = mlora("validate", path, columns=WIDE)
     assert result.exit_code == 0, result.output
     assert result.output.strip() == "ok: 1 adapters, 2 tasks"
 
@@ -104,7 +94,7 @@ def test_dry_run_prints_the_plan_and_trains_nothing(monkeypatch: pytest.MonkeyPa
         raise AssertionError("--dry-run must not train")
 
     monkeypatch.setattr(mlora_cli.run.launcher, "run_sweep", no_training)
-    result = invoke("run", QUICKSTART, "--dry-run")
+    result = mlora("run", QUICKSTART, "--dry-run", columns=WIDE)
     assert result.exit_code == 0, result.output
     assert "quickstart: 8 adapters, 3 tasks" in result.output
     for rank in (4, 8, 16, 32):
@@ -221,7 +211,7 @@ CASES: dict[str, Case] = {
         with_extra("base_model: builtin:tinny\n"), "base_model: unknown builtin model 'builtin:tinny'"
     ),
     "bad-device": bad(
-        with_extra("devices: [cuda:0, gpu]\n"), "devices[1]: expected auto, cpu, cpu:K or cuda:N, got 'gpu'"
+        with_extra("devices: [cpu, gpu]\n"), "devices[1]: expected auto, cpu, cpu:K or cuda:N, got 'gpu'"
     ),
     "grid-unknown-key-dotted": bad(
         with_extra("sweep: {grid: {adapter.rnak: [4, 8]}}\n"),
@@ -284,14 +274,12 @@ CASES: dict[str, Case] = {
 def write_case(tmp_path: Path, case: Case) -> Path:
     for name, content in case.files:
         (tmp_path / name).write_text(content)
-    path = tmp_path / "sweep.yaml"
-    path.write_text(case.text)
-    return path
+    return write_sweep(tmp_path, case.text)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_validate_rejects(tmp_path: Path, case: str) -> None:
-    result = invoke("validate", write_case(tmp_path, CASES[case]), *CASES[case].overrides)
+    result = mlora("validate", write_case(tmp_path, CASES[case]), *CASES[case].overrides, columns=WIDE)
     assert_problems(result, list(CASES[case].expected))
 
 
@@ -318,24 +306,24 @@ def test_run_rejects_before_any_model(
     monkeypatch.setattr(mlora_cli.run.launcher, "run_sweep", must_not_run)
     monkeypatch.setattr(mlora_cli.run.launcher, "plan_workers", must_not_run)
     path = write_case(tmp_path, CASES[case])
-    result = invoke("run", path, *CASES[case].overrides, *(["--dry-run"] if dry_run else []))
+    result = mlora("run", path, *CASES[case].overrides, *(["--dry-run"] if dry_run else []), columns=WIDE)
     assert_problems(result, list(CASES[case].expected))
 
 
 def test_missing_file(tmp_path: Path) -> None:
     for command in ("validate", "run"):
-        result = invoke(command, tmp_path / "nope.yaml")
+        result = mlora(command, tmp_path / "nope.yaml", columns=WIDE)
         assert_problems(result, [f"{tmp_path / 'nope.yaml'}: no such file"])
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
     path = tmp_path / "binary.yaml"
     path.write_bytes(b"name: \xd0\x00\xff\n")
-    assert_problems(invoke("validate", path), [f"{path}: cannot read: "])
+    assert_problems(mlora("validate", path, columns=WIDE), [f"{path}: cannot read: "])
 
 
-def test_problems_go_to_stderr(write_sweep: WriteSweep) -> None:
-    result = invoke("validate", write_sweep(with_extra("adapter: {rank: 0}\n")))
+def test_problems_go_to_stderr(tmp_path: Path) -> None:
+    result = mlora("validate", write_sweep(tmp_path, with_extra("adapter: {rank: 0}\n")), columns=WIDE)
     stderr = stderr_of(result)
     if stderr is not None:
         assert stderr.strip() == "adapter.rank: must be > 0"
@@ -377,14 +365,14 @@ sweep:
     ]
     path = write_case(tmp_path, Case(text, ()))
     for args in (["validate", path], ["run", path], ["run", path, "--dry-run"]):
-        assert_problems(invoke(*args), expected)
+        assert_problems(mlora(*args, columns=WIDE), expected)
 
 
-def test_bad_task_does_not_hide_other_tasks_problems(write_sweep: WriteSweep) -> None:
+def test_bad_task_does_not_hide_other_tasks_problems(tmp_path: Path) -> None:
     # tasks[1] fails to build; tasks[0] and the sweep are still checked in the same pass.
     text = 'name: t\ntasks:\n  - {name: a, source: "builtin:revrse"}\n  - 5\nsweep: {grid: {train.bs: [1, 2]}}\n'
     assert_problems(
-        invoke("validate", write_sweep(text)),
+        mlora("validate", write_sweep(tmp_path, text), columns=WIDE),
         [
             "tasks[1]: expected a mapping, got 5",
             "tasks[0].source: unknown builtin 'revrse'",

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import MINIMAL_SWEEP, REPO, WriteSweep
+from helpers import MINIMAL_SWEEP, REPO, write_sweep
 
 from mlora_cli.errors import ConfigError
 from mlora_cli.spec.convert import to_plain
@@ -41,8 +41,8 @@ def test_quickstart() -> None:
     assert spec.adapter.lr == 2e-3 and isinstance(spec.adapter.lr, float)  # YAML 1.1 would read "2e-3" as text
 
 
-def test_defaults_fill_missing_sections(write_sweep: WriteSweep) -> None:
-    spec, _ = load_sweep(write_sweep(MINIMAL_SWEEP))
+def test_defaults_fill_missing_sections(tmp_path: Path) -> None:
+    spec, _ = load_sweep(write_sweep(tmp_path, MINIMAL_SWEEP))
     assert (spec.adapter, spec.train, spec.eval, spec.sweep) == (
         AdapterConfig(),
         TrainConfig(),
@@ -53,41 +53,41 @@ def test_defaults_fill_missing_sections(write_sweep: WriteSweep) -> None:
     assert (spec.base_model, spec.devices, spec.seed) == ("builtin:tiny", "auto", 0)
 
 
-def test_config_is_frozen(write_sweep: WriteSweep) -> None:
-    spec, _ = load_sweep(write_sweep(MINIMAL_SWEEP))
+def test_config_is_frozen(tmp_path: Path) -> None:
+    spec, _ = load_sweep(write_sweep(tmp_path, MINIMAL_SWEEP))
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.adapter.rank = 4  # type: ignore[misc]
 
 
-def test_lists_become_tuples(write_sweep: WriteSweep) -> None:
+def test_lists_become_tuples(tmp_path: Path) -> None:
     spec, _ = load_sweep(
-        write_sweep(MINIMAL_SWEEP + "devices: [cuda:0, cuda:1]\nadapter: {target_modules: [q_proj]}\n")
+        write_sweep(tmp_path, MINIMAL_SWEEP + "devices: [cpu, cpu:2]\nadapter: {target_modules: [q_proj]}\n")
     )
-    assert spec.devices == ("cuda:0", "cuda:1")
+    assert spec.devices == ("cpu", "cpu:2")
     assert spec.adapter.target_modules == ("q_proj",)
 
 
-def test_interpolation(write_sweep: WriteSweep) -> None:
+def test_interpolation(tmp_path: Path) -> None:
     text = MINIMAL_SWEEP + (
         "adapter:\n  rank: 4\n  alpha: ${adapter.rank}\n"
         "train:\n  batch_size: 16\n  max_seq_len: 32\n"
         "eval:\n  batch_size: ${train.batch_size}\n"
         "sweep:\n  grid:\n    train.max_seq_len: ['${train.max_seq_len}', 64]\n"
     )
-    spec, resolved = load_sweep(write_sweep(text))
+    spec, resolved = load_sweep(write_sweep(tmp_path, text))
     assert (spec.adapter.alpha, spec.eval.batch_size) == (4.0, 16)
     assert resolved["eval"]["batch_size"] == 16  # the saved config holds values, not `${...}`
     assert [a.train.max_seq_len for a in expand(spec)] == [32, 64]
 
 
-def test_interpolation_follows_overrides(write_sweep: WriteSweep) -> None:
-    path = write_sweep(MINIMAL_SWEEP + "adapter:\n  rank: 4\n  alpha: ${adapter.rank}\n")
+def test_interpolation_follows_overrides(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, MINIMAL_SWEEP + "adapter:\n  rank: 4\n  alpha: ${adapter.rank}\n")
     spec, _ = load_sweep(path, ["adapter.rank=32"])
     assert (spec.adapter.rank, spec.adapter.alpha) == (32, 32.0)
 
 
-def test_overrides(write_sweep: WriteSweep) -> None:
-    path = write_sweep(MINIMAL_SWEEP + "adapter: {lr: 2e-3}\n")
+def test_overrides(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, MINIMAL_SWEEP + "adapter: {lr: 2e-3}\n")
     spec, resolved = load_sweep(path, ["adapter.lr=3e-3", "train.batch_size=2", "tasks.1.train_examples=32", "name=x"])
     assert (spec.adapter.lr, spec.train.batch_size, spec.tasks[1].train_examples, spec.name) == (3e-3, 2, 32, "x")
     assert resolved["adapter"]["lr"] == 3e-3
@@ -109,43 +109,43 @@ def test_quickstart_overrides() -> None:
     ],
     ids=["dotted", "nested", "mixed"],
 )
-def test_grid_spellings_mean_the_same(write_sweep: WriteSweep, grid: str) -> None:
-    spec, _ = load_sweep(write_sweep(MINIMAL_SWEEP + grid))
+def test_grid_spellings_mean_the_same(tmp_path: Path, grid: str) -> None:
+    spec, _ = load_sweep(write_sweep(tmp_path, MINIMAL_SWEEP + grid))
     assert spec.sweep.grid == {"adapter": {"rank": [4, 8, 16], "lr": [1e-3, 3e-3]}}
-    overridden, _ = load_sweep(write_sweep(MINIMAL_SWEEP + grid), ["sweep.grid.adapter.rank=[4,8]"])
+    overridden, _ = load_sweep(write_sweep(tmp_path, MINIMAL_SWEEP + grid), ["sweep.grid.adapter.rank=[4,8]"])
     assert overridden.sweep.grid == {"adapter": {"rank": [4, 8], "lr": [1e-3, 3e-3]}}
     assert len(expand(overridden)) == 4
 
 
-def test_override_adds_a_sweep(write_sweep: WriteSweep) -> None:
-    spec, _ = load_sweep(write_sweep(MINIMAL_SWEEP), ["sweep.seeds=[1,2]", "sweep.zip.adapter.rank=[4,8]"])
+def test_override_adds_a_sweep(tmp_path: Path) -> None:
+    spec, _ = load_sweep(write_sweep(tmp_path, MINIMAL_SWEEP), ["sweep.seeds=[1,2]", "sweep.zip.adapter.rank=[4,8]"])
     assert [a.name for a in expand(spec)] == ["r4-s1", "r4-s2", "r8-s1", "r8-s2"]
 
 
-def test_numbers_convert_to_the_field_type(write_sweep: WriteSweep) -> None:
-    spec, _ = load_sweep(write_sweep(MINIMAL_SWEEP + "adapter: {alpha: 16, lr: '1e-3'}\n"))
+def test_numbers_convert_to_the_field_type(tmp_path: Path) -> None:
+    spec, _ = load_sweep(write_sweep(tmp_path, MINIMAL_SWEEP + "adapter: {alpha: 16, lr: '1e-3'}\n"))
     assert spec.adapter.alpha == 16.0 and isinstance(spec.adapter.alpha, float)
     assert spec.adapter.lr == 1e-3
-    assert load_problems(write_sweep(MINIMAL_SWEEP + "adapter: {lr: .nan}\n")) == [
+    assert load_problems(write_sweep(tmp_path, MINIMAL_SWEEP + "adapter: {lr: .nan}\n")) == [
         "adapter.lr: expected a number, got nan"
     ]
-    assert load_problems(write_sweep(MINIMAL_SWEEP + "train: {steps_per_task: 2.5}\n")) == [
+    assert load_problems(write_sweep(tmp_path, MINIMAL_SWEEP + "train: {steps_per_task: 2.5}\n")) == [
         "train.steps_per_task: expected an integer, got 2.5"
     ]
 
 
-def test_nullable_fields(write_sweep: WriteSweep) -> None:
-    spec, _ = load_sweep(write_sweep(MINIMAL_SWEEP + "train: {max_grad_norm: null}\nmax_concurrent: 2\n"))
+def test_nullable_fields(tmp_path: Path) -> None:
+    spec, _ = load_sweep(write_sweep(tmp_path, MINIMAL_SWEEP + "train: {max_grad_norm: null}\nmax_concurrent: 2\n"))
     assert (spec.train.max_grad_norm, spec.max_concurrent) == (None, 2)
-    assert load_problems(write_sweep(MINIMAL_SWEEP + "train: {max_grad_norm: 0}\nmax_concurrent: 0\n")) == [
+    assert load_problems(write_sweep(tmp_path, MINIMAL_SWEEP + "train: {max_grad_norm: 0}\nmax_concurrent: 0\n")) == [
         "train.max_grad_norm: must be > 0",
         "max_concurrent: must be > 0",
     ]
 
 
-def test_all_problems_in_one_error(write_sweep: WriteSweep) -> None:
+def test_all_problems_in_one_error(tmp_path: Path) -> None:
     text = "name: 'bad name'\ntasks: [{name: a, source: 'builtin:copy', min_len: 9, max_len: 3}]\nadapter: {rank: 0}\n"
-    assert load_problems(write_sweep(text)) == [
+    assert load_problems(write_sweep(tmp_path, text)) == [
         "adapter.rank: must be > 0",
         "name: use letters, digits, '-', '_' and '.' only (it names the run folder)",
         "tasks[0].min_len: must be <= max_len (9 > 3)",
@@ -155,8 +155,7 @@ def test_all_problems_in_one_error(write_sweep: WriteSweep) -> None:
 def test_data_files_are_relative_to_the_sweep_file(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "qa.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n')
-    (tmp_path / "sweep.yaml").write_text("name: t\ntasks:\n  - {name: qa, source: 'jsonl:data/qa.jsonl'}\n")
-    spec, _ = load_sweep(tmp_path / "sweep.yaml")
+    spec, _ = load_sweep(write_sweep(tmp_path, "name: t\ntasks:\n  - {name: qa, source: 'jsonl:data/qa.jsonl'}\n"))
     assert spec.tasks[0].source == "jsonl:data/qa.jsonl"
 
 
@@ -166,7 +165,7 @@ def test_every_field_has_help() -> None:
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
 
 
-def test_to_plain_round_trips(write_sweep: WriteSweep) -> None:
+def test_to_plain_round_trips() -> None:
     spec, _ = load_sweep(REPO / "sweeps" / "smoke.yaml")
     plain = to_plain(spec)
     assert plain["tasks"][0]["name"] == "copy" and isinstance(plain["adapter"]["target_modules"], list)
@@ -189,9 +188,9 @@ def test_sweep_reference_page_is_current() -> None:
     assert module.updated_page(page) == page, "run: python scripts/sweep_reference.py --write"
 
 
-def test_peft_spellings_are_accepted(write_sweep: WriteSweep) -> None:
+def test_peft_spellings_are_accepted(tmp_path: Path) -> None:
     """`target_modules` as one string, and PEFT's r / lora_alpha / lora_dropout, wherever an adapter key goes."""
-    path = write_sweep(MINIMAL_SWEEP + """\
+    path = write_sweep(tmp_path, MINIMAL_SWEEP + """\
 adapter: {r: 4, lora_alpha: 8, lora_dropout: 0.05, target_modules: all-linear}
 sweep:
   grid: {adapter.r: [4, 8]}
@@ -207,14 +206,14 @@ sweep:
     ]
 
 
-def test_peft_spelling_next_to_ours_and_regex_targets_are_errors(write_sweep: WriteSweep) -> None:
-    path = write_sweep(MINIMAL_SWEEP + "adapter: {r: 4, rank: 8, target_modules: '.*proj'}\n")
+def test_peft_spelling_next_to_ours_and_regex_targets_are_errors(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, MINIMAL_SWEEP + "adapter: {r: 4, rank: 8, target_modules: '.*proj'}\n")
     with pytest.raises(ConfigError) as error:
         load_sweep(path)
     assert error.value.problems == [
         "adapter.r: PEFT's name for adapter.rank, which is also set; keep one",
     ]
-    path = write_sweep(MINIMAL_SWEEP + "adapter: {target_modules: '.*proj'}\n")
+    path = write_sweep(tmp_path, MINIMAL_SWEEP + "adapter: {target_modules: '.*proj'}\n")
     with pytest.raises(ConfigError) as error:
         load_sweep(path)
     assert error.value.problems == [

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from helpers import builtin_tasks, micro_sweep, write_sweep
 
 from mlora_cli.data.batches import collate, tokenize_task
 from mlora_cli.data.sources import load_task
@@ -29,26 +30,19 @@ from mlora_cli.train.step import StepInput, fused_step
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
-SWEEP = {
-    "name": "gpu",
-    "base_model": "builtin:micro",
-    "seed": 2,
-    "tasks": [
-        {"name": "copy", "source": "builtin:copy", "train_examples": 32, "eval_examples": 8},
-        {"name": "reverse", "source": "builtin:reverse", "train_examples": 32, "eval_examples": 8},
-    ],
-    "adapter": {"alpha": 8, "lr": 1e-2, "target_modules": list(TARGETS)},
-    "train": {"steps_per_task": 4, "batch_size": 4, "max_seq_len": 32, "checkpoint_every": None},
-    "eval": {"metrics": ["loss", "token_accuracy"]},
-    "sweep": {"grid": {"adapter.rank": [2, 4]}},
-}
+SWEEP = micro_sweep(
+    name="gpu",
+    seed=2,
+    tasks=builtin_tasks("copy", "reverse", train_examples=32, eval_examples=8),
+    adapter={"target_modules": list(TARGETS)},
+    train={"steps_per_task": 4, "batch_size": 4, "max_seq_len": 32, "checkpoint_every": None},
+    eval={"metrics": ["loss", "token_accuracy"]},
+    sweep={"grid": {"adapter.rank": [2, 4]}},
+)
 
 
 def run(folder: Path, devices: Any, dtype: str) -> tuple[Path, dict[str, Any]]:
-    folder.mkdir(parents=True)
-    path = folder / "sweep.yaml"
-    path.write_text(yaml.safe_dump({**SWEEP, "devices": devices, "model": {"dtype": dtype}}, sort_keys=False))
-    spec, resolved = load_sweep(path)
+    spec, resolved = load_sweep(write_sweep(folder, SWEEP, devices=devices, model={"dtype": dtype}))
     outcome = run_sweep(spec, resolved, folder, output_base=folder, plots=False)
     assert all(e["status"] == "done" for e in outcome.results["adapters"].values()), outcome.results
     return outcome.run_dir, outcome.results

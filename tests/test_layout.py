@@ -6,7 +6,7 @@ import ast
 import pickle
 from pathlib import Path
 
-from conftest import REPO
+from helpers import REPO
 
 from mlora_cli.errors import ConfigError
 

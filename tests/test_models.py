@@ -18,11 +18,10 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from helpers import Result, builtin_tasks, micro_sweep, mlora, write_sweep
 from peft import PeftModel
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from mlora_cli.cli import app
 from mlora_cli.data.batches import Row, check_formats, collate, token_losses, tokenize_example, tokenize_task
 from mlora_cli.data.sources import Example, load_task
 from mlora_cli.errors import ConfigError
@@ -42,10 +41,7 @@ CHAT_TEMPLATE = (
 )
 # Per architecture: explicit target names (suffix match); the other adapter takes all-linear.
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"], "qwen2": ["k_proj", "up_proj"]}
-TASKS = [
-    {"name": "copy", "source": "builtin:copy", "train_examples": 16, "eval_examples": 4},
-    {"name": "reverse", "source": "builtin:reverse", "train_examples": 16, "eval_examples": 4},
-]
+TASKS = builtin_tasks("copy", "reverse")
 
 
 def tiny_config(kind: str, tokenizer: Any) -> Any:
@@ -92,27 +88,24 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def run(folder: Path, sweep: dict[str, Any], overrides: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]]:
     """Write the sweep into `folder`, run it in-process, return (run folder, results)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
-    spec, resolved = load_sweep(path, overrides)
+    spec, resolved = load_sweep(write_sweep(folder, sweep), overrides)
     outcome = run_sweep(spec, resolved, folder, output_base=folder, plots=False)
     assert all(entry["status"] == "done" for entry in outcome.results["adapters"].values()), outcome.results
     return outcome.run_dir, outcome.results
 
 
 def sweep_on(base_model: str, targets: list[str], **changes: Any) -> dict[str, Any]:
-    sweep = {
-        "name": "models",
-        "base_model": base_model,
-        "seed": 1,
-        "devices": "cpu",
-        "tasks": TASKS,
-        "adapter": {"alpha": 8, "lr": 1e-2},
-        "train": {"steps_per_task": 2, "batch_size": 2, "max_seq_len": 32, "checkpoint_every": None},
-        "eval": {"metrics": ["loss"]},
-        "sweep": {"zip": {"adapter.rank": [2, 4], "adapter.target_modules": [targets, ["all-linear"]]}},
-    }
+    """Two adapters on `base_model`, one on `targets` and one on all-linear; `changes` replace whole top-level keys."""
+    sweep = micro_sweep(
+        name="models",
+        base_model=base_model,
+        seed=1,
+        devices="cpu",
+        tasks=TASKS,
+        train={"steps_per_task": 2, "max_seq_len": 32, "checkpoint_every": None},
+        eval={"metrics": ["loss"]},
+        sweep={"zip": {"adapter.rank": [2, 4], "adapter.target_modules": [targets, ["all-linear"]]}},
+    )
     sweep.update(changes)
     return sweep
 
@@ -182,13 +175,7 @@ def test_chat_format_wraps_the_prompt_and_trains_only_the_completion(folders: di
     assert list(tokenize_example(example, tokenizer, 64).ids)[: len(plain)] == plain
 
 
-def invoke_run(sweep: dict[str, Any], folder: Path) -> Any:
-    path = folder / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
-    return CliRunner().invoke(app, ["run", str(path), f"output_dir={folder / 'runs'}"], env={"COLUMNS": "300"})
-
-
-def error_lines(result: Any) -> list[str]:
+def error_lines(result: Result) -> list[str]:
     """A clean exit 2 and its error lines (stderr, where this click keeps it apart)."""
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
@@ -202,7 +189,7 @@ def error_lines(result: Any) -> list[str]:
 
 def test_chat_format_without_a_template_is_a_one_line_error(tmp_path: Path) -> None:
     sweep = sweep_on("builtin:micro", ["q_proj"], tasks=[TASKS[0], {**TASKS[1], "format": "chat"}])
-    lines = error_lines(invoke_run(sweep, tmp_path))
+    lines = error_lines(mlora("run", write_sweep(tmp_path, sweep), f"output_dir={tmp_path / 'runs'}", columns=300))
     assert lines[-1] == (
         "tasks[1].format: chat needs a chat template, and the tokenizer of builtin:micro has none "
         "(use format: plain, or model.tokenizer: one with a template)"
@@ -213,7 +200,7 @@ def test_chat_format_without_a_template_is_a_one_line_error(tmp_path: Path) -> N
 
 def test_unknown_target_name_lists_the_models_linear_layers(folders: dict[str, Path], tmp_path: Path) -> None:
     sweep = sweep_on(str(folders["gpt2"]), ["q_proj"])
-    lines = error_lines(invoke_run(sweep, tmp_path))
+    lines = error_lines(mlora("run", write_sweep(tmp_path, sweep), f"output_dir={tmp_path / 'runs'}", columns=300))
     assert lines[-1] == (
         f"adapter.target_modules: 'q_proj' matches no linear layer of {folders['gpt2']} "
         "(its linear layers: c_attn, c_proj, c_fc, lm_head)"
@@ -259,7 +246,7 @@ def test_model_section_is_validated() -> None:
 # -- precision and memory --------------------------------------------------------------------------
 
 
-def micro_sweep(**changes: Any) -> dict[str, Any]:
+def dropout_sweep(**changes: Any) -> dict[str, Any]:
     # One adapter with LoRA dropout: checkpointing must replay its masks exactly.
     sweep = sweep_on(
         "builtin:micro",
@@ -277,8 +264,10 @@ def saved_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def test_gradient_checkpointing_gives_the_same_weights(tmp_path: Path) -> None:
-    plain_dir, plain = run(tmp_path / "plain", micro_sweep())
-    checkpointed_dir, checkpointed = run(tmp_path / "checkpointed", micro_sweep(model={"gradient_checkpointing": True}))
+    plain_dir, plain = run(tmp_path / "plain", dropout_sweep())
+    checkpointed_dir, checkpointed = run(
+        tmp_path / "checkpointed", dropout_sweep(model={"gradient_checkpointing": True})
+    )
     assert json.loads((checkpointed_dir / "base.json").read_text())["model_options"]["gradient_checkpointing"]
     expected, got = saved_weights(plain_dir), saved_weights(checkpointed_dir)
     assert list(got) == list(expected)
@@ -332,8 +321,8 @@ def test_fused_layer_on_a_bfloat16_base_keeps_fp32_lora() -> None:
 
 
 def test_bfloat16_base_cotrains_close_to_float32(tmp_path: Path) -> None:
-    full_dir, full = run(tmp_path / "fp32", micro_sweep())
-    half_dir, half = run(tmp_path / "bf16", micro_sweep(model={"dtype": "bfloat16"}))
+    full_dir, full = run(tmp_path / "fp32", dropout_sweep())
+    half_dir, half = run(tmp_path / "bf16", dropout_sweep(model={"dtype": "bfloat16"}))
     assert json.loads((half_dir / "base.json").read_text())["model_options"]["dtype"] == "bfloat16"
     spec = parse_spec(yaml.safe_load((full_dir / "sweep.resolved.yaml").read_text()))
     bases = {

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from mlora_cli.spec.plan import WorkerPlan, adapter_cost, assign, resolve_devices
+from mlora_cli.spec.plan import WorkerPlan, adapter_cost, assign, gpu_device_nodes_present, resolve_devices
 from mlora_cli.spec.schema import SweepConfig, SweepSpec, TaskConfig
 from mlora_cli.spec.sweep import AdapterSpec, expand
 
@@ -142,14 +142,12 @@ def test_max_concurrent_and_slots() -> None:
 def test_workers_are_placed_without_importing_torch_when_there_is_no_gpu() -> None:
     """The driver starts the workers sooner when it does not import torch (a second or two) just
     to learn there is no GPU: without a GPU device node, placement must not import it."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
-    from mlora_cli.run import launcher
 
-    if any(os.path.exists(node) for node in launcher.GPU_DEVICE_NODES):
+    if gpu_device_nodes_present():
         pytest.skip("a GPU device node exists here: placement asks torch how many GPUs")
     code = (
         "import sys; from pathlib import Path; from mlora_cli.spec.load import load_sweep; "

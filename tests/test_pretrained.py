@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MINIMAL_SWEEP, REPO
-from typer.testing import CliRunner
+from helpers import MINIMAL_SWEEP, REPO, mlora, write_sweep
 
-from mlora_cli.cli import app
 from mlora_cli.errors import ConfigError
 from mlora_cli.model.base import build_builtin, load_base
 from mlora_cli.spec import models as weights_module
@@ -62,10 +60,9 @@ def test_a_corrupt_weights_file_stops_validate_and_run_with_exit_2(
     file_name, _ = PRETRAINED_WEIGHTS["builtin:tiny"]
     (tmp_path / file_name).write_bytes(b"not a safetensors file")
     monkeypatch.setattr(weights_module, "WEIGHTS_DIR", tmp_path)
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(MINIMAL_SWEEP + f"base_model: builtin:tiny\noutput_dir: {tmp_path / 'runs'}\n")
-    for command in (["validate", str(sweep)], ["run", str(sweep), "--no-plots"]):
-        result = CliRunner().invoke(app, command)
+    sweep = write_sweep(tmp_path, MINIMAL_SWEEP + f"base_model: builtin:tiny\noutput_dir: {tmp_path / 'runs'}\n")
+    for command in (["validate", sweep], ["run", sweep, "--no-plots"]):
+        result = mlora(*command)
         assert result.exit_code == 2, result.output
         [line] = result.output.strip().splitlines()
         assert line.startswith(f"base_model: builtin:tiny: weights file {tmp_path / file_name} is corrupt")
@@ -85,8 +82,6 @@ def test_pretraining_script_is_deterministic(tmp_path: Path) -> None:
 
 
 def test_validate_knows_the_builtin_names(tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(MINIMAL_SWEEP + "base_model: builtin:tiny-randm\n")
-    result = CliRunner().invoke(app, ["validate", str(sweep)])
+    result = mlora("validate", write_sweep(tmp_path, MINIMAL_SWEEP + "base_model: builtin:tiny-randm\n"))
     assert result.exit_code == 2
     assert "did you mean 'builtin:tiny-random'" in result.output

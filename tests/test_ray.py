@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import builtin_tasks, micro_sweep
 
 from mlora_cli.run.launcher import run_sweep
 from mlora_cli.spec.load import parse_spec
@@ -17,15 +18,13 @@ pytestmark = pytest.mark.slow
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'mlora-sweep[ray]'")
 
-SWEEP = {
-    "name": "rayrun",
-    "base_model": "builtin:micro",
-    "tasks": [{"name": "copy", "source": "builtin:copy", "train_examples": 16, "eval_examples": 4}],
-    "adapter": {"rank": 2, "alpha": 4, "lr": 1e-2},
-    "train": {"steps_per_task": 3, "batch_size": 2, "max_seq_len": 24},
-    "eval": {"max_new_tokens": 4},
-    "sweep": {"grid": {"adapter.rank": [2, 4]}},
-}
+SWEEP = micro_sweep(
+    name="rayrun",
+    tasks=builtin_tasks("copy"),
+    adapter={"rank": 2, "alpha": 4},
+    eval={"max_new_tokens": 4},
+    sweep={"grid": {"adapter.rank": [2, 4]}},
+)
 
 
 @pytest.fixture()

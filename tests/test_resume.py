@@ -17,14 +17,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import helpers
 import pytest
 import torch
-from helpers import numbers
+from helpers import builtin_tasks, micro_sweep, mlora, numbers, write_sweep
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from mlora_cli.cli import app
 from mlora_cli.run import worker
 
 RTOL, ATOL = 1e-5, 1e-7
@@ -35,21 +32,15 @@ STEPS_PER_TASK = 12
 # 3 steps and evaluated mid-task every 4. Every example of both tasks has the same length (5
 # letters, 4-letter prefixes): a fused step's padded length then never depends on which
 # adapters share it, which dropout masks do depend on (see test_scale's xfail).
-SWEEP = {
-    "name": "resume",
-    "base_model": "builtin:micro",
-    "seed": 7,
-    "devices": "cpu",
-    "tasks": [
-        {"name": "copy", "source": "builtin:copy", "train_examples": 24, "eval_examples": 6, "min_len": 5,
-         "max_len": 5},
-        {"name": "sort", "source": "builtin:sort", "train_examples": 24, "eval_examples": 6, "min_len": 5,
-         "max_len": 5},
-    ],
-    "adapter": {"rank": 4, "alpha": 8, "lr": 1e-2, "target_modules": ["q_proj", "v_proj", "down_proj"]},
-    "train": {"steps_per_task": STEPS_PER_TASK, "batch_size": 2, "max_seq_len": 24, "checkpoint_every": 3},
-    "eval": {"max_new_tokens": 6, "metrics": ["loss", "token_accuracy", "exact_match"], "every_steps": 4},
-    "sweep": {"list": [
+SWEEP = micro_sweep(
+    name="resume",
+    seed=7,
+    devices="cpu",
+    tasks=builtin_tasks("copy", "sort", train_examples=24, eval_examples=6, min_len=5, max_len=5),
+    adapter={"rank": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+    train={"steps_per_task": STEPS_PER_TASK, "checkpoint_every": 3},
+    eval={"max_new_tokens": 6, "metrics": ["loss", "token_accuracy", "exact_match"], "every_steps": 4},
+    sweep={"list": [
         {"name": "replay", "adapter.strategy": "replay", "adapter.buffer_size": 4, "adapter.replay_ratio": 0.5},
         {"name": "ewc", "adapter.strategy": "ewc", "adapter.fisher_samples": 4},
         {"name": "lwf", "adapter.strategy": "lwf"},
@@ -57,20 +48,12 @@ SWEEP = {
         {"name": "l2", "adapter.strategy": "l2"},
         {"name": "dropout", "adapter.dropout": 0.2},
     ]},
-}
+)
 NAMES = [entry["name"] for entry in SWEEP["sweep"]["list"]]
 
 
 # Whole runs killed and resumed in subprocesses: the slow tier.
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
-
-
-def write_sweep(folder: Path, **changes: Any) -> Path:
-    return helpers.write_sweep(SWEEP, folder, **changes)
-
-
-def mlora(*args: str | Path) -> Any:
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def only_run_in(folder: Path) -> Path:
@@ -131,7 +114,7 @@ def lines_so_far(folder: Path) -> list[dict[str, Any]]:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sweep run once, uninterrupted."""
     folder = tmp_path_factory.mktemp("reference")
-    result = mlora("run", write_sweep(folder), "--no-plots")
+    result = mlora("run", write_sweep(folder, SWEEP), "--no-plots")
     assert result.exit_code == 0, result.output
     return only_run_in(folder)
 
@@ -141,7 +124,7 @@ def test_a_run_stopped_mid_task_resumes_to_the_same_results(
     stop: signal.Signals, reference: Path, tmp_path: Path
 ) -> None:
     """SIGKILL: resumed from the periodic states. Ctrl-C: every adapter saved where it stopped."""
-    sweep = write_sweep(tmp_path)
+    sweep = write_sweep(tmp_path, SWEEP)
     # The same single thread as the reference, so that rounding agrees.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     log = (tmp_path / "killed.log").open("w")
@@ -201,7 +184,7 @@ def test_ctrl_c_during_a_task_end_saves_a_state_that_resumes_exactly(
 
     with monkeypatch.context() as patch:
         patch.setattr(worker, "squared_gradients", ctrl_c_meanwhile)
-        result = mlora("run", write_sweep(tmp_path), "--no-plots")
+        result = mlora("run", write_sweep(tmp_path, SWEEP), "--no-plots")
     assert interrupted and result.exit_code == 130, result.output
     run_dir = only_run_in(tmp_path)
     assert {r["task_index"] for r in metric_lines(run_dir)} == {0}
@@ -225,7 +208,7 @@ def test_a_saved_state_that_does_not_fit_fails_that_adapter_only(
 
     with monkeypatch.context() as patch:
         patch.setattr(worker, "squared_gradients", ctrl_c_once)
-        result = mlora("run", write_sweep(tmp_path), "--no-plots")
+        result = mlora("run", write_sweep(tmp_path, SWEEP), "--no-plots")
     assert result.exit_code == 130, result.output
     run_dir = only_run_in(tmp_path)
     saved = worker.state_path(run_dir, "replay")
@@ -283,7 +266,7 @@ def test_resume_rejects_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
 
 
 def test_resume_takes_no_sweep_file_and_no_overrides(reference: Path, tmp_path: Path) -> None:
-    sweep = write_sweep(tmp_path)
+    sweep = write_sweep(tmp_path, SWEEP)
     for args in (["run", sweep, "--resume", reference], ["run", "--resume", reference, "train.lr=1e-3"], ["run"]):
         result = mlora(*args)
 
@@ -307,7 +290,8 @@ def test_state_files_are_written_whole_then_renamed(tmp_path: Path, monkeypatch:
 
     monkeypatch.setattr(torch, "save", watched_save)
     small = {"list": [{"name": "ewc", "adapter.strategy": "ewc", "adapter.fisher_samples": 2}, {"name": "naive"}]}
-    sweep = write_sweep(tmp_path, sweep=small, train={**SWEEP["train"], "steps_per_task": 2, "checkpoint_every": 1})
+    train = {**SWEEP["train"], "steps_per_task": 2, "checkpoint_every": 1}
+    sweep = write_sweep(tmp_path, SWEEP, sweep=small, train=train)
 
     result = mlora("run", sweep, "--no-plots")
 

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import builtin_tasks, micro_sweep, mlora, write_sweep
 from peft import PeftModel
-from typer.testing import CliRunner
 
-from mlora_cli.cli import app
 from mlora_cli.data.batches import collate, collate_prompts, token_losses, tokenize_task
 from mlora_cli.data.sources import load_task
 from mlora_cli.model.base import load_base
@@ -21,31 +20,25 @@ from mlora_cli.spec.schema import TaskConfig
 # Whole runs and evaluations through the CLI: the slow tier.
 pytestmark = pytest.mark.slow
 
-SWEEP = {
-    "name": "micro",
-    "base_model": "builtin:micro",
-    "seed": 3,
-    "tasks": [
-        {"name": "copy", "source": "builtin:copy", "train_examples": 32, "eval_examples": 6},
-        {"name": "sort", "source": "builtin:sort", "train_examples": 32, "eval_examples": 6, "steps": 4},
-    ],
-    "adapter": {"rank": 4, "alpha": 8, "lr": 1e-2, "target_modules": ["q_proj", "v_proj", "down_proj"]},
-    "train": {"steps_per_task": 3, "batch_size": 2, "max_seq_len": 24},
-    "eval": {"max_new_tokens": 6, "metrics": ["loss", "exact_match", "token_accuracy"]},
-    "sweep": {
+SWEEP = micro_sweep(
+    name="micro",
+    seed=3,
+    tasks=[*builtin_tasks("copy", train_examples=32, eval_examples=6),
+           *builtin_tasks("sort", train_examples=32, eval_examples=6, steps=4)],
+    adapter={"rank": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+    eval={"max_new_tokens": 6, "metrics": ["loss", "exact_match", "token_accuracy"]},
+    sweep={
         "grid": {"adapter": {"rank": [2, 4]}},
         "list": [{"train.batch_size": 3}, {"adapter.lr": 3e-3, "adapter.dropout": 0.1}],
     },
-    "output_dir": "runs",
-}
+    output_dir="runs",
+)
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("run")
-    sweep = folder / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump(SWEEP, sort_keys=False))
-    result = CliRunner().invoke(app, ["run", str(sweep), f"output_dir={folder / 'runs'}"])
+    result = mlora("run", write_sweep(folder, SWEEP), f"output_dir={folder / 'runs'}")
     assert result.exit_code == 0, result.output
     assert "final evaluation" in result.output
     (run_dir,) = (folder / "runs").iterdir()
@@ -119,7 +112,7 @@ def test_eval_recomputes_the_matrix_from_checkpoints(finished_run: Path) -> None
     original = json.loads((finished_run / "results.json").read_text())
     outputs = []
     for _ in range(2):
-        result = CliRunner().invoke(app, ["eval", str(finished_run)])
+        result = mlora("eval", finished_run)
         assert result.exit_code == 0, result.output
         outputs.append(sorted((finished_run / "evals").iterdir()))
     assert len(outputs[-1]) == 2  # a new evaluation beside the old one, never over it
@@ -144,7 +137,7 @@ def test_eval_any_peft_adapters_on_a_task_file(finished_run: Path, tmp_path: Pat
     args = ["eval", "--base", "builtin:micro", "--tasks", str(tasks)]
     for name in names:
         args += ["--adapter", str(finished_run / "adapters" / name)]
-    result = CliRunner().invoke(app, args)
+    result = mlora(*args)
     assert result.exit_code == 0, result.output
     assert "2 adapters on builtin:micro" in result.output
 
@@ -170,7 +163,7 @@ def test_eval_task_file_paths_resolve_against_its_folder(finished_run: Path, tmp
         "eval": {"max_new_tokens": 4},
     }))
     monkeypatch.chdir(tmp_path)  # not the tasks file's folder
-    result = CliRunner().invoke(app, ["eval", "--base", "builtin:micro", "--adapter",
-                                      str(finished_run / "adapters" / "r2-bs3"), "--tasks", str(folder / "tasks.yaml")])
+    result = mlora("eval", "--base", "builtin:micro", "--adapter", finished_run / "adapters" / "r2-bs3",
+                   "--tasks", folder / "tasks.yaml")
     assert result.exit_code == 0, result.output
     assert "file-copy" in result.output

@@ -20,13 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import helpers
 import pytest
-from helpers import numbers
+from helpers import builtin_tasks, micro_sweep, mlora, numbers, write_sweep
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from mlora_cli.cli import app
 from mlora_cli.run import launcher
 from mlora_cli.spec.load import load_sweep
 
@@ -41,33 +38,24 @@ ADAPTERS = [
     {"name": "r2-bs3", "adapter.rank": 2, "train.batch_size": 3, "train.steps_per_task": 6},
     {"name": "replay", "adapter.strategy": "replay", "adapter.buffer_size": 4, "train.steps_per_task": 4},
 ]
-SWEEP = {
-    "name": "scale",
-    "base_model": "builtin:micro",
-    "seed": 5,
-    "devices": "cpu",
-    "tasks": [
-        {"name": "copy", "source": "builtin:copy", "train_examples": 24, "eval_examples": 6},
-        {"name": "sort", "source": "builtin:sort", "train_examples": 24, "eval_examples": 6},
-    ],
-    "adapter": {"rank": 4, "alpha": 8, "lr": 1e-2, "target_modules": ["q_proj", "v_proj", "down_proj"]},
-    "train": {"steps_per_task": 3, "batch_size": 2, "max_seq_len": 24},
-    "eval": {"max_new_tokens": 6, "metrics": ["loss", "token_accuracy", "exact_match"]},
-    "sweep": {"list": ADAPTERS},
-}
+SWEEP = micro_sweep(
+    name="scale",
+    seed=5,
+    devices="cpu",
+    tasks=builtin_tasks("copy", "sort", train_examples=24, eval_examples=6),
+    adapter={"rank": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+    eval={"max_new_tokens": 6, "metrics": ["loss", "token_accuracy", "exact_match"]},
+    sweep={"list": ADAPTERS},
+)
 
 
 # Whole runs over worker processes: the slow tier.
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
-def write_sweep(folder: Path, **changes: Any) -> Path:
-    return helpers.write_sweep(SWEEP, folder, **changes)
-
-
 def run(folder: Path, **changes: Any) -> tuple[launcher.RunOutcome, list[dict[str, Any]]]:
     """What `mlora run --no-plots` does, keeping every event the workers sent."""
-    path = write_sweep(folder, **changes)
+    path = write_sweep(folder, SWEEP, **changes)
     spec, resolved = load_sweep(path)
     events: list[dict[str, Any]] = []
     outcome = launcher.run_sweep(spec, resolved, path.parent, emit=events.append, plots=False)
@@ -109,9 +97,9 @@ def test_a_failing_adapter_leaves_the_others_unchanged(reference: Any, tmp_path:
     explodes = {"name": "explodes", "adapter.lr": 1e38}  # the loss or gradient turns non-finite
     capped = {"name": "capped", "train.grad_norm_limit": 1e-3}  # above train.grad_norm_limit at once
     entries = [ADAPTERS[0], explodes, *ADAPTERS[1:3], capped, *ADAPTERS[3:]]
-    sweep = write_sweep(tmp_path, sweep={"list": entries})
+    sweep = write_sweep(tmp_path, SWEEP, sweep={"list": entries})
 
-    result = CliRunner().invoke(app, ["run", str(sweep), "--no-plots"])
+    result = mlora("run", sweep, "--no-plots")
 
     assert result.exit_code == 1, result.output
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -181,12 +169,12 @@ def test_a_dead_worker_fails_only_its_own_adapters(tmp_path: Path, monkeypatch: 
 
     monkeypatch.setattr(launcher, "run_worker_processes", run_and_kill)
     monkeypatch.setattr(os, "cpu_count", lambda: 1)  # one torch thread: a second one only waits on a busy machine
-    sweep = write_sweep(tmp_path, devices="cpu:1", max_concurrent=1, sweep={"list": [
+    sweep = write_sweep(tmp_path, SWEEP, devices="cpu:1", max_concurrent=1, sweep={"list": [
         {"name": "short", "train.steps_per_task": 1},
         {"name": "long", "train.steps_per_task": 200},  # still training when the kill comes
     ]})
 
-    result = CliRunner().invoke(app, ["run", str(sweep), "--no-plots"])
+    result = mlora("run", sweep, "--no-plots")
 
     assert killed and result.exit_code == 1, result.output
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -235,7 +223,7 @@ def has_ended(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc")
 def test_a_worker_stops_when_mlora_is_killed(tmp_path: Path) -> None:
     """A killed `mlora run` leaves no worker behind, training on into the run folder."""
-    sweep = write_sweep(tmp_path, devices="cpu:1",
+    sweep = write_sweep(tmp_path, SWEEP, devices="cpu:1",
                         sweep={"list": [{"name": "endless", "train.steps_per_task": 100_000}]})
     process = subprocess.Popen([sys.executable, "-m", "mlora_cli", "run", str(sweep), "--no-plots"], cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import builtin_tasks, micro_sweep
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -43,20 +44,17 @@ Weights = dict[str, torch.Tensor]  # PEFT key -> tensor, as in adapter_model.saf
 
 MAX_SEQ_LEN = 24
 MAIN_RANK, MAIN_STEPS, MAIN_BATCH = 8, 20, 8
-MAIN = {
-    "name": "strategies",
-    "base_model": "builtin:micro",
-    "seed": 0,
-    "tasks": [
-        {"name": "add", "source": "builtin:add", "train_examples": 32, "eval_examples": 16, "min_len": 1, "max_len": 3},
-        {"name": "copy", "source": "builtin:copy", "train_examples": 32, "eval_examples": 16},
-    ],
+MAIN = micro_sweep(
+    name="strategies",
+    seed=0,
+    tasks=[*builtin_tasks("add", train_examples=32, eval_examples=16, min_len=1, max_len=3),
+           *builtin_tasks("copy", train_examples=32, eval_examples=16)],
     # lr 5e-3: at 1e-2 and above this micro model has loss spikes, and the chaotic steps that
     # follow turn last-bit rounding differences into different weights.
-    "adapter": {"rank": MAIN_RANK, "alpha": 16, "lr": 5e-3, "target_modules": ["all-linear"]},
-    "train": {"steps_per_task": MAIN_STEPS, "batch_size": MAIN_BATCH, "max_seq_len": MAX_SEQ_LEN},
-    "eval": {"metrics": ["loss"]},
-    "sweep": {
+    adapter={"rank": MAIN_RANK, "alpha": 16, "lr": 5e-3, "target_modules": ["all-linear"]},
+    train={"steps_per_task": MAIN_STEPS, "batch_size": MAIN_BATCH, "max_seq_len": MAX_SEQ_LEN},
+    eval={"metrics": ["loss"]},
+    sweep={
         "list": [
             {"name": "naive"},
             {"name": "replay", "adapter.strategy": "replay", "adapter.replay_ratio": 0.5, "adapter.buffer_size": 8},
@@ -70,23 +68,18 @@ MAIN = {
             {"name": "olora-free", "adapter.strategy": "olora", "adapter.olora_lambda1": 0.0},
         ]
     },
-}
+)
 STRATEGIES = ("naive", "replay", "l2", "ewc", "lwf", "olora")  # the MAIN adapter named after each
 
 THREE_RANK, THREE_STEPS = 4, 3
-THREE = {
-    "name": "three",
-    "base_model": "builtin:micro",
-    "seed": 1,
-    "tasks": [
-        {"name": "copy", "source": "builtin:copy", "train_examples": 12, "eval_examples": 4},
-        {"name": "reverse", "source": "builtin:reverse", "train_examples": 12, "eval_examples": 4},
-        {"name": "sort", "source": "builtin:sort", "train_examples": 12, "eval_examples": 4},
-    ],
-    "adapter": {"rank": THREE_RANK, "alpha": 8, "lr": 1e-2, "target_modules": ["q_proj", "v_proj"]},
-    "train": {"steps_per_task": THREE_STEPS, "batch_size": 4, "max_seq_len": MAX_SEQ_LEN},
-    "eval": {"metrics": ["loss"]},
-    "sweep": {
+THREE = micro_sweep(
+    name="three",
+    seed=1,
+    tasks=builtin_tasks("copy", "reverse", "sort", train_examples=12),
+    adapter={"rank": THREE_RANK, "target_modules": ["q_proj", "v_proj"]},
+    train={"steps_per_task": THREE_STEPS, "batch_size": 4, "max_seq_len": MAX_SEQ_LEN},
+    eval={"metrics": ["loss"]},
+    sweep={
         "list": [
             {"name": "replay", "adapter.strategy": "replay", "adapter.replay_ratio": 0.5, "adapter.buffer_size": 3},
             {"name": "l2", "adapter.strategy": "l2"},
@@ -105,7 +98,7 @@ THREE = {
             {"name": "naive"},
         ]
     },
-}
+)
 
 
 # ---------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ from mlora_cli import seeds  # noqa: E402
 from mlora_cli.contract import matrix_of, mean_over_tasks  # noqa: E402
 from mlora_cli.spec.load import parse_spec  # noqa: E402
 from mlora_cli.data.batches import BatchSampler, collate, collate_prompts, token_losses, tokenize_task  # noqa: E402
-from mlora_cli.eval.evaluate import is_exact_match, task_scores  # noqa: E402
+from mlora_cli.eval.evaluate import completion_text, is_exact_match, task_scores  # noqa: E402
+from mlora_cli.train.rewards import load_reward, score  # noqa: E402
 from mlora_cli.model.base import load_base  # noqa: E402
 from mlora_cli.model.engine import linear_layer_names, lora_a_init, matches_target, output_layer_name  # noqa: E402
 from mlora_cli.model.optim import lr_factor  # noqa: E402
@@ -42,6 +43,7 @@ def evaluate(model, tasks, tokenizer, eval_config) -> dict[str, dict[str, float]
     for task in tasks:
         rows = sorted(task.eval, key=lambda r: r.tokens)
         loss = tokens = correct = hits = 0.0
+        completions: list[str] = []
         for start in range(0, len(rows), eval_config.batch_size):
             chunk = rows[start : start + eval_config.batch_size]
             if {"loss", "token_accuracy"} & set(eval_config.metrics):
@@ -50,14 +52,20 @@ def evaluate(model, tasks, tokenizer, eval_config) -> dict[str, dict[str, float]
                 row_loss, row_tokens, row_correct = token_losses(logits, batch.labels)
                 loss, tokens = loss + row_loss.sum().item(), tokens + row_tokens.sum().item()
                 correct += row_correct.sum().item()
-            if "exact_match" in eval_config.metrics:
+            if {"exact_match", "reward"} & set(eval_config.metrics):
                 ids, mask = collate_prompts(chunk, tokenizer.pad_token_id)
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=eval_config.max_new_tokens,
                                      do_sample=False, num_beams=1, use_cache=True,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
                 for row, generated in zip(chunk, out[:, ids.size(1) :].tolist()):
                     hits += is_exact_match(generated, row.completion, tokenizer)
-        scores[task.name] = task_scores(loss, tokens, correct, hits, len(rows), eval_config.metrics)
+                    completions.append(completion_text(generated, tokenizer))
+        reward = None
+        if "reward" in eval_config.metrics:
+            values = score(load_reward(task.reward), [r.prompt for r in rows], completions,
+                           [r.completion for r in rows], task.name)
+            reward = sum(values) / max(1, len(values))
+        scores[task.name] = task_scores(loss, tokens, correct, hits, len(rows), eval_config.metrics, reward)
     model.train()
     return scores
 

@@ -27,7 +27,8 @@ IGNORE = -100
 class Row:
     ids: tuple[int, ...]
     prompt_len: int  # tokens before the completion
-    completion: str  # the reference text, for exact match
+    completion: str  # the reference text, for exact match and rewards
+    prompt: str = ""  # the prompt text, for rewards
 
     @property
     def tokens(self) -> int:
@@ -39,6 +40,7 @@ class TokenizedTask:
     name: str
     train: tuple[Row, ...]
     eval: tuple[Row, ...]
+    reward: str = "exact_match"  # what scores a completion (train.rewards)
 
 
 def check_formats(tasks: Sequence[TaskConfig], tokenizer: Any, model_name: str) -> None:
@@ -70,7 +72,7 @@ def tokenize_example(example: Example, tokenizer: Any, max_seq_len: int, format:
     keep_prompt = max(1, max_seq_len - len(completion))
     prompt = prompt[-keep_prompt:]
     ids = (prompt + completion)[:max_seq_len]
-    return Row(ids=tuple(ids), prompt_len=len(prompt), completion=example.completion)
+    return Row(ids=tuple(ids), prompt_len=len(prompt), completion=example.completion, prompt=example.prompt)
 
 
 def tokenize_task(task: TaskData, tokenizer: Any, max_seq_len: int) -> TokenizedTask:
@@ -78,6 +80,7 @@ def tokenize_task(task: TaskData, tokenizer: Any, max_seq_len: int) -> Tokenized
         name=task.name,
         train=tuple(tokenize_example(e, tokenizer, max_seq_len, task.format) for e in task.train),
         eval=tuple(tokenize_example(e, tokenizer, max_seq_len, task.format) for e in task.eval),
+        reward=task.reward,
     )
 
 

@@ -24,7 +24,15 @@ from typing import Any
 from mlora_cli import seeds
 from mlora_cli.errors import ConfigError
 from mlora_cli.spec.schema import TaskConfig
-from mlora_cli.spec.tasks import BUILTIN_GENERATORS, FILE_LOADERS, check_task, first_line, read_fields, resolve_path
+from mlora_cli.spec.tasks import (
+    BUILTIN_GENERATORS,
+    FILE_LOADERS,
+    check_task,
+    first_line,
+    read_fields,
+    resolve_path,
+    resolve_reward_path,
+)
 
 # One alphabet for every letter task: tasks then differ only in their rule and prefix, which
 # is what makes them interfere (the point of a continual-learning benchmark).
@@ -43,6 +51,7 @@ class TaskData:
     train: tuple[Example, ...]
     eval: tuple[Example, ...]
     format: str = "plain"  # task.format: how data.tokenize_example turns a prompt into tokens
+    reward: str = "exact_match"  # task.reward, a python: path made absolute
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,4 +190,4 @@ def load_task(task: TaskConfig, seed: int, base_dir: Path | None, *, path: str =
         raise ConfigError(problems)
     scheme, _, rest = task.source.partition(":")
     data = _load_builtin(task, rest, seed) if scheme == "builtin" else _load_rows(task, seed, base_dir, path)
-    return dataclasses.replace(data, format=task.format)
+    return dataclasses.replace(data, format=task.format, reward=resolve_reward_path(task.reward, base_dir))

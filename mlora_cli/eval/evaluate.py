@@ -6,9 +6,11 @@ group sizes) so N adapters cost about one batched pass, not N. Metrics per task:
 - loss: mean cross-entropy over all completion tokens of the eval split;
 - token_accuracy: fraction of completion tokens whose argmax is the reference token;
 - exact_match: fraction of examples whose greedy generation (until eos or `max_new_tokens`)
-  equals the reference completion, whitespace-trimmed. Generation starts from the loss
-  pass itself (see `greedy_generate`): no second prefill, and rows leave the batch as soon
-  as they finish.
+  equals the reference completion, whitespace-trimmed;
+- reward: the mean of the task's `reward` over the same greedy generations (train.rewards).
+
+Generation starts from the loss pass itself (see `greedy_generate`): no second prefill, and
+rows leave the batch as soon as they finish.
 
 An adapter with B = 0 equals the base, so "before training" is the base model alone,
 evaluated once per distinct eval data and shared.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,8 +29,10 @@ from typing import Any
 import torch
 
 from mlora_cli.data.batches import Row, TokenizedTask, collate, token_losses
+from mlora_cli.errors import ConfigError
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.spec.schema import EvalConfig
+from mlora_cli.train.rewards import load_reward, score
 
 LOSS_METRICS = ("loss", "token_accuracy")
 
@@ -48,41 +53,62 @@ def _chunks(groups: list[list[Row]], batch_rows: int) -> list[list[list[Row]]]:
 
 @torch.no_grad()
 def _score_task(
-    engine: MultiLoraModel, slots: list[int] | None, groups: list[list[Row]], config: EvalConfig, tokenizer: Any
-) -> list[dict[str, float]]:
+    engine: MultiLoraModel, slots: list[int] | None, groups: list[list[Row]], config: EvalConfig, tokenizer: Any,
+    task: TokenizedTask,
+) -> list[tuple[dict[str, float], str | None]]:
+    """Per group: its scores on `task`, and why its reward failed (None when it did not)."""
     sums = [{"loss": 0.0, "tokens": 0.0, "correct": 0.0, "exact": 0.0} for _ in groups]
+    texts: list[tuple[list[str], list[str], list[str]]] = [([], [], []) for _ in groups]  # prompts, completions, refs
     want_loss = any(m in config.metrics for m in LOSS_METRICS)
-    want_exact = "exact_match" in config.metrics
+    want_reward = "reward" in config.metrics
+    want_generation = "exact_match" in config.metrics or want_reward
     for chunk in _chunks(groups, config.batch_size):
         rows = [row for part in chunk for row in part]
         counts = [len(part) for part in chunk]
         group_of_row = [g for g, n in enumerate(counts) for _ in range(n)]
         batch = collate(rows, tokenizer.pad_token_id, engine.device)
         with engine.routed(slots or [], counts if slots else []):
-            output = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=want_exact)
+            output = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  use_cache=want_generation)
         if want_loss:
             loss, tokens, correct = (t.cpu().tolist() for t in token_losses(output.logits, batch.labels))
             for g, row_loss, row_tokens, row_correct in zip(group_of_row, loss, tokens, correct):
                 sums[g]["loss"] += row_loss
                 sums[g]["tokens"] += row_tokens
                 sums[g]["correct"] += row_correct
-        if want_exact:
+        if want_generation:
             predicted, cache = output.logits.argmax(-1).cpu(), model_cache(output)
             del output  # the logits (rows x length x vocab) are not needed while decoding
             generated = greedy_generate(engine, rows, slots, group_of_row, batch.attention_mask, predicted, cache,
                                         config.max_new_tokens, tokenizer.eos_token_id)
             for g, row, tokens_out in zip(group_of_row, rows, generated):
-                sums[g]["exact"] += is_exact_match(tokens_out, row.completion, tokenizer)
-    return [task_scores(total["loss"], total["tokens"], total["correct"], total["exact"], len(group), config.metrics)
-            for group, total in zip(groups, sums)]
+                completion = completion_text(tokens_out, tokenizer)
+                sums[g]["exact"] += completion.strip() == row.completion.strip()
+                for values, value in zip(texts[g], (row.prompt, completion, row.completion)):
+                    values.append(value)
+    reward = load_reward(task.reward, key=f"{task.name}.reward") if want_reward else None
+    results = []
+    for group, total, (prompts, completions, references) in zip(groups, sums, texts):
+        mean_reward, failure = None, None
+        if reward is not None:
+            try:
+                values = score(reward, prompts, completions, references, task.name)
+                mean_reward = sum(values) / max(1, len(values))
+            except Exception as exc:  # the user's reward: its failure is this group's (adapter's) alone
+                failure = f"reward {task.reward} on task '{task.name}': {type(exc).__name__}: {exc}"
+        scores = task_scores(total["loss"], total["tokens"], total["correct"], total["exact"], len(group),
+                             config.metrics, mean_reward)
+        results.append((scores, failure))
+    return results
 
 
 def task_scores(loss: float, tokens: float, correct: float, exact: float, rows: int,
-                metrics: Sequence[str]) -> dict[str, float]:
+                metrics: Sequence[str], reward: float | None = None) -> dict[str, float]:
     """One task's scores from its sums over the eval split (the one scorer; the baseline uses it too).
 
     loss: mean cross-entropy per completion token; token_accuracy: share of completion tokens
-    whose argmax is the reference; exact_match: share of rows whose generation matched.
+    whose argmax is the reference; exact_match: share of rows whose generation matched;
+    reward: the mean reward of the generations (NaN when the reward failed).
     """
     scores: dict[str, float] = {}
     if "loss" in metrics:
@@ -91,14 +117,21 @@ def task_scores(loss: float, tokens: float, correct: float, exact: float, rows: 
         scores["token_accuracy"] = correct / max(1.0, tokens)
     if "exact_match" in metrics:
         scores["exact_match"] = exact / max(1, rows)
+    if "reward" in metrics:
+        scores["reward"] = math.nan if reward is None else reward
     return scores
 
 
-def is_exact_match(generated: list[int], reference: str, tokenizer: Any) -> bool:
-    """Generated ids up to the first end-of-sequence, decoded, equal the reference (both whitespace-trimmed)."""
+def completion_text(generated: list[int], tokenizer: Any) -> str:
+    """Generated ids up to the first end-of-sequence, decoded."""
     if tokenizer.eos_token_id in generated:
         generated = generated[: generated.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(generated, skip_special_tokens=True).strip() == reference.strip()
+    return str(tokenizer.decode(generated, skip_special_tokens=True))
+
+
+def is_exact_match(generated: list[int], reference: str, tokenizer: Any) -> bool:
+    """The generation, decoded up to end-of-sequence, equals the reference (both whitespace-trimmed)."""
+    return completion_text(generated, tokenizer).strip() == reference.strip()
 
 
 def greedy_generate(
@@ -178,9 +211,15 @@ def _runs(groups: list[int], slots: list[int] | None) -> tuple[list[int], list[i
 
 
 def evaluate(
-    engine: MultiLoraModel, requests: list[EvalRequest], config: EvalConfig, tokenizer: Any
+    engine: MultiLoraModel, requests: list[EvalRequest], config: EvalConfig, tokenizer: Any,
+    failures: dict[str, str] | None = None,
 ) -> tuple[dict[str, dict[str, dict[str, float]]], float]:
-    """Scores as {request key: {task name: {metric: value}}}, and the seconds it took."""
+    """Scores as {request key: {task name: {metric: value}}}, and the seconds it took.
+
+    A reward that fails on a request's generations goes into `failures` (request key -> why),
+    leaving the other requests' scores as they are; without `failures` it is a ConfigError.
+    """
+    failed: dict[str, str] = {} if failures is None else failures
     start = time.perf_counter()
     scores: dict[str, dict[str, dict[str, float]]] = {r.key: {} for r in requests}
     base_requests = [r for r in requests if r.slot is None]
@@ -190,15 +229,22 @@ def evaluate(
         if adapter_requests:
             groups = [sorted(r.tasks[j].eval, key=lambda row: row.tokens) for r in adapter_requests]
             slots = [r.slot for r in adapter_requests]
-            for request, result in zip(adapter_requests, _score_task(engine, slots, groups, config, tokenizer)):  # type: ignore[arg-type]
+            results = _score_task(engine, slots, groups, config, tokenizer, adapter_requests[0].tasks[j])  # type: ignore[arg-type]
+            for request, (result, failure) in zip(adapter_requests, results):
                 scores[request.key][request.tasks[j].name] = result
+                if failure:
+                    failed.setdefault(request.key, failure)
         # Requests for the base alone share one pass per distinct eval set.
         distinct: dict[int, list[EvalRequest]] = {}
         for request in base_requests:
             distinct.setdefault(id(request.tasks[j]), []).append(request)
         for same in distinct.values():
             rows = sorted(same[0].tasks[j].eval, key=lambda row: row.tokens)
-            (result,) = _score_task(engine, None, [rows], config, tokenizer)
+            ((result, failure),) = _score_task(engine, None, [rows], config, tokenizer, same[0].tasks[j])
             for request in same:
                 scores[request.key][request.tasks[j].name] = dict(result)
+                if failure:
+                    failed.setdefault(request.key, failure)
+    if failures is None and failed:
+        raise ConfigError(sorted(set(failed.values())))
     return scores, time.perf_counter() - start

@@ -247,8 +247,15 @@ def load_base(name: str, device: str = "cpu", options: ModelConfig | None = None
             info["rebuild"] = f"from mlora_cli.model.base import load_base; load_base({name!r}).model"
         else:
             folder = smollm2_folder() if name == SMOLLM2 else name
-            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-            model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, dtype=dtype, **attention)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+                config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
+            except (OSError, ValueError) as exc:  # no such folder or hub id, offline and not cached, not a model
+                raise ConfigError([f"base_model: cannot load '{name}': {_first_line(exc)} (a local folder must "
+                                   "hold config.json; a hub id looks like org/name and needs the hub or its "
+                                   "cache)"]) from exc
+            model = AutoModelForCausalLM.from_pretrained(folder, config=config, trust_remote_code=False, dtype=dtype,
+                                                         **attention)
             info = {"base_model": name, "revision": getattr(model.config, "_commit_hash", None)}
             if name == SMOLLM2:
                 info["converted_folder"] = str(folder)

@@ -20,8 +20,9 @@ def metric_header(metric: str) -> str:
 
 
 # Short two-line headers of the per-metric columns, and what the caption says they are.
-METRIC_SHORT = {"exact_match": "exact\n%", "token_accuracy": "token\nacc %", "loss": "loss"}
-METRIC_LEGEND = {"exact_match": "exact: exact match (greedy generation)", "token_accuracy": "token acc: token accuracy"}
+METRIC_SHORT = {"exact_match": "exact\n%", "token_accuracy": "token\nacc %", "loss": "loss", "reward": "reward"}
+METRIC_LEGEND = {"exact_match": "exact: exact match (greedy generation)", "token_accuracy": "token acc: token accuracy",
+                 "reward": "reward: the task's reward of greedy generations (mean)"}
 
 
 def metric_short(metric: str) -> str:

@@ -17,7 +17,7 @@ from mlora_cli.files import write_bytes
 from mlora_cli.report.format import PERCENT_METRICS, format_metric, metric_header
 
 # The metrics `write_all` plots, when the run evaluated them.
-PLOTTED_METRICS = ("exact_match", "loss")
+PLOTTED_METRICS = ("exact_match", "reward", "loss")
 
 
 def _figure(width: float, height: float) -> Any:

@@ -10,7 +10,9 @@ import dataclasses
 import os
 import platform
 import resource
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,16 +31,22 @@ from mlora_cli.contract import (
     RUN_RECORD,
     Emit,
     failed_result,
-    result_path,
-    state_path,
 )
 from mlora_cli.data.sources import TaskData, load_task
-from mlora_cli.errors import ConfigError
+from mlora_cli.errors import ConfigError, Interrupted, StorageError
 from mlora_cli.eval.metrics import add_cl_metrics
-from mlora_cli.files import append_jsonl, write_bytes, write_json, write_text
+from mlora_cli.files import append_jsonl, exclusive_run_folder, write_bytes, write_json, write_text
 from mlora_cli.report.outputs import write_reports
+from mlora_cli.run.folder import keep_metrics_up_to_checkpoints, new_run_dir, remove_leftovers, saved_steps
 from mlora_cli.spec.convert import to_plain
-from mlora_cli.spec.plan import WorkerPlan, assign, resolve_devices, sweep_work
+from mlora_cli.spec.plan import (
+    WorkerPlan,
+    assign,
+    gpu_device_nodes_present,
+    missing_cuda_devices,
+    resolve_devices,
+    sweep_work,
+)
 from mlora_cli.spec.schema import SweepSpec
 from mlora_cli.spec.sweep import AdapterSpec, expand
 
@@ -69,34 +77,21 @@ def load_task_data(spec: SweepSpec, adapters: list[AdapterSpec], base_dir: Path 
 def plan_workers(spec: SweepSpec, adapters: list[AdapterSpec], cuda_count: int | None = None) -> list[WorkerPlan]:
     if cuda_count is None:
         cuda_count = visible_cuda_devices()
+    problems = missing_cuda_devices(spec.devices, cuda_count)
+    if problems:
+        raise ConfigError(problems)
     workers = resolve_devices(spec.devices, cuda_count, os.cpu_count() or 1, len(adapters), sweep_work(adapters, spec))
     return assign(adapters, spec, workers)
-
-
-# Device nodes that exist wherever a CUDA (or ROCm, which torch also calls cuda) GPU can be used.
-GPU_DEVICE_NODES = ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/dxg", "/dev/kfd")
 
 
 def visible_cuda_devices() -> int:
     # Without any GPU device node there is nothing torch could find, and not importing it
     # here (a second or two) lets the workers start that much sooner.
-    if not any(os.path.exists(node) for node in GPU_DEVICE_NODES):
+    if not gpu_device_nodes_present():
         return 0
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def new_run_dir(spec: SweepSpec, base: Path) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    root = base / spec.output_dir if not Path(spec.output_dir).is_absolute() else Path(spec.output_dir)
-    run_dir = root / f"{spec.name}-{stamp}"
-    suffix = 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = root / f"{spec.name}-{stamp}-{suffix}"
-    run_dir.mkdir(parents=True)
-    return run_dir
 
 
 def peak_memory() -> dict[str, float]:
@@ -150,101 +145,68 @@ def run_sweep(
         ])
     else:
         run_dir = resume_dir
-        keep_metrics_up_to_checkpoints(run_dir, adapters)
-    emit({"event": "run_start", "run_dir": str(run_dir), "plans": plans, "resume": resume_dir is not None})
-    metrics_path = run_dir / METRICS
+    try:
+        with exclusive_run_folder(run_dir):  # a second `--resume` of this folder refuses, not interleaves
+            if resume_dir is not None:
+                last_step = saved_steps(run_dir, adapters)
+                remove_leftovers(run_dir)
+                keep_metrics_up_to_checkpoints(run_dir, last_step)
+            emit({"event": "run_start", "run_dir": str(run_dir), "plans": plans, "resume": resume_dir is not None})
+            metrics_path = run_dir / METRICS
 
-    cuda_peaks: list[float] = []  # from worker processes, which own the GPUs
+            cuda_peaks: list[float] = []  # from worker processes, which own the GPUs
 
-    def record(event: dict[str, Any]) -> None:
-        if event["event"] == "worker_done" and "cuda_max_allocated_mib" in event:
-            cuda_peaks.append(event["cuda_max_allocated_mib"])
-        if event["event"] == "step":
-            append_jsonl(metrics_path, event["records"])
-        elif event["event"] == "worker_ready" and not (run_dir / BASE_RECORD).exists():
-            write_json(run_dir / BASE_RECORD, event["base"])
-        emit(event)
+            def record(event: dict[str, Any]) -> None:
+                if event["event"] == "worker_done" and "cuda_max_allocated_mib" in event:
+                    cuda_peaks.append(event["cuda_max_allocated_mib"])
+                if event["event"] == "step":
+                    append_jsonl(metrics_path, event["records"])
+                elif event["event"] == "worker_ready" and not (run_dir / BASE_RECORD).exists():
+                    write_json(run_dir / BASE_RECORD, event["base"])
+                emit(event)
 
-    resume = resume_dir is not None
-    if backend == "ray":
-        results = run_on_ray(plans, spec, task_data, run_dir, record, resume, address)
-    elif len(plans) == 1 and plans[0].device == "cpu" and plans[0].threads is None:
-        # One default CPU worker: run it here and skip a second interpreter start.
-        from mlora_cli.run import worker
+            resume = resume_dir is not None
+            if backend == "ray":
+                results = run_on_ray(plans, spec, task_data, run_dir, record, resume, address)
+            elif len(plans) == 1 and plans[0].device == "cpu" and plans[0].threads is None:
+                # One default CPU worker: run it here and skip a second interpreter start.
+                from mlora_cli.run import worker
 
-        results = worker.run(plans[0], spec, task_data, run_dir, record, worker_id=0, resume=resume)
-    else:
-        results = run_worker_processes(plans, spec, task_data, run_dir, record, resume)
+                results = worker.run(plans[0], spec, task_data, run_dir, record, worker_id=0, resume=resume)
+            else:
+                results = run_worker_processes(plans, spec, task_data, run_dir, record, resume)
 
-    wall = time.perf_counter() - started
-    ordered = {a.name: results[a.name] for a in adapters if a.name in results}
-    total_tokens = sum(r["train_tokens"] for r in ordered.values())
-    summary = {
-        "adapters": ordered,
-        "run": {
-            "name": spec.name,
-            "run_dir": str(run_dir),
-            "sweep_dir": str(sweep_dir.resolve()),  # relative data paths resolve against it
-            "base_model": spec.base_model,
-            "tasks": [t.name for t in spec.tasks],
-            "adapter_count": len(adapters),
-            "failed": sorted(name for name, r in ordered.items() if r["status"] != "done"),
-            "workers": [{"device": p.device, "threads": p.threads, "adapters": [a.name for a in p.adapters]}
-                        for p in plans],
-            "wall_seconds": wall,
-            "train_tokens": total_tokens,
-            "train_tokens_per_s": total_tokens / wall if wall else 0.0,
-            **peak_memory(),
-            **({"cuda_max_allocated_mib": max(cuda_peaks)} if cuda_peaks else {}),
-            "versions": versions(),
-            "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
-        },
-    }
-    add_cl_metrics(summary)
-    write_json(run_dir / RESULTS, summary)
-    summary["run"]["notes"] = write_reports(run_dir, summary, plots)
-    return RunOutcome(run_dir=run_dir, results=summary)
-
-
-def keep_metrics_up_to_checkpoints(run_dir: Path, adapters: list[AdapterSpec]) -> None:
-    """Before resuming: drop metrics.jsonl lines past each adapter's last saved state (they will be redone)."""
-    import json
-
-    import torch
-
-
-    last_step = {}
-    for adapter in adapters:
-        if result_path(run_dir, adapter.name).is_file():
-            last_step[adapter.name] = float("inf")
-        elif state_path(run_dir, adapter.name).is_file():
-            last_step[adapter.name] = torch.load(state_path(run_dir, adapter.name), weights_only=False)["step"]
-    metrics = run_dir / METRICS
-    if not metrics.is_file():
-        return
-    kept = []
-    for line in metrics.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line torn by the kill
-            continue
-        if record["step"] <= last_step.get(record["adapter"], 0):
-            kept.append(line + "\n")
-    write_text(metrics, "".join(kept))
-
-
-def load_run(run_dir: Path) -> tuple[SweepSpec, dict[str, Any], Path]:
-    """A run folder's resolved sweep, for `--resume`: (spec, resolved data, the sweep file's folder)."""
-    import json
-
-    from mlora_cli.spec.load import parse_spec
-
-    missing = [name for name in (RESOLVED_SWEEP, RUN_RECORD, ADAPTERS) if not (run_dir / name).is_file()]
-    if missing:
-        raise ConfigError([f"{run_dir}: not a run folder mlora can resume (no {', '.join(missing)})"])
-    resolved = yaml.safe_load((run_dir / RESOLVED_SWEEP).read_text())
-    sweep_dir = Path(json.loads((run_dir / RUN_RECORD).read_text())["sweep_dir"])
-    return parse_spec(resolved, base_dir=sweep_dir), resolved, sweep_dir
+            wall = time.perf_counter() - started
+            ordered = {a.name: results[a.name] for a in adapters if a.name in results}
+            total_tokens = sum(r["train_tokens"] for r in ordered.values())
+            summary = {
+                "adapters": ordered,
+                "run": {
+                    "name": spec.name,
+                    "run_dir": str(run_dir),
+                    "sweep_dir": str(sweep_dir.resolve()),  # relative data paths resolve against it
+                    "base_model": spec.base_model,
+                    "tasks": [t.name for t in spec.tasks],
+                    "adapter_count": len(adapters),
+                    "failed": sorted(name for name, r in ordered.items() if r["status"] != "done"),
+                    "workers": [{"device": p.device, "threads": p.threads, "adapters": [a.name for a in p.adapters]}
+                                for p in plans],
+                    "wall_seconds": wall,
+                    "train_tokens": total_tokens,
+                    "train_tokens_per_s": total_tokens / wall if wall else 0.0,
+                    **peak_memory(),
+                    **({"cuda_max_allocated_mib": max(cuda_peaks)} if cuda_peaks else {}),
+                    "versions": versions(),
+                    "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                                "cpus": os.cpu_count()},
+                },
+            }
+            add_cl_metrics(summary)
+            write_json(run_dir / RESULTS, summary)
+            summary["run"]["notes"] = write_reports(run_dir, summary, plots)
+            return RunOutcome(run_dir=run_dir, results=summary)
+    except OSError as exc:  # a write of the run folder failed (a full disk): what was written before is whole
+        raise StorageError(exc.filename or run_dir, exc) from exc
 
 
 def _worker_main(plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[TaskData]], run_dir: Path,
@@ -254,9 +216,11 @@ def _worker_main(plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[Ta
         # Each GPU worker sees only its GPU, as cuda:0.
         os.environ["CUDA_VISIBLE_DEVICES"] = plan.device.partition(":")[2]
         plan = dataclasses.replace(plan, device="cuda:0")
-    if plan.threads:
-        for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[variable] = str(plan.threads)
+    os.environ.update(plan.thread_environment())
+    def stop_before_training(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)  # nothing trained yet, nothing to save; the worker loop installs its own
+
+    signal.signal(signal.SIGTERM, stop_before_training)
     import multiprocessing
 
     from mlora_cli.run import worker
@@ -274,8 +238,8 @@ def _worker_main(plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[Ta
         worker.run(plan, spec, task_data, run_dir, emit, worker_id=worker_id, resume=resume)
     except KeyboardInterrupt:  # the parent got Ctrl-C too; states are saved, leave quietly
         return
-    except ConfigError as exc:  # found once the model is loaded (target names, chat template)
-        events.put({"event": "worker_error", "worker": worker_id, "error": exc})  # ConfigError pickles whole
+    except (ConfigError, StorageError) as exc:  # a user error found once the model loaded; a failed write
+        events.put({"event": "worker_error", "worker": worker_id, "error": exc})  # both pickle whole
         return
     import torch
 
@@ -312,6 +276,17 @@ def run_worker_processes(
         process.start()
     results: dict[str, Any] = {}
     running = set(processes)
+
+    def forward_sigterm(signum: int, frame: Any) -> None:
+        # SIGTERM (a scheduler, `timeout`) reaches this process alone: the workers save their
+        # state between steps on it, as on Ctrl-C, which a terminal sends to all of them.
+        for process in processes.values():
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        raise Interrupted(signal.SIGTERM)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, forward_sigterm) if in_main_thread else None
     try:
         while running:
             try:
@@ -338,6 +313,8 @@ def run_worker_processes(
         _drain(events, results, record, running)
         raise
     finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         for process in processes.values():
             process.join(timeout=5)
             if process.is_alive():

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mlora_cli.data.sources import TaskData
-from mlora_cli.errors import ConfigError
+from mlora_cli.errors import ConfigError, StorageError
 from mlora_cli.spec.plan import WorkerPlan
 from mlora_cli.spec.schema import SweepSpec
 
@@ -41,8 +41,7 @@ class WorkerActor:
 
         if plan.device.startswith("cuda"):
             plan = WorkerPlan("cuda:0", plan.adapters, plan.threads, plan.max_concurrent)  # Ray sets the visible GPU
-        if plan.threads:
-            os.environ["OMP_NUM_THREADS"] = str(plan.threads)
+        os.environ.update(plan.thread_environment())
         scratch = Path(tempfile.mkdtemp(prefix=f"mlora-worker-{worker_id}-"))
         try:
             for relative, data in saved_state.items():
@@ -54,7 +53,7 @@ class WorkerActor:
 
             try:
                 worker.run(plan, spec, task_data, scratch, events.put, worker_id=worker_id, resume=resume, written=ship)
-            except ConfigError as exc:  # found once the model is loaded (target names, chat template)
+            except (ConfigError, StorageError) as exc:  # a user error found once the model loaded; a failed write
                 events.put({"event": "worker_error", "worker": worker_id, "error": exc})  # ConfigError pickles whole
                 return
             events.put({"event": "worker_done", "worker": worker_id})

@@ -15,6 +15,7 @@ import torch
 
 from mlora_cli.contract import state_path
 from mlora_cli.data.batches import BatchSampler
+from mlora_cli.errors import StorageError
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.run.progress import AdapterProgress
 from mlora_cli.train.strategies import Strategies
@@ -32,8 +33,14 @@ def save(run_dir: Path, progress: AdapterProgress, engine: MultiLoraModel, strat
     path = state_path(run_dir, progress.spec.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    try:
+        torch.save(state, tmp)
+        tmp.replace(path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)  # the previous state stays whole
+        if isinstance(exc, OSError):
+            raise StorageError(path, exc) from exc
+        raise
     return path
 
 

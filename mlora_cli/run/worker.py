@@ -38,6 +38,7 @@ from mlora_cli.contract import (
 )
 from mlora_cli.data.batches import BatchSampler, Row, TokenizedTask, check_formats, tokenize_task
 from mlora_cli.data.sources import TaskData
+from mlora_cli.errors import Interrupted, StorageError
 from mlora_cli.eval.evaluate import EvalRequest, evaluate
 from mlora_cli.files import write_json
 from mlora_cli.model.base import load_base
@@ -74,7 +75,7 @@ class Worker:
         self.free_slots = list(range(plan.slots))[::-1]
         self.active: list[AdapterProgress] = []
         self.results: dict[str, AdapterResult] = {}
-        self.interrupted = False  # Ctrl-C seen; see ctrl_c_between_steps
+        self.interrupted = 0  # the stop signal seen (SIGINT, SIGTERM); see ctrl_c_between_steps
         emit({"event": "worker_ready", "worker": worker_id, "load_seconds": time.perf_counter() - started,
               "base": self.base.info})
 
@@ -162,12 +163,18 @@ class Worker:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> dict[str, AdapterResult]:
+        try:
+            return self.loop()
+        except OSError as exc:  # a write into the run folder failed: stop; every earlier write is whole
+            raise StorageError(exc.filename or self.run_dir, exc) from exc
+
+    def loop(self) -> dict[str, AdapterResult]:
         with ctrl_c_between_steps(self):
             while self.queue or self.active:
                 if self.interrupted:
                     for progress in self.active:
-                        self.checkpoint(progress)  # Ctrl-C: stop cleanly; `--resume` continues from here
-                    raise KeyboardInterrupt
+                        self.checkpoint(progress)  # Ctrl-C or SIGTERM: stop cleanly; `--resume` continues from here
+                    raise Interrupted(self.interrupted)
                 while self.free_slots and self.queue:
                     self.start(self.queue.popleft(), self.free_slots.pop())
                 if not self.evaluate_due() and self.active:  # none active: every adapter started was already done
@@ -180,9 +187,13 @@ class Worker:
         if not due:
             return False
         requests = [EvalRequest(p.spec.name, p.slot if p.step else None, p.tasks) for p in due]
-        scores, seconds = evaluate(self.engine, requests, self.spec.eval, self.tokenizer)
+        failures: dict[str, str] = {}
+        scores, seconds = evaluate(self.engine, requests, self.spec.eval, self.tokenizer, failures)
         for progress in due:
             progress.eval_seconds += seconds / len(due)
+            if progress.spec.name in failures:  # its reward failed: it stops, the others go on
+                self.finish(progress, failures[progress.spec.name])
+                continue
             boundary = progress.needs_eval
             progress.curve.append({
                 "step": progress.step,
@@ -248,28 +259,33 @@ class Worker:
             self.checkpoint(progress)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what schedulers and `timeout` send
+
+
 @contextlib.contextmanager
 def ctrl_c_between_steps(worker: Worker) -> Iterator[None]:
-    """Ctrl-C only sets `worker.interrupted`, which the loop checks between steps.
+    """Ctrl-C or SIGTERM only sets `worker.interrupted`, which the loop checks between steps.
 
     A KeyboardInterrupt raised mid-step (weights stepped, counters not; a task evaluated,
     its strategy bookkeeping not done; metrics not yet written) would be saved as a state
-    that resumes wrong. A second Ctrl-C stops at once, without saving.
+    that resumes wrong. A second Ctrl-C stops at once, without saving; a repeated SIGTERM
+    (a scheduler may send it to every process, and the launcher forwards it too) does not.
     """
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield
         return
 
-    def on_ctrl_c(signum: int, frame: Any) -> None:
-        if worker.interrupted:
-            raise KeyboardInterrupt
-        worker.interrupted = True
+    def on_stop(signum: int, frame: Any) -> None:
+        if worker.interrupted and signum == signal.SIGINT:
+            raise Interrupted(signum)
+        worker.interrupted = worker.interrupted or signum
 
-    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    previous = {signum: signal.signal(signum, on_stop) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def step_failure(progress: AdapterProgress, finite: bool, loss: float, grad_norm: float) -> str | None:

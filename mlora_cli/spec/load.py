@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from mlora_cli.errors import ConfigError
 from mlora_cli.spec.convert import _NO, build, did_you_mean
 from mlora_cli.spec.models import BUILTIN_MODELS, PRETRAINED_WEIGHTS, read_checked
+from mlora_cli.spec.plan import gpu_device_nodes_present, missing_cuda_devices
 from mlora_cli.spec.schema import EvalConfig, SweepConfig, SweepSpec, TaskConfig
 from mlora_cli.spec.sweep import check_sweep
 from mlora_cli.spec.tasks import check_task
@@ -194,7 +195,11 @@ def parse_spec(data: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
     base_model = data.get("base_model")
     if isinstance(base_model, str) and base_model.startswith("builtin:") and base_model not in BUILTIN_MODELS:
         errors.append(f"base_model: unknown builtin model '{base_model}'{did_you_mean(base_model, BUILTIN_MODELS)}")
-    if base_model in PRETRAINED_WEIGHTS:
+    if isinstance(base_model, str) and not base_model.startswith("builtin:"):
+        errors.extend(local_model_problems(base_model))
+    if not gpu_device_nodes_present() and isinstance(devices, (str, list)):
+        errors.extend(missing_cuda_devices(tuple(devices) if isinstance(devices, list) else devices, 0))
+    if isinstance(base_model, str) and base_model in PRETRAINED_WEIGHTS:
         problem = read_checked(base_model)[1]
         if problem:
             errors.append(problem)
@@ -209,6 +214,19 @@ def parse_spec(data: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
     if errors:
         raise ConfigError(errors)
     return spec
+
+
+def local_model_problems(name: str) -> list[str]:
+    """A base model named by a path must be a folder with config.json; a hub id (`org/name`) is checked when loaded."""
+    path = Path(name).expanduser()
+    path_like = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or path.exists()
+    if not path_like:
+        return []
+    if not path.is_dir():
+        return [f"base_model: no such folder: {name} (a hub id looks like org/name)"]
+    if not (path / "config.json").is_file():
+        return [f"base_model: {name} has no config.json: not a transformers model folder"]
+    return []
 
 
 def _built_tasks(spec: Any, data: dict[str, Any]) -> list[tuple[int, TaskConfig]]:

@@ -8,6 +8,8 @@ Within a worker, adapters keep their sweep order.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 
 from mlora_cli.spec.schema import SweepSpec
@@ -24,6 +26,12 @@ class WorkerPlan:
     @property
     def slots(self) -> int:
         return min(self.max_concurrent or len(self.adapters), len(self.adapters))
+
+    def thread_environment(self) -> dict[str, str]:
+        """Variables a worker process sets before it imports torch (locally and as a Ray actor alike)."""
+        if not self.threads:
+            return {}
+        return {variable: str(self.threads) for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
 # An adapter's share of the frozen base's work in a fused step, in units of LoRA rank: the base
@@ -48,6 +56,31 @@ AUTO_SPLIT_MIN_WORK = 100_000
 def sweep_work(adapters: list[AdapterSpec], spec: SweepSpec) -> float:
     return sum(a.total_steps([t.steps for t in spec.tasks]) * a.train.batch_size * a.train.max_seq_len
                for a in adapters)
+
+
+# Device nodes that exist wherever a CUDA (or ROCm, which torch also calls cuda) GPU can be used.
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/dxg", "/dev/kfd")
+
+
+def gpu_device_nodes_present() -> bool:
+    """Whether any GPU could be visible here, known without importing torch."""
+    return any(os.path.exists(node) for node in GPU_DEVICE_NODES)
+
+
+def missing_cuda_devices(devices: str | tuple[str, ...], cuda_count: int) -> list[str]:
+    """One line per `devices` entry that names a CUDA device this machine does not have."""
+    entries = list(devices) if isinstance(devices, tuple) else [devices]
+    problems = []
+    for i, device in enumerate(entries):
+        if not isinstance(device, str) or not re.fullmatch(r"cuda(:[0-9]+)?", device):
+            continue  # not a CUDA device, or malformed (reported by validation)
+        index = int(device.partition(":")[2] or 0)
+        if index >= cuda_count:
+            key = f"devices[{i}]" if isinstance(devices, tuple) else "devices"
+            seen = f"only {cuda_count} CUDA device{'s' if cuda_count != 1 else ''} visible" if cuda_count else \
+                "this machine has no CUDA device"
+            problems.append(f"{key}: {device} requested, but {seen} (use devices: auto, or cpu)")
+    return problems
 
 
 def resolve_devices(

@@ -137,9 +137,10 @@ class TrainConfig:
 class EvalConfig:
     """What is measured on every task's eval split after every task."""
 
-    metrics: tuple[Literal["loss", "token_accuracy", "exact_match"], ...] = field(
+    metrics: tuple[Literal["loss", "token_accuracy", "exact_match", "reward"], ...] = field(
         default=("loss", "token_accuracy", "exact_match"),
-        metadata=_doc("loss, token_accuracy: on completion tokens; exact_match: greedy generation", _non_empty),
+        metadata=_doc("loss, token_accuracy: on completion tokens; exact_match, reward: greedy generation "
+                      "(reward: scored by the task's `reward`)", _non_empty),
     )
     max_new_tokens: int = field(default=16, metadata=_doc("tokens generated for exact_match", _positive))
     batch_size: int = field(
@@ -182,6 +183,11 @@ class TaskConfig:
         default="plain",
         metadata=_doc("plain: prompt then completion; chat: the prompt as a user turn through the tokenizer's "
                       "chat template"),
+    )
+    reward: str = field(
+        default="exact_match",
+        metadata=_doc("the eval metric `reward` (greedy completion scored): exact_match | prefix_match | "
+                      "char_accuracy | last_number | python:MODULE:FUNCTION | python:PATH.py:FUNCTION", _non_empty),
     )
 
 

@@ -74,6 +74,30 @@ def read_fields(scheme: str, path: Path) -> list[str]:
     raise ValueError("no rows")
 
 
+def first_bad_row(scheme: str, path: Path) -> str | None:
+    """Where a JSONL or CSV file stops parsing ("line 7: not valid JSON (...)"), or None; parquet is checked whole."""
+    if scheme == "parquet":
+        return None
+    with path.open(newline="", encoding="utf-8") as f:
+        if scheme == "csv":
+            reader = csv.reader(f)
+            width = len(next(reader, []))
+            for row in reader:
+                if row and len(row) != width:
+                    return f"line {reader.line_num}: {len(row)} fields, the header has {width}"
+            return None
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return f"line {number}: not valid JSON ({exc.msg}, column {exc.colno})"
+            if not isinstance(row, dict):
+                return f"line {number}: not a JSON object"
+    return None
+
+
 def _unknown_source(source: str, key: str) -> str:
     scheme, sep, _ = source.partition(":")
     hint = did_you_mean(scheme, SCHEMES) if sep else ""
@@ -99,8 +123,11 @@ def _check_data_source(task: TaskConfig, source: str, key: str, path: str, base_
         return [f"{key}: no such file: {rest}"]
     try:
         fields = read_fields(scheme, file)
+        bad_row = first_bad_row(scheme, file)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         return [f"{key}: cannot read {rest}: {first_line(exc)}"]
+    if bad_row:
+        return [f"{key}: {rest} {bad_row}"]
     return [
         f"{path}.{name}: '{value}' not in {rest} (fields: {', '.join(fields)})"
         for name, value in (("prompt_field", task.prompt_field), ("completion_field", task.completion_field))
@@ -126,9 +153,37 @@ def _check_builtin(task: TaskConfig, generator: str, path: str) -> list[str]:
     return problems
 
 
+# The builtin rewards (train.rewards holds their code).
+BUILTIN_REWARDS = ("exact_match", "prefix_match", "char_accuracy", "last_number")
+
+
+def resolve_reward_path(reward: str, base_dir: Path | None) -> str:
+    """`python:PATH.py:FUNCTION` with PATH made relative to the sweep file's folder; other rewards as they are."""
+    scheme, _, rest = reward.partition(":")
+    target, _, name = rest.rpartition(":")
+    if scheme != "python" or not target.endswith(".py") or base_dir is None:
+        return reward
+    return f"python:{resolve_path(target, base_dir)}:{name}"
+
+
+def check_reward(reward: str, key: str, base_dir: Path | None) -> list[str]:
+    """Problems with a task's `reward` found without importing anything: its form, and a file that is not there."""
+    if reward in BUILTIN_REWARDS:
+        return []
+    scheme, _, rest = reward.partition(":")
+    target, _, name = rest.rpartition(":")
+    if scheme != "python" or not target or not name:
+        hint = did_you_mean(reward, BUILTIN_REWARDS)
+        return [f"{key}: expected one of {', '.join(BUILTIN_REWARDS)}, python:MODULE:FUNCTION or "
+                f"python:PATH.py:FUNCTION, got '{reward}'{hint}"]
+    if target.endswith(".py") and not resolve_path(target, base_dir).is_file():
+        return [f"{key}: no such file: {target}"]
+    return []
+
+
 def check_task(task: TaskConfig, path: str, base_dir: Path | None) -> list[str]:
     """Problems with one task, each `path.key: message`; reads file headers only."""
-    problems = []
+    problems = check_reward(task.reward, f"{path}.reward", base_dir)
     if task.min_len > task.max_len:
         problems.append(f"{path}.min_len: must be <= max_len ({task.min_len} > {task.max_len})")
     scheme, _, rest = task.source.partition(":")
