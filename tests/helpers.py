@@ -6,6 +6,10 @@ Imported as `from helpers import ...` (pytest puts tests/ on sys.path).
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +94,25 @@ def numbers(value: Any, path: str = "") -> dict[str, float]:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return {}
     return {path: value}
+
+
+def stop_mid_run(folder: Path, sweep: Path, stop: int, ready: Callable[[], bool], env: dict[str, str] | None = None,
+                 log_name: str = "run.log") -> subprocess.CompletedProcess:
+    """`mlora run SWEEP` in a subprocess (cwd `folder`), sent `stop` once `ready()`; its exit code and output."""
+    log_path = folder / log_name
+    log = log_path.open("w")
+    process = subprocess.Popen([sys.executable, "-m", "mlora_cli", "run", str(sweep), "--no-plots"], cwd=folder,
+                               env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready():
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "the run did not get there in time"
+            time.sleep(0.01)
+        process.send_signal(stop)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+    return subprocess.CompletedProcess(process.args, process.returncode, log_path.read_text())

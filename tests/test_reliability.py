@@ -15,14 +15,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import builtin_tasks, micro_sweep, mlora, write_sweep
+from helpers import builtin_tasks, micro_sweep, mlora, stop_mid_run, write_sweep
 
 from mlora_cli.contract import result_path, state_path
 from mlora_cli.files import exclusive_run_folder
@@ -117,27 +115,13 @@ def test_a_hub_id_that_cannot_be_loaded_is_one_line_from_the_worker(
 
 def run_until_mid_task(tmp_path: Path, sweep: dict[str, Any], stop: signal.Signals) -> subprocess.CompletedProcess:
     """`mlora run` in a subprocess, sent `stop` once some adapter is a few steps into its first task."""
-    path = write_sweep(tmp_path, sweep)
+    def some_adapter_at_step_7() -> bool:
+        metrics = list((tmp_path / "runs").glob("*/metrics.jsonl"))
+        return bool(metrics) and any(json.loads(line)["step"] >= 7
+                                     for line in metrics[0].read_text().splitlines()[:-1])
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    log = (tmp_path / "run.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "mlora_cli", "run", str(path), "--no-plots"], cwd=tmp_path,
-                               env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            metrics = list((tmp_path / "runs").glob("*/metrics.jsonl"))
-            if metrics and any(json.loads(line)["step"] >= 7 for line in metrics[0].read_text().splitlines()[:-1]):
-                break
-            assert process.poll() is None, (tmp_path / "run.log").read_text()
-            assert time.monotonic() < deadline, "the run wrote no metrics in time"
-            time.sleep(0.01)
-        process.send_signal(stop)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        log.close()
-    return subprocess.CompletedProcess(process.args, process.returncode, (tmp_path / "run.log").read_text())
+    return stop_mid_run(tmp_path, write_sweep(tmp_path, sweep), stop, some_adapter_at_step_7, env)
 
 
 @pytest.mark.slow

@@ -10,16 +10,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import builtin_tasks, micro_sweep, mlora, numbers, write_sweep
+from helpers import builtin_tasks, micro_sweep, mlora, numbers, stop_mid_run, write_sweep
 from safetensors.torch import load_file
 
 from mlora_cli.run import worker
@@ -119,37 +116,23 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return only_run_in(folder)
 
 
-@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["SIGKILL", "Ctrl-C", "SIGTERM"])
 def test_a_run_stopped_mid_task_resumes_to_the_same_results(
     stop: signal.Signals, reference: Path, tmp_path: Path
 ) -> None:
-    """SIGKILL: resumed from the periodic states. Ctrl-C: every adapter saved where it stopped."""
-    sweep = write_sweep(tmp_path, SWEEP)
+    """SIGKILL: resumed from the periodic states. Ctrl-C and SIGTERM: every adapter saved where it stopped."""
     # The same single thread as the reference, so that rounding agrees.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    log = (tmp_path / "killed.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "mlora_cli", "run", str(sweep), "--no-plots"], cwd=tmp_path,
-                               env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while not any(r["task_index"] == 0 and r["step"] >= 4 for r in lines_so_far(tmp_path)):
-            assert process.poll() is None, (tmp_path / "killed.log").read_text()
-            assert time.monotonic() < deadline, "the run wrote no metrics in time"
-            time.sleep(0.01)
-        process.send_signal(stop)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        log.close()
+    stopped = stop_mid_run(tmp_path, write_sweep(tmp_path, SWEEP), stop, env=env, log_name="killed.log",
+                           ready=lambda: any(r["task_index"] == 0 and r["step"] >= 4 for r in lines_so_far(tmp_path)))
     output = (tmp_path / "killed.log").read_text()
     run_dir = only_run_in(tmp_path)
     assert not (run_dir / "results.json").exists(), output  # it did not get to the end
     states = {name: torch.load(worker.state_path(run_dir, name), weights_only=False) for name in NAMES}
     assert any(state["step_in_task"] > 0 for state in states.values()), (
         "stopped with no adapter saved mid-task: the test ran too slowly to test that")
-    if stop == signal.SIGINT:
-        assert process.returncode == 130 and f"mlora run --resume {run_dir}" in output, output
+    if stop in (signal.SIGINT, signal.SIGTERM):
+        assert stopped.returncode == 128 + stop and f"mlora run --resume {run_dir}" in output, output
         logged = metric_lines(run_dir)
         for name, state in states.items():
             assert state["step"] == max(r["step"] for r in logged if r["adapter"] == name), name
