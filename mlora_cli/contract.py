@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 from mlora_cli import PROCESS_START
+from mlora_cli.errors import ConfigError, unreadable
 from mlora_cli.spec.convert import to_plain
+from mlora_cli.spec.schema import SweepSpec
 from mlora_cli.spec.sweep import AdapterSpec
 
 # -- the run folder ---------------------------------------------------------------------------
@@ -43,6 +45,19 @@ def adapter_dir(run_dir: Path, name: str) -> Path:
 def checkpoint_dir(run_dir: Path, name: str, after_task: int) -> Path:
     """The adapter after task `after_task` (1-based), PEFT format."""
     return run_dir / "checkpoints" / name / f"after-task-{after_task}"
+
+
+def load_resolved_sweep(path: Path, sweep_dir: Path) -> tuple[SweepSpec, dict[str, Any]]:
+    """A run's `sweep.resolved.yaml` as a validated spec (data paths resolve against `sweep_dir`), and its data."""
+    import yaml
+
+    from mlora_cli.spec.load import parse_spec
+
+    try:
+        resolved = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError([unreadable(path, exc)]) from None
+    return parse_spec(resolved, base_dir=sweep_dir), resolved
 
 
 # -- results.json: one entry per adapter ---------------------------------------------------------
@@ -142,10 +157,20 @@ class StepRecord(TypedDict):  # one line of metrics.jsonl
     seconds: float
 
 
+class RLStepRecord(StepRecord, total=False):  # the line of an adapter on an `objective: grpo` task
+    reward_mean: float
+    reward_std: float
+    zero_variance_groups: float  # share of groups whose rewards were all equal
+    truncated: float  # share of completions cut at max_new_tokens
+    completion_tokens: float  # mean sampled length
+    sample_seconds: float  # the fused sampling pass, shared by the step's RL adapters
+    score_seconds: float  # this adapter's reward
+
+
 class Step(TypedDict):
     event: Literal["step"]
     worker: int
-    records: list[StepRecord]
+    records: list[StepRecord | RLStepRecord]
 
 
 class Evaluated(TypedDict):

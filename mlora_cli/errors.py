@@ -46,3 +46,9 @@ class StorageError(Exception):
 
     def __reduce__(self) -> tuple[type[StorageError], tuple[str, str]]:
         return (StorageError, (self.path, self.reason))
+
+
+def unreadable(path: object, error: BaseException, fix: str = "") -> str:
+    """The line for a file mlora wrote but cannot read back (truncated, corrupt, edited by hand)."""
+    reason = (str(error).splitlines() or [""])[0][:120]
+    return f"{path}: cannot be read ({type(error).__name__}: {reason})" + (f"; {fix}" if fix else "")

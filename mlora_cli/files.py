@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mlora_cli.errors import ConfigError
+from mlora_cli.errors import ConfigError, unreadable
 
 
 def _current_umask() -> int:
@@ -108,3 +108,23 @@ def exclusive_run_folder(folder: Path) -> Iterator[None]:
         yield
     finally:
         handle.close()
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file mlora wrote; one line naming the file when it is missing or cannot be parsed."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError([unreadable(path, exc)]) from None
+
+
+def new_folder(path: Path) -> Path:
+    """Make `path`, or `path-2`, `path-3`, ... when it is taken (two runs started in the same second)."""
+    candidate, suffix = Path(path), 1
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            suffix += 1
+            candidate = Path(path).with_name(f"{Path(path).name}-{suffix}")

@@ -58,3 +58,12 @@ def replay_buffer(seed: int, task_index: int) -> str:
 def fisher_samples_task(task_index: int) -> int:
     """The batch-sampler task index whose order picks EWC's Fisher samples of task `task_index`."""
     return _FISHER_TASK_OFFSET + task_index
+
+
+def rl_sample(seed: int, step: int, prompt: int, sample: int) -> int:
+    """The noise stream of one sampled completion: sample `sample` of prompt `prompt` in step `step`.
+
+    A function of the adapter's own seed and these counters only, so an adapter's samples never
+    depend on its neighbours, on the batch they share, or on how a run was resumed.
+    """
+    return int.from_bytes(hashlib.sha256(f"rl/{seed}/{step}/{prompt}/{sample}".encode()).digest()[:8], "big")

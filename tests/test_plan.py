@@ -157,3 +157,13 @@ def test_workers_are_placed_without_importing_torch_when_there_is_no_gpu() -> No
         "assert all(p.device == 'cpu' for p in plans); assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_gpu_workers_see_the_parents_gpus_not_the_first_ones() -> None:
+    """A worker for cuda:i sees the i-th GPU this process sees: a scheduler's "2,3" means physical GPUs 2 and 3."""
+    from mlora_cli.run.launcher import visible_device_for
+
+    assert [visible_device_for(i, None) for i in range(2)] == ["0", "1"]
+    assert [visible_device_for(i, "2,3") for i in range(2)] == ["2", "3"]
+    uuids = "GPU-8a1b0c3e-0000-0000-0000-000000000001, GPU-8a1b0c3e-0000-0000-0000-000000000002"
+    assert visible_device_for(1, uuids) == "GPU-8a1b0c3e-0000-0000-0000-000000000002"

@@ -217,3 +217,8 @@ def test_resume_removes_leftovers_and_names_a_corrupt_state(tmp_path: Path) -> N
     result = mlora("run", "--resume", run_dir, "--no-plots")
     assert result.exit_code == 0, result.output
     assert not [p for p in run_dir.rglob(".*") if p.name.endswith((".tmp", ".old"))]
+
+    (run_dir / "results.json").write_text('{"adapters": {')  # cut short
+    result = mlora("eval", run_dir)
+    assert result.exit_code == 2
+    assert one_line(result).startswith(f"{run_dir / 'results.json'}: cannot be read (JSONDecodeError: ")

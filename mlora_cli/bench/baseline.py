@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from mlora_cli import seeds  # noqa: E402
-from mlora_cli.contract import matrix_of, mean_over_tasks  # noqa: E402
+from mlora_cli.contract import load_resolved_sweep, matrix_of, mean_over_tasks  # noqa: E402
 from mlora_cli.spec.load import parse_spec  # noqa: E402
 from mlora_cli.data.batches import BatchSampler, collate, collate_prompts, token_losses, tokenize_task  # noqa: E402
 from mlora_cli.eval.evaluate import completion_text, is_exact_match, task_scores  # noqa: E402
@@ -47,13 +47,13 @@ def evaluate(model, tasks, tokenizer, eval_config) -> dict[str, dict[str, float]
         for start in range(0, len(rows), eval_config.batch_size):
             chunk = rows[start : start + eval_config.batch_size]
             if {"loss", "token_accuracy"} & set(eval_config.metrics):
-                batch = collate(chunk, tokenizer.pad_token_id)
+                batch = collate(chunk, tokenizer.pad_token_id, model.device)
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
                 row_loss, row_tokens, row_correct = token_losses(logits, batch.labels)
                 loss, tokens = loss + row_loss.sum().item(), tokens + row_tokens.sum().item()
                 correct += row_correct.sum().item()
             if {"exact_match", "reward"} & set(eval_config.metrics):
-                ids, mask = collate_prompts(chunk, tokenizer.pad_token_id)
+                ids, mask = collate_prompts(chunk, tokenizer.pad_token_id, model.device)
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=eval_config.max_new_tokens,
                                      do_sample=False, num_beams=1, use_cache=True,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -71,16 +71,16 @@ def evaluate(model, tasks, tokenizer, eval_config) -> dict[str, dict[str, float]
 
 
 def main(sweep_file: str, adapter_name: str, out_file: str, data_dir: str | None = None) -> None:
-    import yaml
-
     base_dir = Path(data_dir) if data_dir else Path(sweep_file).parent  # where relative data paths resolve
-    spec = parse_spec(yaml.safe_load(Path(sweep_file).read_text()), base_dir=base_dir)
+    spec, _ = load_resolved_sweep(Path(sweep_file), base_dir)
     adapter = next(a for a in expand(spec) if a.name == adapter_name)
     config, train = adapter.adapter, adapter.train
     if config.strategy != "naive" or config.dropout > 0:
         raise SystemExit("the baseline runs naive fine-tuning without dropout only")
 
-    base = load_base(spec.base_model, options=spec.model)
+    # The device a worker of `mlora run` would use for this sweep: the first GPU if there is one.
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    base = load_base(spec.base_model, device, spec.model)
     tokenizer = base.tokenizer
     tasks = [tokenize_task(load_task(t, adapter.seed, base_dir), tokenizer, train.max_seq_len)
              for t in spec.tasks]
@@ -98,7 +98,7 @@ def main(sweep_file: str, adapter_name: str, out_file: str, data_dir: str | None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
                                   weight_decay=config.weight_decay, fused=True)
-    steps = [t.steps or train.steps_per_task for t in spec.tasks]
+    steps = adapter.task_steps([t.steps for t in spec.tasks])
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: lr_factor(k, sum(steps), train.warmup_steps, train.schedule))
     matrix_rows, train_losses, train_seconds, eval_seconds, train_tokens = [], [], 0.0, 0.0, 0
@@ -110,7 +110,7 @@ def main(sweep_file: str, adapter_name: str, out_file: str, data_dir: str | None
         sampler = BatchSampler(len(task.train), adapter.seed, index)
         start = time.perf_counter()
         for _ in range(steps[index]):
-            batch = collate([task.train[i] for i in sampler.next(train.batch_size)], tokenizer.pad_token_id)
+            batch = collate([task.train[i] for i in sampler.next(train.batch_size)], tokenizer.pad_token_id, device)
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             loss_sum, tokens, _ = token_losses(logits, batch.labels)
             loss = loss_sum.sum() / tokens.sum().clamp(min=1)

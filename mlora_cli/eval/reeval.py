@@ -20,18 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from mlora_cli.contract import ADAPTERS, RESOLVED_SWEEP, RESULTS, matrix_of, mean_over_tasks
+from mlora_cli.contract import ADAPTERS, RESOLVED_SWEEP, RESULTS, load_resolved_sweep, matrix_of, mean_over_tasks
 from mlora_cli.data.batches import TokenizedTask, tokenize_task
 from mlora_cli.data.sources import load_task
 from mlora_cli.errors import ConfigError
 from mlora_cli.eval.evaluate import EvalRequest, evaluate
 from mlora_cli.eval.metrics import add_cl_metrics
-from mlora_cli.files import write_json
+from mlora_cli.files import new_folder, read_json, write_json
 from mlora_cli.model.base import load_base
 from mlora_cli.model.engine import MultiLoraModel
-from mlora_cli.spec.load import TaskSuite, parse_spec
+from mlora_cli.spec.load import TaskSuite
 from mlora_cli.spec.schema import AdapterConfig
 
 SLOTS_PER_PASS = 64  # checkpoints evaluated together; more only grows the batch
@@ -151,13 +150,13 @@ def evaluate_run(run_dir: Path, suite: TaskSuite | None = None, device: str = "c
                 if not (run_dir / name).is_file()]
     if problems:
         raise ConfigError(problems)
-    previous = json.loads((run_dir / RESULTS).read_text())
+    previous = read_json(run_dir / RESULTS)
     sweep_dir = Path(previous["run"].get("sweep_dir", run_dir))
-    spec = parse_spec(yaml.safe_load((run_dir / RESOLVED_SWEEP).read_text()), base_dir=sweep_dir)
+    spec, _ = load_resolved_sweep(run_dir / RESOLVED_SWEEP, sweep_dir)
     if suite is None:
         suite = TaskSuite(tasks=spec.tasks, eval=spec.eval, seed=None, base_dir=sweep_dir)
     base_dir = suite.base_dir
-    expanded = json.loads((run_dir / ADAPTERS).read_text())
+    expanded = read_json(run_dir / ADAPTERS)
     started = time.perf_counter()
     base = load_base(spec.base_model, device, spec.model)
     cache: dict[tuple[int, int], list[TokenizedTask]] = {}
@@ -206,11 +205,6 @@ def evaluate_run(run_dir: Path, suite: TaskSuite | None = None, device: str = "c
     }
     if [t.name for t in spec.tasks] == task_names:
         add_cl_metrics(results)  # only meaningful when rows and columns are the same tasks
-    out_dir = run_dir / "evals" / datetime.now().strftime("eval-%Y%m%d-%H%M%S")
-    suffix = 1
-    while out_dir.exists():
-        suffix += 1
-        out_dir = out_dir.with_name(f"{out_dir.name.split('~')[0]}~{suffix}")
-    out_dir.mkdir(parents=True)
+    out_dir = new_folder(run_dir / "evals" / datetime.now().strftime("eval-%Y%m%d-%H%M%S"))
     write_json(out_dir / RESULTS, results)
     return out_dir, results

@@ -10,11 +10,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mlora_cli.contract import ADAPTERS, METRICS, RESOLVED_SWEEP, RUN_RECORD, result_path, state_path
-from mlora_cli.errors import ConfigError
-from mlora_cli.files import write_text
+from mlora_cli.contract import (
+    ADAPTERS,
+    METRICS,
+    RESOLVED_SWEEP,
+    RUN_RECORD,
+    load_resolved_sweep,
+    result_path,
+    state_path,
+)
+from mlora_cli.errors import ConfigError, unreadable
+from mlora_cli.files import new_folder, read_json, write_text
 from mlora_cli.spec.schema import SweepSpec
 from mlora_cli.spec.sweep import AdapterSpec
 
@@ -22,13 +28,7 @@ from mlora_cli.spec.sweep import AdapterSpec
 def new_run_dir(spec: SweepSpec, base: Path) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     root = base / spec.output_dir if not Path(spec.output_dir).is_absolute() else Path(spec.output_dir)
-    run_dir = root / f"{spec.name}-{stamp}"
-    suffix = 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = root / f"{spec.name}-{stamp}-{suffix}"
-    run_dir.mkdir(parents=True)
-    return run_dir
+    return new_folder(root / f"{spec.name}-{stamp}")
 
 
 def saved_steps(run_dir: Path, adapters: list[AdapterSpec]) -> dict[str, float]:
@@ -54,8 +54,8 @@ def saved_steps(run_dir: Path, adapters: list[AdapterSpec]) -> dict[str, float]:
                 last_step[adapter.name] = torch.load(state, weights_only=False)["step"]
         except Exception as exc:  # truncated or corrupt: torch and json raise several types
             broken = result if result.is_file() else state
-            problems.append(f"{broken}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
-                            f"delete it to train {adapter.name} again from its last readable point")
+            problems.append(unreadable(broken, exc, f"delete it to train {adapter.name} again from its last "
+                                                    "readable point"))
     if problems:
         raise ConfigError(problems)
     return last_step
@@ -95,13 +95,9 @@ def keep_metrics_up_to_checkpoints(run_dir: Path, last_step: dict[str, float]) -
 
 def load_run(run_dir: Path) -> tuple[SweepSpec, dict[str, Any], Path]:
     """A run folder's resolved sweep, for `--resume`: (spec, resolved data, the sweep file's folder)."""
-    import json
-
-    from mlora_cli.spec.load import parse_spec
-
     missing = [name for name in (RESOLVED_SWEEP, RUN_RECORD, ADAPTERS) if not (run_dir / name).is_file()]
     if missing:
         raise ConfigError([f"{run_dir}: not a run folder mlora can resume (no {', '.join(missing)})"])
-    resolved = yaml.safe_load((run_dir / RESOLVED_SWEEP).read_text())
-    sweep_dir = Path(json.loads((run_dir / RUN_RECORD).read_text())["sweep_dir"])
-    return parse_spec(resolved, base_dir=sweep_dir), resolved, sweep_dir
+    sweep_dir = Path(read_json(run_dir / RUN_RECORD)["sweep_dir"])
+    spec, resolved = load_resolved_sweep(run_dir / RESOLVED_SWEEP, sweep_dir)
+    return spec, resolved, sweep_dir

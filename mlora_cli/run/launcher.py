@@ -84,6 +84,19 @@ def plan_workers(spec: SweepSpec, adapters: list[AdapterSpec], cuda_count: int |
     return assign(adapters, spec, workers)
 
 
+def visible_device_for(index: int, parent_visible: str | None) -> str:
+    """What a worker for this process's `cuda:index` sets as CUDA_VISIBLE_DEVICES.
+
+    Device indices here count the GPUs this process sees: with CUDA_VISIBLE_DEVICES="2,3" (a
+    scheduler's allocation) cuda:0 is physical GPU 2, so the worker must see "2", not "0".
+    Entries are passed on as written, so GPU UUIDs and MIG ids work too.
+    """
+    if parent_visible is None or not parent_visible.strip():
+        return str(index)
+    entries = [entry.strip() for entry in parent_visible.split(",") if entry.strip()]
+    return entries[index]
+
+
 def visible_cuda_devices() -> int:
     # Without any GPU device node there is nothing torch could find, and not importing it
     # here (a second or two) lets the workers start that much sooner.
@@ -214,9 +227,11 @@ def _worker_main(plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[Ta
     """Entry point of a spawned worker process: one device, its adapters, events to the parent."""
     if plan.device.startswith("cuda:"):
         # Each GPU worker sees only its GPU, as cuda:0.
-        os.environ["CUDA_VISIBLE_DEVICES"] = plan.device.partition(":")[2]
+        index = int(plan.device.partition(":")[2])
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_device_for(index, os.environ.get("CUDA_VISIBLE_DEVICES"))
         plan = dataclasses.replace(plan, device="cuda:0")
     os.environ.update(plan.thread_environment())
+
     def stop_before_training(signum: int, frame: Any) -> None:
         raise Interrupted(signum)  # nothing trained yet, nothing to save; the worker loop installs its own
 

@@ -15,6 +15,7 @@ Ctrl-C saves every active adapter's state at the end of the step it interrupts.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import signal
 import threading
@@ -49,6 +50,7 @@ from mlora_cli.run.progress import AdapterProgress
 from mlora_cli.spec.plan import WorkerPlan
 from mlora_cli.spec.schema import SweepSpec
 from mlora_cli.spec.sweep import AdapterSpec
+from mlora_cli.train.grpo import RLBatch, RLJob, rl_batches
 from mlora_cli.train.step import StepInput, fused_step, squared_gradients
 from mlora_cli.train.strategies import Strategies, engine_shape
 
@@ -99,9 +101,11 @@ class Worker:
         self.strategies.start(slot, adapter.adapter, adapter.seed)
         dropout = None
         if adapter.adapter.dropout > 0:
-            dropout = torch.Generator(device=self.engine.device).manual_seed(seeds.dropout(adapter.seed))
+            # A host generator whatever the device: drawing each mask's seed from it never waits for a
+            # GPU, and its state resumes on another device (a CUDA generator's state fits CUDA only).
+            dropout = torch.Generator().manual_seed(seeds.dropout(adapter.seed))
         progress = AdapterProgress(spec=adapter, slot=slot, tasks=[], sampler=BatchSampler(1, adapter.seed, 0),
-                                   task_steps=[t.steps or adapter.train.steps_per_task for t in self.spec.tasks],
+                                   task_steps=adapter.task_steps([t.steps for t in self.spec.tasks]),
                                    dropout_generator=dropout)
         self.active.append(progress)
         try:
@@ -142,18 +146,17 @@ class Worker:
     def end_task(self, progress: AdapterProgress) -> None:
         """Strategy bookkeeping after task `task_index - 1` ended (and was evaluated), before the next."""
         finished = progress.task_index - 1
-        finished_rows = progress.tasks[finished].train
-
-        def fisher() -> list[torch.Tensor]:
-            # One example per backward: the empirical Fisher is the mean of per-example squared gradients.
-            sampler = BatchSampler(len(finished_rows), progress.spec.seed, seeds.fisher_samples_task(finished))
-            batches = [[StepInput(progress.slot, [finished_rows[i]], 0.0, 0.0, None)]
-                       for i in sampler.next(progress.spec.adapter.fisher_samples)]
-            with torch.enable_grad():  # called from inside the strategies' no-grad bookkeeping
-                return squared_gradients(self.engine, batches, self.tokenizer.pad_token_id)
-
+        fisher = functools.partial(fisher_of, self.engine, progress, finished, self.tokenizer.pad_token_id)
         self.strategies.end_task(progress.slot, progress.spec.adapter, finished, progress.spec.seed, fisher,
-                                 len(finished_rows))
+                                 len(progress.tasks[finished].train))
+
+    def rl_step_batches(self) -> dict[str, RLBatch]:
+        """Sampled and scored batches of the adapters on a `grpo` task (one fused pass); a failing reward stops one."""
+        jobs = [rl_job(p) for p in self.active if self.spec.tasks[p.task_index].objective == "grpo"]
+        batches, failures = rl_batches(self.engine, self.tokenizer, jobs) if jobs else ({}, {})
+        for progress in [p for p in self.active if p.spec.name in failures]:
+            self.finish(progress, failures[progress.spec.name])
+        return batches
 
     def batch_rows(self, progress: AdapterProgress) -> list[Row]:
         size = progress.spec.train.batch_size
@@ -224,12 +227,16 @@ class Worker:
         self.checkpoint(progress)
 
     def train_step(self) -> None:
+        rl = self.rl_step_batches()
         inputs = []
         for progress in self.active:
             train = progress.spec.train
             factor = lr_factor(progress.step, progress.total_steps, train.warmup_steps, train.schedule)
-            inputs.append(StepInput(progress.slot, self.batch_rows(progress), progress.spec.adapter.lr * factor,
-                                    progress.spec.adapter.dropout, progress.dropout_generator))
+            batch = rl.get(progress.spec.name)
+            rows = batch.rows if batch else self.batch_rows(progress)
+            inputs.append(StepInput(progress.slot, rows, progress.spec.adapter.lr * factor,
+                                    progress.spec.adapter.dropout, progress.dropout_generator,
+                                    batch.advantages if batch else None, train.rl if batch else None))
         step_results, seconds = fused_step(self.engine, inputs, self.tokenizer.pad_token_id, self.strategies)
         records, failed, saves = [], [], []
         for progress, part, outcome in zip(list(self.active), inputs, step_results):
@@ -238,6 +245,7 @@ class Worker:
                 "adapter": progress.spec.name, "task": progress.task.name, "task_index": progress.task_index,
                 "step": progress.step, "loss": outcome.loss, "lr": part.lr, "grad_norm": outcome.grad_norm,
                 "tokens": outcome.tokens, "seconds": seconds,
+                **(rl[progress.spec.name].metrics if progress.spec.name in rl else {}),
             })
             progress.failure = step_failure(progress, outcome.finite, outcome.loss, outcome.grad_norm)
             if progress.failure:
@@ -257,6 +265,23 @@ class Worker:
             self.finish(progress)
         for progress in saves:
             self.checkpoint(progress)
+
+
+def fisher_of(engine: MultiLoraModel, progress: AdapterProgress, finished: int, pad_id: int) -> list[torch.Tensor]:
+    """EWC's diagonal Fisher of task `finished`: one example per backward, the mean of per-example squared gradients."""
+    rows = progress.tasks[finished].train
+    sampler = BatchSampler(len(rows), progress.spec.seed, seeds.fisher_samples_task(finished))
+    batches = [[StepInput(progress.slot, [rows[i]], 0.0, 0.0, None)]
+               for i in sampler.next(progress.spec.adapter.fisher_samples)]
+    with torch.enable_grad():  # called from inside the strategies' no-grad bookkeeping
+        return squared_gradients(engine, batches, pad_id)
+
+
+def rl_job(progress: AdapterProgress) -> RLJob:
+    """An adapter's share of this step's RL sampling: `batch_size` prompts of its task, `group_size` samples each."""
+    prompts = [progress.task.train[i] for i in progress.sampler.next(progress.spec.train.batch_size)]
+    return RLJob(progress.spec.name, progress.slot, progress.spec.seed, progress.step, prompts, progress.spec.train.rl,
+                 progress.task.reward, progress.task.name)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what schedulers and `timeout` send

@@ -36,6 +36,14 @@ def _non_empty(value: Any) -> str | None:
     return None if len(value) > 0 else "must not be empty"
 
 
+def _at_least_two(value: int) -> str | None:
+    return None if value >= 2 else "must be >= 2 (a group's advantage compares its completions)"
+
+
+def _probability(value: float) -> str | None:
+    return None if 0.0 < value <= 1.0 else "must be in (0, 1]"
+
+
 def _optional_positive(value: Any) -> str | None:
     return None if value is None else _positive(value)
 
@@ -106,6 +114,28 @@ class AdapterConfig:
 
 
 @dataclass(frozen=True)
+class RLConfig:
+    """GRPO-family reinforcement learning, for tasks with `objective: grpo`; per adapter, so sweeps vary it."""
+
+    group_size: int = field(default=4, metadata=_doc("completions sampled per prompt (the group)", _at_least_two))
+    temperature: float = field(default=1.0, metadata=_doc("sampling temperature", _positive))
+    top_p: float = field(default=1.0, metadata=_doc("nucleus sampling: keep the smallest set of tokens of this "
+                                                    "probability", _probability))
+    max_new_tokens: int = field(default=16, metadata=_doc("longest completion sampled", _positive))
+    loss: Literal["dapo", "grpo", "dr_grpo"] = field(
+        default="dapo", metadata=_doc("dapo: mean over the adapter's completion tokens (TRL's default); grpo: mean "
+                                      "per completion, then over completions; dr_grpo: sum / (completions x "
+                                      "max_new_tokens)"))
+    scale_rewards: Literal["group", "none"] = field(
+        default="group", metadata=_doc("advantage = reward - group mean, divided by the group's std (group, TRL's "
+                                       "default) or not (none, Dr. GRPO)"))
+    kl_beta: float = field(default=0.0, metadata=_doc("weight of KL(policy || base) per token (k3 estimator); the "
+                                                      "reference is the base with the adapter off, no copy",
+                                                      _non_negative))
+    mask_truncated: bool = field(default=False, metadata=_doc("completions cut at max_new_tokens carry no loss"))
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """How each adapter trains; per adapter, so `sweep` may vary these too."""
 
@@ -131,6 +161,7 @@ class TrainConfig:
             "also save the training state every N steps (always at task ends); null: task ends only", _optional_positive
         )
     )
+    rl: RLConfig = field(default_factory=RLConfig, metadata=_doc("reinforcement learning (tasks with objective: grpo)"))
 
 
 @dataclass(frozen=True)
@@ -184,6 +215,9 @@ class TaskConfig:
         metadata=_doc("plain: prompt then completion; chat: the prompt as a user turn through the tokenizer's "
                       "chat template"),
     )
+    objective: Literal["sft", "grpo"] = field(
+        default="sft", metadata=_doc("sft: next-token loss on the completion; grpo: sample completions, score them "
+                                     "with `reward`, reinforce (train.rl)"))
     reward: str = field(
         default="exact_match",
         metadata=_doc("the eval metric `reward` (greedy completion scored): exact_match | prefix_match | "
@@ -246,5 +280,5 @@ class SweepSpec:
 
 
 # Keys a sweep may vary per adapter: every field of `adapter` and `train`.
-SWEEPABLE_SECTIONS = {"adapter": AdapterConfig, "train": TrainConfig}
+SWEEPABLE_SECTIONS = {"adapter": AdapterConfig, "train": TrainConfig, "train.rl": RLConfig}
 MAX_ADAPTERS = 10_000

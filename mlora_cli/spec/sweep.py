@@ -34,8 +34,12 @@ class AdapterSpec:
     train: TrainConfig
     varied: dict[str, Any]  # dotted key -> value, what the sweep set for this adapter
 
+    def task_steps(self, task_steps: list[int | None]) -> list[int]:
+        """This adapter's steps on each task: the task's own `steps`, else its `train.steps_per_task`."""
+        return [steps or self.train.steps_per_task for steps in task_steps]
+
     def total_steps(self, task_steps: list[int | None]) -> int:
-        return sum(steps or self.train.steps_per_task for steps in task_steps)
+        return sum(self.task_steps(task_steps))
 
 
 # Short, readable name parts for common keys; others use the bare key name.
@@ -61,6 +65,13 @@ NAME_ALIASES = {
     "adapter.lwf_temperature": "temp",
     "adapter.olora_lambda1": "orth",
     "adapter.olora_lambda2": "anorm",
+    "train.rl.group_size": "g",
+    "train.rl.temperature": "temp",
+    "train.rl.top_p": "topp",
+    "train.rl.max_new_tokens": "new",
+    "train.rl.loss": "",
+    "train.rl.scale_rewards": "scale",
+    "train.rl.kl_beta": "kl",
 }
 
 
@@ -96,7 +107,7 @@ def format_value(value: Any) -> str:
 
 
 def _check_key(key: str, path: str, errors: list[str]) -> bool:
-    section, _, name = key.partition(".")
+    section, _, name = key.rpartition(".")
     if section not in SWEEPABLE_SECTIONS or not name:
         options = [f"{s}.{f.name}" for s, cls in SWEEPABLE_SECTIONS.items() for f in dataclasses.fields(cls)]
         errors.append(f"{path}: unknown key '{key}'; a sweep varies adapter.* and train.* keys"
@@ -116,7 +127,7 @@ def _check_values(key: str, values: Any, path: str, errors: list[str]) -> list[A
     if not isinstance(values, list) or not values:
         errors.append(f"{path}: expected a non-empty list of values")
         return None
-    section, _, name = key.partition(".")
+    section, _, name = key.rpartition(".")
     return [check_value(section, name, v, f"{path}[{i}]", errors) for i, v in enumerate(values)]
 
 
@@ -165,7 +176,7 @@ def _axes(sweep: SweepConfig, errors: list[str]) -> list[list[dict[str, Any]]]:
                     point["name"] = value
                 elif _check_key(key, path, errors):
                     claim(key, "sweep.list", path)
-                    section, _, name = key.partition(".")
+                    section, _, name = key.rpartition(".")
                     point[key] = check_value(section, name, value, path, errors)
             points.append(point)
         axes.append(points)
@@ -201,7 +212,7 @@ def _name(combo: tuple[dict[str, Any], ...], varying: list[str]) -> str:
             continue
         for key in varying:
             if key in part:
-                alias = NAME_ALIASES.get(key, key.partition(".")[2])
+                alias = NAME_ALIASES.get(key, key.rpartition(".")[2])
                 parts.append(f"{alias}{format_value(part[key])}")
     return "-".join(parts) or "default"
 
@@ -252,7 +263,11 @@ def expand(spec: SweepSpec) -> list[AdapterSpec]:
     adapters = []
     for name, (seed, point) in zip(_unique(names, explicit), settings, strict=True):
         adapter_values = {k.partition(".")[2]: v for k, v in point.items() if k.startswith("adapter.")}
-        train_values = {k.partition(".")[2]: v for k, v in point.items() if k.startswith("train.")}
+        rl_values = {k.rpartition(".")[2]: v for k, v in point.items() if k.startswith("train.rl.")}
+        train_values = {k.partition(".")[2]: v for k, v in point.items()
+                        if k.startswith("train.") and not k.startswith("train.rl.")}
+        if rl_values:
+            train_values["rl"] = dataclasses.replace(spec.train.rl, **rl_values)
         adapters.append(
             AdapterSpec(
                 name=name,

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mlora_cli.data.batches import Row, collate, token_losses
+from mlora_cli.data.batches import Batch, Row, collate, token_losses
 from mlora_cli.model.engine import MultiLoraModel
+from mlora_cli.spec.schema import RLConfig
+from mlora_cli.train.grpo import adapter_loss, token_log_probs
 from mlora_cli.train.strategies import Strategies
 
 
@@ -29,6 +31,8 @@ class StepInput:
     lr: float
     dropout: float
     generator: torch.Generator | None
+    advantages: list[float] | None = None  # per row: the rows are sampled completions (objective: grpo)
+    rl: RLConfig | None = None
 
 
 @dataclass
@@ -64,12 +68,36 @@ def _adapter_losses(
     completion_tokens = torch.zeros(len(inputs), device=device).index_add(0, group, row_tokens.float())
     task_loss = loss_sum / completion_tokens.clamp(min=1)
     objective = task_loss
+    if any(part.advantages is not None for part in inputs):
+        objective = _with_rl_losses(engine, inputs, counts, logits, batch, objective)
     if strategies is not None:
         distillation = strategies.distillation(logits, batch.input_ids, batch.attention_mask, slots, counts)
         if distillation is not None:
             objective = task_loss + distillation
     tokens = torch.zeros(len(inputs), dtype=torch.long, device=device).index_add(0, group, batch.tokens_per_row)
     return objective, task_loss, tokens
+
+
+def _with_rl_losses(engine: MultiLoraModel, inputs: list[StepInput], counts: list[int], logits: torch.Tensor,
+                    batch: Batch, objective: torch.Tensor) -> torch.Tensor:
+    """`objective` with the GRPO-family loss in place of the next-token loss where an adapter's rows were sampled."""
+    log_probs, mask = token_log_probs(logits, batch.labels)
+    base_log_probs = None
+    if any(part.rl is not None and part.rl.kl_beta > 0 for part in inputs):
+        with torch.no_grad(), engine.routed([], []), autocast(engine):  # the base alone: the KL reference
+            base_logits = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        base_log_probs, _ = token_log_probs(base_logits, batch.labels)
+    losses, start = [], 0
+    for k, (part, rows) in enumerate(zip(inputs, counts)):
+        if part.advantages is None or part.rl is None:
+            losses.append(objective[k])
+        else:
+            span = slice(start, start + rows)
+            advantage = torch.tensor(part.advantages, dtype=log_probs.dtype, device=log_probs.device)
+            base = base_log_probs[span] if base_log_probs is not None else None
+            losses.append(adapter_loss(log_probs[span], mask[span], advantage, part.rl, base))
+        start += rows
+    return torch.stack(losses)
 
 
 def fused_step(

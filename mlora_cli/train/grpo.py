@@ -1,0 +1,132 @@
+"""The GRPO-family objective: group-relative advantages and the policy-gradient loss per adapter.
+
+For one adapter, G completions o_1..o_G of each prompt get rewards r_i; the advantage is
+`A_i = r_i - mean(r)` over the group, divided by the group's std with `scale_rewards: group`
+(Shao et al. 2024, https://arxiv.org/abs/2402.03300; Dr. GRPO, https://arxiv.org/abs/2503.20783,
+drops the division: `none`). A group whose rewards are all equal has A = 0: it teaches nothing.
+
+Per completion token t of o_i, with the ratio `rho = pi(t) / pi_old(t)` (here the policy that
+sampled them is the current one, so rho = 1 in value and carries d log pi in its gradient):
+
+    l_{i,t} = -A_i * rho_{i,t} + beta * (exp(q - p) - (q - p) - 1),   p = log pi(t), q = log pi_base(t)
+
+the second term being the k3 estimate of KL(pi || base) (the base: the adapter switched off,
+no model copy). The adapter's loss normalises over its own tokens only, so one adapter's long
+completions never shrink another's gradient:
+
+- dapo:    sum_{i,t} l / sum_i |o_i|  (DAPO, https://arxiv.org/abs/2503.14476; TRL's default);
+- grpo:    mean_i (sum_t l_{i,t} / |o_i|);
+- dr_grpo: sum_{i,t} l / (G_total * max_new_tokens).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mlora_cli import seeds
+from mlora_cli.data.batches import IGNORE, Row
+from mlora_cli.model.engine import MultiLoraModel
+from mlora_cli.spec.schema import RLConfig
+from mlora_cli.train.rewards import load_reward, score
+from mlora_cli.train.rollout import RolloutRequest, sample
+
+
+def advantages(rewards: list[float], group_size: int, scale: str) -> list[float]:
+    """Group-relative advantages of rewards listed group by group."""
+    values = torch.tensor(rewards, dtype=torch.float64).view(-1, group_size)
+    centred = values - values.mean(1, keepdim=True)
+    if scale == "group":
+        centred = centred / (values.std(1, keepdim=True) + 1e-4)  # TRL's epsilon: zero-variance groups stay 0
+    return centred.flatten().tolist()
+
+
+def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi of each next token (rows x length-1) and the mask of completion tokens."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    log_probs = torch.log_softmax(logits[:, :-1].float(), -1)
+    chosen = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return chosen, mask
+
+
+def adapter_loss(log_probs: torch.Tensor, mask: torch.Tensor, advantage: torch.Tensor, config: RLConfig,
+                 base_log_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """One adapter's GRPO-family loss over its rows (see the module doc); `advantage` is per row."""
+    ratio = torch.exp(log_probs - log_probs.detach())
+    per_token = -advantage.unsqueeze(1) * ratio
+    if config.kl_beta > 0 and base_log_probs is not None:
+        gap = base_log_probs - log_probs
+        per_token = per_token + config.kl_beta * (torch.exp(gap) - gap - 1)
+    weights = mask.to(per_token.dtype)
+    if config.loss == "dapo":
+        return (per_token * weights).sum() / weights.sum().clamp(min=1)
+    if config.loss == "grpo":
+        return ((per_token * weights).sum(1) / weights.sum(1).clamp(min=1)).mean()
+    return (per_token * weights).sum() / (mask.size(0) * config.max_new_tokens)
+
+
+@dataclass
+class RLJob:
+    """One adapter's share of an RL step: its prompts, how to sample them, and what scores them."""
+
+    name: str
+    slot: int
+    seed: int
+    step: int
+    prompts: list[Row]
+    config: RLConfig
+    reward: str  # train.rewards spec (a python: path already absolute)
+    task: str
+
+
+@dataclass
+class RLBatch:
+    rows: list[Row]  # prompt + sampled completion, one per sample
+    advantages: list[float]
+    metrics: dict[str, float]  # what metrics.jsonl records for the step
+
+
+def rl_batches(engine: MultiLoraModel, tokenizer: Any, jobs: list[RLJob]) -> tuple[dict[str, RLBatch], dict[str, str]]:
+    """Sample every job's completions in one fused pass, score them, and turn rewards into advantages.
+
+    Returns the batches by adapter name, and the adapters whose reward failed (name -> why):
+    those train nothing this step and stop; the others are not touched by it.
+    """
+    started = time.perf_counter()
+    requests = [RolloutRequest(job.slot, job.prompts, job.config.group_size, job.config.temperature, job.config.top_p,
+                               job.config.max_new_tokens,
+                               [seeds.rl_sample(job.seed, job.step, k, s)
+                                for k in range(len(job.prompts)) for s in range(job.config.group_size)])
+                for job in jobs]
+    rollouts = sample(engine, requests, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    sample_seconds = time.perf_counter() - started
+    batches, failures = {}, {}
+    for job, rollout in zip(jobs, rollouts):
+        scored = time.perf_counter()
+        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in rollout.completion_ids]
+        try:
+            rewards = score(load_reward(job.reward), [r.prompt for r in rollout.rows], texts,
+                            [r.completion for r in rollout.rows], job.task)
+        except Exception as exc:  # the user's reward: its failure stops this adapter alone
+            failures[job.name] = f"reward {job.reward} on task '{job.task}': {type(exc).__name__}: {exc}"
+            continue
+        group = job.config.group_size
+        rows = rollout.rows
+        if job.config.mask_truncated:  # a cut completion carries no loss: no completion tokens to learn from
+            rows = [Row(r.ids, r.tokens, r.completion, r.prompt) if cut else r
+                    for r, cut in zip(rows, rollout.truncated)]
+        spread = torch.tensor(rewards, dtype=torch.float64).view(-1, group).std(1)
+        batches[job.name] = RLBatch(rows, advantages(rewards, group, job.config.scale_rewards), {
+            "reward_mean": sum(rewards) / len(rewards),
+            "reward_std": float(torch.tensor(rewards, dtype=torch.float64).std()) if len(rewards) > 1 else 0.0,
+            "zero_variance_groups": float((spread == 0).double().mean()),
+            "truncated": sum(rollout.truncated) / len(rollout.truncated),
+            "completion_tokens": sum(len(ids) for ids in rollout.completion_ids) / len(rollout.completion_ids),
+            "sample_seconds": sample_seconds,
+            "score_seconds": time.perf_counter() - scored,
+        })
+    return batches, failures

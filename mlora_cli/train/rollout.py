@@ -1,0 +1,114 @@
+"""Sampling completions for reinforcement learning: every adapter's prompts x group in one batched pass.
+
+All rows (each adapter's prompts, each repeated `group_size` times) are left-padded into one
+batch; the prompt is prefilled once through the fused engine (each adapter's rows through its
+own LoRA), then one token per step is decoded from the KV cache until every row has ended.
+Each row samples with its adapter's temperature and top-p, and with its own noise: the
+Gumbel-max trick, `argmax(logits / T + g)` with `g = -log(-log(u))` and `u` drawn from a
+generator seeded by `seeds.rl_sample(adapter seed, step, prompt, sample)`, which samples
+exactly from softmax(logits / T) (restricted to the top-p set). So a row's completion depends
+on its adapter and its counters only, never on its neighbours or their padding.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mlora_cli.data.batches import Row
+from mlora_cli.model.engine import MultiLoraModel
+
+
+@dataclass
+class RolloutRequest:
+    slot: int
+    prompts: list[Row]  # one per group; each is sampled `group_size` times
+    group_size: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seeds: list[int]  # one per sampled row, prompt-major (prompt 0's samples first)
+
+
+@dataclass
+class Rollout:
+    rows: list[Row]  # prompt + completion (+ end-of-sequence when it ended), loss on the completion
+    completion_ids: list[list[int]]  # the sampled tokens, end-of-sequence excluded (the caller decodes them)
+    truncated: list[bool]  # cut at max_new_tokens without ending
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per row, -inf outside the smallest set of tokens whose probability reaches the row's top_p."""
+    if bool((top_p >= 1.0).all()):
+        return logits
+    ordered, order = logits.sort(dim=-1, descending=True)
+    cumulative = ordered.softmax(-1).cumsum(-1)
+    drop = (cumulative - ordered.softmax(-1)) >= top_p.unsqueeze(1)  # a token is kept while the mass before it is short
+    ordered = ordered.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
+
+
+@torch.no_grad()
+def sample(engine: MultiLoraModel, requests: list[RolloutRequest], pad_id: int, eos_id: int) -> list[Rollout]:
+    """One Rollout per request, its rows prompt-major (prompt 0's group first)."""
+    prompts = [row.ids[: row.prompt_len] for r in requests for row in r.prompts for _ in range(r.group_size)]
+    counts = [len(r.prompts) * r.group_size for r in requests]
+    slots = [r.slot for r in requests]
+    per_row = [(r.temperature, r.top_p, r.max_new_tokens) for r, n in zip(requests, counts) for _ in range(n)]
+    generators = [torch.Generator().manual_seed(seed) for r in requests for seed in r.seeds]
+    device = engine.device
+    length = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        input_ids[i, length - len(ids):] = torch.tensor(ids)
+        mask[i, length - len(ids):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    temperature = torch.tensor([t for t, _, _ in per_row], device=device).unsqueeze(1)
+    top_p = torch.tensor([p for _, p, _ in per_row], device=device)
+    limit = [n for _, _, n in per_row]
+    cache_arg = "cache" if "cache" in inspect.signature(engine.model.forward).parameters else "past_key_values"
+    generated: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    cache: Any = None
+    step_input, step_positions = input_ids, positions
+    while not all(done):
+        with engine.routed(slots, counts):
+            output = engine.model(input_ids=step_input, attention_mask=mask, position_ids=step_positions,
+                                  use_cache=True, **({cache_arg: cache} if cache is not None else {}))
+        cache = output.cache if getattr(output, "cache", None) is not None else output.past_key_values
+        logits = _top_p_filter(output.logits[:, -1].float() / temperature, top_p)
+        uniform = torch.stack([torch.rand(logits.size(-1), generator=g) for g in generators]).to(device)
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
+        tokens = (logits + gumbel).argmax(-1).tolist()
+        for i, token in enumerate(tokens):
+            if done[i]:
+                continue
+            generated[i].append(token)
+            done[i] = token == eos_id or len(generated[i]) >= limit[i]
+        step_input = torch.tensor([[g[-1]] for g in generated], device=device)
+        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+        step_positions = step_positions[:, -1:] + 1
+    return _rollouts(requests, prompts, generated, eos_id)
+
+
+def _rollouts(requests: list[RolloutRequest], prompts: list[tuple[int, ...]], generated: list[list[int]],
+              eos_id: int) -> list[Rollout]:
+    out, start = [], 0
+    for request in requests:
+        size = len(request.prompts) * request.group_size
+        rows, texts, truncated = [], [], []
+        for k in range(size):
+            prompt, tokens = prompts[start + k], generated[start + k]
+            reference = request.prompts[k // request.group_size]
+            rows.append(Row(ids=tuple(prompt) + tuple(tokens), prompt_len=len(prompt),
+                            completion=reference.completion, prompt=reference.prompt))
+            texts.append(tokens[:-1] if tokens and tokens[-1] == eos_id else tokens)
+            truncated.append(not tokens or tokens[-1] != eos_id)
+        out.append(Rollout(rows, texts, truncated))
+        start += size
+    return out

@@ -1,0 +1,220 @@
+"""GRPO-family RL in the fused engine: advantages, the fused RL step against plain PEFT on the same
+samples, samples that do not depend on neighbours, and whole runs (SFT then GRPO; a failing
+reward stopping only its adapter; a run stopped mid-RL resuming to the same results)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import builtin_tasks, micro_sweep, mlora, numbers, write_sweep
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+from mlora_cli.data.batches import Row, collate, tokenize_task
+from mlora_cli.data.sources import load_task
+from mlora_cli.model.base import build_builtin
+from mlora_cli.model.engine import MultiLoraModel
+from mlora_cli.run import worker
+from mlora_cli.spec.schema import AdapterConfig, RLConfig, TaskConfig
+from mlora_cli.train.grpo import advantages
+from mlora_cli.train.rollout import RolloutRequest, sample
+from mlora_cli.train.step import StepInput, fused_step
+
+TARGETS = ("q_proj", "v_proj", "down_proj")
+
+
+def test_advantages_are_group_relative_and_zero_for_equal_rewards() -> None:
+    rewards = [1.0, 0.0, 1.0, 0.0, 0.5, 0.5, 0.5, 0.5]
+    scaled = advantages(rewards, 4, "group")
+    assert scaled[4:] == [0.0] * 4  # a group whose rewards are all equal teaches nothing
+    std = torch.tensor([1.0, 0.0, 1.0, 0.0]).std().item()
+    assert scaled[:4] == pytest.approx([0.5 / (std + 1e-4), -0.5 / (std + 1e-4)] * 2)
+    assert advantages(rewards, 4, "none")[:4] == pytest.approx([0.5, -0.5, 0.5, -0.5])
+
+
+def sampled_rows(tokenizer: Any, count: int, completion_length: int, offset: int) -> list[Row]:
+    task = load_task(TaskConfig(name="copy", source="builtin:copy", train_examples=32, eval_examples=4), 0, None)
+    prompts = tokenize_task(task, tokenizer, 32).train
+    # Completions of different lengths per row, as sampling gives: loss on the completion only.
+    rows = []
+    for i in range(count):
+        prompt = prompts[offset + i]
+        completion = tuple(range(10, 10 + completion_length + i % 3))
+        rows.append(Row(prompt.ids[: prompt.prompt_len] + completion, prompt.prompt_len, "x"))
+    return rows
+
+
+@pytest.mark.parametrize("loss", ["dapo", "grpo", "dr_grpo"])
+def test_fused_rl_step_equals_plain_peft_on_the_same_samples(loss: str) -> None:
+    """Two adapters, different samples, advantages and completion lengths: each ends where plain PEFT
+    with the same loss, clipping and AdamW ends, its normalisation over its own tokens only."""
+    model, tokenizer = build_builtin("builtin:micro")
+    reference = copy.deepcopy(model)
+    configs = [AdapterConfig(rank=4, alpha=8.0, lr=1e-2, target_modules=TARGETS),
+               AdapterConfig(rank=2, alpha=4.0, lr=3e-3, target_modules=TARGETS)]
+    rl = RLConfig(group_size=4, loss=loss, max_new_tokens=8)
+    rows = [sampled_rows(tokenizer, 8, 3, 0), sampled_rows(tokenizer, 4, 6, 8)]  # the second's completions are longer
+    scores = [advantages([1, 0, 0, 0, 1, 1, 0, 1], 4, "group"), advantages([0.2, 0.9, 0.4, 0.1], 4, "group")]
+    engine = MultiLoraModel(model, TARGETS, 2, 4)
+    for slot, config in enumerate(configs):
+        engine.load_slot(slot, config, 1.0, seed=slot)
+    initial = [engine.slot_weights(slot, config) for slot, config in enumerate(configs)]
+    for _ in range(3):
+        results, _ = fused_step(engine, [StepInput(slot, rows[slot], configs[slot].lr, 0.0, None, scores[slot], rl)
+                                         for slot in range(2)], tokenizer.pad_token_id)
+        assert all(r.finite for r in results)
+
+    for slot, config in enumerate(configs):
+        peft = get_peft_model(copy.deepcopy(reference), LoraConfig(r=config.rank, lora_alpha=config.alpha,
+                                                                   target_modules=list(TARGETS)))
+        set_peft_model_state_dict(peft, initial[slot])
+        params = [p for p in peft.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+        advantage = torch.tensor(scores[slot]).unsqueeze(1)
+        for _ in range(3):
+            batch = collate(rows[slot], tokenizer.pad_token_id)
+            logits = peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+            targets = batch.labels[:, 1:]
+            mask = (targets != -100).float()
+            log_p = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            per_token = -advantage * torch.exp(log_p - log_p.detach())
+            if loss == "dapo":
+                objective = (per_token * mask).sum() / mask.sum()
+            elif loss == "grpo":
+                objective = ((per_token * mask).sum(1) / mask.sum(1)).mean()
+            else:
+                objective = (per_token * mask).sum() / (mask.size(0) * rl.max_new_tokens)
+            objective.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+        expected, got = get_peft_model_state_dict(peft), engine.slot_weights(slot, config)
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=f"adapter {slot} {key}")
+        assert any(not torch.allclose(got[k], initial[slot][k]) for k in got if "lora_B" in k)
+
+
+def test_samples_depend_on_the_adapter_and_its_counters_only() -> None:
+    model, tokenizer = build_builtin("builtin:micro")
+    engine = MultiLoraModel(model, TARGETS, 2, 4)
+    for slot in range(2):
+        engine.load_slot(slot, AdapterConfig(rank=4, target_modules=TARGETS), 1.0, seed=slot)
+        with torch.no_grad():  # a nonzero B: each adapter changes the distribution
+            for layer in engine.layers.values():
+                layer.lora_B[slot].normal_(0, 0.5, generator=torch.Generator().manual_seed(slot))
+    prompts = tokenize_task(load_task(TaskConfig(name="c", source="builtin:copy", train_examples=16, eval_examples=2),
+                                      0, None), tokenizer, 32).train
+
+    def request(slot: int, first: int, count: int, temperature: float) -> RolloutRequest:
+        return RolloutRequest(slot, list(prompts[first:first + count]), 3, temperature, 0.9, 6,
+                              [100 * slot + k for k in range(3 * count)])
+
+    alone = sample(engine, [request(0, 0, 2, 1.0)], tokenizer.pad_token_id, tokenizer.eos_token_id)[0]
+    together = sample(engine, [request(1, 4, 5, 0.7), request(0, 0, 2, 1.0)], tokenizer.pad_token_id,
+                      tokenizer.eos_token_id)
+    assert together[1].completion_ids == alone.completion_ids
+    assert together[1].rows == alone.rows
+    other_seeds = sample(engine, [RolloutRequest(0, list(prompts[0:2]), 3, 1.0, 0.9, 6, list(range(50, 56)))],
+                         tokenizer.pad_token_id, tokenizer.eos_token_id)[0]
+    assert other_seeds.completion_ids != alone.completion_ids  # the seeds do drive the samples
+
+
+FLAKY = textwrap.dedent("""\
+    import os
+    calls = []
+
+    def graded(prompts, completions, references, **fields):
+        calls.append(1)
+        if len(calls) == int(os.environ.get("FAIL_ON", "0")):
+            raise ValueError("bad completion")
+        return [sum(a == b for a, b in zip(c, r)) / max(1, len(r)) for c, r in zip(completions, references)]
+""")
+RL_SWEEP = micro_sweep(
+    name="rl", devices="cpu", seed=3,
+    tasks=[*builtin_tasks("copy", train_examples=16, eval_examples=4, min_len=4, max_len=4, steps=3),
+           *builtin_tasks("reverse", train_examples=16, eval_examples=4, min_len=4, max_len=4, steps=6,
+                          objective="grpo", reward="python:./flaky.py:graded")],
+    adapter={"rank": 4, "target_modules": list(TARGETS)},
+    train={"checkpoint_every": 2, "rl": {"group_size": 3, "max_new_tokens": 6}},
+    eval={"metrics": ["loss", "reward"], "max_new_tokens": 6},
+    sweep={"grid": {"train.rl.loss": ["dapo", "grpo"]}},
+)
+
+
+def run_rl(folder: Path, *args: str) -> tuple[Any, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "flaky.py").write_text(FLAKY)
+    result = mlora("run", write_sweep(folder, RL_SWEEP), "--no-plots", *args)
+    (run_dir,) = (folder / "runs").iterdir()
+    return result, run_dir
+
+
+@pytest.fixture(scope="module")
+def rl_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    result, run_dir = run_rl(tmp_path_factory.mktemp("rl"))
+    assert result.exit_code == 0, result.output
+    return run_dir
+
+
+@pytest.mark.slow
+def test_sft_then_grpo_run_logs_rl_metrics(rl_reference: Path) -> None:
+    records = [json.loads(line) for line in (rl_reference / "metrics.jsonl").read_text().splitlines()]
+    rl_steps = [r for r in records if r["task"] == "reverse"]
+    assert len(rl_steps) == 12 and all(r["task"] == "copy" for r in records if "reward_mean" not in r)
+    for record in rl_steps:
+        assert {"reward_mean", "reward_std", "zero_variance_groups", "truncated", "completion_tokens",
+                "sample_seconds", "score_seconds"} <= set(record)
+        assert 0.0 <= record["reward_mean"] <= 1.0 and 0.0 <= record["zero_variance_groups"] <= 1.0
+    results = json.loads((rl_reference / "results.json").read_text())["adapters"]
+    for entry in results.values():
+        assert entry["status"] == "done" and [len(row) for row in entry["matrix"]["reward"]] == [2, 2, 2]
+
+
+@pytest.mark.slow
+def test_a_failing_reward_in_rl_stops_only_its_adapter(rl_reference: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Calls: 2 evaluations of the base and the adapters before RL (4 calls: base x task, then each adapter's
+    # eval of reverse after copy), then one per adapter per RL step: the 6th is "grpo"'s first RL step.
+    monkeypatch.setenv("FAIL_ON", "6")
+    result, run_dir = run_rl(tmp_path)
+    assert result.exit_code == 1, result.output
+    adapters = json.loads((run_dir / "results.json").read_text())["adapters"]
+    reference = json.loads((rl_reference / "results.json").read_text())["adapters"]
+    failed = [name for name, entry in adapters.items() if entry["status"] == "failed"]
+    assert len(failed) == 1 and "ValueError: bad completion" in adapters[failed[0]]["failure"]
+    (survivor,) = set(adapters) - set(failed)
+    assert numbers(adapters[survivor]["matrix"]) == numbers(reference[survivor]["matrix"])
+
+
+@pytest.mark.slow
+def test_a_run_stopped_mid_rl_resumes_to_the_same_results(rl_reference: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    real = worker.rl_batches
+    calls: list[int] = []
+
+    def ctrl_c_on_the_third_rl_step(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(worker, "rl_batches", ctrl_c_on_the_third_rl_step)
+        stopped, run_dir = run_rl(tmp_path)
+    assert stopped.exit_code == 130, stopped.output
+    resumed = mlora("run", "--resume", run_dir, "--no-plots")
+    assert resumed.exit_code == 0, resumed.output
+    adapters = json.loads((run_dir / "results.json").read_text())["adapters"]
+    reference = json.loads((rl_reference / "results.json").read_text())["adapters"]
+    for name, entry in reference.items():
+        got, want = numbers(adapters[name]["matrix"]), numbers(entry["matrix"])
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (name, key)
