@@ -51,15 +51,17 @@ def sampled_rows(tokenizer: Any, count: int, completion_length: int, offset: int
     return rows
 
 
-@pytest.mark.parametrize("loss", ["dapo", "grpo", "dr_grpo"])
-def test_fused_rl_step_equals_plain_peft_on_the_same_samples(loss: str) -> None:
+@pytest.mark.parametrize(("loss", "kl_beta"), [("dapo", 0.0), ("grpo", 0.0), ("dr_grpo", 0.0), ("dapo", 0.5)],
+                         ids=["dapo", "grpo", "dr_grpo", "dapo-kl"])
+def test_fused_rl_step_equals_plain_peft_on_the_same_samples(loss: str, kl_beta: float) -> None:
     """Two adapters, different samples, advantages and completion lengths: each ends where plain PEFT
-    with the same loss, clipping and AdamW ends, its normalisation over its own tokens only."""
+    with the same loss, clipping and AdamW ends, its normalisation over its own tokens only; with
+    kl_beta, the KL reference is the base with the adapter off."""
     model, tokenizer = build_builtin("builtin:micro")
     reference = copy.deepcopy(model)
     configs = [AdapterConfig(rank=4, alpha=8.0, lr=1e-2, target_modules=TARGETS),
                AdapterConfig(rank=2, alpha=4.0, lr=3e-3, target_modules=TARGETS)]
-    rl = RLConfig(group_size=4, loss=loss, max_new_tokens=8)
+    rl = RLConfig(group_size=4, loss=loss, max_new_tokens=8, kl_beta=kl_beta)
     rows = [sampled_rows(tokenizer, 8, 3, 0), sampled_rows(tokenizer, 4, 6, 8)]  # the second's completions are longer
     scores = [advantages([1, 0, 0, 0, 1, 1, 0, 1], 4, "group"), advantages([0.2, 0.9, 0.4, 0.1], 4, "group")]
     engine = MultiLoraModel(model, TARGETS, 2, 4)
@@ -85,6 +87,12 @@ def test_fused_rl_step_equals_plain_peft_on_the_same_samples(loss: str) -> None:
             mask = (targets != -100).float()
             log_p = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             per_token = -advantage * torch.exp(log_p - log_p.detach())
+            if kl_beta:
+                with torch.no_grad(), peft.disable_adapter():
+                    base = peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+                    base_p = torch.log_softmax(base.float(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1))
+                gap = base_p.squeeze(-1) - log_p
+                per_token = per_token + kl_beta * (torch.exp(gap) - gap - 1)
             if loss == "dapo":
                 objective = (per_token * mask).sum() / mask.sum()
             elif loss == "grpo":

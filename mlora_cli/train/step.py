@@ -81,23 +81,35 @@ def _adapter_losses(
 def _with_rl_losses(engine: MultiLoraModel, inputs: list[StepInput], counts: list[int], logits: torch.Tensor,
                     batch: Batch, objective: torch.Tensor) -> torch.Tensor:
     """`objective` with the GRPO-family loss in place of the next-token loss where an adapter's rows were sampled."""
-    log_probs, mask = token_log_probs(logits, batch.labels)
-    base_log_probs = None
-    if any(part.rl is not None and part.rl.kl_beta > 0 for part in inputs):
-        with torch.no_grad(), engine.routed([], []), autocast(engine):  # the base alone: the KL reference
-            base_logits = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        base_log_probs, _ = token_log_probs(base_logits, batch.labels)
-    losses, start = [], 0
-    for k, (part, rows) in enumerate(zip(inputs, counts)):
-        if part.advantages is None or part.rl is None:
-            losses.append(objective[k])
-        else:
-            span = slice(start, start + rows)
-            advantage = torch.tensor(part.advantages, dtype=log_probs.dtype, device=log_probs.device)
-            base = base_log_probs[span] if base_log_probs is not None else None
-            losses.append(adapter_loss(log_probs[span], mask[span], advantage, part.rl, base))
-        start += rows
+    starts = [sum(counts[:k]) for k in range(len(counts))]
+    spans = {k: slice(starts[k], starts[k] + counts[k]) for k, part in enumerate(inputs)
+             if part.advantages is not None and part.rl is not None}
+    base_log_probs = _base_log_probs(engine, batch, [k for k in spans if inputs[k].rl.kl_beta > 0], spans)
+    losses = list(objective.unbind())
+    for k, span in spans.items():
+        part = inputs[k]
+        log_probs, mask = token_log_probs(logits[span], batch.labels[span])  # the adapter's rows only
+        advantage = torch.tensor(part.advantages, dtype=log_probs.dtype, device=log_probs.device)
+        losses[k] = adapter_loss(log_probs, mask, advantage, part.rl, base_log_probs.get(k))
     return torch.stack(losses)
+
+
+@torch.no_grad()
+def _base_log_probs(engine: MultiLoraModel, batch: Batch, adapters: list[int],
+                    spans: dict[int, slice]) -> dict[int, torch.Tensor]:
+    """log pi_base of the completion tokens of `adapters`' rows: one pass of the base alone (the KL reference)."""
+    if not adapters:
+        return {}
+    rows = torch.cat([torch.arange(spans[k].start, spans[k].stop) for k in adapters]).to(batch.input_ids.device)
+    with engine.routed([], []), autocast(engine):
+        logits = engine.model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows]).logits
+    log_probs, _ = token_log_probs(logits, batch.labels[rows])
+    out, start = {}, 0
+    for k in adapters:
+        size = spans[k].stop - spans[k].start
+        out[k] = log_probs[start:start + size]
+        start += size
+    return out
 
 
 def fused_step(
