@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from mlora_cli.data.batches import Row, collate, collate_prompts
 from mlora_cli.data.sources import load_task
-from mlora_cli.eval.evaluate import greedy_generate, model_cache
-from mlora_cli.model.base import char_tokenizer
+from mlora_cli.eval.evaluate import greedy_generate
+from mlora_cli.model.base import char_tokenizer, model_cache
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.spec.schema import AdapterConfig, TaskConfig
 

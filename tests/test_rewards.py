@@ -71,6 +71,17 @@ def test_validate_checks_rewards(tmp_path: Path) -> None:
     ]
 
 
+def test_a_reward_that_cannot_be_imported_stops_the_run_before_training(tmp_path: Path) -> None:
+    """Validate checks a reward's form and file only; the worker imports it before training: one line, exit 2."""
+    tasks = builtin_tasks("copy", "reverse")
+    tasks[1].update(objective="grpo", reward="python:no_such_module_xyz:f")
+    result = mlora("run", write_sweep(tmp_path, micro_sweep(tasks=tasks, devices="cpu")), "--no-plots")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "tasks[1].reward: cannot import no_such_module_xyz: ModuleNotFoundError: No module named 'no_such_module_xyz'"]
+    assert "Traceback" not in result.output
+
+
 FLAKY_REWARD = textwrap.dedent("""\
     # Scores like prefix_match; with FAIL_ON set, the call of that number raises, as a reward
     # that breaks on one adapter's completions would.

@@ -27,8 +27,8 @@ from mlora_cli import seeds  # noqa: E402
 from mlora_cli.contract import load_resolved_sweep, matrix_of, mean_over_tasks  # noqa: E402
 from mlora_cli.spec.load import parse_spec  # noqa: E402
 from mlora_cli.data.batches import BatchSampler, collate, collate_prompts, token_losses, tokenize_task  # noqa: E402
-from mlora_cli.eval.evaluate import completion_text, is_exact_match, task_scores  # noqa: E402
-from mlora_cli.train.rewards import load_reward, score  # noqa: E402
+from mlora_cli.eval.evaluate import completion_text, task_scores  # noqa: E402
+from mlora_cli.train.rewards import load_reward, matches, score  # noqa: E402
 from mlora_cli.model.base import load_base  # noqa: E402
 from mlora_cli.model.engine import linear_layer_names, lora_a_init, matches_target, output_layer_name  # noqa: E402
 from mlora_cli.model.optim import lr_factor  # noqa: E402
@@ -58,8 +58,8 @@ def evaluate(model, tasks, tokenizer, eval_config) -> dict[str, dict[str, float]
                                      do_sample=False, num_beams=1, use_cache=True,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
                 for row, generated in zip(chunk, out[:, ids.size(1) :].tolist()):
-                    hits += is_exact_match(generated, row.completion, tokenizer)
                     completions.append(completion_text(generated, tokenizer))
+                    hits += matches(completions[-1], row.completion)
         reward = None
         if "reward" in eval_config.metrics:
             values = score(load_reward(task.reward), [r.prompt for r in rows], completions,

@@ -18,7 +18,6 @@ evaluated once per distinct eval data and shared.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import math
 import time
@@ -30,9 +29,10 @@ import torch
 
 from mlora_cli.data.batches import Row, TokenizedTask, collate, token_losses
 from mlora_cli.errors import ConfigError
+from mlora_cli.model.base import cache_argument, model_cache
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.spec.schema import EvalConfig
-from mlora_cli.train.rewards import load_reward, score
+from mlora_cli.train.rewards import failure_line, load_reward, matches, score
 
 LOSS_METRICS = ("loss", "token_accuracy")
 
@@ -83,10 +83,10 @@ def _score_task(
                                         config.max_new_tokens, tokenizer.eos_token_id)
             for g, row, tokens_out in zip(group_of_row, rows, generated):
                 completion = completion_text(tokens_out, tokenizer)
-                sums[g]["exact"] += completion.strip() == row.completion.strip()
+                sums[g]["exact"] += matches(completion, row.completion)
                 for values, value in zip(texts[g], (row.prompt, completion, row.completion)):
                     values.append(value)
-    reward = load_reward(task.reward, key=f"{task.name}.reward") if want_reward else None
+    reward = load_reward(task.reward) if want_reward else None
     results = []
     for group, total, (prompts, completions, references) in zip(groups, sums, texts):
         mean_reward, failure = None, None
@@ -95,7 +95,7 @@ def _score_task(
                 values = score(reward, prompts, completions, references, task.name)
                 mean_reward = sum(values) / max(1, len(values))
             except Exception as exc:  # the user's reward: its failure is this group's (adapter's) alone
-                failure = f"reward {task.reward} on task '{task.name}': {type(exc).__name__}: {exc}"
+                failure = failure_line(task.reward, task.name, exc)
         scores = task_scores(total["loss"], total["tokens"], total["correct"], total["exact"], len(group),
                              config.metrics, mean_reward)
         results.append((scores, failure))
@@ -127,11 +127,6 @@ def completion_text(generated: list[int], tokenizer: Any) -> str:
     if tokenizer.eos_token_id in generated:
         generated = generated[: generated.index(tokenizer.eos_token_id)]
     return str(tokenizer.decode(generated, skip_special_tokens=True))
-
-
-def is_exact_match(generated: list[int], reference: str, tokenizer: Any) -> bool:
-    """The generation, decoded up to end-of-sequence, equals the reference (both whitespace-trimmed)."""
-    return completion_text(generated, tokenizer).strip() == reference.strip()
 
 
 def greedy_generate(
@@ -172,7 +167,7 @@ def greedy_generate(
     active = [i for i, tokens in enumerate(generated) if tokens[-1] != eos_id and len(tokens) < max_new_tokens]
     if not active:
         return generated
-    cache_arg = "cache" if "cache" in inspect.signature(engine.model.forward).parameters else "past_key_values"
+    cache_arg = cache_argument(engine.model)
     length = attention_mask.size(1)
     index = torch.tensor(active, device=attention_mask.device)
     cache.batch_select_indices(index)
@@ -195,11 +190,6 @@ def greedy_generate(
             active = [active[k] for k in keep]
         positions = positions + 1
     return generated
-
-
-def model_cache(output: Any) -> Any:
-    """The KV cache of a forward's output (`cache` in recent transformers, `past_key_values` before)."""
-    return output.cache if getattr(output, "cache", None) is not None else output.past_key_values
 
 
 def _runs(groups: list[int], slots: list[int] | None) -> tuple[list[int], list[int]]:

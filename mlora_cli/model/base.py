@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -223,6 +224,16 @@ def is_checkpointing(model: nn.Module) -> bool:
         if hasattr(type(model), name):
             return bool(getattr(model, name))
     return False
+
+
+def model_cache(output: Any) -> Any:
+    """The KV cache of a forward's output (`cache` in recent transformers, `past_key_values` before)."""
+    return output.cache if getattr(output, "cache", None) is not None else output.past_key_values
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which the model's forward takes a KV cache back (`cache`, or `past_key_values` before)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -51,6 +51,7 @@ from mlora_cli.spec.plan import WorkerPlan
 from mlora_cli.spec.schema import SweepSpec
 from mlora_cli.spec.sweep import AdapterSpec
 from mlora_cli.train.grpo import RLBatch, RLJob, rl_batches
+from mlora_cli.train.rewards import load_reward
 from mlora_cli.train.step import StepInput, fused_step, squared_gradients
 from mlora_cli.train.strategies import Strategies, engine_shape
 
@@ -67,6 +68,7 @@ class Worker:
         started = time.perf_counter()
         self.base = load_base(spec.base_model, plan.device, spec.model)
         check_formats(spec.tasks, self.base.tokenizer, spec.base_model)
+        load_rewards(spec, task_data)
         self.tokenizer = self.base.tokenizer
         self.tokenized: dict[tuple[int, int], list[TokenizedTask]] = {}
         targets = sorted({t for a in plan.adapters for t in a.adapter.target_modules})
@@ -265,6 +267,14 @@ class Worker:
             self.finish(progress)
         for progress in saves:
             self.checkpoint(progress)
+
+
+def load_rewards(spec: SweepSpec, task_data: dict[int, list[TaskData]]) -> None:
+    """Import every reward the run will call, before training: one that cannot be found is a ConfigError."""
+    tasks = next(iter(task_data.values()), [])
+    for i, (config, data) in enumerate(zip(spec.tasks, tasks)):
+        if config.objective == "grpo" or "reward" in spec.eval.metrics:
+            load_reward(data.reward, key=f"tasks[{i}].reward")
 
 
 def fisher_of(engine: MultiLoraModel, progress: AdapterProgress, finished: int, pad_id: int) -> list[torch.Tensor]:

@@ -31,7 +31,7 @@ from mlora_cli import seeds
 from mlora_cli.data.batches import IGNORE, Row
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.spec.schema import RLConfig
-from mlora_cli.train.rewards import load_reward, score
+from mlora_cli.train.rewards import failure_line, load_reward, score
 from mlora_cli.train.rollout import RolloutRequest, sample
 
 
@@ -108,11 +108,12 @@ def rl_batches(engine: MultiLoraModel, tokenizer: Any, jobs: list[RLJob]) -> tup
     for job, rollout in zip(jobs, rollouts):
         scored = time.perf_counter()
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in rollout.completion_ids]
+        reward = load_reward(job.reward)  # found at worker start; a missing one is a ConfigError there
         try:
-            rewards = score(load_reward(job.reward), [r.prompt for r in rollout.rows], texts,
-                            [r.completion for r in rollout.rows], job.task)
+            rewards = score(reward, [r.prompt for r in rollout.rows], texts, [r.completion for r in rollout.rows],
+                            job.task)
         except Exception as exc:  # the user's reward: its failure stops this adapter alone
-            failures[job.name] = f"reward {job.reward} on task '{job.task}': {type(exc).__name__}: {exc}"
+            failures[job.name] = failure_line(job.reward, job.task, exc)
             continue
         group = job.config.group_size
         rows = rollout.rows

@@ -32,9 +32,14 @@ from mlora_cli.spec import tasks as spec_tasks
 Reward = Callable[..., Sequence[float]]
 
 
+def matches(completion: str, reference: str) -> bool:
+    """Exact match: the completion equals the reference, both whitespace-trimmed (the eval metric uses it too)."""
+    return completion.strip() == reference.strip()
+
+
 def exact_match(prompts: Sequence[str], completions: Sequence[str], references: Sequence[str],
                 **fields: Any) -> list[float]:
-    return [float(c.strip() == r.strip()) for c, r in zip(completions, references, strict=True)]
+    return [float(matches(c, r)) for c, r in zip(completions, references, strict=True)]
 
 
 def prefix_match(prompts: Sequence[str], completions: Sequence[str], references: Sequence[str],
@@ -121,6 +126,11 @@ def _import_reward(spec: str, base_dir: Path | None, key: str) -> Reward:
     if not callable(function):
         raise ConfigError([f"{key}: {target} has no function '{name}'"])
     return function  # type: ignore[no-any-return]
+
+
+def failure_line(spec: str, task: str, error: BaseException) -> str:
+    """What a failed adapter's `failure` says when its reward raised or returned the wrong thing."""
+    return f"reward {spec} on task '{task}': {type(error).__name__}: {error}"
 
 
 def score(reward: Reward, prompts: list[str], completions: list[str], references: list[str], task: str) -> list[float]:

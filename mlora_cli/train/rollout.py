@@ -12,13 +12,13 @@ on its adapter and its counters only, never on its neighbours or their padding.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from mlora_cli.data.batches import Row
+from mlora_cli.model.base import cache_argument, model_cache
 from mlora_cli.model.engine import MultiLoraModel
 
 
@@ -45,8 +45,8 @@ def _top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     if bool((top_p >= 1.0).all()):
         return logits
     ordered, order = logits.sort(dim=-1, descending=True)
-    cumulative = ordered.softmax(-1).cumsum(-1)
-    drop = (cumulative - ordered.softmax(-1)) >= top_p.unsqueeze(1)  # a token is kept while the mass before it is short
+    probs = ordered.softmax(-1)
+    drop = (probs.cumsum(-1) - probs) >= top_p.unsqueeze(1)  # a token is kept while the mass before it is short
     ordered = ordered.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
 
@@ -71,7 +71,7 @@ def sample(engine: MultiLoraModel, requests: list[RolloutRequest], pad_id: int, 
     temperature = torch.tensor([t for t, _, _ in per_row], device=device).unsqueeze(1)
     top_p = torch.tensor([p for _, p, _ in per_row], device=device)
     limit = [n for _, _, n in per_row]
-    cache_arg = "cache" if "cache" in inspect.signature(engine.model.forward).parameters else "past_key_values"
+    cache_arg = cache_argument(engine.model)
     generated: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     cache: Any = None
@@ -80,7 +80,7 @@ def sample(engine: MultiLoraModel, requests: list[RolloutRequest], pad_id: int, 
         with engine.routed(slots, counts):
             output = engine.model(input_ids=step_input, attention_mask=mask, position_ids=step_positions,
                                   use_cache=True, **({cache_arg: cache} if cache is not None else {}))
-        cache = output.cache if getattr(output, "cache", None) is not None else output.past_key_values
+        cache = model_cache(output)
         logits = _top_p_filter(output.logits[:, -1].float() / temperature, top_p)
         uniform = torch.stack([torch.rand(logits.size(-1), generator=g) for g in generators]).to(device)
         gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
@@ -101,14 +101,14 @@ def _rollouts(requests: list[RolloutRequest], prompts: list[tuple[int, ...]], ge
     out, start = [], 0
     for request in requests:
         size = len(request.prompts) * request.group_size
-        rows, texts, truncated = [], [], []
+        rows, completion_ids, truncated = [], [], []
         for k in range(size):
             prompt, tokens = prompts[start + k], generated[start + k]
             reference = request.prompts[k // request.group_size]
             rows.append(Row(ids=tuple(prompt) + tuple(tokens), prompt_len=len(prompt),
                             completion=reference.completion, prompt=reference.prompt))
-            texts.append(tokens[:-1] if tokens and tokens[-1] == eos_id else tokens)
+            completion_ids.append(tokens[:-1] if tokens and tokens[-1] == eos_id else tokens)
             truncated.append(not tokens or tokens[-1] != eos_id)
-        out.append(Rollout(rows, texts, truncated))
+        out.append(Rollout(rows, completion_ids, truncated))
         start += size
     return out
