@@ -208,5 +208,26 @@ class WorkerError(TypedDict):
     error: Exception
 
 
-Event = WorkerReady | Step | Evaluated | Resumed | AdapterDone | WorkerDone | WorkerError | dict[str, Any]
-Emit = Callable[[Any], None]
+class WorkerFailed(TypedDict):
+    event: Literal["worker_failed"]  # a Ray actor died: its unfinished adapters fail
+    worker: int
+    reason: str
+
+
+class Files(TypedDict):
+    event: Literal["files"]  # from a Ray actor: what it wrote, to be written on the driver
+    worker: int
+    files: dict[str, bytes]  # path relative to the run folder -> contents
+
+
+class RunStart(TypedDict):  # the launcher tells its listener (progress bars), not a worker
+    event: Literal["run_start"]
+    run_dir: str
+    plans: list[Any]  # spec.plan.WorkerPlan
+    resume: bool
+
+
+# Every event, each spelled once above; `event` tells them apart.
+Event = (RunStart | WorkerReady | Step | Evaluated | Resumed | AdapterDone | WorkerDone | WorkerError
+         | WorkerFailed | Files)
+Emit = Callable[[Event], None]

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column
 
+from mlora_cli.contract import Event
 from mlora_cli.spec.schema import SweepSpec
 
 
@@ -47,7 +48,7 @@ class ProgressView:
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: Event) -> None:
         kind = event["event"]
         if kind == "run_start":
             self.run_dir = event["run_dir"]

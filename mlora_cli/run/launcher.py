@@ -30,6 +30,7 @@ from mlora_cli.contract import (
     RESULTS,
     RUN_RECORD,
     Emit,
+    Event,
     failed_result,
 )
 from mlora_cli.data.sources import TaskData, load_task
@@ -337,7 +338,7 @@ def run_worker_processes(
     return results
 
 
-def _handle(event: dict[str, Any], results: dict[str, Any], record: Emit, running: set[int]) -> None:
+def _handle(event: Event, results: dict[str, Any], record: Emit, running: set[int]) -> None:
     if event["event"] == "worker_error":  # a user error found in the worker: the run stops with it
         raise event["error"]
     if event["event"] == "adapter_done":
@@ -366,7 +367,7 @@ def run_on_ray(
 
     results: dict[str, Any] = {}
 
-    def handle(event: dict[str, Any]) -> None:
+    def handle(event: Event) -> None:
         if event["event"] == "files":
             for relative, data in event["files"].items():
                 write_bytes(run_dir / relative, data)
