@@ -82,7 +82,10 @@ def sample(engine: MultiLoraModel, requests: list[RolloutRequest], pad_id: int, 
                                   use_cache=True, **({cache_arg: cache} if cache is not None else {}))
         cache = model_cache(output)
         logits = _top_p_filter(output.logits[:, -1].float() / temperature, top_p)
-        uniform = torch.stack([torch.rand(logits.size(-1), generator=g) for g in generators]).to(device)
+        # Noise only for rows still sampling (a finished row's draws would be thrown away).
+        vocab = logits.size(-1)
+        uniform = torch.stack([torch.full((vocab,), 0.5) if finished else torch.rand(vocab, generator=g)
+                               for g, finished in zip(generators, done)]).to(device)
         gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
         tokens = (logits + gumbel).argmax(-1).tolist()
         for i, token in enumerate(tokens):
