@@ -184,7 +184,9 @@ def bench(
     sequential_baseline: Annotated[
         bool, typer.Option("--sequential-baseline", help="also run every adapter as its own plain-PEFT process")
     ] = False,
-    mode: Annotated[list[str] | None, typer.Option("--mode", help="extra mode: engine-serial")] = None,
+    mode: Annotated[list[str] | None, typer.Option(
+        "--mode", help="extra mode: engine-serial, or trl (TRL's GRPOTrainer per experiment; RL sweeps, needs [trl])"
+    )] = None,
     concurrency: Annotated[str, typer.Option("--concurrency", help="max_concurrent values, e.g. 1,2,4,8")] = "",
     output: Annotated[
         Path, typer.Option("--output", help="folder for bench.json and every mode's runs")
@@ -193,10 +195,12 @@ def bench(
     """Measure concurrent co-training against the sequential single-tenant baseline on the same sweep."""
     from datetime import datetime
 
+    from mlora_cli.bench.bench import ModeFailed
     from mlora_cli.report.benchmark import bench_tables
     from mlora_cli.spec.sweep import expand
 
-    problems = [f"--mode: unknown mode '{m}' (known: engine-serial)" for m in mode or [] if m != "engine-serial"]
+    problems = [f"--mode: unknown mode '{m}' (known: engine-serial, trl)" for m in mode or []
+                if m not in ("engine-serial", "trl")]
     try:
         levels = [int(c) for c in concurrency.split(",") if c.strip()]
     except ValueError:
@@ -214,6 +218,11 @@ def bench(
             if unsupported:
                 fail(["sweep: the sequential baseline runs naive fine-tuning without dropout; "
                       f"not: {', '.join(unsupported)}"])
+        if "trl" in (mode or []):
+            from mlora_cli.bench.trl_grpo import unsupported as trl_unsupported
+
+            if problems := trl_unsupported(spec, adapters):
+                fail(problems)
         from mlora_cli.bench.bench import run_bench
 
         out = output / f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -222,6 +231,9 @@ def bench(
                                list(mode or []), levels, progress=lambda text: status.update(text))
     except ConfigError as exc:
         fail(exc.problems)
+    except ModeFailed as exc:  # a mode's process failed: its log says why
+        errors.print(str(exc))
+        raise typer.Exit(1) from None
     for table in bench_tables(report):
         console.print(table)
     console.print(f"bench.json: {out / 'bench.json'}")

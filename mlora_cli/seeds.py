@@ -67,3 +67,13 @@ def rl_sample(seed: int, step: int, prompt: int, sample: int) -> int:
     depend on its neighbours, on the batch they share, or on how a run was resumed.
     """
     return int.from_bytes(hashlib.sha256(f"rl/{seed}/{step}/{prompt}/{sample}".encode()).digest()[:8], "big")
+
+
+def eval_sample(seed: int, task_index: int, example: int, sample: int) -> int:
+    """The noise stream of one evaluation sample (pass@k): sample `sample` of eval example `example` of a task.
+
+    A function of the adapter's own seed and these counters only, with no training step in it:
+    every evaluation of an adapter (after each task, `mlora eval` later) draws the same noise, so
+    its numbers depend on its weights alone, never on its neighbours or when it was evaluated.
+    """
+    return int.from_bytes(hashlib.sha256(f"eval/{seed}/{task_index}/{example}/{sample}".encode()).digest()[:8], "big")

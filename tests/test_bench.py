@@ -62,3 +62,38 @@ def test_agreement_needs_the_early_steps_to_match_and_the_finals_to_be_close() -
     verdicts = agreement(concurrent, sequential)
     assert [verdicts[n]["agree"] for n in "abc"] == [True, False, False]
     assert verdicts["b"]["max_early_loss_rel_delta"] == pytest.approx(0.005)
+
+
+RL_SWEEP = micro_sweep(
+    name="rlbench", base_model="builtin:tiny", devices="cpu",
+    tasks=[{"name": "warmup", "source": "builtin:reverse", "max_len": 4, "train_examples": 16, "eval_examples": 3,
+            "steps": 2},
+           {"name": "rl", "source": "builtin:reverse", "max_len": 4, "train_examples": 16, "eval_examples": 3,
+            "steps": 6, "objective": "grpo", "reward": "char_accuracy"}],
+    adapter={"rank": 4, "alpha": 8, "lr": 3e-3, "target_modules": "all-linear"},
+    train={"batch_size": 2, "rl": {"group_size": 3, "max_new_tokens": 5, "kl_beta": 0.05}},
+    eval={"metrics": ["reward", "pass_at_k", "loss"], "max_new_tokens": 5, "samples": 3, "pass_k": 2},
+    sweep={"grid": {"train.rl.temperature": [0.8, 1.0]}},
+)
+
+
+def test_rl_bench_samples_what_mlora_samples_and_reports_rewards(tmp_path: Path) -> None:
+    """The plain-PEFT RL baseline (HF generate with mlora's per-row noise) draws the same completions: the
+    mean sampled reward of every early RL step is equal, and so is the base's pass@k (the same seeds)."""
+    sweep = write_sweep(tmp_path, RL_SWEEP)
+    result = mlora("bench", sweep, "--sequential-baseline", "--output", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    (folder,) = (tmp_path / "out").iterdir()
+    report = json.loads((folder / "bench.json").read_text())
+    assert report["agree"] is True
+    for name, verdict in report["agreement"].items():
+        assert verdict["max_early_reward_delta"] == 0.0 and verdict["max_early_loss_rel_delta"] < 1e-5
+        assert len(report["rl_rewards"]["concurrent"][name]) == len(report["rl_rewards"]["sequential"][name]) == 6
+    for key in ("fusion_efficiency_sample", "fusion_efficiency_rl_train"):
+        assert report["fusion"][key] > 0
+    run_dir = next((folder / "concurrent").glob("rlbench-*"))
+    ours = json.loads((run_dir / "results.json").read_text())["adapters"]
+    for name in ours:
+        theirs = json.loads((folder / "sequential" / f"{name}.json").read_text())
+        assert ours[name]["matrix"]["pass_at_k"][0] == theirs["matrix"]["pass_at_k"][0]  # the base, same seeds
+    assert "RL learning" in result.output and "RL sampling" in result.output

@@ -56,12 +56,14 @@ def sampled_rows(tokenizer: Any, count: int, completion_length: int, offset: int
 def test_fused_rl_step_equals_plain_peft_on_the_same_samples(loss: str, kl_beta: float) -> None:
     """Two adapters, different samples, advantages and completion lengths: each ends where plain PEFT
     with the same loss, clipping and AdamW ends, its normalisation over its own tokens only; with
-    kl_beta, the KL reference is the base with the adapter off."""
+    kl_beta, the KL reference is the base with the adapter off. Each adapter's log-probabilities are those
+    of its sampling policy, softmax(logits / its temperature), as TRL's."""
     model, tokenizer = build_builtin("builtin:micro")
     reference = copy.deepcopy(model)
     configs = [AdapterConfig(rank=4, alpha=8.0, lr=1e-2, target_modules=TARGETS),
                AdapterConfig(rank=2, alpha=4.0, lr=3e-3, target_modules=TARGETS)]
-    rl = RLConfig(group_size=4, loss=loss, max_new_tokens=8, kl_beta=kl_beta)
+    rls = [RLConfig(group_size=4, loss=loss, max_new_tokens=8, kl_beta=kl_beta, temperature=temperature)
+           for temperature in (0.7, 1.0)]
     rows = [sampled_rows(tokenizer, 8, 3, 0), sampled_rows(tokenizer, 4, 6, 8)]  # the second's completions are longer
     scores = [advantages([1, 0, 0, 0, 1, 1, 0, 1], 4, "group"), advantages([0.2, 0.9, 0.4, 0.1], 4, "group")]
     engine = MultiLoraModel(model, TARGETS, 2, 4)
@@ -69,8 +71,8 @@ def test_fused_rl_step_equals_plain_peft_on_the_same_samples(loss: str, kl_beta:
         engine.load_slot(slot, config, 1.0, seed=slot)
     initial = [engine.slot_weights(slot, config) for slot, config in enumerate(configs)]
     for _ in range(3):
-        results, _ = fused_step(engine, [StepInput(slot, rows[slot], configs[slot].lr, 0.0, None, scores[slot], rl)
-                                         for slot in range(2)], tokenizer.pad_token_id)
+        results, _ = fused_step(engine, [StepInput(slot, rows[slot], configs[slot].lr, 0.0, None, scores[slot],
+                                                   rls[slot]) for slot in range(2)], tokenizer.pad_token_id)
         assert all(r.finite for r in results)
 
     for slot, config in enumerate(configs):
@@ -80,9 +82,11 @@ def test_fused_rl_step_equals_plain_peft_on_the_same_samples(loss: str, kl_beta:
         params = [p for p in peft.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
         advantage = torch.tensor(scores[slot]).unsqueeze(1)
+        rl = rls[slot]
         for _ in range(3):
             batch = collate(rows[slot], tokenizer.pad_token_id)
             logits = peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+            logits = logits / rl.temperature
             targets = batch.labels[:, 1:]
             mask = (targets != -100).float()
             log_p = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -90,7 +94,8 @@ def test_fused_rl_step_equals_plain_peft_on_the_same_samples(loss: str, kl_beta:
             if kl_beta:
                 with torch.no_grad(), peft.disable_adapter():
                     base = peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-                    base_p = torch.log_softmax(base.float(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1))
+                    base_p = torch.log_softmax(base.float() / rl.temperature, -1).gather(
+                        -1, targets.clamp(min=0).unsqueeze(-1))
                 gap = base_p.squeeze(-1) - log_p
                 per_token = per_token + kl_beta * (torch.exp(gap) - gap - 1)
             if loss == "dapo":

@@ -5,12 +5,19 @@
 This is what `mlora bench --sequential-baseline` runs, as a fresh process per adapter, one
 after another: import, load the base, `get_peft_model`, `torch.optim.AdamW(fused=True)` (the fast one) with a LambdaLR
 schedule and `clip_grad_norm_`, then the same evaluation as mlora (loss and token accuracy
-from one forward per eval batch; exact match from batched greedy `generate` with a KV cache).
+from one forward per eval batch; exact match and reward from batched greedy `generate` with a KV cache).
 It sees exactly mlora's data: the same tasks, tokenization, batches (same per-adapter sampler
 and seed), padding to the longest row of each batch, and the same initial LoRA weights; torch
 keeps its default thread count. Only naive fine-tuning is supported here.
+
+A task with `objective: grpo` is trained by the same GRPO-family algorithm as mlora's: its
+prompts x group_size samples come from HF `generate` (a KV cache, the whole group in one
+batch), each row drawing its Gumbel noise from the same per-row seed through a logits
+processor, so the samples are mlora's own up to rounding; the same reward, advantages and
+loss (`train.grpo`) follow, then one optimizer step.
 """
 
+# ruff: noqa: I001 (PROCESS_START must be imported before anything else)
 from __future__ import annotations
 
 import json
@@ -20,27 +27,33 @@ from pathlib import Path
 
 from mlora_cli import PROCESS_START  # the process is timed from its first line, imports included
 
+# The imports below come after PROCESS_START on purpose: their time is part of the baseline's.
 import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
 from mlora_cli import seeds  # noqa: E402
 from mlora_cli.contract import load_resolved_sweep, matrix_of, mean_over_tasks  # noqa: E402
-from mlora_cli.spec.load import parse_spec  # noqa: E402
-from mlora_cli.data.batches import BatchSampler, collate, collate_prompts, token_losses, tokenize_task  # noqa: E402
+from mlora_cli.data.batches import BatchSampler, Row, collate, collate_prompts, token_losses, tokenize_task  # noqa: E402
+from mlora_cli.data.sources import load_task  # noqa: E402
+from mlora_cli.eval import passk  # noqa: E402
 from mlora_cli.eval.evaluate import completion_text, task_scores  # noqa: E402
-from mlora_cli.train.rewards import load_reward, matches, score  # noqa: E402
 from mlora_cli.model.base import load_base  # noqa: E402
 from mlora_cli.model.engine import linear_layer_names, lora_a_init, matches_target, output_layer_name  # noqa: E402
 from mlora_cli.model.optim import lr_factor  # noqa: E402
 from mlora_cli.spec.sweep import expand  # noqa: E402
-from mlora_cli.data.sources import load_task  # noqa: E402
+from mlora_cli.train.grpo import (  # noqa: E402
+    RLBatch, RLJob, adapter_loss, rollout_request, scored_batch, token_log_probs,
+)
+from mlora_cli.train.rewards import load_reward, matches, score  # noqa: E402
+from mlora_cli.train.rollout import as_rollouts, perturbed_scores  # noqa: E402
 
 
 @torch.no_grad()
-def evaluate(model, tasks, tokenizer, eval_config) -> dict[str, dict[str, float]]:
+def evaluate(model, tasks, tokenizer, eval_config, seed: int = 0) -> dict[str, dict[str, float]]:
     model.eval()
     scores = {}
-    for task in tasks:
+    for task_index, task in enumerate(tasks):
         rows = sorted(task.eval, key=lambda r: r.tokens)
         loss = tokens = correct = hits = 0.0
         completions: list[str] = []
@@ -66,8 +79,118 @@ def evaluate(model, tasks, tokenizer, eval_config) -> dict[str, dict[str, float]
                            [r.completion for r in rows], task.name)
             reward = sum(values) / max(1, len(values))
         scores[task.name] = task_scores(loss, tokens, correct, hits, len(rows), eval_config.metrics, reward)
+        if "pass_at_k" in eval_config.metrics:
+            scores[task.name]["pass_at_k"] = sampled_pass_at_k(model, tokenizer, task, task_index, seed, eval_config)
     model.train()
     return scores
+
+
+class SeededGumbelNoise(LogitsProcessor):
+    """Turns `generate`'s greedy pick into mlora's sample: each row's scores plus its own Gumbel noise."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device):
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.temperature = torch.full((len(seeds), 1), temperature, device=device)
+        self.top_p = torch.full((len(seeds),), top_p, device=device)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # Finished rows draw too (generate keeps them in the batch); their draws are never used.
+        return perturbed_scores(scores, self.temperature, self.top_p, self.generators, [False] * len(self.generators))
+
+
+@torch.no_grad()
+def sampled_tokens(model, tokenizer, rows: list[Row], seeds: list[int], temperature: float, top_p: float,
+                   max_new_tokens: int) -> list[list[int]]:
+    """One sampled completion per row from HF `generate`, each row with its own noise seed (mlora's sampling)."""
+    ids, mask = collate_prompts(rows, tokenizer.pad_token_id, model.device)
+    training = model.training
+    model.eval()
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         num_beams=1, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, logits_processor=LogitsProcessorList([
+                             SeededGumbelNoise(seeds, temperature, top_p, model.device)]))
+    model.train(training)
+    generated = []
+    for tokens in out[:, ids.size(1):].tolist():  # generate pads finished rows: cut after the first eos
+        end = tokens.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in tokens else len(tokens)
+        generated.append(tokens[:end])
+    return generated
+
+
+def sampled_batch(model, tokenizer, job: RLJob) -> RLBatch:
+    """`job`'s prompts x group_size completions from HF `generate`, scored: mlora's RL batch, made the usual way."""
+    started = time.perf_counter()
+    request = rollout_request(job)
+    prompts = [row for row in job.prompts for _ in range(job.config.group_size)]
+    generated = sampled_tokens(model, tokenizer, prompts, request.seeds, job.config.temperature, job.config.top_p,
+                               job.config.max_new_tokens)
+    (rollout,) = as_rollouts([request], [row.ids[: row.prompt_len] for row in prompts], generated,
+                             tokenizer.eos_token_id)
+    return scored_batch(job, rollout, tokenizer, time.perf_counter() - started)
+
+
+def sampled_pass_at_k(model, tokenizer, task, task_index: int, seed: int, eval_config) -> float:
+    """The task's pass@k from `eval.samples` sampled completions per example, seeded as mlora seeds them."""
+    n, rows = eval_config.samples, task.eval
+    order = sorted(range(len(rows)), key=lambda i: rows[i].tokens)
+    texts: dict[int, list[str]] = {}
+    per_batch = max(1, eval_config.batch_size // n)
+    for start in range(0, len(order), per_batch):
+        chunk = order[start:start + per_batch]
+        generated = sampled_tokens(model, tokenizer, [rows[i] for i in chunk for _ in range(n)],
+                                   passk.sample_seeds(seed, [(task_index, i) for i in chunk], n),
+                                   eval_config.temperature, eval_config.top_p, eval_config.max_new_tokens)
+        for k, i in enumerate(chunk):
+            texts[i] = [completion_text(g, tokenizer) for g in generated[k * n:(k + 1) * n]]
+    return passk.task_pass_at_k(task.reward, task.name, [r.prompt for r in rows for _ in range(n)],
+                                [t for i in range(len(rows)) for t in texts[i]],
+                                [r.completion for r in rows for _ in range(n)], n, eval_config.pass_k)
+
+
+def rl_loss(model, batch, rl_batch: RLBatch, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the GRPO-family loss, the completions' mean NLL that mlora logs as `loss`) of one sampled batch."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    log_probs, mask = token_log_probs(logits, batch.labels, config.temperature)
+    reference = None
+    if config.kl_beta > 0:
+        with torch.no_grad(), model.disable_adapter():
+            reference, _ = token_log_probs(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+                                           batch.labels, config.temperature)
+    advantage = torch.tensor(rl_batch.advantages, dtype=log_probs.dtype, device=log_probs.device)
+    loss_sum, tokens, _ = token_losses(logits, batch.labels)
+    return adapter_loss(log_probs, mask, advantage, config, reference), loss_sum.sum() / tokens.sum().clamp(min=1)
+
+
+def lone_peft_model(model, adapter):
+    """`model` with a PEFT LoRA of `adapter`'s settings on mlora's target layers, its A initialised as mlora's."""
+    config = adapter.adapter
+    output = output_layer_name(model)
+    targets = [n for n in linear_layer_names(model) if matches_target(n, config.target_modules, output)]
+    generator = torch.Generator().manual_seed(seeds.lora_init(adapter.seed))  # same seed, same layer order
+    initial_a = {n: lora_a_init(config.rank, model.get_submodule(n).in_features, generator) for n in targets}
+    peft = get_peft_model(model, LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
+                                            target_modules=targets))  # mlora's own resolution of the targets
+    with torch.no_grad():
+        for name in targets:
+            peft.base_model.model.get_submodule(name).lora_A["default"].weight.copy_(initial_a[name])
+    return peft
+
+
+def result_entry(name: str, matrix_rows: list[dict[str, dict[str, float]]], task_names: list[str], ready: float,
+                 train_seconds: float, eval_seconds: float, train_tokens: int, **extra: object) -> dict[str, object]:
+    """What a baseline process writes: its forgetting matrix, final scores and times (from process start)."""
+    return {
+        "name": name,
+        "final": matrix_rows[-1],
+        "final_mean": mean_over_tasks(matrix_rows[-1]),
+        "matrix": matrix_of(matrix_rows, task_names),
+        "startup_seconds": ready - PROCESS_START,
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "train_tokens": train_tokens,
+        **extra,
+        "wall_seconds": time.perf_counter() - PROCESS_START,
+    }
 
 
 def main(sweep_file: str, adapter_name: str, out_file: str, data_dir: str | None = None) -> None:
@@ -84,15 +207,7 @@ def main(sweep_file: str, adapter_name: str, out_file: str, data_dir: str | None
     tokenizer = base.tokenizer
     tasks = [tokenize_task(load_task(t, adapter.seed, base_dir), tokenizer, train.max_seq_len)
              for t in spec.tasks]
-    # The same initial A as mlora gives this adapter (same seed, same layer order).
-    targets = [n for n in linear_layer_names(base.model) if matches_target(n, config.target_modules, output_layer_name(base.model))]
-    generator = torch.Generator().manual_seed(seeds.lora_init(adapter.seed))
-    initial_a = {n: lora_a_init(config.rank, base.model.get_submodule(n).in_features, generator) for n in targets}
-    model = get_peft_model(base.model, LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
-                                                 target_modules=list(config.target_modules)))
-    with torch.no_grad():
-        for name in targets:
-            model.base_model.model.get_submodule(name).lora_A["default"].weight.copy_(initial_a[name])
+    model = lone_peft_model(base.model, adapter)
     ready = time.perf_counter()
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -102,20 +217,32 @@ def main(sweep_file: str, adapter_name: str, out_file: str, data_dir: str | None
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: lr_factor(k, sum(steps), train.warmup_steps, train.schedule))
     matrix_rows, train_losses, train_seconds, eval_seconds, train_tokens = [], [], 0.0, 0.0, 0
+    rl_rewards: list[float] = []  # each RL step's mean sampled reward
     start = time.perf_counter()
-    matrix_rows.append(evaluate(model, tasks, tokenizer, spec.eval))
+    matrix_rows.append(evaluate(model, tasks, tokenizer, spec.eval, adapter.seed))
     eval_seconds += time.perf_counter() - start
     model.train()
+    step = 0
     for index, task in enumerate(tasks):
         sampler = BatchSampler(len(task.train), adapter.seed, index)
+        rl = spec.tasks[index].objective == "grpo"
         start = time.perf_counter()
         for _ in range(steps[index]):
-            batch = collate([task.train[i] for i in sampler.next(train.batch_size)], tokenizer.pad_token_id, device)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            loss_sum, tokens, _ = token_losses(logits, batch.labels)
-            loss = loss_sum.sum() / tokens.sum().clamp(min=1)
-            loss.backward()
+            rows = [task.train[i] for i in sampler.next(train.batch_size)]
+            if rl:
+                job = RLJob(adapter.name, 0, adapter.seed, step, rows, train.rl, task.reward, task.name)
+                rl_batch = sampled_batch(model, tokenizer, job)
+                rl_rewards.append(rl_batch.metrics["reward_mean"])
+                batch = collate(rl_batch.rows, tokenizer.pad_token_id, device)
+                objective, loss = rl_loss(model, batch, rl_batch, train.rl)
+            else:
+                batch = collate(rows, tokenizer.pad_token_id, device)
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                loss_sum, tokens, _ = token_losses(logits, batch.labels)
+                objective = loss = loss_sum.sum() / tokens.sum().clamp(min=1)
+            objective.backward()
             train_losses.append(loss.item())
+            step += 1
             if train.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
             optimizer.step()
@@ -124,22 +251,11 @@ def main(sweep_file: str, adapter_name: str, out_file: str, data_dir: str | None
             train_tokens += int(batch.tokens_per_row.sum())
         train_seconds += time.perf_counter() - start
         start = time.perf_counter()
-        matrix_rows.append(evaluate(model, tasks, tokenizer, spec.eval))
+        matrix_rows.append(evaluate(model, tasks, tokenizer, spec.eval, adapter.seed))
         eval_seconds += time.perf_counter() - start
 
-    final = matrix_rows[-1]
-    result = {
-        "name": adapter.name,
-        "final": final,
-        "final_mean": mean_over_tasks(final),
-        "matrix": matrix_of(matrix_rows, [t.name for t in tasks]),
-        "startup_seconds": ready - PROCESS_START,
-        "train_seconds": train_seconds,
-        "eval_seconds": eval_seconds,
-        "train_tokens": train_tokens,
-        "train_losses": train_losses,
-        "wall_seconds": time.perf_counter() - PROCESS_START,
-    }
+    result = result_entry(adapter.name, matrix_rows, [t.name for t in tasks], ready, train_seconds, eval_seconds,
+                          train_tokens, train_losses=train_losses, rl_rewards=rl_rewards)
     Path(out_file).write_text(json.dumps(result, indent=2))
 
 

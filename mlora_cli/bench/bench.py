@@ -6,21 +6,18 @@ Modes (each a fresh process, timed from launch to exit, imports and model load i
                   (plain PEFT + torch AdamW; see baseline.py);
 - engine-serial:  `mlora run` with max_concurrent=1 (one process, one adapter at a time):
                   separates the saved cold starts from the fused steps;
-- concurrent@c:   `mlora run` with max_concurrent=c, for the throughput curve.
+- concurrent@c:   `mlora run` with max_concurrent=c, for the throughput curve;
+- trl:            on an RL sweep, one TRL `GRPOTrainer` process per adapter (trl_grpo.py), the
+                  tool a user would otherwise pick; timed, its rewards shown, no agreement asked.
 
 Derived figures:
 - experiments/hour = adapters / wall seconds * 3600;
 - experiment_throughput_ratio = concurrent experiments/hour / sequential experiments/hour;
 - mean experiment time: sequential, the mean process wall time; mlora, the mean time from
   process start to each adapter's end;
-- fusion efficiency (train) = time of one adapter's step on the union batch (N x batch rows),
-  on an engine holding only that adapter, / time of the fused N-adapter step on the same
-  rows, the two timed alternately; (eval) the same for one batched evaluation pass. 1.0
-  means co-training costs no more than the union batch itself. The one adapter is the first
-  adapter given the sweep's mean rank, so that its LoRA matmuls on the union batch do the
-  work of the N adapters' on their own rows (sum of rows x rank; on a GPU the batched path
-  pads every adapter to the largest rank, so there the fused step does more). Both are timed
-  with the torch threads of one of the concurrent run's workers.
+- fusion efficiency: the union batch through one adapter / the fused N-adapter pass over the
+  same rows, for a training step, an evaluation pass and, on an RL sweep, the sampling pass
+  and the RL step (see fusion.py).
 - agreement, per adapter, in two parts. Early: the training loss of each of the first
   EARLY_STEPS steps within EARLY_LOSS_TOLERANCE (relative) of the baseline's: the two compute
   the same thing, so they differ by rounding at most, and a wrong gradient or update shows at
@@ -30,11 +27,14 @@ Derived figures:
   different number of rows, a co-trained adapter's first gradient differs from the lone one's
   in the 7th digit, and over 120 steps at lr 3e-3 that grows to a few percent of eval loss, as
   it does between two plain-PEFT runs at 1 and at 2 threads (measured: 2.3%).
+  On an RL task the early part also needs each of the first EARLY_STEPS RL steps' mean
+  sampled reward to be equal (both sample with the same per-row noise, so the same
+  completions unless rounding flips a near-tie), and the final part |reward_c - reward_s| <=
+  REWARD_TOLERANCE per task.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -48,6 +48,7 @@ from typing import Any
 
 import yaml
 
+from mlora_cli.bench.fusion import fusion_efficiency
 from mlora_cli.spec.schema import SweepSpec
 from mlora_cli.spec.sweep import AdapterSpec
 
@@ -55,6 +56,11 @@ EARLY_STEPS = 5
 EARLY_LOSS_TOLERANCE = 1e-4  # relative, per step: rounding, not a different computation
 FINAL_LOSS_TOLERANCE = 0.10  # relative, per task
 EXACT_MATCH_TOLERANCE = 0.05  # absolute (5 points), per task
+REWARD_TOLERANCE = 0.05  # absolute, per task (rewards of the builtins lie in [0, 1])
+
+
+class ModeFailed(Exception):
+    """A bench mode's process exited non-zero; the message names its log."""
 
 
 def _timed(command: list[str], log: Path) -> tuple[float, float]:
@@ -65,13 +71,14 @@ def _timed(command: list[str], log: Path) -> tuple[float, float]:
         _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(command[:4])} ... failed; see {log}")
+        raise ModeFailed(f"{' '.join(command[:4])} ... failed; see {log}")
     return wall, usage.ru_maxrss / 1024
 
 
 def run_mlora(sweep: Path, overrides: list[str], out: Path, label: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "mlora_cli", "run", str(sweep), *overrides, f"output_dir={out.resolve()}", "--no-plots"]
+    command = [sys.executable, "-m", "mlora_cli", "run", str(sweep), *overrides, f"output_dir={out.resolve()}",
+               "--no-plots"]
     wall, rss = _timed(command, out / f"{label}.log")
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
     results = json.loads((run_dir / "results.json").read_text())
@@ -86,6 +93,7 @@ def run_mlora(sweep: Path, overrides: list[str], out: Path, label: str) -> dict[
         "eval_seconds": sum(e["eval_seconds"] for e in adapters.values()),
         "final": {name: e["final"] for name, e in adapters.items()},
         "early_losses": _early_losses(run_dir / "metrics.jsonl"),
+        "rl_rewards": _rl_rewards(run_dir / "metrics.jsonl"),
         "run_dir": str(run_dir),
         **({"cuda_max_allocated_mib": results["run"]["cuda_max_allocated_mib"]}
            if "cuda_max_allocated_mib" in results["run"] else {}),
@@ -102,34 +110,52 @@ def _early_losses(metrics_file: Path) -> dict[str, list[float]]:
     return losses
 
 
+def _rl_rewards(metrics_file: Path) -> dict[str, list[float]]:
+    """Each adapter's mean sampled reward at every RL step, in order, from a run's metrics.jsonl."""
+    rewards: dict[str, list[float]] = {}
+    for line in metrics_file.read_text().splitlines():
+        record = json.loads(line)
+        if "reward_mean" in record:
+            rewards.setdefault(record["adapter"], []).append(record["reward_mean"])
+    return rewards
+
+
+def _mean_final(mode: dict[str, Any], metric: str) -> float | None:
+    """The mean over adapters and tasks of `metric` after the last task (None where no adapter has it)."""
+    values = [scores[metric] for final in mode["final"].values() for scores in final.values() if metric in scores]
+    return statistics.mean(values) if values else None
+
+
 def run_sequential(resolved_sweep: Path, data_dir: Path, adapters: list[AdapterSpec], out: Path,
                    progress: Callable[[str], None]) -> dict[str, Any]:
+    return run_processes("sequential", "mlora_cli.bench.baseline", resolved_sweep, data_dir, adapters, out, progress)
+
+
+def run_processes(mode: str, module: str, resolved_sweep: Path, data_dir: Path, adapters: list[AdapterSpec],
+                  out: Path, progress: Callable[[str], None]) -> dict[str, Any]:
+    """One `python -m MODULE SWEEP ADAPTER OUT.json DATA_DIR` process per adapter, one after another."""
     out.mkdir(parents=True, exist_ok=True)
-    walls, rss, finals, early, train_tokens, eval_seconds = [], [], {}, {}, 0, 0.0
+    walls, rss, results = [], [], {}
     start = time.perf_counter()
     for adapter in adapters:
-        progress(f"sequential: {adapter.name}")
+        progress(f"{mode}: {adapter.name}")
         result_file = out / f"{adapter.name}.json"
-        command = [sys.executable, "-m", "mlora_cli.bench.baseline", str(resolved_sweep), adapter.name, str(result_file),
-                   str(data_dir)]
+        command = [sys.executable, "-m", module, str(resolved_sweep), adapter.name, str(result_file), str(data_dir)]
         wall, peak = _timed(command, out / f"{adapter.name}.log")
-        result = json.loads(result_file.read_text())
         walls.append(wall)
         rss.append(peak)
-        finals[adapter.name] = result["final"]
-        early[adapter.name] = result["train_losses"][:EARLY_STEPS]
-        train_tokens += result["train_tokens"]
-        eval_seconds += result["eval_seconds"]
+        results[adapter.name] = json.loads(result_file.read_text())
     return {
-        "mode": "sequential",
+        "mode": mode,
         "wall_seconds": time.perf_counter() - start,
         "peak_rss_mib": max(rss),
         "experiments": len(adapters),
         "experiment_seconds": walls,
-        "train_tokens": train_tokens,
-        "eval_seconds": eval_seconds,
-        "final": finals,
-        "early_losses": early,
+        "train_tokens": sum(r["train_tokens"] for r in results.values()),
+        "eval_seconds": sum(r["eval_seconds"] for r in results.values()),
+        "final": {name: r["final"] for name, r in results.items()},
+        "early_losses": {name: r.get("train_losses", [])[:EARLY_STEPS] for name, r in results.items()},
+        "rl_rewards": {name: r["rl_rewards"] for name, r in results.items() if r.get("rl_rewards")},
     }
 
 
@@ -147,128 +173,42 @@ def summarize(mode: dict[str, Any], sequential: dict[str, Any] | None) -> dict[s
     if "cuda_max_allocated_mib" in mode:
         figures["cuda_max_allocated_mib"] = mode["cuda_max_allocated_mib"]
     if sequential is not None:
-        figures["throughput_vs_sequential"] = figures["experiments_per_hour"] / (sequential["experiments"] / sequential["wall_seconds"] * 3600)
-        figures["mean_experiment_time_vs_sequential"] = statistics.mean(sequential["experiment_seconds"]) / figures["mean_experiment_seconds"]
+        sequential_per_hour = sequential["experiments"] / sequential["wall_seconds"] * 3600
+        figures["throughput_vs_sequential"] = figures["experiments_per_hour"] / sequential_per_hour
+        figures["mean_experiment_time_vs_sequential"] = (statistics.mean(sequential["experiment_seconds"])
+                                                         / figures["mean_experiment_seconds"])
     return figures
 
 
 def agreement(concurrent: dict[str, Any], sequential: dict[str, Any]) -> dict[str, Any]:
-    """Per adapter: the largest relative |delta| of the early training losses, of final loss and exact match, and agree."""
+    """Per adapter: the largest early and final differences from the baseline, and whether they agree."""
     verdicts = {}
     for name, final in sequential["final"].items():
         ours = concurrent["final"].get(name, {})
-        worst_loss = worst_em = 0.0
+        worst = {"loss": 0.0, "exact_match": 0.0, "reward": 0.0}
         for task, scores in final.items():
-            if "loss" in scores:
-                worst_loss = max(worst_loss, abs(ours[task]["loss"] - scores["loss"]) / max(abs(scores["loss"]), 1e-12))
-            if "exact_match" in scores:
-                worst_em = max(worst_em, abs(ours[task]["exact_match"] - scores["exact_match"]))
+            for metric in worst:
+                if metric in scores and metric in ours.get(task, {}):
+                    delta = abs(ours[task][metric] - scores[metric])
+                    worst[metric] = max(worst[metric], delta / max(abs(scores[metric]), 1e-12)
+                                        if metric == "loss" else delta)
         theirs_early, ours_early = sequential["early_losses"][name], concurrent["early_losses"].get(name, [])
         worst_early = max((abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ours_early, theirs_early)), default=0.0)
+        theirs_rewards = sequential.get("rl_rewards", {}).get(name, [])[:EARLY_STEPS]
+        ours_rewards = concurrent.get("rl_rewards", {}).get(name, [])[:EARLY_STEPS]
+        worst_reward = max((abs(a - b) for a, b in zip(ours_rewards, theirs_rewards)), default=0.0)
         verdicts[name] = {
             "max_early_loss_rel_delta": worst_early,
-            "max_loss_rel_delta": worst_loss,
-            "max_exact_match_delta": worst_em,
+            "max_early_reward_delta": worst_reward,
+            "max_loss_rel_delta": worst["loss"],
+            "max_exact_match_delta": worst["exact_match"],
+            "max_reward_delta": worst["reward"],
             "agree": (len(ours_early) == len(theirs_early) and worst_early <= EARLY_LOSS_TOLERANCE
-                      and worst_loss <= FINAL_LOSS_TOLERANCE and worst_em <= EXACT_MATCH_TOLERANCE),
+                      and len(ours_rewards) == len(theirs_rewards) and worst_reward == 0.0
+                      and worst["loss"] <= FINAL_LOSS_TOLERANCE and worst["exact_match"] <= EXACT_MATCH_TOLERANCE
+                      and worst["reward"] <= REWARD_TOLERANCE),
         }
     return verdicts
-
-
-def fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, repeats: int = 7,
-                      threads: int | None = None) -> dict[str, Any]:
-    """Union-batch time / fused time, for one training step and one evaluation pass (medians).
-
-    `threads`: torch threads while measuring, those of one of the concurrent run's CPU workers
-    (None: torch's default), so the steps are timed as the run ran them.
-    """
-    import torch
-
-    default_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        return {**_fusion_efficiency(spec, adapters, data_dir, repeats), "torch_threads": torch.get_num_threads()}
-    finally:
-        torch.set_num_threads(default_threads)
-
-
-def _fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, repeats: int) -> dict[str, Any]:
-    import torch
-
-    from mlora_cli.data.batches import TokenizedTask, tokenize_task
-    from mlora_cli.eval.evaluate import EvalRequest, evaluate
-    from mlora_cli.model.base import load_base
-    from mlora_cli.model.engine import MultiLoraModel
-    from mlora_cli.data.sources import load_task
-    from mlora_cli.train.step import StepInput, fused_step
-
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    targets = sorted({t for a in adapters for t in a.adapter.target_modules})
-
-    def engine_for(slots: list[AdapterSpec]) -> tuple[MultiLoraModel, Any]:
-        base = load_base(spec.base_model, device, spec.model)
-        engine = MultiLoraModel(base.model, targets, len(slots), max(a.adapter.rank for a in slots))
-        for slot, adapter in enumerate(slots):
-            engine.load_slot(slot, adapter.adapter, adapter.train.max_grad_norm, adapter.seed)
-        return engine, base.tokenizer
-
-    # The union batch runs on an engine of its own holding one adapter, as a single-tenant run
-    # would: no other slot's optimizer state or routing to carry. It is the first adapter at
-    # the sweep's mean rank: N adapters of ranks r_k on their own rows make the LoRA matmuls
-    # of one adapter of rank mean(r_k) on all the rows, so both sides do the same work (at the
-    # first adapter's own rank the fused step would have more to do, or less).
-    union_rank = max(1, round(statistics.mean(a.adapter.rank for a in adapters)))
-    union_adapter = dataclasses.replace(adapters[0], adapter=dataclasses.replace(adapters[0].adapter, rank=union_rank))
-    fused_engine, tokenizer = engine_for(adapters)
-    union_engine, _ = engine_for([union_adapter])
-    pad = tokenizer.pad_token_id
-    task = tokenize_task(load_task(spec.tasks[0], adapters[0].seed, data_dir), tokenizer, adapters[0].train.max_seq_len)
-    size = adapters[0].train.batch_size
-    rows = [[task.train[(slot * size + i) % len(task.train)] for i in range(size)] for slot in range(len(adapters))]
-    fused = [StepInput(slot, rows[slot], 1e-9, 0.0, None) for slot in range(len(adapters))]
-    union = [StepInput(0, [r for part in rows for r in part], 1e-9, 0.0, None)]
-    eval_rows = list(task.eval)
-    union_task = TokenizedTask(task.name, (), tuple(eval_rows * len(adapters)))
-    fused_requests = [EvalRequest(a.name, slot, [task]) for slot, a in enumerate(adapters)]
-    union_request = [EvalRequest("union", 0, [union_task])]
-
-    def sync() -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    def seconds(step: Callable[[], Any]) -> float:
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        return time.perf_counter() - start
-
-    def medians(union_run: Callable[[], Any], fused_run: Callable[[], Any], times: int) -> tuple[float, float]:
-        """Medians of the two, timed alternately so that drift in the machine's speed hits both alike."""
-        union_run(), fused_run()  # warm up
-        union_times, fused_times = [], []
-        for _ in range(times):
-            union_times.append(seconds(union_run))
-            fused_times.append(seconds(fused_run))
-        return statistics.median(union_times), statistics.median(fused_times)
-
-    # A training step is short: more repeats for the same time.
-    union_train, fused_train = medians(lambda: fused_step(union_engine, union, pad),
-                                       lambda: fused_step(fused_engine, fused, pad), 3 * repeats)
-    union_eval, fused_eval = medians(lambda: evaluate(union_engine, union_request, spec.eval, tokenizer),
-                                     lambda: evaluate(fused_engine, fused_requests, spec.eval, tokenizer), repeats)
-    return {
-        "adapters": len(adapters),
-        "rows_per_adapter": size,
-        "union_rank": union_rank,
-        "fused_step_seconds": fused_train,
-        "union_step_seconds": union_train,
-        "fusion_efficiency_train": union_train / fused_train,
-        "fused_eval_seconds": fused_eval,
-        "union_eval_seconds": union_eval,
-        "fusion_efficiency_eval": union_eval / fused_eval,
-    }
 
 
 def machine() -> dict[str, Any]:
@@ -317,12 +257,18 @@ def run_bench(
     raw["concurrent"] = run_mlora(sweep, overrides, out / "concurrent", "concurrent")
     if "engine-serial" in modes:
         progress("engine-serial: mlora run, one adapter at a time")
-        raw["engine-serial"] = run_mlora(sweep, [*overrides, "max_concurrent=1"], out / "engine-serial", "engine-serial")
+        raw["engine-serial"] = run_mlora(sweep, [*overrides, "max_concurrent=1"], out / "engine-serial",
+                                         "engine-serial")
     for c in concurrency:
         if c >= len(adapters) or (c == 1 and "engine-serial" in raw):
             continue  # all adapters at once is `concurrent`; one at a time is `engine-serial`
         progress(f"concurrent@{c}: mlora run, max_concurrent={c}")
-        raw[f"concurrent@{c}"] = run_mlora(sweep, [*overrides, f"max_concurrent={c}"], out / f"concurrent-{c}", f"concurrent@{c}")
+        raw[f"concurrent@{c}"] = run_mlora(sweep, [*overrides, f"max_concurrent={c}"], out / f"concurrent-{c}",
+                                           f"concurrent@{c}")
+    if "trl" in modes:
+        from mlora_cli.bench.trl_grpo import run_trl
+
+        raw["trl"] = run_trl(resolved_file, data_dir, adapters, out / "trl", progress)
     progress("fusion efficiency: fused step vs union batch")
     import torch
 
@@ -346,8 +292,16 @@ def run_bench(
         report["agreement"] = agreement(raw["concurrent"], sequential)
         report["agree"] = all(v["agree"] for v in report["agreement"].values())
         report["agreement_tolerances"] = {"early_steps": EARLY_STEPS, "early_loss": EARLY_LOSS_TOLERANCE,
-                                          "final_loss": FINAL_LOSS_TOLERANCE, "exact_match": EXACT_MATCH_TOLERANCE}
+                                          "final_loss": FINAL_LOSS_TOLERANCE, "exact_match": EXACT_MATCH_TOLERANCE,
+                                          "reward": REWARD_TOLERANCE}
         report["memory_below_two_sequential"] = raw["concurrent"]["peak_rss_mib"] < 2 * sequential["peak_rss_mib"]
+    if "trl" in raw:
+        report["throughput_vs_trl"] = (report["modes"]["concurrent"]["experiments_per_hour"]
+                                       / report["modes"]["trl"]["experiments_per_hour"])
+    rewards = {name: mode["rl_rewards"] for name, mode in raw.items() if mode.get("rl_rewards")}
+    if rewards:  # each mode's mean sampled reward per RL step, per adapter, and the final greedy reward
+        report["rl_rewards"] = rewards
+        report["final_reward"] = {name: _mean_final(mode, "reward") for name, mode in raw.items()}
     curve = {1 if name == "engine-serial" else int(name.split("@")[1]): figures
              for name, figures in report["modes"].items() if name == "engine-serial" or name.startswith("concurrent@")}
     if curve or concurrency:

@@ -7,13 +7,16 @@ group sizes) so N adapters cost about one batched pass, not N. Metrics per task:
 - token_accuracy: fraction of completion tokens whose argmax is the reference token;
 - exact_match: fraction of examples whose greedy generation (until eos or `max_new_tokens`)
   equals the reference completion, whitespace-trimmed;
-- reward: the mean of the task's `reward` over the same greedy generations (train.rewards).
+- reward: the mean of the task's `reward` over the same greedy generations (train.rewards);
+- pass_at_k: `eval.samples` completions sampled per example (`rollout.sample`, noise seeded by
+  `seeds.eval_sample`), passing at full reward, turned into pass@k by Chen et al.'s unbiased
+  estimator (eval.passk).
 
 Generation starts from the loss pass itself (see `greedy_generate`): no second prefill, and
 rows leave the batch as soon as they finish.
 
 An adapter with B = 0 equals the base, so "before training" is the base model alone,
-evaluated once per distinct eval data and shared.
+evaluated once per distinct eval data and shared (for pass_at_k, per distinct data and seed).
 """
 
 from __future__ import annotations
@@ -23,18 +26,21 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from mlora_cli.data.batches import Row, TokenizedTask, collate, token_losses
 from mlora_cli.errors import ConfigError
+from mlora_cli.eval.passk import sample_seeds, task_pass_at_k
 from mlora_cli.model.base import cache_argument, model_cache
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.spec.schema import EvalConfig
 from mlora_cli.train.rewards import failure_line, load_reward, matches, score
+from mlora_cli.train.rollout import RolloutRequest, sample
 
 LOSS_METRICS = ("loss", "token_accuracy")
+SAMPLED_METRICS = ("pass_at_k",)  # from sampled completions, not from the teacher-forced and greedy passes
 
 
 @dataclass
@@ -42,6 +48,7 @@ class EvalRequest:
     key: str  # the adapter (or any label) the scores belong to
     slot: int | None  # None: the base alone
     tasks: Sequence[TokenizedTask]
+    seed: int = 0  # the adapter's seed: what pass_at_k's samples are drawn with (seeds.eval_sample)
 
 
 def _chunks(groups: list[list[Row]], batch_rows: int) -> list[list[list[Row]]]:
@@ -214,7 +221,8 @@ def evaluate(
     scores: dict[str, dict[str, dict[str, float]]] = {r.key: {} for r in requests}
     base_requests = [r for r in requests if r.slot is None]
     adapter_requests = [r for r in requests if r.slot is not None]
-    task_count = len(requests[0].tasks) if requests else 0
+    forward_metrics = [m for m in config.metrics if m not in SAMPLED_METRICS]
+    task_count = len(requests[0].tasks) if requests and forward_metrics else 0
     for j in range(task_count):
         if adapter_requests:
             groups = [sorted(r.tasks[j].eval, key=lambda row: row.tokens) for r in adapter_requests]
@@ -235,6 +243,103 @@ def evaluate(
                 scores[request.key][request.tasks[j].name] = dict(result)
                 if failure:
                     failed.setdefault(request.key, failure)
+    if "pass_at_k" in config.metrics:
+        for key, per_task in sampled_pass_at_k(engine, requests, config, tokenizer, failed).items():
+            for task_name, value in per_task.items():
+                scores[key].setdefault(task_name, {})["pass_at_k"] = value
     if failures is None and failed:
         raise ConfigError(sorted(set(failed.values())))
     return scores, time.perf_counter() - start
+
+
+class _BaseAlone:
+    """The engine with every row routed to no adapter: `rollout.sample` through it samples from the base alone.
+
+    `sample` reads only `model`, `device` and `routed` of its engine; each request's slot is ignored here.
+    """
+
+    def __init__(self, engine: MultiLoraModel):
+        self.engine, self.model, self.device = engine, engine.model, engine.device
+
+    def routed(self, slots: Sequence[int], rows: Sequence[int]) -> Any:
+        return self.engine.routed([], [])
+
+
+def sampled_pass_at_k(
+    engine: MultiLoraModel, requests: list[EvalRequest], config: EvalConfig, tokenizer: Any, failed: dict[str, str],
+) -> dict[str, dict[str, float]]:
+    """pass@k as {request key: {task name: value}}: `config.samples` completions of every eval example.
+
+    The adapters' samples of every task are drawn together (`_sample_pass_at_k`); requests for the
+    base alone in one more such pass, shared by requests with the same eval data and seed. A reward
+    that fails puts the request into `failed` and its pass@k is NaN.
+    """
+    scores: dict[str, dict[str, float]] = {}
+    adapters = [r for r in requests if r.slot is not None]
+    if adapters:
+        scores.update(_sample_pass_at_k(engine, adapters, config, tokenizer, failed))
+    shared: dict[tuple[tuple[int, ...], int], list[EvalRequest]] = {}
+    for request in requests:
+        if request.slot is None:
+            shared.setdefault((tuple(id(t) for t in request.tasks), request.seed), []).append(request)
+    if shared:
+        firsts = [same[0] for same in shared.values()]
+        base = _sample_pass_at_k(cast(MultiLoraModel, _BaseAlone(engine)), firsts, config, tokenizer, failed)
+        for same in shared.values():
+            for request in same:
+                scores[request.key] = dict(base[same[0].key])
+                if same[0].key in failed:
+                    failed.setdefault(request.key, failed[same[0].key])
+    return scores
+
+
+def _example_order(request: EvalRequest) -> list[tuple[int, int]]:
+    """Every (task index, example index) of a request, shortest prompt first (less left padding per pass)."""
+    items = [(j, i) for j, task in enumerate(request.tasks) for i in range(len(task.eval))]
+    return sorted(items, key=lambda item: request.tasks[item[0]].eval[item[1]].prompt_len)
+
+
+def _sample_pass_at_k(
+    engine: MultiLoraModel, requests: list[EvalRequest], config: EvalConfig, tokenizer: Any, failed: dict[str, str],
+) -> dict[str, dict[str, float]]:
+    """n samples per example of every task for every request, in fused passes of about `eval.batch_size` rows.
+
+    Each pass takes the same number of examples from every request (all tasks mixed, at least one
+    each), so the adapters always sample together: one pass when all rows fit `eval.batch_size`.
+    Sample s of example i of task j is drawn with the noise of `seeds.eval_sample(request seed, j,
+    i, s)`: it does not depend on the pass or the neighbours.
+    """
+    n = config.samples
+    orders = [_example_order(r) for r in requests]
+    per_pass = max(1, config.batch_size // (n * len(requests)))
+    texts: list[dict[tuple[int, int], list[str]]] = [{} for _ in requests]
+    for start in range(0, max(len(order) for order in orders), per_pass):
+        parts = [(index, order[start : start + per_pass]) for index, order in enumerate(orders)
+                 if order[start : start + per_pass]]
+        rollout_requests = [
+            RolloutRequest(requests[index].slot or 0, [requests[index].tasks[j].eval[i] for j, i in items], n,
+                           config.temperature, config.top_p, config.max_new_tokens,
+                           sample_seeds(requests[index].seed, items, n))
+            for index, items in parts
+        ]
+        rollouts = sample(engine, rollout_requests, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        for (index, items), rollout in zip(parts, rollouts):
+            for position, item in enumerate(items):
+                texts[index][item] = [completion_text(ids, tokenizer)
+                                      for ids in rollout.completion_ids[position * n : (position + 1) * n]]
+    scores: dict[str, dict[str, float]] = {}
+    for request, completions in zip(requests, texts):
+        scores[request.key] = {}
+        for j, task in enumerate(request.tasks):
+            rows = task.eval
+            try:
+                value = task_pass_at_k(task.reward, task.name, [r.prompt for r in rows for _ in range(n)],
+                                       [t for i in range(len(rows)) for t in completions[(j, i)]],
+                                       [r.completion for r in rows for _ in range(n)], n, config.pass_k)
+            except ConfigError:  # a reward that cannot be imported: the user's setup, as in the greedy path
+                raise
+            except Exception as exc:  # the user's reward: its failure is this request's (adapter's) alone
+                failed.setdefault(request.key, failure_line(task.reward, task.name, exc))
+                value = math.nan
+            scores[request.key][task.name] = value
+    return scores

@@ -42,10 +42,11 @@ class SavedAdapter:
     path: Path
     config: AdapterConfig
     weights: dict[str, torch.Tensor]
+    seed: int = 0  # what pass_at_k samples with: the run's adapter seed, so it scores as in the run
 
 
-def read_peft_adapter(path: Path, label: str | None = None) -> SavedAdapter:
-    """A PEFT LoRA checkpoint folder -> config and weights under mlora's key names."""
+def read_peft_adapter(path: Path, label: str | None = None, seed: int = 0) -> SavedAdapter:
+    """A PEFT LoRA checkpoint folder -> config and weights under mlora's key names; `seed` is pass_at_k's."""
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
         raise ConfigError([f"{path}: not a PEFT adapter folder (no adapter_config.json)"])
@@ -76,7 +77,7 @@ def read_peft_adapter(path: Path, label: str | None = None) -> SavedAdapter:
     if peft_config.get("use_rslora"):
         alpha *= math.sqrt(rank)  # rsLoRA scales by alpha / sqrt(r); mlora's scale is alpha / r
     config = AdapterConfig(rank=rank, alpha=alpha, target_modules=tuple(modules))
-    return SavedAdapter(label=label or path.name, path=path, config=config, weights=weights)
+    return SavedAdapter(label=label or path.name, path=path, config=config, weights=weights, seed=seed)
 
 
 def _tokenized_tasks(suite: TaskSuite, seed: int, max_seq_len: int, tokenizer: Any, base_dir: Path | None,
@@ -110,7 +111,7 @@ def score_checkpoints(
         chunk = saved[start : start + SLOTS_PER_PASS]
         for slot, adapter in enumerate(chunk):
             engine.set_slot_weights(slot, adapter.config, adapter.weights)
-        requests = [EvalRequest(s.label, slot, task_sets[start + slot]) for slot, s in enumerate(chunk)]
+        requests = [EvalRequest(s.label, slot, task_sets[start + slot], s.seed) for slot, s in enumerate(chunk)]
         if start == 0:
             requests += base_requests or []
         chunk_scores, took = evaluate(engine, requests, suite.eval, base.tokenizer)
@@ -125,7 +126,7 @@ def evaluate_adapters(
     """Evaluate any PEFT LoRA adapters on a task suite; results keyed by adapter folder name."""
     labels = [p.name for p in paths]
     labels = [f"{label}-{i}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
-    saved = [read_peft_adapter(p, label) for p, label in zip(paths, labels)]
+    saved = [read_peft_adapter(p, label, suite.seed or 0) for p, label in zip(paths, labels)]
     started = time.perf_counter()
     base = load_base(base_model, device)
     cache: dict[tuple[int, int], list[TokenizedTask]] = {}
@@ -170,13 +171,13 @@ def evaluate_run(run_dir: Path, suite: TaskSuite | None = None, device: str = "c
         tasks = _tokenized_tasks(suite, seed, adapter["train"]["max_seq_len"], base.tokenizer, base_dir, cache)
         tasks_of[adapter["name"]] = tasks
         for checkpoint in checkpoints:
-            saved.append(read_peft_adapter(checkpoint, f"{adapter['name']}/{checkpoint.name}"))
+            saved.append(read_peft_adapter(checkpoint, f"{adapter['name']}/{checkpoint.name}", adapter["seed"]))
             task_sets.append(tasks)
     if not saved:
         raise ConfigError([f"{run_dir}: no per-task checkpoints under checkpoints/"])
     # Row 0 of every matrix is the base alone (B = 0).
     base_requests = [
-        EvalRequest(f"{a['name']}/before", None, tasks_of[a["name"]]) for a in expanded if rows_of[a["name"]]
+        EvalRequest(f"{a['name']}/before", None, tasks_of[a["name"]], a["seed"]) for a in expanded if rows_of[a["name"]]
     ]
     scores, seconds = score_checkpoints(base, saved, task_sets, suite, base_requests)
 

@@ -57,22 +57,33 @@ def bench_tables(report: dict[str, Any], width: int | None = None) -> list[Table
     summary.add_column("figure", no_wrap=True)
     summary.add_column("value", justify="right", no_wrap=True)
     summary.add_column("meaning")
-    summary.add_row("fusion efficiency (train)", f"{fusion['fusion_efficiency_train']:.2f}",
-                    f"union step (rank {fusion['union_rank']}) {fusion['union_step_seconds'] * 1e3:.0f} ms / fused step"
-                    f" {fusion['fused_step_seconds'] * 1e3:.0f} ms ({threads} thread{'s' if threads != 1 else ''})")
-    summary.add_row("fusion efficiency (eval)", f"{fusion['fusion_efficiency_eval']:.2f}",
-                    f"union pass {fusion['union_eval_seconds']:.2f} s"
-                    f" / fused pass {fusion['fused_eval_seconds']:.2f} s")
+    plural = "s" if threads != 1 else ""
+    passes = (("train", "train", "step", True), ("eval", "eval", "eval", False),
+              ("sample", "RL sampling", "sample", False), ("rl_train", "RL train", "rl_step", True))
+    for kind, label, part, ms in passes:
+        if f"fusion_efficiency_{kind}" not in fusion:
+            continue  # the RL passes: on a sweep with an RL task only
+        union, fused = fusion[f"union_{part}_seconds"], fusion[f"fused_{part}_seconds"]
+        seconds = (lambda t: f"{t * 1e3:.0f} ms") if ms else (lambda t: f"{t:.2f} s")
+        rank = f" (rank {fusion['union_rank']})" if kind == "train" else ""
+        threads_note = f" ({threads} thread{plural})" if kind == "train" else ""
+        summary.add_row(f"fusion efficiency ({label})", f"{fusion[f'fusion_efficiency_{kind}']:.2f}",
+                        f"union {label}{rank} {seconds(union)} / fused {seconds(fused)}{threads_note}")
     if "experiment_throughput_ratio" in report:
         summary.add_row("experiment throughput ratio", f"{report['experiment_throughput_ratio']:.2f}x",
                         "concurrent / sequential experiments per hour")
         summary.add_row("peak RSS below 2 sequential", "yes" if report["memory_below_two_sequential"] else "no",
                         f"{report['modes']['concurrent']['peak_rss_mib']:,.0f} MiB vs 2 x "
                         f"{report['modes']['sequential']['peak_rss_mib']:,.0f} MiB")
+    if "throughput_vs_trl" in report:
+        summary.add_row("experiment throughput vs TRL", f"{report['throughput_vs_trl']:.2f}x",
+                        "concurrent / TRL GRPOTrainer experiments per hour")
     for level, per_hour in report.get("concurrency_curve", {}).items():
         summary.add_row(f"experiments/h, {level} at once", f"{per_hour:,.0f}", f"with max_concurrent {level}")
     tables.append(summary)
 
+    if "rl_rewards" in report:
+        tables.append(reward_table(report))
     if "agreement" in report:
         tol = report["agreement_tolerances"]
         names = list(report["agreement"])
@@ -82,12 +93,39 @@ def bench_tables(report: dict[str, Any], width: int | None = None) -> list[Table
             Col("early\n|d loss|", [f"{v['max_early_loss_rel_delta']:.0e}" for v in verdicts]),
             Col("|d loss|\n%", [f"{100 * v['max_loss_rel_delta']:.3f}" for v in verdicts]),
             Col("|d exact|\npp", [f"{100 * v['max_exact_match_delta']:.1f}" for v in verdicts]),
+            *([Col("early\n|d rew|", [f"{v['max_early_reward_delta']:.2g}" for v in verdicts]),
+               Col("|d rew|", [f"{v['max_reward_delta']:.3f}" for v in verdicts])]
+              if "rl_rewards" in report else []),
             Col("verdict", ["[green]agree[/]" if v["agree"] else "[red]disagree[/]" for v in verdicts], justify="left"),
         ], title="agreement: concurrent vs sequential",
            caption=f"early |d loss|: largest relative difference of the training loss over the first "
                    f"{tol['early_steps']} steps (within {tol['early_loss']:g}: rounding); |d loss|, |d exact|: "
                    "worst case over tasks of "
                    f"the final eval loss (relative, within {100 * tol['final_loss']:g}%) and exact match (points, "
-                   f"within {100 * tol['exact_match']:g}); see docs/benchmark.md: training amplifies rounding")
+                   f"within {100 * tol['exact_match']:g})"
+                   + ("; early |d rew|: largest difference of the mean sampled reward over the first "
+                      f"{tol['early_steps']} RL steps (must be 0: the same samples); |d rew|: final greedy reward, "
+                      f"worst task (within {tol['reward']:g})" if "rl_rewards" in report else "")
+                   + "; see docs/benchmark.md: training amplifies rounding")
         tables.append(agree)
     return tables
+
+
+def reward_table(report: dict[str, Any]) -> Table:
+    """Each mode's RL learning: mean sampled reward over the first and last 5 RL steps, and the final greedy reward."""
+    names = list(report["rl_rewards"])
+
+    def window(name: str, part: slice) -> str:
+        values = [r for rewards in report["rl_rewards"][name].values() for r in rewards[part]]
+        return f"{sum(values) / len(values):.3f}" if values else "-"
+
+    finals = [report["final_reward"].get(name) for name in names]
+    return fitted_table([
+        Col("mode", [escape(name) for name in names], justify="left"),
+        Col("sampled reward\nfirst 5 steps", [window(name, slice(0, 5)) for name in names]),
+        Col("sampled reward\nlast 5 steps", [window(name, slice(-5, None)) for name in names]),
+        Col("final greedy\nreward", ["-" if f is None else f"{f:.3f}" for f in finals]),
+    ], title="RL learning, mean over adapters",
+       caption="sampled reward: mean reward of the completions each RL step trained on (bench.json: rl_rewards, "
+               "per step and adapter); final greedy reward: the task reward of greedy generations after the last "
+               "task, mean over tasks")

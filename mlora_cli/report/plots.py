@@ -17,7 +17,7 @@ from mlora_cli.files import write_bytes
 from mlora_cli.report.format import PERCENT_METRICS, format_metric, metric_header
 
 # The metrics `write_all` plots, when the run evaluated them.
-PLOTTED_METRICS = ("exact_match", "reward", "loss")
+PLOTTED_METRICS = ("exact_match", "reward", "pass_at_k", "loss")
 
 
 def _figure(width: float, height: float) -> Any:
@@ -183,7 +183,7 @@ def learning_vs_forgetting(results: dict[str, Any], metric: str, path: Path) -> 
 
 
 def write_all(run_dir: Path, results: dict[str, Any], task_names: Sequence[str]) -> list[Path]:
-    """Every plot of a run under `<run_dir>/plots/`, for exact_match and loss where evaluated; the paths written.
+    """Every plot of a run under `<run_dir>/plots/`, for PLOTTED_METRICS where evaluated; the paths written.
 
     `<adapter>-<metric>-heatmap.png` per adapter, `<adapter>-<metric>-curves.png` where the adapter has a curve,
     `learning-vs-forgetting-<metric>.png` when some adapter has a complete matrix over 2 or more tasks.

@@ -191,7 +191,7 @@ class Worker:
         due = [p for p in self.active if p.needs_eval or p.needs_curve_eval]
         if not due:
             return False
-        requests = [EvalRequest(p.spec.name, p.slot if p.step else None, p.tasks) for p in due]
+        requests = [EvalRequest(p.spec.name, p.slot if p.step else None, p.tasks, p.spec.seed) for p in due]
         failures: dict[str, str] = {}
         scores, seconds = evaluate(self.engine, requests, self.spec.eval, self.tokenizer, failures)
         for progress in due:
@@ -273,7 +273,7 @@ def load_rewards(spec: SweepSpec, task_data: dict[int, list[TaskData]]) -> None:
     """Import every reward the run will call, before training: one that cannot be found is a ConfigError."""
     tasks = next(iter(task_data.values()), [])
     for i, (config, data) in enumerate(zip(spec.tasks, tasks)):
-        if config.objective == "grpo" or "reward" in spec.eval.metrics:
+        if config.objective == "grpo" or {"reward", "pass_at_k"} & set(spec.eval.metrics):
             load_reward(data.reward, key=f"tasks[{i}].reward")
 
 

@@ -211,9 +211,20 @@ def parse_spec(data: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
     sweep = spec.sweep if spec is not _NO else build(SweepConfig, data.get("sweep"), "sweep", [])
     if sweep is not _NO:
         errors.extend(check_sweep(sweep))
+    eval_config = spec.eval if spec is not _NO else build(EvalConfig, data.get("eval"), "eval", [])
+    if eval_config is not _NO:
+        errors.extend(check_eval(eval_config))
     if errors:
         raise ConfigError(errors)
     return spec
+
+
+def check_eval(config: EvalConfig) -> list[str]:
+    """Problems between `eval` keys: pass@k draws its k tries from the n samples of each example."""
+    if config.samples < config.pass_k:
+        return [f"eval.samples: must be >= eval.pass_k (n samples per example to estimate pass@k from; "
+                f"got samples {config.samples} < pass_k {config.pass_k})"]
+    return []
 
 
 def local_model_problems(name: str) -> list[str]:
@@ -280,6 +291,8 @@ def load_task_suite(path: str | Path) -> TaskSuite:
     names = [t.name for t in tasks if t is not _NO]
     for name in {n for n in names if names.count(n) > 1}:
         errors.append(f"tasks: duplicate task name '{name}'")
+    if eval_config is not _NO:
+        errors.extend(check_eval(eval_config))
     if not errors:
         for i, task in enumerate(tasks):
             errors.extend(check_task(task, f"tasks[{i}]", path.parent))

@@ -168,20 +168,32 @@ class TrainConfig:
 class EvalConfig:
     """What is measured on every task's eval split after every task."""
 
-    metrics: tuple[Literal["loss", "token_accuracy", "exact_match", "reward"], ...] = field(
+    metrics: tuple[Literal["loss", "token_accuracy", "exact_match", "reward", "pass_at_k"], ...] = field(
         default=("loss", "token_accuracy", "exact_match"),
         metadata=_doc("loss, token_accuracy: on completion tokens; exact_match, reward: greedy generation "
-                      "(reward: scored by the task's `reward`)", _non_empty),
+                      "(reward: scored by the task's `reward`); pass_at_k: `samples` sampled completions per "
+                      "example, passing at full reward", _non_empty),
     )
-    max_new_tokens: int = field(default=16, metadata=_doc("tokens generated for exact_match", _positive))
+    max_new_tokens: int = field(
+        default=16, metadata=_doc("tokens generated for exact_match, reward and pass_at_k", _positive)
+    )
     batch_size: int = field(
-        default=256, metadata=_doc("rows per evaluation forward (all adapters together)", _positive)
+        default=256, metadata=_doc("rows per evaluation forward (all adapters together; each pass_at_k sample is a "
+                                   "row)", _positive)
     )
     every_steps: int | None = field(
         default=None, metadata=_doc(
             "also evaluate every N steps within a task (per-task curves); null: only at task ends", _optional_positive
         )
     )
+    pass_k: int = field(default=1, metadata=_doc("pass_at_k: the k of pass@k (k tries per example)", _positive))
+    samples: int = field(
+        default=8, metadata=_doc("pass_at_k: completions sampled per example (n of the unbiased estimator, >= "
+                                 "pass_k)", _positive)
+    )
+    temperature: float = field(default=1.0, metadata=_doc("pass_at_k: sampling temperature", _positive))
+    top_p: float = field(default=1.0, metadata=_doc("pass_at_k: nucleus sampling: keep the smallest set of tokens "
+                                                    "of this probability", _probability))
 
 
 @dataclass(frozen=True)

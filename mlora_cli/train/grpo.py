@@ -6,7 +6,8 @@ For one adapter, G completions o_1..o_G of each prompt get rewards r_i; the adva
 drops the division: `none`). A group whose rewards are all equal has A = 0: it teaches nothing.
 
 Per completion token t of o_i, with the ratio `rho = pi(t) / pi_old(t)` (here the policy that
-sampled them is the current one, so rho = 1 in value and carries d log pi in its gradient):
+sampled them is the current one, so rho = 1 in value and carries d log pi in its gradient), pi
+being the sampling policy softmax(logits / temperature) as in TRL:
 
     l_{i,t} = -A_i * rho_{i,t} + beta * (exp(q - p) - (q - p) - 1),   p = log pi(t), q = log pi_base(t)
 
@@ -32,7 +33,7 @@ from mlora_cli.data.batches import IGNORE, Row
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.spec.schema import RLConfig
 from mlora_cli.train.rewards import failure_line, load_reward, score
-from mlora_cli.train.rollout import RolloutRequest, sample
+from mlora_cli.train.rollout import Rollout, RolloutRequest, sample
 
 
 def advantages(rewards: list[float], group_size: int, scale: str) -> list[float]:
@@ -44,11 +45,16 @@ def advantages(rewards: list[float], group_size: int, scale: str) -> list[float]
     return centred.flatten().tolist()
 
 
-def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi of each next token (rows x length-1) and the mask of completion tokens."""
+def token_log_probs(logits: torch.Tensor, labels: torch.Tensor,
+                    temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi_T of each next token (rows x length-1) and the mask of completion tokens.
+
+    pi_T = softmax(logits / T) is the policy that sampled the completions, so the gradient is
+    that of the policy that acted (as TRL and verl compute it); at T = 1 it is the model's own.
+    """
     targets = labels[:, 1:]
     mask = targets != IGNORE
-    log_probs = torch.log_softmax(logits[:, :-1].float(), -1)
+    log_probs = torch.log_softmax(logits[:, :-1].float() / temperature, -1)
     chosen = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return chosen, mask
 
@@ -90,6 +96,36 @@ class RLBatch:
     metrics: dict[str, float]  # what metrics.jsonl records for the step
 
 
+def rollout_request(job: RLJob) -> RolloutRequest:
+    """What to sample for `job`: its prompts x group_size rows, each with its own noise stream."""
+    config = job.config
+    return RolloutRequest(job.slot, job.prompts, config.group_size, config.temperature, config.top_p,
+                          config.max_new_tokens, [seeds.rl_sample(job.seed, job.step, k, s)
+                                                  for k in range(len(job.prompts)) for s in range(config.group_size)])
+
+
+def scored_batch(job: RLJob, rollout: Rollout, tokenizer: Any, sample_seconds: float) -> RLBatch:
+    """Score `job`'s samples with its reward and turn the rewards into advantages; a failing reward raises."""
+    scored = time.perf_counter()
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in rollout.completion_ids]
+    reward = load_reward(job.reward)  # found at worker start; a missing one is a ConfigError there
+    rewards = score(reward, [r.prompt for r in rollout.rows], texts, [r.completion for r in rollout.rows], job.task)
+    group = job.config.group_size
+    rows = rollout.rows
+    if job.config.mask_truncated:  # a cut completion carries no loss: no completion tokens to learn from
+        rows = [Row(r.ids, r.tokens, r.completion, r.prompt) if cut else r for r, cut in zip(rows, rollout.truncated)]
+    spread = torch.tensor(rewards, dtype=torch.float64).view(-1, group).std(1)
+    return RLBatch(rows, advantages(rewards, group, job.config.scale_rewards), {
+        "reward_mean": sum(rewards) / len(rewards),
+        "reward_std": float(torch.tensor(rewards, dtype=torch.float64).std()) if len(rewards) > 1 else 0.0,
+        "zero_variance_groups": float((spread == 0).double().mean()),
+        "truncated": sum(rollout.truncated) / len(rollout.truncated),
+        "completion_tokens": sum(len(ids) for ids in rollout.completion_ids) / len(rollout.completion_ids),
+        "sample_seconds": sample_seconds,
+        "score_seconds": time.perf_counter() - scored,
+    })
+
+
 def rl_batches(engine: MultiLoraModel, tokenizer: Any, jobs: list[RLJob]) -> tuple[dict[str, RLBatch], dict[str, str]]:
     """Sample every job's completions in one fused pass, score them, and turn rewards into advantages.
 
@@ -97,37 +133,12 @@ def rl_batches(engine: MultiLoraModel, tokenizer: Any, jobs: list[RLJob]) -> tup
     those train nothing this step and stop; the others are not touched by it.
     """
     started = time.perf_counter()
-    requests = [RolloutRequest(job.slot, job.prompts, job.config.group_size, job.config.temperature, job.config.top_p,
-                               job.config.max_new_tokens,
-                               [seeds.rl_sample(job.seed, job.step, k, s)
-                                for k in range(len(job.prompts)) for s in range(job.config.group_size)])
-                for job in jobs]
-    rollouts = sample(engine, requests, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    rollouts = sample(engine, [rollout_request(job) for job in jobs], tokenizer.pad_token_id, tokenizer.eos_token_id)
     sample_seconds = time.perf_counter() - started
     batches, failures = {}, {}
     for job, rollout in zip(jobs, rollouts):
-        scored = time.perf_counter()
-        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in rollout.completion_ids]
-        reward = load_reward(job.reward)  # found at worker start; a missing one is a ConfigError there
         try:
-            rewards = score(reward, [r.prompt for r in rollout.rows], texts, [r.completion for r in rollout.rows],
-                            job.task)
+            batches[job.name] = scored_batch(job, rollout, tokenizer, sample_seconds)
         except Exception as exc:  # the user's reward: its failure stops this adapter alone
             failures[job.name] = failure_line(job.reward, job.task, exc)
-            continue
-        group = job.config.group_size
-        rows = rollout.rows
-        if job.config.mask_truncated:  # a cut completion carries no loss: no completion tokens to learn from
-            rows = [Row(r.ids, r.tokens, r.completion, r.prompt) if cut else r
-                    for r, cut in zip(rows, rollout.truncated)]
-        spread = torch.tensor(rewards, dtype=torch.float64).view(-1, group).std(1)
-        batches[job.name] = RLBatch(rows, advantages(rewards, group, job.config.scale_rewards), {
-            "reward_mean": sum(rewards) / len(rewards),
-            "reward_std": float(torch.tensor(rewards, dtype=torch.float64).std()) if len(rewards) > 1 else 0.0,
-            "zero_variance_groups": float((spread == 0).double().mean()),
-            "truncated": sum(rollout.truncated) / len(rollout.truncated),
-            "completion_tokens": sum(len(ids) for ids in rollout.completion_ids) / len(rollout.completion_ids),
-            "sample_seconds": sample_seconds,
-            "score_seconds": time.perf_counter() - scored,
-        })
     return batches, failures

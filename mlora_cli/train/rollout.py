@@ -51,6 +51,21 @@ def _top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
 
 
+def perturbed_scores(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                     generators: list[torch.Generator], done: list[bool]) -> torch.Tensor:
+    """`logits / T` restricted to the top-p set, plus Gumbel noise: the argmax of each row is its sample.
+
+    Noise is drawn on the host from each row's own generator, and only for rows still sampling
+    (a finished row's draws would be thrown away). The sequential baseline calls this from a
+    `generate` logits processor, so both sample with the same arithmetic.
+    """
+    filtered = _top_p_filter(logits.float() / temperature, top_p)
+    vocab = filtered.size(-1)
+    uniform = torch.stack([torch.full((vocab,), 0.5) if finished else torch.rand(vocab, generator=g)
+                           for g, finished in zip(generators, done)]).to(filtered.device)
+    return filtered - torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
+
+
 @torch.no_grad()
 def sample(engine: MultiLoraModel, requests: list[RolloutRequest], pad_id: int, eos_id: int) -> list[Rollout]:
     """One Rollout per request, its rows prompt-major (prompt 0's group first)."""
@@ -81,13 +96,7 @@ def sample(engine: MultiLoraModel, requests: list[RolloutRequest], pad_id: int, 
             output = engine.model(input_ids=step_input, attention_mask=mask, position_ids=step_positions,
                                   use_cache=True, **({cache_arg: cache} if cache is not None else {}))
         cache = model_cache(output)
-        logits = _top_p_filter(output.logits[:, -1].float() / temperature, top_p)
-        # Noise only for rows still sampling (a finished row's draws would be thrown away).
-        vocab = logits.size(-1)
-        uniform = torch.stack([torch.full((vocab,), 0.5) if finished else torch.rand(vocab, generator=g)
-                               for g, finished in zip(generators, done)]).to(device)
-        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
-        tokens = (logits + gumbel).argmax(-1).tolist()
+        tokens = perturbed_scores(output.logits[:, -1], temperature, top_p, generators, done).argmax(-1).tolist()
         for i, token in enumerate(tokens):
             if done[i]:
                 continue
@@ -96,11 +105,12 @@ def sample(engine: MultiLoraModel, requests: list[RolloutRequest], pad_id: int, 
         step_input = torch.tensor([[g[-1]] for g in generated], device=device)
         mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
         step_positions = step_positions[:, -1:] + 1
-    return _rollouts(requests, prompts, generated, eos_id)
+    return as_rollouts(requests, prompts, generated, eos_id)
 
 
-def _rollouts(requests: list[RolloutRequest], prompts: list[tuple[int, ...]], generated: list[list[int]],
-              eos_id: int) -> list[Rollout]:
+def as_rollouts(requests: list[RolloutRequest], prompts: list[tuple[int, ...]], generated: list[list[int]],
+                eos_id: int) -> list[Rollout]:
+    """One Rollout per request from the sampled tokens of its rows (prompt-major; each may end with eos)."""
     out, start = [], 0
     for request in requests:
         size = len(request.prompts) * request.group_size

@@ -84,30 +84,31 @@ def _with_rl_losses(engine: MultiLoraModel, inputs: list[StepInput], counts: lis
     starts = [sum(counts[:k]) for k in range(len(counts))]
     spans = {k: slice(starts[k], starts[k] + counts[k]) for k, part in enumerate(inputs)
              if part.advantages is not None and part.rl is not None}
-    base_log_probs = _base_log_probs(engine, batch, [k for k in spans if inputs[k].rl.kl_beta > 0], spans)
+    base_log_probs = _base_log_probs(engine, batch, {k: inputs[k].rl.temperature for k in spans
+                                                     if inputs[k].rl.kl_beta > 0}, spans)
     losses = list(objective.unbind())
     for k, span in spans.items():
         part = inputs[k]
-        log_probs, mask = token_log_probs(logits[span], batch.labels[span])  # the adapter's rows only
+        log_probs, mask = token_log_probs(logits[span], batch.labels[span], part.rl.temperature)  # its rows only
         advantage = torch.tensor(part.advantages, dtype=log_probs.dtype, device=log_probs.device)
         losses[k] = adapter_loss(log_probs, mask, advantage, part.rl, base_log_probs.get(k))
     return torch.stack(losses)
 
 
 @torch.no_grad()
-def _base_log_probs(engine: MultiLoraModel, batch: Batch, adapters: list[int],
+def _base_log_probs(engine: MultiLoraModel, batch: Batch, temperatures: dict[int, float],
                     spans: dict[int, slice]) -> dict[int, torch.Tensor]:
-    """log pi_base of the completion tokens of `adapters`' rows: one pass of the base alone (the KL reference)."""
-    if not adapters:
+    """log pi_base of the completion tokens of the rows of the adapters in `temperatures` (each at its own
+    sampling temperature): one pass of the base alone (the KL reference)."""
+    if not temperatures:
         return {}
-    rows = torch.cat([torch.arange(spans[k].start, spans[k].stop) for k in adapters]).to(batch.input_ids.device)
+    rows = torch.cat([torch.arange(spans[k].start, spans[k].stop) for k in temperatures]).to(batch.input_ids.device)
     with engine.routed([], []), autocast(engine):
         logits = engine.model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows]).logits
-    log_probs, _ = token_log_probs(logits, batch.labels[rows])
     out, start = {}, 0
-    for k in adapters:
+    for k, temperature in temperatures.items():
         size = spans[k].stop - spans[k].start
-        out[k] = log_probs[start:start + size]
+        out[k], _ = token_log_probs(logits[start:start + size], batch.labels[rows][start:start + size], temperature)
         start += size
     return out
 
