@@ -173,6 +173,11 @@ def lone_peft_model(model, adapter):
     with torch.no_grad():
         for name in targets:
             peft.base_model.model.get_submodule(name).lora_A["default"].weight.copy_(initial_a[name])
+    if config.init_from is not None:  # a warm start: the saved adapter's weights, as mlora loads them
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(peft, load_file(str(Path(config.init_from) / "adapter_model.safetensors")))
     return peft
 
 

@@ -39,8 +39,9 @@ from mlora_cli.contract import (
 )
 from mlora_cli.data.batches import BatchSampler, Row, TokenizedTask, check_formats, tokenize_task
 from mlora_cli.data.sources import TaskData
-from mlora_cli.errors import Interrupted, StorageError
+from mlora_cli.errors import ConfigError, Interrupted, StorageError
 from mlora_cli.eval.evaluate import EvalRequest, evaluate
+from mlora_cli.eval.reeval import read_peft_adapter
 from mlora_cli.files import write_json
 from mlora_cli.model.base import load_base
 from mlora_cli.model.engine import MultiLoraModel
@@ -100,6 +101,8 @@ class Worker:
                        "result": self.results[adapter.name], "resumed": True})
             return
         self.engine.load_slot(slot, adapter.adapter, adapter.train.max_grad_norm, adapter.seed)
+        if adapter.adapter.init_from is not None:
+            self.engine.set_slot_weights(slot, adapter.adapter, warm_start(self.engine, adapter))
         self.strategies.start(slot, adapter.adapter, adapter.seed)
         dropout = None
         if adapter.adapter.dropout > 0:
@@ -154,11 +157,23 @@ class Worker:
 
     def rl_step_batches(self) -> dict[str, RLBatch]:
         """Sampled and scored batches of the adapters on a `grpo` task (one fused pass); a failing reward stops one."""
-        jobs = [rl_job(p) for p in self.active if self.spec.tasks[p.task_index].objective == "grpo"]
+        jobs = [self.rl_job(p) for p in self.active if self.spec.tasks[p.task_index].objective == "grpo"]
         batches, failures = rl_batches(self.engine, self.tokenizer, jobs) if jobs else ({}, {})
         for progress in [p for p in self.active if p.spec.name in failures]:
             self.finish(progress, failures[progress.spec.name])
         return batches
+
+    def rl_job(self, progress: AdapterProgress) -> RLJob:
+        """An adapter's share of this step's RL sampling: `batch_size` prompts (replay's from earlier tasks among
+        them), `group_size` samples each."""
+        size = progress.spec.train.batch_size
+        replayed = self.strategies.replayed_items(progress.slot, progress.spec.adapter, size)
+        prompts = [progress.task.train[i] for i in progress.sampler.next(size - len(replayed))]
+        scorers = {len(prompts) + k: (progress.tasks[t].reward, progress.tasks[t].name)
+                   for k, (t, _) in enumerate(replayed)}
+        prompts += [progress.tasks[t].train[i] for t, i in replayed]
+        return RLJob(progress.spec.name, progress.slot, progress.spec.seed, progress.step, prompts,
+                     progress.spec.train.rl, progress.task.reward, progress.task.name, scorers)
 
     def batch_rows(self, progress: AdapterProgress) -> list[Row]:
         size = progress.spec.train.batch_size
@@ -191,7 +206,9 @@ class Worker:
         due = [p for p in self.active if p.needs_eval or p.needs_curve_eval]
         if not due:
             return False
-        requests = [EvalRequest(p.spec.name, p.slot if p.step else None, p.tasks, p.spec.seed) for p in due]
+        # Before its first step an adapter is the base (B = 0), evaluated once for all; a warm start is not.
+        requests = [EvalRequest(p.spec.name, p.slot if p.step or p.spec.adapter.init_from else None, p.tasks,
+                                p.spec.seed) for p in due]
         failures: dict[str, str] = {}
         scores, seconds = evaluate(self.engine, requests, self.spec.eval, self.tokenizer, failures)
         for progress in due:
@@ -272,9 +289,28 @@ class Worker:
 def load_rewards(spec: SweepSpec, task_data: dict[int, list[TaskData]]) -> None:
     """Import every reward the run will call, before training: one that cannot be found is a ConfigError."""
     tasks = next(iter(task_data.values()), [])
-    for i, (config, data) in enumerate(zip(spec.tasks, tasks)):
-        if config.objective == "grpo" or {"reward", "pass_at_k"} & set(spec.eval.metrics):
-            load_reward(data.reward, key=f"tasks[{i}].reward")
+    # Replay on an RL task scores an earlier task's prompts by that task's reward: with any RL task, all of them.
+    every = any(t.objective == "grpo" for t in spec.tasks) or bool({"reward", "pass_at_k"} & set(spec.eval.metrics))
+    if not every:
+        return
+    for i, data in enumerate(tasks):
+        load_reward(data.reward, key=f"tasks[{i}].reward")
+
+
+def warm_start(engine: MultiLoraModel, adapter: AdapterSpec) -> dict[str, torch.Tensor]:
+    """The weights of `adapter.init_from`, checked to cover exactly the layers this adapter trains."""
+    path = Path(adapter.adapter.init_from or "")
+    saved = read_peft_adapter(path)
+    layers = {f"base_model.model.{name}" for name in engine.targeted_layers(adapter.adapter)}
+    held = {key.rsplit(".lora_", 1)[0] for key in saved.weights}
+    if held != layers:
+        extra, missing = sorted(held - layers), sorted(layers - held)
+        raise ConfigError([f"adapter.init_from: {path} does not fit adapter '{adapter.name}': "
+                           + "; ".join(part for part in (
+                               f"{len(extra)} layers it does not target (e.g. {extra[0]})" if extra else "",
+                               f"no weights for {len(missing)} of its layers (e.g. {missing[0]})" if missing else "")
+                                       if part)])
+    return saved.weights
 
 
 def fisher_of(engine: MultiLoraModel, progress: AdapterProgress, finished: int, pad_id: int) -> list[torch.Tensor]:
@@ -285,13 +321,6 @@ def fisher_of(engine: MultiLoraModel, progress: AdapterProgress, finished: int, 
                for i in sampler.next(progress.spec.adapter.fisher_samples)]
     with torch.enable_grad():  # called from inside the strategies' no-grad bookkeeping
         return squared_gradients(engine, batches, pad_id)
-
-
-def rl_job(progress: AdapterProgress) -> RLJob:
-    """An adapter's share of this step's RL sampling: `batch_size` prompts of its task, `group_size` samples each."""
-    prompts = [progress.task.train[i] for i in progress.sampler.next(progress.spec.train.batch_size)]
-    return RLJob(progress.spec.name, progress.slot, progress.spec.seed, progress.step, prompts, progress.spec.train.rl,
-                 progress.task.reward, progress.task.name)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what schedulers and `timeout` send

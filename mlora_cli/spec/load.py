@@ -9,6 +9,7 @@ cross-checks a `SweepSpec`. Every problem is collected with its full key path
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import typing
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from mlora_cli.spec.convert import _NO, build, did_you_mean
 from mlora_cli.spec.models import BUILTIN_MODELS, PRETRAINED_WEIGHTS, read_checked
 from mlora_cli.spec.plan import gpu_device_nodes_present, missing_cuda_devices
 from mlora_cli.spec.schema import EvalConfig, SweepConfig, SweepSpec, TaskConfig
-from mlora_cli.spec.sweep import check_sweep
+from mlora_cli.spec.sweep import check_sweep, expand
 from mlora_cli.spec.tasks import check_task
 
 
@@ -214,9 +215,67 @@ def parse_spec(data: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
     eval_config = spec.eval if spec is not _NO else build(EvalConfig, data.get("eval"), "eval", [])
     if eval_config is not _NO:
         errors.extend(check_eval(eval_config))
+    if not errors:
+        errors.extend(check_init_from(spec))
     if errors:
         raise ConfigError(errors)
     return spec
+
+
+def check_init_from(spec: SweepSpec) -> list[str]:
+    """Every `adapter.init_from` names a PEFT LoRA folder of the adapter's rank and alpha (read without torch)."""
+    problems: list[str] = []
+    for adapter in expand(spec):
+        path = adapter.adapter.init_from
+        if path is None:
+            continue
+        where = "adapter.init_from" + (f" (adapter {adapter.name})" if spec.sweep.grid or spec.sweep.zip
+                                       or spec.sweep.list else "")
+        config_file = Path(path) / "adapter_config.json"
+        if not config_file.is_file():
+            problem = f"{where}: {path} is not a PEFT adapter folder (no adapter_config.json)"
+        else:
+            try:
+                saved = json.loads(config_file.read_text())
+                rank, alpha = int(saved["r"]), float(saved["lora_alpha"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                problem = f"{where}: {config_file}: unreadable ({type(exc).__name__}: {exc})"
+            else:
+                problem = None
+                if saved.get("peft_type", "LORA") != "LORA" or saved.get("use_dora"):
+                    problem = f"{where}: {path} is not a plain LoRA adapter"
+                elif (rank, alpha) != (adapter.adapter.rank, adapter.adapter.alpha):
+                    problem = (f"{where}: {path} has r={rank}, lora_alpha={alpha:g}; the adapter has rank "
+                               f"{adapter.adapter.rank}, alpha {adapter.adapter.alpha:g}: set them to match")
+        if problem and problem not in problems:
+            problems.append(problem)
+    return problems
+
+
+def absolute_init_from(data: dict[str, Any], base_dir: Path) -> None:
+    """Relative `adapter.init_from` paths (in `adapter` and in sweep values) resolved against the sweep's folder.
+
+    In place, so the run folder's resolved sweep names the same folders wherever it is resumed from.
+    """
+    def absolute(value: Any) -> Any:
+        if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+            return str((base_dir / value).resolve())
+        return str(Path(value).expanduser()) if isinstance(value, str) else value
+
+    key = "adapter.init_from"
+    adapter = data.get("adapter")
+    if isinstance(adapter, dict) and "init_from" in adapter:
+        adapter["init_from"] = absolute(adapter["init_from"])
+    sweep = data.get("sweep")
+    if not isinstance(sweep, dict):
+        return
+    for part in ("grid", "zip"):
+        axis = sweep.get(part)
+        if isinstance(axis, dict) and isinstance(axis.get(key), list):
+            axis[key] = [absolute(v) for v in axis[key]]
+    for entry in sweep.get("list") or []:
+        if isinstance(entry, dict) and key in entry:
+            entry[key] = absolute(entry[key])
 
 
 def check_eval(config: EvalConfig) -> list[str]:
@@ -256,6 +315,7 @@ def load_sweep(path: str | Path, overrides: typing.Sequence[str] = ()) -> tuple[
     """Read, override, resolve and validate a sweep file. Returns (spec, resolved plain data)."""
     path = Path(path)
     data = resolve(read_yaml(path), overrides)
+    absolute_init_from(data, path.parent)
     spec = parse_spec(data, base_dir=path.parent)
     return spec, data
 

@@ -107,6 +107,10 @@ class AdapterConfig:
     )
     olora_lambda1: float = field(default=0.5, metadata=_doc("olora: weight of sum |A_old A_new^T|", _non_negative))
     olora_lambda2: float = field(default=0.0, metadata=_doc("olora: weight of ||A_new||^2", _non_negative))
+    init_from: str | None = field(
+        default=None, metadata=_doc("warm start: a saved PEFT LoRA folder (e.g. a run's adapters/NAME) whose weights "
+                                    "this adapter starts from; its r and lora_alpha must equal rank and alpha")
+    )
 
     @property
     def scale(self) -> float:

@@ -23,7 +23,7 @@ completions never shrink another's gradient:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -87,6 +87,8 @@ class RLJob:
     config: RLConfig
     reward: str  # train.rewards spec (a python: path already absolute)
     task: str
+    # Per prompt, (reward, task) where it is not the job's own: replayed prompts of earlier tasks.
+    replayed: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -108,16 +110,27 @@ def scored_batch(job: RLJob, rollout: Rollout, tokenizer: Any, sample_seconds: f
     """Score `job`'s samples with its reward and turn the rewards into advantages; a failing reward raises."""
     scored = time.perf_counter()
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in rollout.completion_ids]
-    reward = load_reward(job.reward)  # found at worker start; a missing one is a ConfigError there
-    rewards = score(reward, [r.prompt for r in rollout.rows], texts, [r.completion for r in rollout.rows], job.task)
     group = job.config.group_size
+    # Each sample is scored by its prompt's task: the job's own, or an earlier one's (replay).
+    scorer_of = [job.replayed.get(k // group, (job.reward, job.task)) for k in range(len(texts))]
+    rewards = [0.0] * len(texts)
+    for reward_spec, task in dict.fromkeys(scorer_of):
+        picked = [k for k, scorer in enumerate(scorer_of) if scorer == (reward_spec, task)]
+        # Found at worker start (a missing one is a ConfigError there); raises what the user's reward raises.
+        values = score(load_reward(reward_spec), [rollout.rows[k].prompt for k in picked], [texts[k] for k in picked],
+                       [rollout.rows[k].completion for k in picked], task)
+        for k, value in zip(picked, values):
+            rewards[k] = value
+    own = [r for r, scorer in zip(rewards, scorer_of) if scorer == (job.reward, job.task)] or rewards
     rows = rollout.rows
     if job.config.mask_truncated:  # a cut completion carries no loss: no completion tokens to learn from
         rows = [Row(r.ids, r.tokens, r.completion, r.prompt) if cut else r for r, cut in zip(rows, rollout.truncated)]
     spread = torch.tensor(rewards, dtype=torch.float64).view(-1, group).std(1)
+    replayed = [r for r, scorer in zip(rewards, scorer_of) if scorer != (job.reward, job.task)]
     return RLBatch(rows, advantages(rewards, group, job.config.scale_rewards), {
-        "reward_mean": sum(rewards) / len(rewards),
-        "reward_std": float(torch.tensor(rewards, dtype=torch.float64).std()) if len(rewards) > 1 else 0.0,
+        "reward_mean": sum(own) / len(own),  # the task being trained; replayed prompts apart
+        "reward_std": float(torch.tensor(own, dtype=torch.float64).std()) if len(own) > 1 else 0.0,
+        **({"replayed_reward_mean": sum(replayed) / len(replayed)} if replayed else {}),
         "zero_variance_groups": float((spread == 0).double().mean()),
         "truncated": sum(rollout.truncated) / len(rollout.truncated),
         "completion_tokens": sum(len(ids) for ids in rollout.completion_ids) / len(rollout.completion_ids),

@@ -5,7 +5,8 @@ one fused step. What each adds (theta: the adapter's LoRA weights):
 
 - naive:  nothing; keep fine-tuning the same adapter.
 - replay: a buffer of `buffer_size` training examples from each finished task; each batch
-          draws `round(batch_size * replay_ratio)` rows from it (`replayed_rows`), data only.
+          draws `round(batch_size * replay_ratio)` rows from it (`replayed_rows`), data only; on
+          an RL task they are prompts, sampled and scored by their own task's reward.
 - l2:     + l2_lambda/2 * ||theta - theta_prev||^2, theta_prev = the adapter at the end of
           the previous task.
 - ewc:    + ewc_lambda/2 * sum_i F_i (theta_i - theta*_i)^2 (Kirkpatrick et al. 2017,
@@ -96,11 +97,16 @@ class Strategies:
         self, slot: int, config: AdapterConfig, batch_size: int, tasks: Sequence[TokenizedTask]
     ) -> list[Row]:
         """The rows of this step's batch that replay draws from the buffer (none for other strategies)."""
+        return [tasks[t].train[i] for t, i in self.replayed_items(slot, config, batch_size)]
+
+    def replayed_items(self, slot: int, config: AdapterConfig, batch_size: int) -> list[tuple[int, int]]:
+        """(task index, row index) of the buffered rows this step replays; on an RL task, their prompts are
+        sampled and scored by their own task's reward."""
         buffer = self.replay_buffer.get(slot)
         if not buffer:
             return []
         count = min(round(batch_size * config.replay_ratio), len(buffer))
-        return [tasks[t].train[i] for t, i in self.replay_rng[slot].sample(buffer, count)]
+        return self.replay_rng[slot].sample(buffer, count)
 
     @torch.no_grad()
     def end_task(
