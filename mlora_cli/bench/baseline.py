@@ -147,8 +147,10 @@ def sampled_pass_at_k(model, tokenizer, task, task_index: int, seed: int, eval_c
                                 [r.completion for r in rows for _ in range(n)], n, eval_config.pass_k)
 
 
-def rl_loss(model, batch, rl_batch: RLBatch, config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the GRPO-family loss, the completions' mean NLL that mlora logs as `loss`) of one sampled batch."""
+def rl_loss(model, batch, rl_batch: RLBatch, config,
+            old_log_probs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the GRPO-family loss, the completions' mean NLL that mlora logs as `loss`, the token log-probs) of one
+    sampled batch; `old_log_probs` when the samples are being reused."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     log_probs, mask = token_log_probs(logits, batch.labels, config.temperature)
     reference = None
@@ -158,7 +160,8 @@ def rl_loss(model, batch, rl_batch: RLBatch, config) -> tuple[torch.Tensor, torc
                                            batch.labels, config.temperature)
     advantage = torch.tensor(rl_batch.advantages, dtype=log_probs.dtype, device=log_probs.device)
     loss_sum, tokens, _ = token_losses(logits, batch.labels)
-    return adapter_loss(log_probs, mask, advantage, config, reference), loss_sum.sum() / tokens.sum().clamp(min=1)
+    objective = adapter_loss(log_probs, mask, advantage, config, reference, old_log_probs)
+    return objective, loss_sum.sum() / tokens.sum().clamp(min=1), log_probs.detach()
 
 
 def lone_peft_model(model, adapter):
@@ -232,15 +235,21 @@ def main(sweep_file: str, adapter_name: str, out_file: str, data_dir: str | None
         sampler = BatchSampler(len(task.train), adapter.seed, index)
         rl = spec.tasks[index].objective == "grpo"
         start = time.perf_counter()
+        rl_batch, old_log_probs = None, None
         for _ in range(steps[index]):
-            rows = [task.train[i] for i in sampler.next(train.batch_size)]
             if rl:
-                job = RLJob(adapter.name, 0, adapter.seed, step, rows, train.rl, task.reward, task.name)
-                rl_batch = sampled_batch(model, tokenizer, job)
+                if rl_batch is None:  # sample; the batch then trains train.rl.num_iterations steps
+                    rows = [task.train[i] for i in sampler.next(train.batch_size)]
+                    job = RLJob(adapter.name, 0, adapter.seed, step, rows, train.rl, task.reward, task.name)
+                    rl_batch, old_log_probs = sampled_batch(model, tokenizer, job), None
                 rl_rewards.append(rl_batch.metrics["reward_mean"])
                 batch = collate(rl_batch.rows, tokenizer.pad_token_id, device)
-                objective, loss = rl_loss(model, batch, rl_batch, train.rl)
+                objective, loss, log_probs = rl_loss(model, batch, rl_batch, train.rl, old_log_probs)
+                old_log_probs = log_probs if old_log_probs is None else old_log_probs  # pi_old: the first use's
+                rl_batch.steps_left -= 1
+                rl_batch = rl_batch if rl_batch.steps_left > 0 else None
             else:
+                rows = [task.train[i] for i in sampler.next(train.batch_size)]
                 batch = collate(rows, tokenizer.pad_token_id, device)
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
                 loss_sum, tokens, _ = token_losses(logits, batch.labels)

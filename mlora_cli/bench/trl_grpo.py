@@ -67,7 +67,8 @@ def grpo_settings(spec: SweepSpec, adapter: AdapterSpec, steps: int, on_gpu: boo
         "generation_batch_size": completions,
         "gradient_accumulation_steps": 1,
         "num_generations": rl.group_size,
-        "num_iterations": 1,
+        "num_iterations": rl.num_iterations,  # reuse each sampling this many steps, clipped at epsilon
+        "epsilon": rl.clip_eps,
         "max_steps": steps,
         "shuffle_dataset": False,  # the dataset is already in mlora's per-step order
         "max_completion_length": rl.max_new_tokens,

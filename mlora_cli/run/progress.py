@@ -9,6 +9,7 @@ import torch
 
 from mlora_cli.data.batches import BatchSampler, TokenizedTask
 from mlora_cli.spec.sweep import AdapterSpec
+from mlora_cli.train.grpo import RLBatch
 
 
 @dataclass
@@ -30,10 +31,11 @@ class AdapterProgress:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     failure: str | None = None
+    rl_batch: RLBatch | None = None  # sampled completions still to be trained on (train.rl.num_iterations)
 
     # Plain fields saved in a checkpoint (tensors and RNG states are added by run.state).
     SAVED = ("task_index", "step_in_task", "step", "needs_eval", "needs_curve_eval", "evals", "curve",
-             "tokens", "train_seconds", "eval_seconds")
+             "tokens", "train_seconds", "eval_seconds", "rl_batch")
 
     @property
     def total_steps(self) -> int:
@@ -61,6 +63,7 @@ class AdapterProgress:
         """The current task's steps are done: the next row of R is due, then the next task's data."""
         self.task_index += 1
         self.step_in_task = 0
+        self.rl_batch = None  # samples of the task just ended are not reused on the next
         self.needs_eval = True
         if not self.finished:
             self.sampler = BatchSampler(len(self.task.train), self.spec.seed, self.task_index)

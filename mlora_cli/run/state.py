@@ -49,7 +49,7 @@ def restore(path: Path, progress: AdapterProgress, engine: MultiLoraModel, strat
     state: dict[str, Any] = torch.load(path, weights_only=False)
     engine.load_slot_state(progress.slot, state["slot"])  # first: it checks the state fits
     for name in AdapterProgress.SAVED:
-        setattr(progress, name, state[name])
+        setattr(progress, name, state.get(name, getattr(progress, name)))  # a field newer than the state: its default
     strategy_state = state["strategy"]
     if "replay_buffer" in state:  # saved before the replay buffer moved into the strategy's own state
         strategy_state = {**strategy_state, "replay_buffer": state["replay_buffer"], "replay_rng": state["replay_rng"]}

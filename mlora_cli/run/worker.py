@@ -51,7 +51,7 @@ from mlora_cli.run.progress import AdapterProgress
 from mlora_cli.spec.plan import WorkerPlan
 from mlora_cli.spec.schema import SweepSpec
 from mlora_cli.spec.sweep import AdapterSpec
-from mlora_cli.train.grpo import RLBatch, RLJob, rl_batches
+from mlora_cli.train.grpo import RLJob, rl_batches
 from mlora_cli.train.rewards import load_reward
 from mlora_cli.train.step import StepInput, fused_step, squared_gradients
 from mlora_cli.train.strategies import Strategies, engine_shape
@@ -155,13 +155,17 @@ class Worker:
         self.strategies.end_task(progress.slot, progress.spec.adapter, finished, progress.spec.seed, fisher,
                                  len(progress.tasks[finished].train))
 
-    def rl_step_batches(self) -> dict[str, RLBatch]:
-        """Sampled and scored batches of the adapters on a `grpo` task (one fused pass); a failing reward stops one."""
-        jobs = [self.rl_job(p) for p in self.active if self.spec.tasks[p.task_index].objective == "grpo"]
-        batches, failures = rl_batches(self.engine, self.tokenizer, jobs) if jobs else ({}, {})
-        for progress in [p for p in self.active if p.spec.name in failures]:
-            self.finish(progress, failures[progress.spec.name])
-        return batches
+    def rl_step_batches(self) -> set[str]:
+        """Sample and score new batches for the adapters on a `grpo` task whose samples are used up (one fused
+        pass; each keeps its batch in `progress.rl_batch` for `num_iterations` steps); a failing reward stops
+        one. Returns the adapters that sampled this step."""
+        due = [p for p in self.active if self.spec.tasks[p.task_index].objective == "grpo" and p.rl_batch is None]
+        batches, failures = rl_batches(self.engine, self.tokenizer, [self.rl_job(p) for p in due]) if due else ({}, {})
+        for progress in due:
+            progress.rl_batch = batches.get(progress.spec.name)
+            if progress.spec.name in failures:
+                self.finish(progress, failures[progress.spec.name])
+        return set(batches)
 
     def rl_job(self, progress: AdapterProgress) -> RLJob:
         """An adapter's share of this step's RL sampling: `batch_size` prompts (replay's from earlier tasks among
@@ -246,16 +250,18 @@ class Worker:
         self.checkpoint(progress)
 
     def train_step(self) -> None:
-        rl = self.rl_step_batches()
+        sampled = self.rl_step_batches()
         inputs = []
         for progress in self.active:
             train = progress.spec.train
             factor = lr_factor(progress.step, progress.total_steps, train.warmup_steps, train.schedule)
-            batch = rl.get(progress.spec.name)
+            batch = progress.rl_batch
             rows = batch.rows if batch else self.batch_rows(progress)
             inputs.append(StepInput(progress.slot, rows, progress.spec.adapter.lr * factor,
                                     progress.spec.adapter.dropout, progress.dropout_generator,
-                                    batch.advantages if batch else None, train.rl if batch else None))
+                                    batch.advantages if batch else None, train.rl if batch else None,
+                                    batch.old_log_probs if batch else None,
+                                    bool(batch and batch.steps_left > 1 and batch.old_log_probs is None)))
         step_results, seconds = fused_step(self.engine, inputs, self.tokenizer.pad_token_id, self.strategies)
         records, failed, saves = [], [], []
         for progress, part, outcome in zip(list(self.active), inputs, step_results):
@@ -264,7 +270,7 @@ class Worker:
                 "adapter": progress.spec.name, "task": progress.task.name, "task_index": progress.task_index,
                 "step": progress.step, "loss": outcome.loss, "lr": part.lr, "grad_norm": outcome.grad_norm,
                 "tokens": outcome.tokens, "seconds": seconds,
-                **(rl[progress.spec.name].metrics if progress.spec.name in rl else {}),
+                **spend_rl_batch(progress, part, progress.spec.name in sampled),
             })
             progress.failure = step_failure(progress, outcome.finite, outcome.loss, outcome.grad_norm)
             if progress.failure:
@@ -284,6 +290,26 @@ class Worker:
             self.finish(progress)
         for progress in saves:
             self.checkpoint(progress)
+
+
+def spend_rl_batch(progress: AdapterProgress, part: StepInput, sampled: bool) -> dict[str, Any]:
+    """One step of `progress`'s RL batch used: it keeps pi_old if recorded and is dropped when used up; returns
+    the step's RL metrics."""
+    batch = progress.rl_batch
+    if batch is None:
+        return {}
+    uses = progress.spec.train.rl.num_iterations
+    metrics: dict[str, Any] = dict(batch.metrics)
+    if uses > 1:  # reusing samples: which use this is; sampling and scoring were paid on the first
+        metrics["sample_use"] = uses - batch.steps_left + 1
+        if not sampled:
+            metrics.update(sample_seconds=0.0, score_seconds=0.0)
+    if part.recorded_log_probs is not None:
+        batch.old_log_probs = part.recorded_log_probs
+    batch.steps_left -= 1
+    if batch.steps_left <= 0:
+        progress.rl_batch = None
+    return metrics
 
 
 def load_rewards(spec: SweepSpec, task_data: dict[int, list[TaskData]]) -> None:

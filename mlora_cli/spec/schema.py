@@ -137,6 +137,11 @@ class RLConfig:
                                                       "reference is the base with the adapter off, no copy",
                                                       _non_negative))
     mask_truncated: bool = field(default=False, metadata=_doc("completions cut at max_new_tokens carry no loss"))
+    num_iterations: int = field(default=1, metadata=_doc(
+        "optimizer steps on each sampled batch (TRL's num_iterations, default 1); > 1 reuses samples, so the "
+        "policy ratio moves and clip_eps clips it", _positive))
+    clip_eps: float = field(default=0.2, metadata=_doc(
+        "PPO clipping of the ratio pi / pi_old to [1 - eps, 1 + eps] (TRL's epsilon, 0.2)", _positive))
 
 
 @dataclass(frozen=True)

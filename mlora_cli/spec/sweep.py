@@ -72,6 +72,8 @@ NAME_ALIASES = {
     "train.rl.loss": "",
     "train.rl.scale_rewards": "scale",
     "train.rl.kl_beta": "kl",
+    "train.rl.num_iterations": "mu",
+    "train.rl.clip_eps": "clip",
 }
 
 

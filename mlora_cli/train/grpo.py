@@ -5,11 +5,16 @@ For one adapter, G completions o_1..o_G of each prompt get rewards r_i; the adva
 (Shao et al. 2024, https://arxiv.org/abs/2402.03300; Dr. GRPO, https://arxiv.org/abs/2503.20783,
 drops the division: `none`). A group whose rewards are all equal has A = 0: it teaches nothing.
 
-Per completion token t of o_i, with the ratio `rho = pi(t) / pi_old(t)` (here the policy that
-sampled them is the current one, so rho = 1 in value and carries d log pi in its gradient), pi
-being the sampling policy softmax(logits / temperature) as in TRL:
+Per completion token t of o_i, with the ratio `rho = pi(t) / pi_old(t)`, pi being the sampling
+policy softmax(logits / temperature) as in TRL:
 
-    l_{i,t} = -A_i * rho_{i,t} + beta * (exp(q - p) - (q - p) - 1),   p = log pi(t), q = log pi_base(t)
+    l_{i,t} = -min(rho A_i, clip(rho, 1 - eps, 1 + eps) A_i) + beta * (exp(q - p) - (q - p) - 1),
+    p = log pi(t), q = log pi_base(t)
+
+On the first step on a batch the policy that sampled it is the current one: rho = 1 in value
+(it carries d log pi in its gradient) and the clip is inactive, so the loss is -A_i rho. With
+`num_iterations` > 1 the same samples train further steps, pi_old being the log-probabilities
+recorded on the first (PPO's clipped surrogate, https://arxiv.org/abs/1707.06347).
 
 the second term being the k3 estimate of KL(pi || base) (the base: the adapter switched off,
 no model copy). The adapter's loss normalises over its own tokens only, so one adapter's long
@@ -60,10 +65,19 @@ def token_log_probs(logits: torch.Tensor, labels: torch.Tensor,
 
 
 def adapter_loss(log_probs: torch.Tensor, mask: torch.Tensor, advantage: torch.Tensor, config: RLConfig,
-                 base_log_probs: torch.Tensor | None = None) -> torch.Tensor:
-    """One adapter's GRPO-family loss over its rows (see the module doc); `advantage` is per row."""
-    ratio = torch.exp(log_probs - log_probs.detach())
-    per_token = -advantage.unsqueeze(1) * ratio
+                 base_log_probs: torch.Tensor | None = None, old_log_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """One adapter's GRPO-family loss over its rows (see the module doc); `advantage` is per row.
+
+    `old_log_probs`: log pi_old of the same tokens when the samples are being reused (None: the
+    first step on them, where pi_old is the current policy).
+    """
+    if old_log_probs is None:
+        ratio = torch.exp(log_probs - log_probs.detach())
+        per_token = -advantage.unsqueeze(1) * ratio
+    else:
+        ratio = torch.exp(log_probs - old_log_probs)
+        clipped = ratio.clamp(1 - config.clip_eps, 1 + config.clip_eps)
+        per_token = -torch.minimum(ratio * advantage.unsqueeze(1), clipped * advantage.unsqueeze(1))
     if config.kl_beta > 0 and base_log_probs is not None:
         gap = base_log_probs - log_probs
         per_token = per_token + config.kl_beta * (torch.exp(gap) - gap - 1)
@@ -96,6 +110,9 @@ class RLBatch:
     rows: list[Row]  # prompt + sampled completion, one per sample
     advantages: list[float]
     metrics: dict[str, float]  # what metrics.jsonl records for the step
+    steps_left: int = 1  # optimizer steps still to take on these samples (train.rl.num_iterations at first)
+    # log pi_old of each row's completion tokens, recorded on the first step when the samples are reused
+    old_log_probs: list[list[float]] | None = None
 
 
 def rollout_request(job: RLJob) -> RolloutRequest:
@@ -127,7 +144,8 @@ def scored_batch(job: RLJob, rollout: Rollout, tokenizer: Any, sample_seconds: f
         rows = [Row(r.ids, r.tokens, r.completion, r.prompt) if cut else r for r, cut in zip(rows, rollout.truncated)]
     spread = torch.tensor(rewards, dtype=torch.float64).view(-1, group).std(1)
     replayed = [r for r, scorer in zip(rewards, scorer_of) if scorer != (job.reward, job.task)]
-    return RLBatch(rows, advantages(rewards, group, job.config.scale_rewards), {
+    return RLBatch(rows, advantages(rewards, group, job.config.scale_rewards), steps_left=job.config.num_iterations,
+                   metrics={
         "reward_mean": sum(own) / len(own),  # the task being trained; replayed prompts apart
         "reward_std": float(torch.tensor(own, dtype=torch.float64).std()) if len(own) > 1 else 0.0,
         **({"replayed_reward_mean": sum(replayed) / len(replayed)} if replayed else {}),

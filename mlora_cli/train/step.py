@@ -33,6 +33,9 @@ class StepInput:
     generator: torch.Generator | None
     advantages: list[float] | None = None  # per row: the rows are sampled completions (objective: grpo)
     rl: RLConfig | None = None
+    old_log_probs: list[list[float]] | None = None  # reused samples: log pi_old of each row's completion tokens
+    record_log_probs: bool = False  # samples to be reused: the step fills `recorded_log_probs` (pi_old next time)
+    recorded_log_probs: list[list[float]] | None = None
 
 
 @dataclass
@@ -91,7 +94,15 @@ def _with_rl_losses(engine: MultiLoraModel, inputs: list[StepInput], counts: lis
         part = inputs[k]
         log_probs, mask = token_log_probs(logits[span], batch.labels[span], part.rl.temperature)  # its rows only
         advantage = torch.tensor(part.advantages, dtype=log_probs.dtype, device=log_probs.device)
-        losses[k] = adapter_loss(log_probs, mask, advantage, part.rl, base_log_probs.get(k))
+        old = None
+        if part.old_log_probs is not None:  # row-major over the completion tokens, as recorded
+            old = torch.zeros_like(log_probs)
+            old[mask] = torch.tensor([v for row in part.old_log_probs for v in row], dtype=old.dtype).to(old.device)
+        if part.record_log_probs:
+            lengths = mask.sum(1).tolist()
+            flat = log_probs.detach()[mask].tolist()
+            part.recorded_log_probs = [flat[sum(lengths[:r]):sum(lengths[:r + 1])] for r in range(len(lengths))]
+        losses[k] = adapter_loss(log_probs, mask, advantage, part.rl, base_log_probs.get(k), old)
     return torch.stack(losses)
 
 
