@@ -199,7 +199,8 @@ class AdapterDone(TypedDict, total=False):
 class WorkerDone(TypedDict, total=False):
     event: Literal["worker_done"]
     worker: int
-    cuda_max_allocated_mib: float
+    cuda_max_allocated_mib: float  # this worker's peaks on its GPU (worker.cuda_peak)
+    cuda_max_reserved_mib: float
 
 
 class WorkerError(TypedDict):

@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA device, in one go (under 10 minutes on one GPU):
-#   1. tests/test_gpu.py: co-training on cuda (bfloat16 and float32) agrees with float32 on CPU;
-#   2. `mlora bench` of sweeps/bench.yaml on builtin:small (hidden 1024, 8 layers, ~135M
-#      parameters, built in code): concurrent vs the sequential PEFT baseline vs one adapter
-#      at a time, written to bench/bench-<time>/bench.json.
+# The checks that need a CUDA device, in one go (under 10 minutes on one GPU). Results go to
+# OUT (default bench/gpu-check-<time>/; $OUT when the device runner sets it) for docs/devices.md:
+#   1. gpu_probe.py: host syncs per phase of a fused step (sync debug mode), an fp32 cross-check of
+#      the batched path, the per-adapter path and the CPU, and a profile of one builtin:small step;
+#   2. tests/test_gpu.py: several steps against the CPU (unequal groups, dropout, bf16, generation,
+#      RL sampling), and a cuda run with strategies and RL stopped and resumed;
+#   3. `mlora bench` of sweeps/bench.yaml on builtin:small with the sequential baseline on the GPU.
 #
-#   scripts/gpu_check.sh
+#   scripts/gpu_check.sh            # or: OUT=/some/folder scripts/gpu_check.sh
 #
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible'; print(torch.cuda.get_device_name(0))"
-timeout 180 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
-timeout 400 mlora bench sweeps/bench.yaml base_model=builtin:small --sequential-baseline --mode engine-serial "$@"
+out="${OUT:-bench/gpu-check-$(date +%Y%m%d-%H%M%S)}"
+mkdir -p "$out"
+python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible'; print(torch.cuda.get_device_name(0))" \
+  | tee "$out/gpu.txt" || exit 1
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
+status=0
+timeout 120 python scripts/gpu_probe.py "$out" 2>&1 | tee "$out/probe.log" || status=1
+timeout 240 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rA 2>&1 | tee "$out/tests.log" || status=1
+timeout 200 mlora bench sweeps/bench.yaml base_model=builtin:small --sequential-baseline --output "$out/bench" "$@" \
+  2>&1 | tee "$out/bench.log" || status=1
+cp "$out"/bench/*/bench.json "$out/bench.json" 2>/dev/null || true
+echo "results in $out (probe.json, tests.log, bench.json); exit $status"
+exit $status

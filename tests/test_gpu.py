@@ -1,109 +1,220 @@
-"""On a CUDA device: co-training in bfloat16 (and in the default float32) agrees with float32 on CPU.
+"""On a CUDA device: the GPU path checked against the CPU path, over several steps, with what a real sweep has.
 
-Skipped without a GPU (`pytest -m gpu` selects them; scripts/gpu_check.sh runs them with
-`mlora bench` on builtin:small). The tolerances are loose on purpose: a bf16 base rounds
-every activation to 8 bits of mantissa, and Adam turns small gradient differences into
-full-size steps, so weights are compared through what they do (logits, eval loss), not
-element by element.
+Skipped without a GPU (`pytest -m gpu` selects them; scripts/gpu_check.sh runs them, then the
+sync check, a profile and the bench). What each test holds the GPU to:
+
+- fp32 (`model.autocast: off`): several fused steps of adapters with unequal groups and ranks, B
+  nonzero from the second step, end where the same steps on the CPU end (within 2% of the update:
+  AdamW's first steps amplify rounding, and cuBLAS rounds differently from MKL);
+- the batched path (equal groups: padded bmm) and the per-adapter path give the same logits and
+  gradients on the GPU, in fp32 and under bf16 autocast;
+- bf16 autocast tracks fp32: the same losses within 2%, the same direction of every update;
+- dropout masks on the GPU do not depend on the neighbours (an adapter alone == with a neighbour);
+- generation: greedy evaluation and RL sampling on the GPU give the CPU's tokens (fp32);
+- a whole run on cuda:0 with strategies (replay, ewc, lwf, olora) and an RL task, stopped by SIGTERM
+  and resumed, gives the results of the same run left alone; and its evaluation matches the CPU's.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
-from helpers import builtin_tasks, micro_sweep, write_sweep
+from helpers import builtin_tasks, micro_sweep, mlora, numbers, stop_mid_run, write_sweep
 
-from mlora_cli.data.batches import collate, tokenize_task
+from mlora_cli.data.batches import TokenizedTask, tokenize_task
 from mlora_cli.data.sources import load_task
+from mlora_cli.eval.evaluate import EvalRequest, evaluate
 from mlora_cli.model.base import load_base
 from mlora_cli.model.engine import MultiLoraModel
-from mlora_cli.run.launcher import run_sweep
-from mlora_cli.spec.load import load_sweep, parse_spec
-from mlora_cli.spec.schema import AdapterConfig, ModelConfig, TaskConfig
-from mlora_cli.spec.sweep import expand
+from mlora_cli.spec.schema import AdapterConfig, EvalConfig, ModelConfig, RLConfig, TaskConfig
+from mlora_cli.train.rollout import RolloutRequest, sample
 from mlora_cli.train.step import StepInput, fused_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
-SWEEP = micro_sweep(
-    name="gpu",
-    seed=2,
-    tasks=builtin_tasks("copy", "reverse", train_examples=32, eval_examples=8),
-    adapter={"target_modules": list(TARGETS)},
-    train={"steps_per_task": 4, "batch_size": 4, "max_seq_len": 32, "checkpoint_every": None},
-    eval={"metrics": ["loss", "token_accuracy"]},
-    sweep={"grid": {"adapter.rank": [2, 4]}},
+CONFIGS = [AdapterConfig(rank=2, alpha=4, lr=1e-2, target_modules=TARGETS),
+           AdapterConfig(rank=4, alpha=8, lr=1e-2, target_modules=TARGETS),
+           AdapterConfig(rank=8, alpha=8, lr=3e-3, target_modules=TARGETS)]
+
+
+def task(name: str = "sort") -> TokenizedTask:
+    data = load_task(TaskConfig(name=name, source=f"builtin:{name}", train_examples=32, eval_examples=6), 0, None)
+    return tokenize_task(data, load_base("builtin:micro").tokenizer, 32)
+
+
+def engine_on(device: str, autocast: str = "off", configs: list[AdapterConfig] = CONFIGS) -> tuple[MultiLoraModel, Any]:
+    base = load_base("builtin:micro", device, ModelConfig(autocast=autocast))
+    engine = MultiLoraModel(base.model, TARGETS, len(configs), max(c.rank for c in configs), base.autocast)
+    for slot, config in enumerate(configs):
+        engine.load_slot(slot, config, 1.0, seed=slot)
+    return engine, base.tokenizer
+
+
+def train(engine: MultiLoraModel, pad: int, groups: list[int], steps: int, dropout: float = 0.0,
+          slots: list[int] | None = None) -> list[list[float]]:
+    """`steps` fused steps, group g taking `groups[g]` rows; returns each step's losses."""
+    rows = list(task().train)
+    slots = slots if slots is not None else list(range(len(groups)))
+    generators = {s: torch.Generator().manual_seed(100 + s) for s in slots}
+    losses = []
+    for step in range(steps):
+        inputs, start = [], step
+        for slot, count in zip(slots, groups):
+            inputs.append(StepInput(slot, [rows[(start + i) % len(rows)] for i in range(count)], CONFIGS[slot].lr,
+                                    dropout, generators[slot] if dropout else None))
+            start += count
+        results, _ = fused_step(engine, inputs, pad)
+        assert all(r.finite for r in results)
+        losses.append([r.loss for r in results])
+    return losses
+
+
+def weights(engine: MultiLoraModel, slot: int) -> dict[str, torch.Tensor]:
+    return {k: v.float().cpu() for k, v in engine.slot_weights(slot, CONFIGS[slot]).items()}
+
+
+def assert_close_to_update(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
+                           start: dict[str, torch.Tensor], share: float) -> None:
+    for key in want:
+        update = (want[key] - start[key]).abs().max()
+        assert (got[key] - want[key]).abs().max() <= share * update + 1e-7, key
+
+
+def test_fp32_steps_on_cuda_end_where_the_cpu_ends() -> None:
+    ends = {}
+    for device in ("cpu", "cuda:0"):
+        engine, tokenizer = engine_on(device)
+        start = [weights(engine, s) for s in range(3)]
+        losses = train(engine, tokenizer.pad_token_id, [3, 5, 8], steps=6)  # unequal groups and ranks
+        ends[device] = losses, [weights(engine, s) for s in range(3)]
+    (cpu_losses, cpu_weights), (gpu_losses, gpu_weights) = ends["cpu"], ends["cuda:0"]
+    for cpu_step, gpu_step in zip(cpu_losses, gpu_losses):
+        assert gpu_step == pytest.approx(cpu_step, rel=1e-3)
+    for slot in range(3):
+        assert_close_to_update(gpu_weights[slot], cpu_weights[slot], start[slot], 0.02)
+
+
+@pytest.mark.parametrize("autocast", ["off", "bfloat16"])
+def test_batched_and_per_adapter_paths_agree_on_cuda(autocast: str) -> None:
+    outcomes = {}
+    for per_adapter in (True, False):
+        engine, tokenizer = engine_on("cuda:0", autocast)
+        engine.routing.per_adapter = per_adapter
+        train(engine, tokenizer.pad_token_id, [4, 4, 4], steps=1)  # B nonzero from here on
+        rows = list(task().train)[:12]
+        from mlora_cli.data.batches import collate, token_losses
+
+        batch = collate(rows, tokenizer.pad_token_id, "cuda:0")
+        with engine.routed([0, 1, 2], [4, 4, 4]):  # equal groups: the padded bmm unless per-adapter
+            logits = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        loss, tokens, _ = token_losses(logits, batch.labels)
+        (loss.sum() / tokens.sum()).backward()
+        grads = torch.cat([g.flatten().float().cpu() for layer in engine.layers.values()
+                           for g in (layer.lora_A.grad, layer.lora_B.grad)])
+        outcomes[per_adapter] = logits.float().cpu(), grads
+    tolerance = 1e-4 if autocast == "off" else 3e-2
+    torch.testing.assert_close(outcomes[True][0], outcomes[False][0], atol=tolerance * 10, rtol=tolerance)
+    assert (outcomes[True][1] - outcomes[False][1]).norm() <= tolerance * outcomes[True][1].norm()
+
+
+def test_bf16_autocast_tracks_fp32() -> None:
+    ends = {}
+    for autocast in ("off", "bfloat16"):
+        engine, tokenizer = engine_on("cuda:0", autocast)
+        start = [weights(engine, s) for s in range(3)]
+        ends[autocast] = train(engine, tokenizer.pad_token_id, [3, 5, 8], steps=4), [weights(engine, s)
+                                                                                     for s in range(3)]
+    for fp32_step, bf16_step in zip(ends["off"][0], ends["bfloat16"][0]):
+        assert bf16_step == pytest.approx(fp32_step, rel=0.02)
+    for slot in range(3):
+        for key, value in ends["off"][1][slot].items():
+            update, bf16_update = value - start[slot][key], ends["bfloat16"][1][slot][key] - start[slot][key]
+            moved = update.abs() > 1e-6
+            assert (update.sign() == bf16_update.sign())[moved].float().mean() > 0.9, key
+
+
+def test_dropout_masks_on_cuda_do_not_depend_on_neighbours() -> None:
+    alone, tokenizer = engine_on("cuda:0")
+    train(alone, tokenizer.pad_token_id, [5], steps=3, dropout=0.1, slots=[1])
+    together, _ = engine_on("cuda:0")
+    train(together, tokenizer.pad_token_id, [3, 5], steps=3, dropout=0.1, slots=[0, 1])
+    for key, value in weights(alone, 1).items():
+        torch.testing.assert_close(weights(together, 1)[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_greedy_evaluation_and_rl_sampling_on_cuda_give_the_cpus_tokens() -> None:
+    scores, samples = {}, {}
+    for device in ("cpu", "cuda:0"):
+        engine, tokenizer = engine_on(device)
+        train(engine, tokenizer.pad_token_id, [3, 5, 8], steps=3)
+        tasks = [task("sort"), task("copy")]
+        requests = [EvalRequest(f"a{slot}", slot, tasks, seed=slot) for slot in range(3)]
+        scores[device], _ = evaluate(engine, requests, EvalConfig(metrics=("loss", "exact_match")), tokenizer)
+        rollouts = sample(engine, [RolloutRequest(slot, list(tasks[0].train[:2]), 3, 1.0, 0.9, 6,
+                                                  list(range(10 * slot, 10 * slot + 6))) for slot in range(3)],
+                          tokenizer.pad_token_id, tokenizer.eos_token_id)
+        samples[device] = [r.completion_ids for r in rollouts]
+        RLConfig()  # the RL defaults load on this device's build too
+    assert samples["cuda:0"] == samples["cpu"]
+    for name, per_task in scores["cpu"].items():
+        for task_name, values in per_task.items():
+            assert scores["cuda:0"][name][task_name]["exact_match"] == values["exact_match"]
+            assert scores["cuda:0"][name][task_name]["loss"] == pytest.approx(values["loss"], rel=1e-4)
+
+
+RUN = micro_sweep(
+    name="gpu", devices=["cuda:0"], seed=2,
+    tasks=[*builtin_tasks("copy", "reverse", train_examples=32, eval_examples=8, steps=6),
+           *builtin_tasks("sort", train_examples=32, eval_examples=8, steps=6, objective="grpo",
+                          reward="char_accuracy")],
+    adapter={"target_modules": list(TARGETS), "dropout": 0.05},
+    train={"batch_size": 4, "max_seq_len": 32, "checkpoint_every": 2,
+           "rl": {"group_size": 2, "max_new_tokens": 6, "num_iterations": 2}},
+    eval={"metrics": ["loss", "exact_match", "reward"], "max_new_tokens": 6},
+    sweep={"list": [{"adapter.strategy": s} for s in ("naive", "replay", "ewc", "lwf", "olora")]},
 )
 
 
-def run(folder: Path, devices: Any, dtype: str) -> tuple[Path, dict[str, Any]]:
-    spec, resolved = load_sweep(write_sweep(folder, SWEEP, devices=devices, model={"dtype": dtype}))
-    outcome = run_sweep(spec, resolved, folder, output_base=folder, plots=False)
-    assert all(e["status"] == "done" for e in outcome.results["adapters"].values()), outcome.results
-    return outcome.run_dir, outcome.results
+def only_run(folder: Path) -> Path:
+    (run_dir,) = (folder / "runs").iterdir()
+    return run_dir
 
 
-def adapter_logits(run_dir: Path, device: str) -> dict[str, torch.Tensor]:
-    """Each saved adapter's logits on the eval rows, from a float32 base on `device`."""
-    from safetensors.torch import load_file
+@pytest.mark.slow
+def test_a_cuda_run_with_strategies_and_rl_resumes_to_the_same_results(tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    result = mlora("run", write_sweep(reference, RUN), "--no-plots")
+    assert result.exit_code == 0, result.output
+    expected = json.loads((only_run(reference) / "results.json").read_text())
+    assert all(e["status"] == "done" for e in expected["adapters"].values())
+    assert expected["run"].get("cuda_max_allocated_mib", 0) > 0
 
-    spec = parse_spec(yaml.safe_load((run_dir / "sweep.resolved.yaml").read_text()))
-    base = load_base(spec.base_model, device)
-    engine = MultiLoraModel(base.model, TARGETS, 1, 4)
-    rows = [
-        row for task in spec.tasks for row in tokenize_task(load_task(task, spec.seed, None), base.tokenizer, 32).eval
-    ]
-    batch = collate(rows, base.tokenizer.pad_token_id, device)
-    logits = {}
-    for adapter in expand(spec):
-        engine.set_slot_weights(
-            0, adapter.adapter, load_file(str(run_dir / "adapters" / adapter.name / "adapter_model.safetensors"))
-        )
-        with torch.no_grad(), engine.routed([0], [len(rows)]):
-            logits[adapter.name] = (
-                engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float().cpu()
-            )
-    return logits
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
 
+    def some_adapter_at_step_9() -> bool:
+        metrics = list((stopped / "runs").glob("*/metrics.jsonl"))
+        return bool(metrics) and any(json.loads(line)["step"] >= 9 for line in metrics[0].read_text().splitlines()[:-1])
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_cotrain_on_cuda_agrees_with_float32_on_cpu(dtype: str, tmp_path: Path) -> None:
-    cpu_dir, cpu = run(tmp_path / "cpu", "cpu", "float32")
-    cuda_dir, cuda = run(tmp_path / "cuda", ["cuda:0"], dtype)
-    for name, entry in cpu["adapters"].items():
-        for task, scores in entry["final"].items():
-            assert cuda["adapters"][name]["final"][task]["loss"] == pytest.approx(scores["loss"], rel=0.03)
-    expected, got = adapter_logits(cpu_dir, "cpu"), adapter_logits(cuda_dir, "cpu")
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], atol=0.1, rtol=0.05)
+    done = stop_mid_run(stopped, write_sweep(stopped, RUN), signal.SIGTERM, some_adapter_at_step_9, dict(os.environ))
+    assert done.returncode == 143, done.stdout
+    resumed = mlora("run", "--resume", only_run(stopped), "--no-plots")
+    assert resumed.exit_code == 0, resumed.output
+    got = json.loads((only_run(stopped) / "results.json").read_text())
+    for name, entry in expected["adapters"].items():
+        want, have = numbers(entry["matrix"]), numbers(got["adapters"][name]["matrix"])
+        for key, value in want.items():
+            assert have[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, key)
 
 
-def test_fused_step_on_a_cuda_bfloat16_base_matches_cpu_float32() -> None:
-    """One fused step from the same start: losses and the updated LoRA weights agree."""
-    task = load_task(TaskConfig(name="sort", source="builtin:sort", train_examples=16, eval_examples=1), 0, None)
-    results, engines = {}, {}
-    for device, dtype in (("cpu", "float32"), ("cuda:0", "bfloat16")):
-        base = load_base("builtin:micro", device, ModelConfig(dtype=dtype))
-        engine = MultiLoraModel(base.model, TARGETS, 2, 4)
-        for slot, rank in enumerate((2, 4)):
-            engine.load_slot(slot, AdapterConfig(rank=rank, alpha=8, target_modules=TARGETS), None, seed=slot)
-        rows = list(tokenize_task(task, base.tokenizer, 32).train)
-        assert next(engine.model.parameters()).dtype == getattr(torch, dtype)
-        step, _ = fused_step(
-            engine,
-            [StepInput(0, rows[:8], 1e-2, 0.0, None), StepInput(1, rows[8:], 1e-2, 0.0, None)],
-            base.tokenizer.pad_token_id,
-        )
-        results[device], engines[device] = step, engine
-        assert all(layer.lora_A.dtype == torch.float32 for layer in engine.layers.values())
-    for on_cpu, on_cuda in zip(results["cpu"], results["cuda:0"]):
-        assert on_cuda.finite and on_cuda.loss == pytest.approx(on_cpu.loss, rel=0.02)
-    # Adam's first step moves every weight by about lr * sign(gradient): compare the signs.
-    for name, layer in engines["cpu"].layers.items():
-        on_cuda = engines["cuda:0"].layers[name].lora_B.detach().cpu()
-        assert (on_cuda.sign() == layer.lora_B.detach().sign()).float().mean() > 0.9, name
+if __name__ == "__main__":  # scripts/gpu_check.sh: python tests/test_gpu.py
+    sys.exit(pytest.main([__file__, "-q", "-m", "gpu"]))

@@ -38,7 +38,7 @@ from mlora_cli.data.batches import BatchSampler, Row, collate, collate_prompts, 
 from mlora_cli.data.sources import load_task  # noqa: E402
 from mlora_cli.eval import passk  # noqa: E402
 from mlora_cli.eval.evaluate import completion_text, task_scores  # noqa: E402
-from mlora_cli.model.base import load_base  # noqa: E402
+from mlora_cli.model.base import autocast, load_base  # noqa: E402
 from mlora_cli.model.engine import linear_layer_names, lora_a_init, matches_target, output_layer_name  # noqa: E402
 from mlora_cli.model.optim import lr_factor  # noqa: E402
 from mlora_cli.spec.sweep import expand  # noqa: E402
@@ -217,7 +217,12 @@ def main(sweep_file: str, adapter_name: str, out_file: str, data_dir: str | None
              for t in spec.tasks]
     model = lone_peft_model(base.model, adapter)
     ready = time.perf_counter()
+    with autocast(base.autocast, device):  # model.autocast, as mlora's every forward
+        train_and_evaluate(spec, adapter, model, tokenizer, tasks, device, ready, out_file)
 
+
+def train_and_evaluate(spec, adapter, model, tokenizer, tasks, device, ready: float, out_file: str) -> None:
+    config, train = adapter.adapter, adapter.train
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
                                   weight_decay=config.weight_decay, fused=True)

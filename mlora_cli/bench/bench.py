@@ -276,7 +276,10 @@ def run_bench(
 
     workers = resolve_devices(spec.devices, torch.cuda.device_count(), os.cpu_count() or 1, len(adapters),
                               sweep_work(adapters, spec))
-    fusion = fusion_efficiency(spec, adapters, data_dir, threads=workers[0][1] if workers[0][0] == "cpu" else None)
+    # On the device of the run's first worker (the sweep's, not whatever GPU this machine has).
+    device = "cpu" if workers[0][0] == "cpu" else workers[0][0]
+    fusion = fusion_efficiency(spec, adapters, data_dir, threads=workers[0][1] if device == "cpu" else None,
+                               device=device)
 
     report: dict[str, Any] = {
         "sweep": spec.name,

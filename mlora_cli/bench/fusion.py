@@ -33,7 +33,7 @@ from mlora_cli.spec.sweep import AdapterSpec
 
 
 def fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, repeats: int = 7,
-                      threads: int | None = None) -> dict[str, Any]:
+                      threads: int | None = None, device: str = "cpu") -> dict[str, Any]:
     """Union-batch time / fused time per kind of pass (medians; see the module doc).
 
     `threads`: torch threads while measuring, those of one of the concurrent run's CPU workers
@@ -45,12 +45,14 @@ def fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Pa
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return {**_fusion_efficiency(spec, adapters, data_dir, repeats), "torch_threads": torch.get_num_threads()}
+        return {**_fusion_efficiency(spec, adapters, data_dir, repeats, device), "device": device,
+                "torch_threads": torch.get_num_threads()}
     finally:
         torch.set_num_threads(default_threads)
 
 
-def _fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, repeats: int) -> dict[str, Any]:
+def _fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, repeats: int,
+                       device: str) -> dict[str, Any]:
     import torch
 
     from mlora_cli.data.batches import TokenizedTask, tokenize_task
@@ -60,12 +62,11 @@ def _fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: P
     from mlora_cli.model.engine import MultiLoraModel
     from mlora_cli.train.step import StepInput, fused_step
 
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
     targets = sorted({t for a in adapters for t in a.adapter.target_modules})
 
     def engine_for(slots: list[AdapterSpec]) -> tuple[MultiLoraModel, Any]:
         base = load_base(spec.base_model, device, spec.model)
-        engine = MultiLoraModel(base.model, targets, len(slots), max(a.adapter.rank for a in slots))
+        engine = MultiLoraModel(base.model, targets, len(slots), max(a.adapter.rank for a in slots), base.autocast)
         for slot, adapter in enumerate(slots):
             engine.load_slot(slot, adapter.adapter, adapter.train.max_grad_norm, adapter.seed)
         return engine, base.tokenizer

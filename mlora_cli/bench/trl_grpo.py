@@ -100,7 +100,12 @@ def sft_settings(spec: SweepSpec, adapter: AdapterSpec, steps: int, on_gpu: bool
 
 
 def _trainer_settings(spec: SweepSpec, adapter: AdapterSpec, on_gpu: bool) -> dict[str, Any]:
-    """What every Trainer config takes from mlora: clipping, AdamW, the device and logging."""
+    """What every Trainer config takes from mlora: clipping, AdamW, the device, precision and logging."""
+    import torch
+
+    from mlora_cli.model.base import autocast_dtype
+
+    precision = autocast_dtype(spec.model.autocast, "cuda:0" if on_gpu else "cpu")
     config = adapter.adapter
     return {
         # Trainer clips only when max_grad_norm > 0: 0 is mlora's null (no clipping).
@@ -115,7 +120,9 @@ def _trainer_settings(spec: SweepSpec, adapter: AdapterSpec, on_gpu: bool) -> di
         "warmup_steps": 0,
         "gradient_checkpointing": spec.model.gradient_checkpointing,  # GRPOConfig would turn it on
         "use_cpu": not on_gpu,
-        "bf16": on_gpu,  # mlora autocasts to bf16 on a GPU and not on CPU
+        # Trainer's mixed precision as mlora's model.autocast resolves on this device.
+        "bf16": on_gpu and precision == torch.bfloat16,
+        "fp16": on_gpu and precision == torch.float16,
         "seed": adapter.seed,
         "logging_steps": 1,
         "report_to": [],

@@ -104,7 +104,7 @@ def score_checkpoints(
     if missing:
         raise ConfigError([f"{saved[0].path}: modules not in the base model: {', '.join(missing[:5])}"])
     max_rank = max(w.size(0) for s in saved for k, w in s.weights.items() if "lora_A" in k)
-    engine = MultiLoraModel(base.model, targets, min(len(saved), SLOTS_PER_PASS), max_rank)
+    engine = MultiLoraModel(base.model, targets, min(len(saved), SLOTS_PER_PASS), max_rank, base.autocast)
     scores: dict[str, dict[str, dict[str, float]]] = {}
     seconds = 0.0
     for start in range(0, len(saved), SLOTS_PER_PASS):

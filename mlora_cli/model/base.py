@@ -17,6 +17,7 @@ its weights to verify it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -86,6 +87,32 @@ class Base:
     model: nn.Module
     tokenizer: Any
     info: dict[str, Any]
+    autocast: torch.dtype | None = None  # model.autocast resolved for the model's device (None: no autocast)
+
+
+def autocast_dtype(setting: str, device: torch.device | str) -> torch.dtype | None:
+    """What `model.autocast` means on `device`: the autocast dtype, or None for none.
+
+    `auto` is bfloat16 on a GPU of compute capability 8.0 or more (Ampere on), which computes it
+    natively; `torch.cuda.is_bf16_supported()` also says yes where bf16 is emulated, slower than
+    fp32. Elsewhere `auto` is off: fp16 autocast would need a gradient scaler, and on a CPU fp32
+    keeps every adapter bit-identical to PEFT.
+    """
+    device = torch.device(device)
+    if setting == "off":
+        return None
+    if setting == "auto":
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+            return torch.bfloat16
+        return None
+    return DTYPES[setting]
+
+
+def autocast(dtype: torch.dtype | None, device: torch.device | str) -> Any:
+    """The autocast context for `dtype` (from `autocast_dtype`) on `device`; a no-op for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def char_tokenizer() -> Any:
@@ -299,7 +326,9 @@ def load_base(name: str, device: str = "cpu", options: ModelConfig | None = None
             "torch_version": str(torch.__version__),  # a plain str: TorchVersion would unpickle only with torch
         }
     )
-    return Base(model=model, tokenizer=tokenizer, info=info)
+    precision = autocast_dtype(options.autocast, device)
+    info["autocast"] = "off" if precision is None else str(precision).removeprefix("torch.")
+    return Base(model=model, tokenizer=tokenizer, info=info, autocast=precision)
 
 
 def load_tokenizer(name: str, model: nn.Module) -> Any:

@@ -20,7 +20,7 @@ from torch import nn
 
 from mlora_cli import seeds
 from mlora_cli.errors import ConfigError
-from mlora_cli.model.base import enable_checkpointing, is_checkpointing
+from mlora_cli.model.base import autocast, enable_checkpointing, is_checkpointing
 from mlora_cli.model.multi_lora import MultiLoraLinear, Routing
 from mlora_cli.model.optim import SlotAdamW
 from mlora_cli.model.slots import SlotRanks
@@ -70,8 +70,11 @@ def output_layer_name(model: nn.Module) -> str | None:
 
 
 class MultiLoraModel:
-    def __init__(self, model: nn.Module, targets: Sequence[str], num_slots: int, max_rank: int):
+    def __init__(self, model: nn.Module, targets: Sequence[str], num_slots: int, max_rank: int,
+                 autocast_dtype: torch.dtype | None = None):
         self.model = model
+        # Every routed forward (training, evaluation, sampling, teachers) runs under this autocast (model.autocast).
+        self.autocast_dtype = autocast_dtype
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.routing = Routing()
@@ -254,11 +257,12 @@ class MultiLoraModel:
         dropout: Sequence[float] | None = None,
         generators: Sequence[torch.Generator | None] | None = None,
     ) -> Iterator[None]:
-        """Run the model with rows grouped as `rows[g]` rows for slot `slots[g]`."""
+        """Run the model with rows grouped as `rows[g]` rows for slot `slots[g]`, under the engine's autocast."""
         self.routing.set(list(slots), list(rows), [self.slot_rank[s] for s in slots], self.device,
                          list(dropout) if dropout else None, list(generators) if generators else None)
         try:
-            yield
+            with autocast(self.autocast_dtype, self.device):
+                yield
         finally:
             self.routing.clear()
 

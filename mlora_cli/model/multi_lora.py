@@ -39,9 +39,12 @@ compute the LoRA term, same math:
   no more than the union batch does.
 
 The base may be an `nn.Linear` (weight (d_out, d_in)) or GPT-2's `Conv1D` (weight
-(d_in, d_out), y = x W + b); the LoRA term is the same for both. A and B are always fp32:
-a bf16/fp16 base gets its input cast up for the LoRA term and the sum cast back, so the
-layer's output has the base output's dtype.
+(d_in, d_out), y = x W + b); the LoRA term is the same for both. A and B are stored in fp32.
+Without autocast the LoRA term is computed in fp32 (a bf16/fp16 base gets its input cast up
+and the sum cast back, so the layer's output has the base output's dtype). Under autocast
+(`model.autocast`) its matmuls run in the autocast dtype like the base's, with fp32 weights
+cast by autocast, and the scale is applied in that dtype too (no fp32 copy of x or of the
+term is made); gradients of A and B still land in their fp32 stacks.
 """
 
 from __future__ import annotations
@@ -119,9 +122,11 @@ class Routing:
         self.slots, self.rows, self.ranks = list(slots), list(rows), list(ranks)
         self.dropout = list(dropout) if dropout is not None else [0.0] * len(slots)
         self.generators = list(generators) if generators is not None else [None] * len(slots)
-        self.slot_index = torch.tensor(self.slots, dtype=torch.long, device=device)
-        self.in_slot_order = self.slots == list(range(len(self.slots)))
         self.device, self._by_rank = torch.device(device), None
+        self.slot_index = on_device(self.slots, self.device)
+        self.in_slot_order = self.slots == list(range(len(self.slots)))
+        if not self.per_adapter and self.slots:
+            self.by_rank()  # now, before the forward: built mid-forward, its copies would wait for the GPU
 
     def by_rank(self) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor | None]:
         """For the batched path: [(rank, the slots of the groups with that rank)], ranks
@@ -129,11 +134,11 @@ class Routing:
         to group order (None when it is group order). Made on first use per routing."""
         if self._by_rank is None:
             order = sorted(range(len(self.slots)), key=lambda g: self.ranks[g])
-            groups = [(rank, torch.tensor([self.slots[g] for g in order if self.ranks[g] == rank], device=self.device))
+            groups = [(rank, on_device([self.slots[g] for g in order if self.ranks[g] == rank], self.device))
                       for rank in sorted(set(self.ranks))]
             inverse = sorted(range(len(order)), key=lambda i: order[i])
             identity = inverse == list(range(len(inverse)))
-            self._by_rank = groups, None if identity else torch.tensor(inverse, device=self.device)
+            self._by_rank = groups, None if identity else on_device(inverse, self.device)
         return self._by_rank
 
     def clear(self) -> None:
@@ -185,6 +190,15 @@ class Routing:
         return len(set(self.rows)) == 1
 
 
+def on_device(values: list[int] | list[float], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A tensor of `values` on `device`; to a GPU through pinned memory without waiting for it (a copy
+    from pageable memory would wait for every kernel queued before it)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class MultiLoraLinear(nn.Module):
     """A frozen `nn.Linear` (or `Conv1D`) plus S LoRA slots applied to their own rows (see module doc)."""
 
@@ -220,7 +234,9 @@ class MultiLoraLinear(nn.Module):
         routing = self.routing
         if not routing.slots:
             return result
-        lora_input = self._dropout(x.to(self.lora_A.dtype))  # fp32, whatever the base's dtype
+        # Under autocast the matmuls cast their inputs to the autocast dtype anyway: an fp32 copy would be wasted.
+        autocasting = torch.is_autocast_enabled(x.device.type)
+        lora_input = self._dropout(x if autocasting else x.to(self.lora_A.dtype))
         if routing.uniform and not routing.per_adapter:
             groups, shape = len(routing.slots), lora_input.shape
             grouped = lora_input.reshape(groups, -1, shape[-1])
@@ -229,7 +245,8 @@ class MultiLoraLinear(nn.Module):
             lora_a = self.lora_A[:, :rank] if every_slot else self.lora_A[routing.slot_index, :rank]
             scale = self.scale if every_slot else self.scale[routing.slot_index]
             hidden = torch.bmm(grouped, lora_a.transpose(1, 2))
-            delta = torch.bmm(hidden, self._padded_b(rank, every_slot).transpose(1, 2)) * scale.view(groups, 1, 1)
+            product = torch.bmm(hidden, self._padded_b(rank, every_slot).transpose(1, 2))
+            delta = product * scale.view(groups, 1, 1).to(product.dtype)  # in the matmul's dtype
             return result + delta.reshape(*shape[:-1], -1).to(result.dtype)
         delta = PerAdapterLora.apply(lora_input, self.lora_A, self.lora_B, self.scale, routing,
                                      (self.a_layout, self.b_layout))
@@ -271,10 +288,11 @@ def _keep_mask(piece: torch.Tensor, generator: torch.Generator | None) -> torch.
     """
     seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))
     local = torch.Generator(device=piece.device).manual_seed(seed)
+    # fp32 noise whatever the compute dtype: the same masks with and without autocast.
     if piece.dim() < 3:
-        return torch.rand(piece.shape, generator=local, device=piece.device, dtype=piece.dtype)
+        return torch.rand(piece.shape, generator=local, device=piece.device, dtype=torch.float32)
     rows, length = piece.shape[0], piece.shape[1]
-    noise = torch.rand((length, rows, *piece.shape[2:]), generator=local, device=piece.device, dtype=piece.dtype)
+    noise = torch.rand((length, rows, *piece.shape[2:]), generator=local, device=piece.device, dtype=torch.float32)
     return noise.transpose(0, 1)
 
 

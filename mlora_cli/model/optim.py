@@ -71,6 +71,9 @@ class SlotAdamW:
             return torch.full((num_slots,), value, dtype=torch.float64, device=device)
 
         self.steps = torch.zeros(num_slots, dtype=torch.long)
+        # On a GPU the step counts advance on the device (which slots stepped is known there only); the host
+        # copy above is brought up to date when it is read (`host_steps`), at a checkpoint, not every step.
+        self.device_steps: torch.Tensor | None = None
         self.weight_decay = per_slot(0.0)
         self.beta1 = per_slot(0.9)
         self.beta2 = per_slot(0.999)
@@ -134,13 +137,24 @@ class SlotAdamW:
         """Zero a slot's moments and step count (a fresh optimizer for a fresh LoRA)."""
         for state in (*self.exp_avg, *self.exp_avg_sq):
             state[slot].zero_()
-        self.steps[slot] = 0
+        self.set_steps(slot, 0)
+
+    def set_steps(self, slot: int, steps: int) -> None:
+        self.host_steps()[slot] = steps
+        if self.device_steps is not None:
+            self.device_steps[slot] = steps
+
+    def host_steps(self) -> torch.Tensor:
+        """The step count per slot on the host (copied from the device where a GPU keeps it: a sync)."""
+        if self.device_steps is not None:
+            self.steps.copy_(self.device_steps)
+        return self.steps
 
     def slot_state(self, slot: int) -> dict[str, object]:
         return {
             "exp_avg": [m[slot].clone() for m in self.exp_avg],
             "exp_avg_sq": [v[slot].clone() for v in self.exp_avg_sq],
-            "step": int(self.steps[slot]),
+            "step": int(self.host_steps()[slot]),
             "frozen_rank": int(self.ranks.frozen[slot]),
         }
 
@@ -149,7 +163,7 @@ class SlotAdamW:
             target[slot].copy_(source)
         for target, source in zip(self.exp_avg_sq, state["exp_avg_sq"]):  # type: ignore[call-overload]
             target[slot].copy_(source)
-        self.steps[slot] = int(state["step"])  # type: ignore[call-overload]
+        self.set_steps(slot, int(state["step"]))  # type: ignore[call-overload]
         self.ranks.frozen[slot] = int(state["frozen_rank"])  # type: ignore[call-overload]
 
     @torch.no_grad()
@@ -191,7 +205,12 @@ class SlotAdamW:
         """
         device = self.params[0].device
         active = active.to(device)
-        self.steps += active.cpu().long()
+        if device.type == "cpu":
+            self.steps += active.long()
+        else:  # counted where `active` lives: reading it on the host would wait for the step's kernels
+            if self.device_steps is None:
+                self.device_steps = self.steps.to(device)
+            self.device_steps += active.long()
         # clip_grad_norm_'s own fp32 arithmetic: max_norm / (norm + 1e-6), clamped to 1.
         clip = ((grad_norms.float() + 1e-6).reciprocal() * self.max_grad_norm.float()).clamp(max=1.0)
         grad_blocks, self._grad_blocks = self._grad_blocks, None
@@ -201,7 +220,8 @@ class SlotAdamW:
         # On a GPU, one masked update of the whole stacks, AdamW's formula op by op: no host
         # sync to find the active slots, and frozen O-LoRA ranks keep their values.
         any_frozen = bool(self.ranks.frozen.any())
-        step = self.steps.to(device=device, dtype=torch.float64).clamp(min=1)
+        step = (self.steps if self.device_steps is None else self.device_steps).to(
+            device=device, dtype=torch.float64).clamp(min=1)
         lrs = lrs.to(device=device, dtype=torch.float64)
         bias_correction1 = 1 - self.beta1**step
         bias_correction2_sqrt = (1 - self.beta2**step).sqrt()

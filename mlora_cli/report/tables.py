@@ -134,7 +134,9 @@ def print_summary(console: Console, results: dict[str, Any]) -> None:
         console.print(f"[red]failed[/] {name}: {results['adapters'][name]['failure']}")
     memory = f"peak RSS {run['peak_rss_mib']:,.0f} MiB"
     if "cuda_max_allocated_mib" in run:
-        memory += f", CUDA max allocated {run['cuda_max_allocated_mib']:,.0f} MiB"
+        memory += (f", GPU peak {run['cuda_max_allocated_mib']:,.0f} MiB allocated"
+                   + (f" / {run['cuda_max_reserved_mib']:,.0f} MiB reserved" if "cuda_max_reserved_mib" in run else "")
+                   + (" (busiest GPU)" if len(run.get("cuda_memory", {})) > 1 else ""))
     console.print(
         f"{run['adapter_count']} adapters in {run['wall_seconds']:.1f} s wall "
         f"({run['train_tokens_per_s']:,.0f} train tokens/s overall), {memory}"

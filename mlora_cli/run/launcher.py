@@ -112,12 +112,29 @@ def peak_memory() -> dict[str, float]:
     """Peak resident memory of this process and its finished children, in MiB."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    memory = {"peak_rss_mib": max(own, children)}
-    torch = sys.modules.get("torch")  # only when this process uses it: the parent of workers may not
-    if torch is not None:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            memory["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    return memory
+    return {"peak_rss_mib": max(own, children)}
+
+
+def cuda_memory_by_device(peaks: dict[int, dict[str, float]], plans: list[WorkerPlan],
+                          backend: str) -> dict[str, Any]:
+    """Run-level GPU memory from each worker's peaks: per device, the sum over the workers on it (their peaks
+    need not coincide, so an upper bound), and the largest device's figures at the top level.
+
+    Reserved memory is what the caching allocator held (what nvidia-smi shows, less each process's CUDA
+    context of a few hundred MiB, which torch does not count). Ray gives every GPU worker a GPU of its own.
+    """
+    by_device: dict[str, dict[str, float]] = {}
+    for worker_id, peak in sorted(peaks.items()):
+        key = f"ray worker {worker_id}" if backend == "ray" else plans[worker_id].device
+        entry = by_device.setdefault(key, {"max_allocated_mib": 0.0, "max_reserved_mib": 0.0, "workers": 0})
+        entry["max_allocated_mib"] += peak["cuda_max_allocated_mib"]
+        entry["max_reserved_mib"] += peak["cuda_max_reserved_mib"]
+        entry["workers"] += 1
+    if not by_device:
+        return {}
+    return {"cuda_memory": by_device,
+            "cuda_max_allocated_mib": max(e["max_allocated_mib"] for e in by_device.values()),
+            "cuda_max_reserved_mib": max(e["max_reserved_mib"] for e in by_device.values())}
 
 
 def versions() -> dict[str, str]:
@@ -168,11 +185,11 @@ def run_sweep(
             emit({"event": "run_start", "run_dir": str(run_dir), "plans": plans, "resume": resume_dir is not None})
             metrics_path = run_dir / METRICS
 
-            cuda_peaks: list[float] = []  # from worker processes, which own the GPUs
+            cuda_peaks: dict[int, dict[str, float]] = {}  # from worker processes, which own the GPUs
 
             def record(event: dict[str, Any]) -> None:
                 if event["event"] == "worker_done" and "cuda_max_allocated_mib" in event:
-                    cuda_peaks.append(event["cuda_max_allocated_mib"])
+                    cuda_peaks[event["worker"]] = event
                 if event["event"] == "step":
                     append_jsonl(metrics_path, event["records"])
                 elif event["event"] == "worker_ready" and not (run_dir / BASE_RECORD).exists():
@@ -209,7 +226,7 @@ def run_sweep(
                     "train_tokens": total_tokens,
                     "train_tokens_per_s": total_tokens / wall if wall else 0.0,
                     **peak_memory(),
-                    **({"cuda_max_allocated_mib": max(cuda_peaks)} if cuda_peaks else {}),
+                    **cuda_memory_by_device(cuda_peaks, plans, backend),
                     "versions": versions(),
                     "machine": {"platform": platform.platform(), "processor": platform.processor(),
                                 "cpus": os.cpu_count()},
@@ -257,12 +274,7 @@ def _worker_main(plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[Ta
     except (ConfigError, StorageError) as exc:  # a user error found once the model loaded; a failed write
         events.put({"event": "worker_error", "worker": worker_id, "error": exc})  # both pickle whole
         return
-    import torch
-
-    memory = {}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        memory["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    events.put({"event": "worker_done", "worker": worker_id, **memory})
+    events.put({"event": "worker_done", "worker": worker_id, **worker.cuda_peak()})
     # Everything is written and sent: leave without the interpreter's teardown of torch and
     # transformers (about a second), which the parent would otherwise wait for.
     events.close()

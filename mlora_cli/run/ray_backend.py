@@ -56,7 +56,7 @@ class WorkerActor:
             except (ConfigError, StorageError) as exc:  # a user error found once the model loaded; a failed write
                 events.put({"event": "worker_error", "worker": worker_id, "error": exc})  # ConfigError pickles whole
                 return
-            events.put({"event": "worker_done", "worker": worker_id})
+            events.put({"event": "worker_done", "worker": worker_id, **worker.cuda_peak()})
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

@@ -74,7 +74,7 @@ class Worker:
         self.tokenized: dict[tuple[int, int], list[TokenizedTask]] = {}
         targets = sorted({t for a in plan.adapters for t in a.adapter.target_modules})
         num_slots, max_rank = engine_shape([a.adapter for a in plan.adapters], plan.slots, len(spec.tasks))
-        self.engine = MultiLoraModel(self.base.model, targets, num_slots, max_rank)
+        self.engine = MultiLoraModel(self.base.model, targets, num_slots, max_rank, self.base.autocast)
         self.strategies = Strategies(self.engine, plan.slots)
         self.queue = deque(plan.adapters)
         self.free_slots = list(range(plan.slots))[::-1]
@@ -310,6 +310,14 @@ def spend_rl_batch(progress: AdapterProgress, part: StepInput, sampled: bool) ->
     if batch.steps_left <= 0:
         progress.rl_batch = None
     return metrics
+
+
+def cuda_peak() -> dict[str, float]:
+    """This process's peak GPU memory (allocated and reserved by torch, MiB), if it used a GPU."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {}
+    return {"cuda_max_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
+            "cuda_max_reserved_mib": torch.cuda.max_memory_reserved() / 2**20}
 
 
 def load_rewards(spec: SweepSpec, task_data: dict[int, list[TaskData]]) -> None:

@@ -260,6 +260,13 @@ class ModelConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata=_doc("recompute each layer's activations in backward: less memory, ~30% more compute")
     )
+    autocast: Literal["auto", "off", "bfloat16", "float16"] = field(
+        default="auto", metadata=_doc(
+            "mixed precision of every forward (training, evaluation, sampling, teachers, the bench baseline): auto = "
+            "bfloat16 on a GPU that computes it natively (compute capability >= 8.0), off elsewhere; off = the "
+            "base's dtype throughout; bfloat16 / float16 = torch.autocast to that dtype on any device. LoRA weights "
+            "and optimizer state stay float32")
+    )
 
 
 # Module-level aliases: inside SweepConfig the field names `list` and `zip` shadow the builtins.

@@ -9,7 +9,6 @@ exactly the gradient it would get alone. Each slot then takes its own clipped Ad
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import torch
 
 from mlora_cli.data.batches import Batch, Row, collate, token_losses
 from mlora_cli.model.engine import MultiLoraModel
+from mlora_cli.model.multi_lora import on_device
 from mlora_cli.spec.schema import RLConfig
 from mlora_cli.train.grpo import adapter_loss, token_log_probs
 from mlora_cli.train.strategies import Strategies
@@ -47,13 +47,6 @@ class StepResult:
     finite: bool
 
 
-def autocast(engine: MultiLoraModel) -> contextlib.AbstractContextManager[object]:
-    """bf16 autocast on a GPU (matmuls in bf16, LoRA weights and optimizer state stay fp32); nothing on CPU."""
-    if engine.device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _adapter_losses(
     engine: MultiLoraModel, inputs: list[StepInput], pad_id: int, strategies: Strategies | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,11 +55,12 @@ def _adapter_losses(
     batch = collate(rows, pad_id, engine.device)
     slots = [part.slot for part in inputs]
     counts = [len(part.rows) for part in inputs]
-    with engine.routed(slots, counts, [p.dropout for p in inputs], [p.generator for p in inputs]), autocast(engine):
+    with engine.routed(slots, counts, [p.dropout for p in inputs], [p.generator for p in inputs]):
         logits = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     row_loss, row_tokens, _ = token_losses(logits, batch.labels)
     device = row_loss.device
-    group = torch.repeat_interleave(torch.arange(len(inputs), device=device), torch.tensor(counts, device=device))
+    # Built on the host and copied without waiting (repeat_interleave with device repeats would sync to size it).
+    group = on_device([g for g, count in enumerate(counts) for _ in range(count)], device)
     loss_sum = torch.zeros(len(inputs), device=device).index_add(0, group, row_loss)
     completion_tokens = torch.zeros(len(inputs), device=device).index_add(0, group, row_tokens.float())
     task_loss = loss_sum / completion_tokens.clamp(min=1)
@@ -114,7 +108,7 @@ def _base_log_probs(engine: MultiLoraModel, batch: Batch, temperatures: dict[int
     if not temperatures:
         return {}
     rows = torch.cat([torch.arange(spans[k].start, spans[k].stop) for k in temperatures]).to(batch.input_ids.device)
-    with engine.routed([], []), autocast(engine):
+    with engine.routed([], []):
         logits = engine.model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows]).logits
     out, start = {}, 0
     for k, temperature in temperatures.items():
@@ -129,6 +123,22 @@ def fused_step(
 ) -> tuple[list[StepResult], float]:
     """Train every adapter in `inputs` one step; returns per-adapter results and seconds."""
     start = time.perf_counter()
+    task_loss, norms, tokens, finite = step_on_device(engine, inputs, pad_id, strategies)
+    # One host transfer for everything logged (the only wait for the device in a step).
+    losses, grad_norms, token_counts, flags = (task_loss.detach().cpu().tolist(), norms.cpu().tolist(),
+                                               tokens.cpu().tolist(), finite.cpu().tolist())
+    results = [
+        StepResult(part.slot, loss, norm, int(count), ok)
+        for part, loss, norm, count, ok in zip(inputs, losses, grad_norms, token_counts, flags)
+    ]
+    return results, time.perf_counter() - start
+
+
+def step_on_device(
+    engine: MultiLoraModel, inputs: list[StepInput], pad_id: int, strategies: Strategies | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The step itself: forward, backward, clipping and AdamW, queued on the engine's device without reading
+    anything back. Returns per adapter (task loss, gradient norm, tokens, finite) as device tensors."""
     objective, task_loss, tokens = _adapter_losses(engine, inputs, pad_id, strategies)
     objective.sum().backward()
     if strategies is not None:
@@ -137,23 +147,15 @@ def fused_step(
     optimizer = engine.optimizer
     slots = [part.slot for part in inputs]
     norms = engine.grad_norms(slots)
-    slot_index = torch.tensor(slots, device=norms.device)
+    slot_index = on_device(slots, norms.device)
     finite = torch.isfinite(objective.detach()) & torch.isfinite(norms[slot_index])
     active = torch.zeros(engine.num_slots, dtype=torch.bool, device=norms.device)
     active[slot_index] = finite
-    lrs = torch.zeros(engine.num_slots, dtype=torch.float64)
-    lrs[slot_index.cpu()] = torch.tensor([p.lr for p in inputs], dtype=torch.float64)
+    lr_of = dict(zip(slots, (p.lr for p in inputs)))
+    lrs = on_device([lr_of.get(slot, 0.0) for slot in range(engine.num_slots)], norms.device, torch.float64)
     optimizer.step(active, lrs, norms)
     engine.zero_grad()
-
-    # One host transfer for everything logged.
-    losses, grad_norms, flags = (task_loss.detach().cpu().tolist(), norms[slot_index].cpu().tolist(),
-                                 finite.cpu().tolist())
-    results = [
-        StepResult(slot, loss, norm, int(count), ok)
-        for slot, loss, norm, count, ok in zip(slots, losses, grad_norms, tokens.cpu().tolist(), flags)
-    ]
-    return results, time.perf_counter() - start
+    return task_loss, norms[slot_index], tokens, finite
 
 
 def squared_gradients(engine: MultiLoraModel, batches: list[list[StepInput]], pad_id: int) -> list[torch.Tensor]:

@@ -154,29 +154,33 @@ class Strategies:
             for p, unfrozen in zip(self.params, optimizer.trainable()):
                 if p.grad is not None:
                     p.grad.masked_fill_(~unfrozen, 0.0)
+        # The per-slot weights, on the device once per step (not once per parameter: each copy of a host
+        # tensor to a GPU waits for the kernels queued before it).
+        device = self.params[0].device
+        l2, ewc, olora1, olora2 = (t.to(device) for t in (self.l2, self.ewc, self.olora1, self.olora2))
         if self.anchor is not None and bool((self.l2 > 0).any() or (self.ewc > 0).any()):
             fishers = self.fisher or [None] * len(self.params)
             for p, anchor, fisher in zip(self.params, self.anchor, fishers):
                 if p.grad is None:
                     continue
-                weight = _col(self.l2, p)
+                weight = _col(l2, p)
                 if fisher is not None:
-                    weight = weight + _col(self.ewc, p) * fisher
+                    weight = weight + _col(ewc, p) * fisher
                 p.grad.add_(weight * (p - anchor))
         if bool((self.olora1 > 0).any() or (self.olora2 > 0).any()):
             frozen = self.engine.ranks.frozen
             in_use = torch.tensor(self.engine.slot_rank)
+            ranks = torch.arange(self.engine.max_rank).view(1, -1)
+            new = ((ranks >= frozen.view(-1, 1)) & (ranks < in_use.view(-1, 1))).to(device)
+            old = (ranks < frozen.view(-1, 1)).to(device)
             for layer in self.engine.layers.values():
                 a = layer.lora_A
                 if a.grad is None:
                     continue
-                ranks = torch.arange(a.size(1)).view(1, -1)
-                new = ((ranks >= frozen.view(-1, 1)) & (ranks < in_use.view(-1, 1))).to(a.device)
-                old = (ranks < frozen.view(-1, 1)).to(a.device)
                 overlap = torch.bmm(a, a.transpose(1, 2))
                 pairs = (new.unsqueeze(2) & old.unsqueeze(1)).to(a.dtype)
-                a.grad.add_(torch.bmm(torch.sign(overlap) * pairs * _col(self.olora1, a), a))
-                a.grad.add_(2 * _col(self.olora2, a) * a * new.unsqueeze(2).to(a.dtype))
+                a.grad.add_(torch.bmm(torch.sign(overlap) * pairs * _col(olora1, a), a))
+                a.grad.add_(2 * _col(olora2, a) * a * new.unsqueeze(2).to(a.dtype))
 
     def distillation(
         self, student_logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,

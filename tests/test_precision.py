@@ -1,0 +1,67 @@
+"""One precision control, `model.autocast`, reaching every forward; what can be checked of the GPU path on the CPU.
+
+- the setting resolves per device (bf16 only on GPUs that compute it natively);
+- under bf16 autocast the batched path (the GPU's) and the per-adapter path (the CPU's) compute the same
+  LoRA term, logits and gradients, in bf16, with the fp32 weights' gradients in fp32;
+- a run with `model.autocast: bfloat16` trains and evaluates under it (the eval loss moves with it), and records it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import builtin_tasks, micro_sweep, mlora, write_sweep
+from test_multi_lora import ADAPTERS, batch, loss_of, make_engine
+
+from mlora_cli.model import base as base_module
+from mlora_cli.model.base import autocast_dtype
+
+
+def test_auto_is_bf16_only_on_gpus_that_compute_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert autocast_dtype("auto", "cpu") is None and autocast_dtype("off", "cpu") is None
+    assert autocast_dtype("bfloat16", "cpu") == torch.bfloat16 and autocast_dtype("float16", "cpu") == torch.float16
+    monkeypatch.setattr(base_module.torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert autocast_dtype("auto", "cuda:0") is None  # a T4/V100 emulates bf16: fp32 instead
+    monkeypatch.setattr(base_module.torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert autocast_dtype("auto", "cuda:0") == torch.bfloat16
+    assert autocast_dtype("off", "cuda:0") is None
+
+
+def test_batched_and_per_adapter_paths_agree_under_bf16_autocast() -> None:
+    results = {}
+    for per_adapter in (True, False):
+        engine, _ = make_engine()
+        engine.autocast_dtype = torch.bfloat16
+        engine.routing.per_adapter = per_adapter
+        parts = [batch(2, seed=i) for i in range(len(ADAPTERS))]
+        ids, mask = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        with engine.routed([0, 1, 2], [2, 2, 2]):  # equal groups: the batched bmm path when not per-adapter
+            logits = engine.model(input_ids=ids, attention_mask=mask).logits
+            assert logits.dtype == torch.bfloat16  # the LoRA term did not pull the output up to fp32
+        sum(loss_of(chunk.float(), *part) for chunk, part in zip(logits.split([2, 2, 2]), parts)).backward()
+        grads = [g for layer in engine.layers.values() for g in (layer.lora_A.grad, layer.lora_B.grad)]
+        assert all(g.dtype == torch.float32 for g in grads)
+        results[per_adapter] = logits.float(), torch.cat([g.flatten() for g in grads])
+    (logits_a, grads_a), (logits_b, grads_b) = results[True], results[False]
+    torch.testing.assert_close(logits_a, logits_b, atol=0.05, rtol=0.02)  # bf16: 8 bits of mantissa
+    assert (grads_a - grads_b).norm() <= 0.03 * grads_a.norm()
+
+
+@pytest.mark.slow
+def test_a_run_under_bf16_autocast_evaluates_under_it_too(tmp_path: Path) -> None:
+    sweep = micro_sweep(tasks=builtin_tasks("copy", train_examples=8, eval_examples=4, steps=2),
+                        eval={"metrics": ["loss"]})
+    losses = {}
+    for setting in ("off", "bfloat16"):
+        folder = tmp_path / setting
+        folder.mkdir()
+        result = mlora("run", write_sweep(folder, sweep, model={"autocast": setting}), "--no-plots")
+        assert result.exit_code == 0, result.output
+        (run_dir,) = (folder / "runs").iterdir()
+        entry = next(iter(json.loads((run_dir / "results.json").read_text())["adapters"].values()))
+        losses[setting] = entry["matrix"]["loss"][0][0]  # the base, before training: evaluation alone
+        assert json.loads((run_dir / "base.json").read_text())["autocast"] == setting
+    assert losses["bfloat16"] != losses["off"] and losses["bfloat16"] == pytest.approx(losses["off"], rel=0.02)
