@@ -95,7 +95,7 @@ class SeededGumbelNoise(LogitsProcessor):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         # Finished rows draw too (generate keeps them in the batch); their draws are never used.
-        return perturbed_scores(scores, self.temperature, self.top_p, self.generators, [False] * len(self.generators))
+        return perturbed_scores(scores, self.temperature, self.top_p, self.generators)
 
 
 @torch.no_grad()

@@ -2,7 +2,9 @@
 
 All rows (each adapter's prompts, each repeated `group_size` times) are left-padded into one
 batch; the prompt is prefilled once through the fused engine (each adapter's rows through its
-own LoRA), then one token per step is decoded from the KV cache until every row has ended.
+own LoRA), then one token per step is decoded from the KV cache until every row has ended;
+a row that ends (end-of-sequence or its `max_new_tokens`) leaves the batch and its cache at
+once, so long completions do not keep short ones' rows in every later step.
 Each row samples with its adapter's temperature and top-p, and with its own noise: the
 Gumbel-max trick, `argmax(logits / T + g)` with `g = -log(-log(u))` and `u` drawn from a
 generator seeded by `seeds.rl_sample(adapter seed, step, prompt, sample)`, which samples
@@ -12,6 +14,7 @@ on its adapter and its counters only, never on its neighbours or their padding.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +23,7 @@ import torch
 from mlora_cli.data.batches import Row
 from mlora_cli.model.base import cache_argument, model_cache
 from mlora_cli.model.engine import MultiLoraModel
+from mlora_cli.model.multi_lora import on_device
 
 
 @dataclass
@@ -52,17 +56,16 @@ def _top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
 
 def perturbed_scores(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                     generators: list[torch.Generator], done: list[bool]) -> torch.Tensor:
+                     generators: list[torch.Generator]) -> torch.Tensor:
     """`logits / T` restricted to the top-p set, plus Gumbel noise: the argmax of each row is its sample.
 
-    Noise is drawn on the host from each row's own generator, and only for rows still sampling
-    (a finished row's draws would be thrown away). The sequential baseline calls this from a
+    Noise is drawn on the host from each row's own generator (one draw per token the row
+    samples: finished rows have left the batch). The sequential baseline calls this from a
     `generate` logits processor, so both sample with the same arithmetic.
     """
     filtered = _top_p_filter(logits.float() / temperature, top_p)
     vocab = filtered.size(-1)
-    uniform = torch.stack([torch.full((vocab,), 0.5) if finished else torch.rand(vocab, generator=g)
-                           for g, finished in zip(generators, done)]).to(filtered.device)
+    uniform = torch.stack([torch.rand(vocab, generator=g) for g in generators]).to(filtered.device)
     return filtered - torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
 
 
@@ -71,7 +74,6 @@ def sample(engine: MultiLoraModel, requests: list[RolloutRequest], pad_id: int, 
     """One Rollout per request, its rows prompt-major (prompt 0's group first)."""
     prompts = [row.ids[: row.prompt_len] for r in requests for row in r.prompts for _ in range(r.group_size)]
     counts = [len(r.prompts) * r.group_size for r in requests]
-    slots = [r.slot for r in requests]
     per_row = [(r.temperature, r.top_p, r.max_new_tokens) for r, n in zip(requests, counts) for _ in range(n)]
     generators = [torch.Generator().manual_seed(seed) for r in requests for seed in r.seeds]
     device = engine.device
@@ -86,24 +88,29 @@ def sample(engine: MultiLoraModel, requests: list[RolloutRequest], pad_id: int, 
     temperature = torch.tensor([t for t, _, _ in per_row], device=device).unsqueeze(1)
     top_p = torch.tensor([p for _, p, _ in per_row], device=device)
     limit = [n for _, _, n in per_row]
+    slot_of_row = [r.slot for r, n in zip(requests, counts) for _ in range(n)]
     cache_arg = cache_argument(engine.model)
     generated: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
+    active = list(range(len(prompts)))  # rows still sampling, in batch order
     cache: Any = None
     step_input, step_positions = input_ids, positions
-    while not all(done):
-        with engine.routed(slots, counts):
+    while active:
+        runs = [(slot, len(list(rows))) for slot, rows in itertools.groupby(slot_of_row[i] for i in active)]
+        with engine.routed([slot for slot, _ in runs], [count for _, count in runs]):
             output = engine.model(input_ids=step_input, attention_mask=mask, position_ids=step_positions,
                                   use_cache=True, **({cache_arg: cache} if cache is not None else {}))
         cache = model_cache(output)
-        tokens = perturbed_scores(output.logits[:, -1], temperature, top_p, generators, done).argmax(-1).tolist()
-        for i, token in enumerate(tokens):
-            if done[i]:
-                continue
+        scores = perturbed_scores(output.logits[:, -1], temperature, top_p, [generators[i] for i in active])
+        for i, token in zip(active, scores.argmax(-1).tolist()):
             generated[i].append(token)
-            done[i] = token == eos_id or len(generated[i]) >= limit[i]
-        step_input = torch.tensor([[g[-1]] for g in generated], device=device)
-        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+        keep = [k for k, i in enumerate(active) if generated[i][-1] != eos_id and len(generated[i]) < limit[i]]
+        if len(keep) < len(active):  # finished rows leave the batch (and its KV cache) at once
+            kept = on_device(keep, mask.device)
+            cache.batch_select_indices(kept)
+            mask, step_positions, temperature, top_p = mask[kept], step_positions[kept], temperature[kept], top_p[kept]
+            active = [active[k] for k in keep]
+        step_input = torch.tensor([[generated[i][-1]] for i in active], device=device)
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         step_positions = step_positions[:, -1:] + 1
     return as_rollouts(requests, prompts, generated, eos_id)
 
