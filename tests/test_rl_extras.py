@@ -111,3 +111,47 @@ def test_replay_on_an_rl_task_samples_earlier_prompts(tmp_path: Path) -> None:
     rl = {name: [r for r in records if r["adapter"] == name and r["task"] == "reverse"] for name in ("naive", "replay")}
     assert len(rl["replay"]) == 3 and all("replayed_reward_mean" in r for r in rl["replay"])
     assert not any("replayed_reward_mean" in r for r in rl["naive"])
+
+
+def test_truncated_completions_carry_no_loss_with_mask_truncated() -> None:
+    class Characters:
+        @staticmethod
+        def decode(ids: list[int], skip_special_tokens: bool = True) -> str:
+            return "".join(chr(i) for i in ids)
+
+    prompt = Row((1, 2), 2, "ab", "p")
+    completions = [[ord("a"), ord("b")], [ord("a"), ord("x"), ord("y")]]  # the second was cut at max_new_tokens
+    rows = [Row((1, 2, *ids), 2, "ab", "p") for ids in completions]
+    rollout = Rollout(rows, completions, [False, True])
+    for masked in (False, True):
+        job = RLJob("a", 0, 0, 0, [prompt], RLConfig(group_size=2, max_new_tokens=3, mask_truncated=masked),
+                    "exact_match", "t")
+        batch = scored_batch(job, rollout, Characters(), 0.0)
+        assert batch.metrics["truncated"] == 0.5 and batch.metrics["zero_variance_groups"] == 0.0
+        assert batch.rows[0].prompt_len == 2  # the ended completion keeps its loss tokens
+        assert batch.rows[1].prompt_len == (len(rows[1].ids) if masked else 2)  # all prompt: no loss tokens
+
+
+@pytest.mark.slow
+def test_strategies_apply_to_rl_tasks(tmp_path: Path) -> None:
+    """l2, ewc and olora add their terms to RL gradients and lwf distils the previous adapter on the sampled
+    rows: each ends elsewhere than naive RL from the same start, and every one finishes."""
+    sweep = micro_sweep(
+        name="rlcl", devices="cpu",
+        tasks=[*builtin_tasks("copy", train_examples=16, eval_examples=2, min_len=3, max_len=3, steps=3),
+               *builtin_tasks("reverse", train_examples=16, eval_examples=2, min_len=3, max_len=3, steps=3,
+                              objective="grpo", reward="char_accuracy")],
+        adapter={"rank": 4, "target_modules": TARGETS, "lr": 1e-2, "l2_lambda": 50.0, "ewc_lambda": 1e4,
+                 "lwf_lambda": 5.0, "olora_lambda1": 5.0, "fisher_samples": 4},
+        train={"batch_size": 2, "rl": {"group_size": 2, "max_new_tokens": 4}},
+        eval={"metrics": ["loss"], "max_new_tokens": 4},
+        sweep={"grid": {"adapter.strategy": ["naive", "l2", "ewc", "lwf", "olora"]}},
+    )
+    result, run_dir = run(tmp_path, sweep)
+    assert result.exit_code == 0, result.output
+    adapters = json.loads((run_dir / "results.json").read_text())["adapters"]
+    assert all(entry["status"] == "done" for entry in adapters.values())
+    naive = adapters["naive"]["matrix"]["loss"]
+    for name in ("l2", "ewc", "lwf", "olora"):
+        assert adapters[name]["matrix"]["loss"][1] == naive[1], name  # the same SFT task first
+        assert adapters[name]["matrix"]["loss"][2] != naive[2], name  # then its term changed the RL task
