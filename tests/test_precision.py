@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from helpers import builtin_tasks, micro_sweep, mlora, write_sweep
 from test_multi_lora import ADAPTERS, batch, loss_of, make_engine
 
+from mlora_cli.data.batches import Row
 from mlora_cli.model import base as base_module
 from mlora_cli.model.base import autocast_dtype
 
@@ -65,3 +67,48 @@ def test_a_run_under_bf16_autocast_evaluates_under_it_too(tmp_path: Path) -> Non
         losses[setting] = entry["matrix"]["loss"][0][0]  # the base, before training: evaluation alone
         assert json.loads((run_dir / "base.json").read_text())["autocast"] == setting
     assert losses["bfloat16"] != losses["off"] and losses["bfloat16"] == pytest.approx(losses["off"], rel=0.02)
+
+
+# Host reads in the GPU path of a step that are of host tensors by design (they never wait for a GPU).
+HOST_TENSOR_READS = {
+    ("optim.py", "any_frozen = bool(self.ranks.frozen.any())"),  # SlotRanks live on the host
+    # a dropout mask's seed, from the adapter's host generator
+    ("multi_lora.py", 'seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device if generator '
+                      'else "cpu"))'),
+}
+
+
+def test_the_gpu_path_of_a_step_reads_nothing_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batched (GPU) path emulated on the CPU: `step_on_device` calls no .item() / .tolist() / .cpu() /
+    bool() / int() / float() on a tensor from mlora's code, except reads of host tensors by design. On a GPU
+    each would wait for the device. (`fused_step` then reads back what it logs, once.)"""
+    import inspect
+
+    from mlora_cli.train.step import StepInput, step_on_device
+
+    engine, _ = make_engine()
+    engine.routing.per_adapter = False  # the GPU's LoRA path
+    engine.optimizer.per_slot_fused = False  # and its optimizer: one masked update of all slots
+    ids, _ = batch(3 * 4, seed=1)
+    rows = [[Row(tuple(int(t) for t in ids[3 * k + i]), 4, "x") for i in range(3)] for k in range(3)]
+    inputs = [StepInput(slot, rows[slot], 1e-3, 0.1 if slot == 1 else 0.0, torch.Generator().manual_seed(slot))
+              for slot in range(3)]
+    step_on_device(engine, inputs, 0)  # warm up: lazily built state is not the step
+    reads: list[tuple[str, str]] = []
+
+    def recording(name: str) -> Any:
+        original = getattr(torch.Tensor, name)
+
+        def read(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            caller = inspect.stack()[1]
+            if "mlora_cli" in caller.filename:
+                reads.append((Path(caller.filename).name, (caller.code_context or [""])[0].strip()))
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "tolist", "cpu", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, recording(name))
+    step_on_device(engine, inputs, 0)
+    monkeypatch.undo()
+    unexpected = sorted(set(read for read in reads if read not in HOST_TENSOR_READS))
+    assert not unexpected, "\n".join(f"{f}: {line}" for f, line in unexpected)
