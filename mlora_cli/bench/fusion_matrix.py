@@ -1,0 +1,133 @@
+"""Fusion efficiency of the training step over the configurations people run, one cell per configuration.
+
+For each cell (torch threads x target modules x ranks x dropout) on the sweep's first task and
+batch size: the fused N-adapter step, the same rows as one adapter's union batch on mlora's
+engine (the reference of `fusion.py`), and the union batch as plain PEFT (LoRA of the mean rank,
+the cell's dropout, `AdamW(fused=True)` after `clip_grad_norm_`), timed alternately (medians).
+
+- efficiency = union step on mlora's engine / fused step (1.0: co-training costs what the union
+  batch costs); `vs_peft` = PEFT's union step / fused step;
+- dropout cost = the fused step at dropout p / at dropout 0, against PEFT's union step at p / at 0:
+  dropout should cost co-training no more than it costs PEFT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mlora_cli.spec.schema import SweepSpec
+from mlora_cli.spec.sweep import AdapterSpec
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_SETS = {"q,v": ("q_proj", "v_proj"), "all-linear": ALL_LINEAR}
+
+
+def _median_pair(first: Callable[[], Any], second: Callable[[], Any], times: int) -> tuple[float, float]:
+    first(), second()  # warm up
+    a, b = [], []
+    for _ in range(times):
+        for run, into in ((first, a), (second, b)):
+            start = time.perf_counter()
+            run()
+            into.append(time.perf_counter() - start)
+    return statistics.median(a), statistics.median(b)
+
+
+def _cell(spec: SweepSpec, adapters: list[AdapterSpec], rows: list[list[Any]], targets: tuple[str, ...],
+          dropout: float, repeats: int) -> dict[str, float]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from mlora_cli.data.batches import collate, token_losses
+    from mlora_cli.model.base import load_base
+    from mlora_cli.model.engine import MultiLoraModel
+    from mlora_cli.train.step import StepInput, fused_step
+
+    union_rank = max(1, round(statistics.mean(a.adapter.rank for a in adapters)))
+    configs = [dataclasses.replace(a.adapter, target_modules=targets, dropout=dropout) for a in adapters]
+    union_config = dataclasses.replace(configs[0], rank=union_rank)
+
+    def engine_for(slot_configs: list[Any]) -> tuple[MultiLoraModel, Any]:
+        base = load_base(spec.base_model, "cpu", spec.model)
+        engine = MultiLoraModel(base.model, targets, len(slot_configs), max(c.rank for c in slot_configs),
+                                base.autocast)
+        for slot, config in enumerate(slot_configs):
+            engine.load_slot(slot, config, 1.0, seed=slot)
+        return engine, base.tokenizer
+
+    fused_engine, tokenizer = engine_for(configs)
+    union_engine, _ = engine_for([union_config])
+    pad = tokenizer.pad_token_id
+    generators = [torch.Generator().manual_seed(slot) for slot in range(len(configs))]
+    fused = [StepInput(slot, rows[slot], 1e-9, dropout, generators[slot]) for slot in range(len(configs))]
+    union = [StepInput(0, [r for part in rows for r in part], 1e-9, dropout, torch.Generator().manual_seed(99))]
+
+    base = load_base(spec.base_model, "cpu", spec.model)
+    peft = get_peft_model(base.model, LoraConfig(r=union_rank, lora_alpha=union_config.alpha, lora_dropout=dropout,
+                                                 target_modules=list(targets)))
+    peft.train()
+    params = [p for p in peft.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-9, fused=True)
+    batch = collate([r for part in rows for r in part], pad)
+
+    def peft_step() -> None:
+        logits = peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        loss_sum, tokens, _ = token_losses(logits, batch.labels)
+        (loss_sum.sum() / tokens.sum()).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    union_seconds, fused_seconds = _median_pair(lambda: fused_step(union_engine, union, pad),
+                                                lambda: fused_step(fused_engine, fused, pad), repeats)
+    peft_seconds, fused_again = _median_pair(peft_step, lambda: fused_step(fused_engine, fused, pad), repeats)
+    fused_seconds = statistics.median([fused_seconds, fused_again])
+    return {"fused_ms": fused_seconds * 1e3, "union_ms": union_seconds * 1e3, "peft_union_ms": peft_seconds * 1e3,
+            "efficiency": union_seconds / fused_seconds, "vs_peft": peft_seconds / fused_seconds}
+
+
+def fusion_matrix(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, repeats: int = 15,
+                  progress: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
+    """Every cell of threads (1, all cores) x targets (q,v / all-linear) x ranks (equal / the sweep's) x
+    dropout (0 / 0.05), with each dropout cell's cost relative to its dropout-0 twin, for mlora and PEFT."""
+    import os
+
+    import torch
+
+    from mlora_cli.data.batches import tokenize_task
+    from mlora_cli.data.sources import load_task
+    from mlora_cli.model.base import load_base
+
+    tokenizer = load_base(spec.base_model, "cpu", spec.model).tokenizer
+    first = adapters[0]
+    task = tokenize_task(load_task(spec.tasks[0], first.seed, data_dir), tokenizer, first.train.max_seq_len)
+    size = first.train.batch_size
+    rows = [[task.train[(slot * size + i) % len(task.train)] for i in range(size)] for slot in range(len(adapters))]
+    equal_rank = max(1, round(statistics.mean(a.adapter.rank for a in adapters)))
+    rank_sets = {"equal": [dataclasses.replace(a, adapter=dataclasses.replace(a.adapter, rank=equal_rank))
+                           for a in adapters], "mixed": adapters}
+    default_threads = torch.get_num_threads()
+    cells = []
+    try:
+        for threads, (target_name, targets), (rank_name, members), dropout in itertools.product(
+                sorted({1, os.cpu_count() or 1}), TARGET_SETS.items(), rank_sets.items(), (0.0, 0.05)):
+            torch.set_num_threads(threads)
+            progress(f"fusion matrix: {threads} threads, {target_name}, {rank_name} ranks, dropout {dropout}")
+            cell = _cell(spec, members, rows, targets, dropout, repeats)
+            cells.append({"threads": threads, "targets": target_name, "ranks": rank_name, "dropout": dropout, **cell})
+    finally:
+        torch.set_num_threads(default_threads)
+    for cell in cells:
+        if cell["dropout"] > 0:
+            twin = next(c for c in cells if c["dropout"] == 0 and all(c[k] == cell[k]
+                                                                       for k in ("threads", "targets", "ranks")))
+            cell["dropout_cost"] = cell["fused_ms"] / twin["fused_ms"]
+            cell["peft_dropout_cost"] = cell["peft_union_ms"] / twin["peft_union_ms"]
+    return {"adapters": len(adapters), "rows_per_adapter": size, "equal_rank": equal_rank,
+            "ranks": [a.adapter.rank for a in adapters], "cells": cells}

@@ -1,0 +1,44 @@
+"""The training-step fusion matrix of docs/benchmark.md: threads x targets x ranks x dropout, on CPU.
+
+    python scripts/fusion_matrix.py [SWEEP] [OUT.json]     # default sweeps/bench.yaml, bench/fusion-matrix.json
+
+Run it on an idle machine: each cell times the fused step, the union batch on mlora's engine and
+the union batch in plain PEFT alternately (see mlora_cli/bench/fusion_matrix.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from mlora_cli.bench.fusion_matrix import fusion_matrix
+from mlora_cli.spec.load import load_sweep
+from mlora_cli.spec.sweep import expand
+
+
+def main(sweep: str = "sweeps/bench.yaml", out: str = "bench/fusion-matrix.json") -> None:
+    spec, _ = load_sweep(sweep)
+    console = Console()
+    report = fusion_matrix(spec, expand(spec), Path(sweep).parent.resolve(), progress=console.log)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2))
+    table = Table(title=f"training-step fusion, {report['adapters']} adapters x {report['rows_per_adapter']} rows "
+                        f"(ranks {report['ranks']}; equal: all {report['equal_rank']})")
+    for header in ("threads", "targets", "ranks", "dropout", "fused ms", "union ms", "PEFT union ms",
+                   "efficiency", "vs PEFT", "dropout cost (PEFT)"):
+        table.add_column(header, justify="right")
+    for c in report["cells"]:
+        cost = f"{c['dropout_cost']:.2f} ({c['peft_dropout_cost']:.2f})" if "dropout_cost" in c else "-"
+        table.add_row(str(c["threads"]), c["targets"], c["ranks"], f"{c['dropout']:g}", f"{c['fused_ms']:.0f}",
+                      f"{c['union_ms']:.0f}", f"{c['peft_union_ms']:.0f}", f"{c['efficiency']:.2f}",
+                      f"{c['vs_peft']:.2f}", cost)
+    console.print(table)
+    console.print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
