@@ -1,10 +1,15 @@
-"""The `mlora` command. Thin: parse, call, and turn user errors into one line each + exit 2."""
+"""The `mlora` command. Thin: parse, call, and turn user errors into one line each + exit 2.
+
+With `--json` (validate, run --dry-run, eval, bench) stdout holds one JSON document and nothing else: tables and
+notes go nowhere, status to stderr, and user errors become `{"ok": false, "problems": [...]}` with exit 2.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -12,10 +17,15 @@ from rich.console import Console
 from mlora_cli.errors import ConfigError, Interrupted, StorageError
 from mlora_cli.spec.load import load_sweep
 
+if TYPE_CHECKING:
+    from mlora_cli.spec.plan import WorkerPlan
+    from mlora_cli.spec.schema import SweepSpec
+    from mlora_cli.spec.sweep import AdapterSpec
+
 app = typer.Typer(
     help="Co-train a sweep of LoRA adapters over one shared frozen base model.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # typer's --install-completion / --show-completion
     pretty_exceptions_enable=False,
 )
 console = Console()
@@ -26,25 +36,60 @@ OverridesArg = Annotated[
     list[str] | None,
     typer.Argument(help="dotted overrides, e.g. train.lr=3e-3 'sweep.grid.adapter.rank=[4,8]'", show_default=False),
 ]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout, nothing else there")]
 
 
-def fail(problems: list[str]) -> None:
-    for problem in problems:
-        errors.print(problem, markup=False, highlight=False, soft_wrap=True)
+def say(text: str, stream: Console = console) -> None:
+    """A plain line: no markup, no highlighting, never wrapped (paths and commands stay whole to copy)."""
+    stream.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def print_json(document: Any) -> None:
+    typer.echo(json.dumps(document, indent=2, default=str))
+
+
+def fail(problems: list[str], as_json: bool = False) -> None:
+    if as_json:
+        print_json({"ok": False, "problems": problems})
+    else:
+        for problem in problems:
+            errors.print(problem, markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
+def plan_document(spec: SweepSpec, adapters: list[AdapterSpec], plans: list[WorkerPlan]) -> dict[str, Any]:
+    """`mlora run --dry-run --json`: the expanded adapters with their settings, and which worker trains each."""
+    from mlora_cli.spec.convert import to_plain
+
+    steps = [t.steps for t in spec.tasks]
+    worker_of = {a.name: i for i, plan in enumerate(plans) for a in plan.adapters}
+    return {
+        "name": spec.name, "base_model": spec.base_model,
+        "tasks": [{"name": t.name, "source": t.source, "objective": t.objective, "steps": t.steps}
+                  for t in spec.tasks],
+        "adapters": [{"name": a.name, "seed": a.seed, "varied": a.varied, "worker": worker_of[a.name],
+                      "task_steps": a.task_steps(steps), "adapter": to_plain(a.adapter), "train": to_plain(a.train)}
+                     for a in adapters],
+        "workers": [{"worker": i, "device": plan.device, "threads": plan.threads, "slots": plan.slots,
+                     "adapters": [a.name for a in plan.adapters]} for i, plan in enumerate(plans)],
+    }
+
+
 @app.command()
-def validate(sweep: SweepArg, overrides: OverridesArg = None) -> None:
+def validate(sweep: SweepArg, overrides: OverridesArg = None, as_json: JsonOpt = False) -> None:
     """Check a sweep file without loading any model: every problem, or a one-line summary."""
     from mlora_cli.spec.sweep import expand
 
     try:
         spec, _ = load_sweep(sweep, overrides or [])
     except ConfigError as exc:
-        fail(exc.problems)
+        fail(exc.problems, as_json)
     adapters = expand(spec)
-    console.print(f"ok: {len(adapters)} adapters, {len(spec.tasks)} tasks")
+    if as_json:
+        names = [a.name for a in adapters]
+        print_json({"ok": True, "adapters": len(adapters), "tasks": len(spec.tasks), "names": names})
+    else:
+        console.print(f"ok: {len(adapters)} adapters, {len(spec.tasks)} tasks")
 
 
 @app.command()
@@ -61,30 +106,36 @@ def run(
     address: Annotated[
         str | None, typer.Option("--address", help="Ray cluster: auto, or ray://HOST:PORT; default: start a local Ray")
     ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="no progress and no tables: only a one-line summary and errors")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: the plan as one JSON document")] = False,
 ) -> None:
     """Train every adapter of the sweep, evaluate, and write a run folder."""
-    from mlora_cli.report.progress import ProgressView
+    from mlora_cli.report.progress import progress_view, summary_line
     from mlora_cli.report.tables import plan_table, print_cl_report, print_summary
     from mlora_cli.spec.sweep import expand
 
     view = None
+    if as_json and not dry_run:
+        fail(["--json goes with --dry-run (a run writes RUN_DIR/results.json; --quiet prints one line)"], as_json)
     if backend not in ("local", "ray"):
-        fail([f"--backend: expected local or ray, got '{backend}'"])
+        fail([f"--backend: expected local or ray, got '{backend}'"], as_json)
     if backend == "ray":
         import importlib.util
 
         if importlib.util.find_spec("ray") is None:
-            fail(["--backend ray needs Ray: pip install 'mlora-sweep[ray]'"])
+            fail(["--backend ray needs Ray: pip install 'mlora-sweep[ray]'"], as_json)
     if (sweep is None) == (resume is None):
-        fail(["give a sweep file, or --resume RUN_DIR (not both)"])
+        fail(["give a sweep file, or --resume RUN_DIR (not both)"], as_json)
     if resume is not None and overrides:
-        fail(["--resume continues a run as it was: no overrides"])
+        fail(["--resume continues a run as it was: no overrides"], as_json)
     try:
         if resume is not None:
             from mlora_cli.run.folder import load_run
 
             if not resume.is_dir():
-                fail([f"{resume}: no such run folder"])
+                fail([f"{resume}: no such run folder"], as_json)
             spec, resolved, sweep_dir = load_run(resume)
         else:
             assert sweep is not None
@@ -94,16 +145,24 @@ def run(
         if dry_run:
             from mlora_cli.run.launcher import plan_workers
 
-            console.print(plan_table(spec, plan_workers(spec, adapters)))
+            plans = plan_workers(spec, adapters)
+            if as_json:
+                print_json(plan_document(spec, adapters, plans))
+            else:
+                console.print(plan_table(spec, plans))
+                if spec.sweep.search.method != "grid" or spec.sweep.prune.method != "none":
+                    from mlora_cli.report.trials import search_table
+
+                    console.print(search_table(spec, adapters, console.width))
             return
         from mlora_cli.run.launcher import run_sweep
 
-        view = ProgressView(console, spec)
+        view = progress_view(console, spec, quiet)
         with view:
             outcome = run_sweep(spec, resolved, sweep_dir, emit=view, plots=plots, resume_dir=resume,
                                 backend=backend, address=address)
     except ConfigError as exc:
-        fail(exc.problems)
+        fail(exc.problems, as_json)
     except StorageError as exc:
         folder = view.run_dir if view is not None and view.run_dir else "RUN_DIR"
         errors.print(f"{exc}; everything saved before it is whole. Free space, then:\n  mlora run --resume {folder}",
@@ -115,8 +174,14 @@ def run(
         errors.print(f"interrupted: training state saved. Resume with:\n  mlora run --resume {folder}",
                      markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code if isinstance(exc, Interrupted) else 130) from None
-    print_cl_report(console, outcome.results, matrices=matrix)
-    print_summary(console, outcome.results)
+    if quiet:
+        for name in outcome.results["run"]["failed"]:
+            errors.print(f"failed {name}: {outcome.results['adapters'][name]['failure']}", markup=False,
+                         highlight=False, soft_wrap=True)
+        console.print(summary_line(outcome.results), markup=False, highlight=False, soft_wrap=True)
+    else:
+        print_cl_report(console, outcome.results, matrices=matrix)
+        print_summary(console, outcome.results)
     if outcome.results["run"]["failed"]:
         raise typer.Exit(1)
 
@@ -135,6 +200,7 @@ def eval_command(
     adapter: Annotated[list[Path] | None, typer.Option("--adapter", help="a PEFT LoRA folder; repeat for more")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda:N")] = "cpu",
     matrix: Annotated[bool, typer.Option("--matrix", help="also print each adapter's accuracy matrix R")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Evaluate saved adapters: a run's per-task checkpoints, or any PEFT LoRA adapters, in batched passes."""
     from mlora_cli.report.tables import adapters_eval_table, print_cl_report
@@ -153,7 +219,7 @@ def eval_command(
         if not (path / "adapter_config.json").is_file():
             problems.append(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
     if problems:
-        fail(problems)
+        fail(problems, as_json)
     try:
         suite = load_task_suite(tasks) if tasks is not None else None
         from mlora_cli.eval import reeval
@@ -163,18 +229,24 @@ def eval_command(
             from mlora_cli.report.outputs import write_reports
 
             for note in write_reports(out_dir, results):
-                console.print(f"note {note}", markup=False)
-            if results["run"]["trained_tasks"] == results["run"]["tasks"]:
+                (errors if as_json else console).print(f"note {note}", markup=False)
+            if as_json:  # what it wrote to out_dir/results.json, and where
+                print_json({**results, "run": {**results["run"], "output_dir": str(out_dir)}})
+            elif results["run"]["trained_tasks"] == results["run"]["tasks"]:
                 print_cl_report(console, results, matrices=matrix)
             else:  # other tasks than trained: no forgetting metrics, the final scores per task
                 console.print(adapters_eval_table(results))
-            console.print(f"evaluation written to {out_dir}")
+            if not as_json:
+                say(f"evaluation written to {out_dir}")
         else:
             assert base is not None and suite is not None and adapter
             results = reeval.evaluate_adapters(base, adapter, suite, device)
-            console.print(adapters_eval_table(results))
+            if as_json:
+                print_json(results)
+            else:
+                console.print(adapters_eval_table(results))
     except ConfigError as exc:
-        fail(exc.problems)
+        fail(exc.problems, as_json)
 
 
 @app.command()
@@ -191,6 +263,7 @@ def bench(
     output: Annotated[
         Path, typer.Option("--output", help="folder for bench.json and every mode's runs")
     ] = Path("bench"),
+    as_json: JsonOpt = False,
 ) -> None:
     """Measure concurrent co-training against the sequential single-tenant baseline on the same sweep."""
     from datetime import datetime
@@ -209,31 +282,40 @@ def bench(
     if any(c < 1 for c in levels):
         problems.append("--concurrency: values must be >= 1")
     if problems:
-        fail(problems)
+        fail(problems, as_json)
     try:
         spec, resolved = load_sweep(sweep, overrides or [])
+        if spec.sweep.search.method != "grid" or spec.sweep.prune.method != "none":
+            fail(["sweep.search: mlora bench compares fixed adapters; a searched or pruned sweep is timed by "
+                  "scripts/bench-search.py"], as_json)
         adapters = expand(spec)
         if sequential_baseline:
             unsupported = [a.name for a in adapters if a.adapter.strategy != "naive" or a.adapter.dropout > 0]
             if unsupported:
                 fail(["sweep: the sequential baseline runs naive fine-tuning without dropout; "
-                      f"not: {', '.join(unsupported)}"])
+                      f"not: {', '.join(unsupported)}"], as_json)
         if "trl" in (mode or []):
             from mlora_cli.bench.trl_grpo import unsupported as trl_unsupported
 
             if problems := trl_unsupported(spec, adapters):
-                fail(problems)
+                fail(problems, as_json)
         from mlora_cli.bench.bench import run_bench
 
         out = output / f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        with console.status("benchmarking") as status:
+        with (errors if as_json else console).status("benchmarking") as status:
             report = run_bench(sweep, spec, resolved, adapters, list(overrides or []), out, sequential_baseline,
                                list(mode or []), levels, progress=lambda text: status.update(text))
     except ConfigError as exc:
-        fail(exc.problems)
+        fail(exc.problems, as_json)
     except ModeFailed as exc:  # a mode's process failed: its log says why
-        errors.print(str(exc))
+        if as_json:
+            print_json({"ok": False, "problems": [str(exc)]})
+        else:
+            errors.print(str(exc))
         raise typer.Exit(1) from None
+    if as_json:
+        print_json(report)  # as written to bench.json
+        raise typer.Exit(1 if sequential_baseline and not report["agree"] else 0)
     for table in bench_tables(report):
         console.print(table)
     console.print(f"bench.json: {out / 'bench.json'}")
@@ -241,9 +323,72 @@ def bench(
         raise typer.Exit(1)
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run folder", metavar="RUN_DIR", show_default=False)],
+    names: Annotated[list[str] | None, typer.Argument(
+        help="adapters to export; default: every adapter with a final checkpoint", metavar="ADAPTER",
+        show_default=False)] = None,
+    merge: Annotated[Path | None, typer.Option(
+        "--merge", metavar="OUT", help="also write each adapter merged into the base: a transformers folder OUT/NAME"
+    )] = None,
+    base_out: Annotated[Path | None, typer.Option(
+        "--base-out", metavar="DIR", help="write the base model + tokenizer as a transformers folder (builtin: "
+        "bases are built in code)")] = None,
+    check_vllm: Annotated[bool, typer.Option(
+        "--check-vllm", help="check each adapter against vLLM's multi-LoRA rules; print `vllm serve ...`")] = False,
+    max_lora_rank: Annotated[int, typer.Option(  # vLLM's default (export.VLLM_DEFAULT_MAX_LORA_RANK)
+        "--max-lora-rank", help="for --check-vllm: the server's --max-lora-rank")] = 16,
+    push_to_hub: Annotated[str | None, typer.Option(
+        "--push-to-hub", metavar="REPO", help="upload each adapter folder to the hub model repo REPO-NAME (one per "
+        "adapter)")] = None,
+) -> None:
+    """Write a model card into each adapter folder; optionally merged models, the base, a vLLM check, hub uploads."""
+    from mlora_cli import export as exporting
+
+    try:
+        run = exporting.load_run(run_dir)
+        selected = exporting.select(run, list(names or []))
+        problems = exporting.output_problems([p for p in [base_out, *(merge / n for n in selected if merge)] if p])
+        if check_vllm and max_lora_rank not in exporting.VLLM_MAX_LORA_RANKS:
+            problems.append(f"--max-lora-rank: vLLM {exporting.VLLM_VERSION} takes one of "
+                            f"{', '.join(map(str, exporting.VLLM_MAX_LORA_RANKS))}, got {max_lora_rank}")
+        if push_to_hub is not None:
+            problems += exporting.hub_problems(push_to_hub, selected)
+        if problems:
+            fail(problems)
+        if base_out is not None:
+            say(f"base model: {exporting.write_base(run, base_out)}")
+        for card in exporting.write_cards(run, selected, base_out, push_to_hub, merge):
+            say(f"model card: {card}")
+        for folder in exporting.write_merged(run, selected, merge, base_out) if merge is not None else []:
+            say(f"merged model: {folder}")
+        refused: list[str] = []
+        if check_vllm:
+            verdicts = exporting.vllm_check(run, selected, max_lora_rank)
+            refused = [v.name for v in verdicts if v.problems]
+            say(f"vLLM {exporting.VLLM_VERSION} multi-LoRA serving, --max-lora-rank {max_lora_rank}:")
+            for v in verdicts:
+                say(f"{'no' if v.problems else 'ok'}  {v.name} (rank {v.rank})"
+                    + (": " + "; ".join(v.problems + v.notes) if v.problems or v.notes else ""))
+            command = exporting.vllm_serve_command(exporting.base_reference(run, base_out), verdicts)
+            say(command or "no adapter would load")
+            if command and run.builtin and base_out is None:
+                say(f"BASE_DIR: {run.base_model} is built in code; write it with --base-out BASE_DIR")
+        for repo in exporting.push_to_hub(run, selected, push_to_hub) if push_to_hub is not None else []:
+            say(f"uploaded: https://huggingface.co/{repo}")
+    except ConfigError as exc:
+        fail(exc.problems)
+    except exporting.ExportFailed as exc:
+        say(str(exc), errors)
+        raise typer.Exit(1) from None
+    if refused:  # scripts can gate a deployment on it
+        raise typer.Exit(1)
+
+
 def main() -> None:
     try:
-        app()
+        app(prog_name="mlora")  # also under `python -m mlora_cli`: completion scripts name the command
     except KeyboardInterrupt:
         errors.print("interrupted")
         sys.exit(130)

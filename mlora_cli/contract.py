@@ -25,6 +25,9 @@ ADAPTERS = "adapters.json"
 BASE_RECORD = "base.json"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
+TRACKERS_RECORD = "trackers.json"  # each experiment tracker's run ids, for --resume (report/trackers.py)
+SEARCH_DB = "search.db"  # the Optuna study of a searched or pruned sweep (SQLite): optuna.load_study opens it
+SEARCH_LOCK = "search.lock"  # held around every study operation, so the run's worker processes take turns
 
 
 def state_path(run_dir: Path, name: str) -> Path:
@@ -79,10 +82,34 @@ def mean_over_tasks(scores: dict[str, dict[str, float]]) -> dict[str, float]:
     return {m: sum(values[m] for values in scores.values()) / len(scores) for m in metrics}
 
 
-class AdapterResult(TypedDict):
+class PruneRecord(TypedDict):
+    step: int  # the step (over the whole task sequence) of the evaluation that pruned it
+    value: float  # its objective there
+    rung: int | None  # asha: the rung (0: min_steps); median: None
+    rung_values: list[float]  # what the pruner compared: asha, the rung's values; median, completed trials' at step
+
+
+class TrialRecord(TypedDict):
+    """An adapter's Optuna trial, in a sweep with sweep.search or sweep.prune (run.search)."""
+
+    number: int  # the trial's number in search.db
+    params: dict[str, Any]  # as Optuna stores them (a choice of list by its label)
+    metric: str
+    over: str  # seen | current | all
+    direction: str  # minimize | maximize
+    objective: float | None  # done: the value told to Optuna; pruned: the value it was pruned at
+    reports: list[dict[str, float]]  # every intermediate value reported: {step, value}
+    pruned: PruneRecord | None
+
+
+class _SearchedResult(TypedDict, total=False):
+    trial: TrialRecord  # only in a sweep with sweep.search or sweep.prune
+
+
+class AdapterResult(_SearchedResult):
     name: str
     seed: int
-    status: Literal["done", "failed"]
+    status: Literal["done", "failed", "pruned"]  # pruned: stopped early by the sweep's pruner (not a failure)
     failure: str | None
     varied: dict[str, Any]  # dotted key -> value, what the sweep set
     config: dict[str, Any]  # {"adapter": ..., "train": ...}, plain
@@ -102,14 +129,14 @@ class AdapterResult(TypedDict):
 def adapter_result(
     adapter: AdapterSpec, task_names: list[str], *, evals: list[Scores], curve: list[dict[str, Any]], steps: int,
     train_tokens: int, train_seconds: float, eval_seconds: float, failure: str | None,
-    finished_after_s: float | None = None,
+    finished_after_s: float | None = None, pruned: bool = False,
 ) -> AdapterResult:
     """The results.json entry of an adapter that ran `steps` steps; `evals[i]` is the matrix row after i tasks."""
-    final = evals[-1] if failure is None and evals else {}
+    final = evals[-1] if failure is None and not pruned and evals else {}
     return {
         "name": adapter.name,
         "seed": adapter.seed,
-        "status": "failed" if failure else "done",
+        "status": "failed" if failure else "pruned" if pruned else "done",
         "failure": failure,
         "varied": adapter.varied,
         "config": {"adapter": to_plain(adapter.adapter), "train": to_plain(adapter.train)},

@@ -14,7 +14,11 @@ from mlora_cli.spec.convert import _type_name
 from mlora_cli.spec.schema import (
     AdapterConfig,
     EvalConfig,
+    LoggingConfig,
     ModelConfig,
+    PruneConfig,
+    RLConfig,
+    SearchConfig,
     SweepConfig,
     SweepSpec,
     TaskConfig,
@@ -23,7 +27,8 @@ from mlora_cli.spec.schema import (
 
 START, END = "<!-- sweep-reference:start -->", "<!-- sweep-reference:end -->"
 SECTIONS = [("top level", SweepSpec), ("model", ModelConfig), ("tasks[i]", TaskConfig), ("adapter", AdapterConfig),
-            ("train", TrainConfig), ("eval", EvalConfig), ("sweep", SweepConfig)]
+            ("train", TrainConfig), ("train.rl", RLConfig), ("eval", EvalConfig), ("sweep", SweepConfig),
+            ("sweep.search", SearchConfig), ("sweep.prune", PruneConfig), ("logging", LoggingConfig)]
 
 
 def default_text(f: dataclasses.Field) -> str:

@@ -13,7 +13,7 @@ from mlora_cli.errors import ConfigError
 PACKAGE = REPO / "mlora_cli"
 # The data flow, bottom up: a module may import its own layer and the layers before it, never one after.
 LAYERS = ["mlora_cli", "errors", "seeds", "files", "spec", "contract", "data", "model", "train", "eval", "report",
-          "run", "bench", "cli", "__main__"]
+          "run", "bench", "export", "cli", "__main__"]
 MAX_LINES = 420
 
 

@@ -36,7 +36,7 @@ from mlora_cli import seeds  # noqa: E402
 from mlora_cli.contract import load_resolved_sweep, matrix_of, mean_over_tasks  # noqa: E402
 from mlora_cli.data.batches import BatchSampler, Row, collate, collate_prompts, token_losses, tokenize_task  # noqa: E402
 from mlora_cli.data.sources import load_task  # noqa: E402
-from mlora_cli.eval import passk  # noqa: E402
+from mlora_cli.eval import choices, passk  # noqa: E402
 from mlora_cli.eval.evaluate import completion_text, task_scores  # noqa: E402
 from mlora_cli.model.base import autocast, load_base  # noqa: E402
 from mlora_cli.model.engine import linear_layer_names, lora_a_init, matches_target, output_layer_name  # noqa: E402
@@ -81,6 +81,17 @@ def evaluate(model, tasks, tokenizer, eval_config, seed: int = 0) -> dict[str, d
         scores[task.name] = task_scores(loss, tokens, correct, hits, len(rows), eval_config.metrics, reward)
         if "pass_at_k" in eval_config.metrics:
             scores[task.name]["pass_at_k"] = sampled_pass_at_k(model, tokenizer, task, task_index, seed, eval_config)
+        if "choice_accuracy" in eval_config.metrics:  # a row per choice, batch_size rows per forward
+            rows_of = [((i, c), row) for (_, i, c), row in choices.choice_rows([task])]
+            likelihoods = {}
+            for start in range(0, len(rows_of), eval_config.batch_size):
+                chunk = rows_of[start : start + eval_config.batch_size]
+                batch = collate([row for _, row in chunk], tokenizer.pad_token_id, model.device)
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                for (key, _), value in zip(chunk, choices.row_log_likelihoods(logits, batch.labels)):
+                    likelihoods[key] = value
+            scores[task.name]["choice_accuracy"] = choices.task_choice_accuracy(task, likelihoods,
+                                                                                eval_config.choice_normalization)
     model.train()
     return scores
 

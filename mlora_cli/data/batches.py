@@ -1,9 +1,10 @@
 """Tokenized tasks, per-adapter batch sampling, and padding rows into tensors.
 
 Every example is `prompt ids + completion ids + eos`; only the completion and eos carry
-loss. A `format: chat` task's prompt is first wrapped as one user turn by the tokenizer's
-chat template (with the assistant header, `add_generation_prompt`), so the completion is the
-assistant's reply. Batches are padded to their own longest row, never to `max_seq_len`.
+loss. An eval example with choices also carries one such row per choice (`Row.choices`).
+A `format: chat` task's prompt is first wrapped as one user turn by the tokenizer's chat template
+(with the assistant header, `add_generation_prompt`), so the completion is the assistant's reply.
+Batches are padded to their own longest row, never to `max_seq_len`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class Row:
     prompt_len: int  # tokens before the completion
     completion: str  # the reference text, for exact match and rewards
     prompt: str = ""  # the prompt text, for rewards
+    # Eval rows of a task with choices: one row per choice, each tokenized as a training row whose completion is
+    # that choice (choice_accuracy scores them); () otherwise.
+    choices: tuple[Row, ...] = ()
 
     @property
     def tokens(self) -> int:
@@ -65,21 +69,31 @@ def prompt_ids(prompt: str, tokenizer: Any, format: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
-def tokenize_example(example: Example, tokenizer: Any, max_seq_len: int, format: str = "plain") -> Row:
+def tokenize_example(example: Example, tokenizer: Any, max_seq_len: int, format: str = "plain",
+                     with_choices: bool = False) -> Row:
+    """The example as a row; `with_choices`: with a row per choice (`Row.choices`), tokenized the same way."""
     prompt = prompt_ids(example.prompt, tokenizer, format)
-    completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    choices = tuple(_row(prompt, example.prompt, choice, tokenizer, max_seq_len)
+                    for choice in (example.choices if with_choices else ()))
+    return _row(prompt, example.prompt, example.completion, tokenizer, max_seq_len, choices)
+
+
+def _row(prompt: list[int], prompt_text: str, completion_text: str, tokenizer: Any, max_seq_len: int,
+         choices: tuple[Row, ...] = ()) -> Row:
+    completion = tokenizer(completion_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     # Too long: keep the whole completion (the thing learned) and the end of the prompt.
     keep_prompt = max(1, max_seq_len - len(completion))
     prompt = prompt[-keep_prompt:]
     ids = (prompt + completion)[:max_seq_len]
-    return Row(ids=tuple(ids), prompt_len=len(prompt), completion=example.completion, prompt=example.prompt)
+    return Row(ids=tuple(ids), prompt_len=len(prompt), completion=completion_text, prompt=prompt_text,
+               choices=choices)
 
 
 def tokenize_task(task: TaskData, tokenizer: Any, max_seq_len: int) -> TokenizedTask:
     return TokenizedTask(
         name=task.name,
         train=tuple(tokenize_example(e, tokenizer, max_seq_len, task.format) for e in task.train),
-        eval=tuple(tokenize_example(e, tokenizer, max_seq_len, task.format) for e in task.eval),
+        eval=tuple(tokenize_example(e, tokenizer, max_seq_len, task.format, with_choices=True) for e in task.eval),
         reward=task.reward,
     )
 

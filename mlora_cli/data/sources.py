@@ -8,7 +8,8 @@ A task's `source` is one of:
 
 `spec.tasks.check_task` validates a task from file headers only (what `mlora validate` runs);
 `load_task` builds the examples (torch-free too; `datasets` is imported only to read files). Prompts carry no EOS: the
-tokenizer step appends it to the completion.
+tokenizer step appends it to the completion. A task with `choices` or `choices_field` gives every example its
+choices, each row checked to have its completion among them.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from mlora_cli.spec.tasks import (
     BUILTIN_GENERATORS,
     FILE_LOADERS,
     check_task,
+    choice_problem,
+    choices_key,
+    example_choices,
     first_line,
     read_fields,
     resolve_path,
@@ -43,6 +47,7 @@ ALPHABET = string.ascii_lowercase
 class Example:
     prompt: str
     completion: str
+    choices: tuple[str, ...] = ()  # task.choices or the row's choices_field (choice_accuracy); () for none
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,23 @@ def _examples(dataset: Any, indices: list[int], task: TaskConfig, path: str, key
         if prompt is None or completion is None:
             field = task.prompt_field if prompt is None else task.completion_field
             raise ConfigError([f"{path}.{key}: row {index} of {source} has no '{field}'"])
-    return tuple(Example(str(p), str(c)) for p, c in zip(prompts, completions, strict=True))
+    if task.choices is None and task.choices_field is None:
+        return tuple(Example(str(p), str(c)) for p, c in zip(prompts, completions, strict=True))
+    if task.choices_field is not None and task.choices_field not in dataset.column_names:
+        raise ConfigError([f"{path}.choices_field: '{task.choices_field}' not in {source} "
+                           f"(fields: {', '.join(dataset.column_names)})"])
+    fields = list(rows[task.choices_field]) if task.choices_field is not None else [None] * len(indices)
+    examples = []
+    for index, prompt, completion, value in zip(indices, prompts, completions, fields, strict=True):
+        try:
+            choices = example_choices(task, {task.choices_field: value} if task.choices_field else {})
+            problem = choice_problem(str(completion), choices)
+        except ValueError as exc:
+            problem = f"'{task.choices_field}': {exc}"
+        if problem:  # row: its index in the source (for a CSV or JSONL file, the data row's position from 0)
+            raise ConfigError([f"{path}.{choices_key(task)}: row {index} of {source}: {problem}"])
+        examples.append(Example(str(prompt), str(completion), choices))
+    return tuple(examples)
 
 
 def _load_rows(task: TaskConfig, seed: int, base_dir: Path | None, path: str) -> TaskData:

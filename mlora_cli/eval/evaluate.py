@@ -11,6 +11,8 @@ group sizes) so N adapters cost about one batched pass, not N. Metrics per task:
 - pass_at_k: `eval.samples` completions sampled per example (`rollout.sample`, noise seeded by
   `seeds.eval_sample`), passing at full reward, turned into pass@k by Chen et al.'s unbiased
   estimator (eval.passk).
+- choice_accuracy: share of examples whose most likely choice (log-likelihood of each choice as
+  the completion, per token or summed) is the reference (eval.choices).
 
 Generation starts from the loss pass itself (see `greedy_generate`): no second prefill, and
 rows leave the batch as soon as they finish.
@@ -32,6 +34,7 @@ import torch
 
 from mlora_cli.data.batches import Row, TokenizedTask, collate, token_losses
 from mlora_cli.errors import ConfigError
+from mlora_cli.eval.choices import choice_accuracy
 from mlora_cli.eval.passk import sample_seeds, task_pass_at_k
 from mlora_cli.model.base import cache_argument, model_cache
 from mlora_cli.model.engine import MultiLoraModel
@@ -40,7 +43,8 @@ from mlora_cli.train.rewards import failure_line, load_reward, matches, score
 from mlora_cli.train.rollout import RolloutRequest, sample
 
 LOSS_METRICS = ("loss", "token_accuracy")
-SAMPLED_METRICS = ("pass_at_k",)  # from sampled completions, not from the teacher-forced and greedy passes
+# Scored in passes of their own (sampled completions; a row per choice), not in the teacher-forced and greedy passes.
+OWN_PASS_METRICS = ("pass_at_k", "choice_accuracy")
 
 
 @dataclass
@@ -221,7 +225,7 @@ def evaluate(
     scores: dict[str, dict[str, dict[str, float]]] = {r.key: {} for r in requests}
     base_requests = [r for r in requests if r.slot is None]
     adapter_requests = [r for r in requests if r.slot is not None]
-    forward_metrics = [m for m in config.metrics if m not in SAMPLED_METRICS]
+    forward_metrics = [m for m in config.metrics if m not in OWN_PASS_METRICS]
     task_count = len(requests[0].tasks) if requests and forward_metrics else 0
     for j in range(task_count):
         if adapter_requests:
@@ -247,6 +251,12 @@ def evaluate(
         for key, per_task in sampled_pass_at_k(engine, requests, config, tokenizer, failed).items():
             for task_name, value in per_task.items():
                 scores[key].setdefault(task_name, {})["pass_at_k"] = value
+    if "choice_accuracy" in config.metrics:
+        chosen = choice_accuracy(engine, requests, config.choice_normalization, config.batch_size,
+                                 tokenizer.pad_token_id)
+        for key, per_task in chosen.items():
+            for task_name, value in per_task.items():
+                scores[key].setdefault(task_name, {})["choice_accuracy"] = value
     if failures is None and failed:
         raise ConfigError(sorted(set(failed.values())))
     return scores, time.perf_counter() - start

@@ -23,7 +23,8 @@ Matrix = Sequence[Sequence[float]]
 Curve = Sequence[dict[str, Any]]
 
 # Which way each evaluation metric improves (the metrics `eval.metrics` may list).
-HIGHER_IS_BETTER = {"exact_match": True, "token_accuracy": True, "reward": True, "pass_at_k": True, "loss": False}
+HIGHER_IS_BETTER = {"exact_match": True, "token_accuracy": True, "reward": True, "pass_at_k": True,
+                    "choice_accuracy": True, "loss": False}
 
 CL_KEYS = ("acc", "bwt", "fwt", "forgetting", "learning_acc")
 

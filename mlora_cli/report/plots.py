@@ -17,7 +17,7 @@ from mlora_cli.files import write_bytes
 from mlora_cli.report.format import PERCENT_METRICS, format_metric, metric_header
 
 # The metrics `write_all` plots, when the run evaluated them.
-PLOTTED_METRICS = ("exact_match", "reward", "pass_at_k", "loss")
+PLOTTED_METRICS = ("exact_match", "reward", "pass_at_k", "choice_accuracy", "loss")
 
 
 def _figure(width: float, height: float) -> Any:
@@ -182,11 +182,51 @@ def learning_vs_forgetting(results: dict[str, Any], metric: str, path: Path) -> 
     return _save(figure, path)
 
 
+def trials(results: dict[str, Any], path: Path) -> Path:
+    """A search's trials: each one's objective at every step it was measured (the values Optuna got), finished
+    trials solid to their final value, pruned ones faded with an x where the pruner stopped them, the best in bold."""
+    entries = [e for e in results["adapters"].values() if e.get("trial")]
+    if not entries:
+        raise ValueError("no adapter of this run is a trial of a search")
+    first = entries[0]["trial"]
+    metric, scale = first["metric"], _scale(first["metric"])
+    done = [e for e in entries if e["status"] == "done" and e["trial"]["objective"] is not None]
+    pick = min if first["direction"] == "minimize" else max
+    best = pick(done, key=lambda e: e["trial"]["objective"])["name"] if done else None
+    figure = _figure(7.5, 4.6)
+    ax = figure.add_subplot()
+    for entry in entries:
+        points = [(r["step"], r["value"] * scale) for r in entry["trial"]["reports"]]
+        if entry["status"] == "done" and entry["trial"]["objective"] is not None:
+            points.append((entry["steps"], entry["trial"]["objective"] * scale))
+        if not points:
+            continue
+        x, y = zip(*points, strict=True)
+        if entry["name"] == best:
+            ax.plot(x, y, color="tab:green", linewidth=2.5, marker="o", markersize=4, zorder=3,
+                    label=f"best: {entry['name']}")
+        elif entry["status"] == "done":
+            ax.plot(x, y, color="tab:blue", linewidth=1.2, marker="o", markersize=3, alpha=0.8)
+        else:  # pruned (or failed): faded, an x where it stopped
+            ax.plot(x, y, color="grey", linewidth=1.0, alpha=0.35)
+            ax.plot(x[-1:], y[-1:], color="tab:red", marker="x", markersize=5, alpha=0.5, linestyle="none")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("adapter step (over the whole task sequence)")
+    ax.set_ylabel(f"{metric_header(metric)}, mean over the {first['over']} tasks")
+    pruned = sum(e["status"] == "pruned" for e in entries)
+    ax.set_title(f"{results['run']['name']}: {len(entries)} trials ({pruned} pruned, faded)")
+    ax.grid(alpha=0.3)
+    if best:
+        ax.legend(fontsize=8)
+    return _save(figure, path)
+
+
 def write_all(run_dir: Path, results: dict[str, Any], task_names: Sequence[str]) -> list[Path]:
     """Every plot of a run under `<run_dir>/plots/`, for PLOTTED_METRICS where evaluated; the paths written.
 
     `<adapter>-<metric>-heatmap.png` per adapter, `<adapter>-<metric>-curves.png` where the adapter has a curve,
-    `learning-vs-forgetting-<metric>.png` when some adapter has a complete matrix over 2 or more tasks.
+    `learning-vs-forgetting-<metric>.png` when some adapter has a complete matrix over 2 or more tasks;
+    `trials-<metric>.png` for a search. A pruned trial gets no plot of its own (a search prunes most of them).
     """
     out = Path(run_dir) / "plots"
     paths = []
@@ -197,6 +237,8 @@ def write_all(run_dir: Path, results: dict[str, Any], task_names: Sequence[str])
         if not any(entry.get("matrix", {}).get(metric) for entry in adapters.values()):
             continue
         for name, entry in adapters.items():
+            if entry.get("status") == "pruned":
+                continue
             if entry.get("matrix", {}).get(metric):
                 paths.append(heatmap(entry, metric, task_names, out / f"{name}-{metric}-heatmap.png", trained))
             if square and has_curve(entry, metric):
@@ -205,4 +247,7 @@ def write_all(run_dir: Path, results: dict[str, Any], task_names: Sequence[str])
             cl.is_complete(entry.get("matrix", {}).get(metric, [])) for entry in adapters.values()
         ):
             paths.append(learning_vs_forgetting(results, metric, out / f"learning-vs-forgetting-{metric}.png"))
+    searched = [entry["trial"] for entry in adapters.values() if entry.get("trial")]
+    if searched:
+        paths.append(trials(results, out / f"trials-{searched[0]['metric']}.png"))
     return paths

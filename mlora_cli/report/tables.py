@@ -35,6 +35,7 @@ from mlora_cli.report.format import (
     metric_header,
     metric_short,
 )
+from mlora_cli.report.trials import status_text, trials_table
 from mlora_cli.spec.plan import WorkerPlan
 from mlora_cli.spec.schema import SweepSpec
 
@@ -102,8 +103,7 @@ def results_table(results: dict[str, Any], width: int | None = None) -> Table:
     entries = list(adapters.values())
     columns = [
         Col("adapter", [escape(name) for name in adapters], justify="left"),
-        Col("status", ["[green]done[/]" if e["status"] == "done" else f"[red]{escape(e['status'])}[/]"
-                        for e in entries], justify="left"),
+        Col("status", [status_text(e["status"]) for e in entries], justify="left"),
     ]
     for metric in metrics:
         values = [e["final_mean"].get(metric) for e in entries]
@@ -129,9 +129,12 @@ def results_table(results: dict[str, Any], width: int | None = None) -> Table:
 
 def print_summary(console: Console, results: dict[str, Any]) -> None:
     run = results["run"]
+    if any(entry.get("trial") for entry in results["adapters"].values()):
+        console.print(trials_table(results, console.width))
     console.print(results_table(results, console.width))
     for name in run["failed"]:
-        console.print(f"[red]failed[/] {name}: {results['adapters'][name]['failure']}")
+        if results["adapters"][name]["status"] == "failed":  # pruned is no failure
+            console.print(f"[red]failed[/] {name}: {results['adapters'][name]['failure']}")
     memory = f"peak RSS {run['peak_rss_mib']:,.0f} MiB"
     if "cuda_max_allocated_mib" in run:
         memory += (f", GPU peak {run['cuda_max_allocated_mib']:,.0f} MiB allocated"

@@ -38,6 +38,7 @@ from mlora_cli.errors import ConfigError, Interrupted, StorageError
 from mlora_cli.eval.metrics import add_cl_metrics
 from mlora_cli.files import append_jsonl, exclusive_run_folder, write_bytes, write_json, write_text
 from mlora_cli.report.outputs import write_reports
+from mlora_cli.report.trackers import Trackers, missing_trackers
 from mlora_cli.run.folder import keep_metrics_up_to_checkpoints, new_run_dir, remove_leftovers, saved_steps
 from mlora_cli.spec.convert import to_plain
 from mlora_cli.spec.plan import (
@@ -163,6 +164,8 @@ def run_sweep(
     """Run a validated sweep (or continue `resume_dir`); writes and returns the run folder and results."""
     started = time.perf_counter()
     adapters = expand(spec)
+    if problems := missing_trackers(spec.logging.trackers):  # before any data, model or folder
+        raise ConfigError(problems)
     task_data = load_task_data(spec, adapters, sweep_dir)
     plans = plan_workers(spec, adapters)
     if resume_dir is None:
@@ -182,6 +185,8 @@ def run_sweep(
                 last_step = saved_steps(run_dir, adapters)
                 remove_leftovers(run_dir)
                 keep_metrics_up_to_checkpoints(run_dir, last_step)
+            trackers = Trackers(spec.logging, run_dir, spec.name, adapters, [t.name for t in spec.tasks],
+                                spec.eval.metrics, images=plots)
             emit({"event": "run_start", "run_dir": str(run_dir), "plans": plans, "resume": resume_dir is not None})
             metrics_path = run_dir / METRICS
 
@@ -194,18 +199,24 @@ def run_sweep(
                     append_jsonl(metrics_path, event["records"])
                 elif event["event"] == "worker_ready" and not (run_dir / BASE_RECORD).exists():
                     write_json(run_dir / BASE_RECORD, event["base"])
+                trackers.record(event)
                 emit(event)
 
             resume = resume_dir is not None
-            if backend == "ray":
-                results = run_on_ray(plans, spec, task_data, run_dir, record, resume, address)
-            elif len(plans) == 1 and plans[0].device == "cpu" and plans[0].threads is None:
-                # One default CPU worker: run it here and skip a second interpreter start.
-                from mlora_cli.run import worker
+            try:
+                if backend == "ray":
+                    results = run_on_ray(plans, spec, task_data, run_dir, record, resume, address)
+                elif len(plans) == 1 and plans[0].device == "cpu" and plans[0].threads is None:
+                    # One default CPU worker: run it here and skip a second interpreter start.
+                    from mlora_cli.run import worker
 
-                results = worker.run(plans[0], spec, task_data, run_dir, record, worker_id=0, resume=resume)
-            else:
-                results = run_worker_processes(plans, spec, task_data, run_dir, record, resume)
+                    results = worker.run(plans[0], spec, task_data, run_dir, record, worker_id=0, resume=resume)
+                else:
+                    results = run_worker_processes(plans, spec, task_data, run_dir, record, resume)
+            except BaseException:  # stopped or failed: the tracker runs end as such; `--resume` continues them
+                trackers.close(interrupted=True)
+                raise
+            trackers.close()
 
             wall = time.perf_counter() - started
             ordered = {a.name: results[a.name] for a in adapters if a.name in results}
@@ -219,7 +230,7 @@ def run_sweep(
                     "base_model": spec.base_model,
                     "tasks": [t.name for t in spec.tasks],
                     "adapter_count": len(adapters),
-                    "failed": sorted(name for name, r in ordered.items() if r["status"] != "done"),
+                    "failed": sorted(name for name, r in ordered.items() if r["status"] == "failed"),
                     "workers": [{"device": p.device, "threads": p.threads, "adapters": [a.name for a in p.adapters]}
                                 for p in plans],
                     "wall_seconds": wall,

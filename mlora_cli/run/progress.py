@@ -10,6 +10,7 @@ import torch
 from mlora_cli.data.batches import BatchSampler, TokenizedTask
 from mlora_cli.spec.sweep import AdapterSpec
 from mlora_cli.train.grpo import RLBatch
+from mlora_cli.train.step import StepInput
 
 
 @dataclass
@@ -32,6 +33,7 @@ class AdapterProgress:
     eval_seconds: float = 0.0
     failure: str | None = None
     rl_batch: RLBatch | None = None  # sampled completions still to be trained on (train.rl.num_iterations)
+    measure_at: tuple[int, ...] = ()  # steps at which the objective is reported to Optuna (sweep.prune; run.search)
 
     # Plain fields saved in a checkpoint (tensors and RNG states are added by run.state).
     SAVED = ("task_index", "step_in_task", "step", "needs_eval", "needs_curve_eval", "evals", "curve",
@@ -67,3 +69,34 @@ class AdapterProgress:
         self.needs_eval = True
         if not self.finished:
             self.sampler = BatchSampler(len(self.task.train), self.spec.seed, self.task_index)
+
+
+def step_failure(progress: AdapterProgress, finite: bool, loss: float, grad_norm: float) -> str | None:
+    """Why this step stops the adapter (the failure policy), or None."""
+    where = f"at step {progress.step}, task '{progress.task.name}'"
+    if not finite:
+        return f"non-finite loss or gradient (loss={loss}, grad_norm={grad_norm}) {where}"
+    limit = progress.spec.train.grad_norm_limit
+    if limit is not None and grad_norm > limit:
+        return f"gradient norm {grad_norm:.3g} above train.grad_norm_limit={limit:g} {where}"
+    return None
+
+
+def spend_rl_batch(progress: AdapterProgress, part: StepInput, sampled: bool) -> dict[str, Any]:
+    """One step of `progress`'s RL batch used: it keeps pi_old if recorded and is dropped when used up; returns
+    the step's RL metrics."""
+    batch = progress.rl_batch
+    if batch is None:
+        return {}
+    uses = progress.spec.train.rl.num_iterations
+    metrics: dict[str, Any] = dict(batch.metrics)
+    if uses > 1:  # reusing samples: which use this is; sampling and scoring were paid on the first
+        metrics["sample_use"] = uses - batch.steps_left + 1
+        if not sampled:
+            metrics.update(sample_seconds=0.0, score_seconds=0.0)
+    if part.recorded_log_probs is not None:
+        batch.old_log_probs = part.recorded_log_probs
+    batch.steps_left -= 1
+    if batch.steps_left <= 0:
+        progress.rl_batch = None
+    return metrics

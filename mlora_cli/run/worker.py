@@ -47,9 +47,11 @@ from mlora_cli.model.base import load_base
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.model.optim import lr_factor
 from mlora_cli.run import state
-from mlora_cli.run.progress import AdapterProgress
+from mlora_cli.run.progress import AdapterProgress, spend_rl_batch, step_failure
+from mlora_cli.run.search import Search, objective, uses_study
 from mlora_cli.spec.plan import WorkerPlan
 from mlora_cli.spec.schema import SweepSpec
+from mlora_cli.spec.space import measuring_steps
 from mlora_cli.spec.sweep import AdapterSpec
 from mlora_cli.train.grpo import RLJob, rl_batches
 from mlora_cli.train.rewards import load_reward
@@ -64,6 +66,10 @@ class Worker:
                  emit: Emit, worker_id: int, resume: bool, written: Callable[[Path], None] | None = None):
         self.plan, self.spec, self.task_data, self.run_dir = plan, spec, task_data, run_dir
         self.emit, self.worker_id, self.resume = emit, worker_id, resume
+        if uses_study(spec) and written is not None:
+            raise ConfigError(["sweep.search / sweep.prune: the study is a SQLite file in the run folder, which Ray "
+                               "actors do not share; run it with --backend local"])
+        self.search = Search(spec, run_dir) if uses_study(spec) else None  # the Optuna study; an adapter, a trial
         # Told of every file or folder written under run_dir (Ray ships them to the driver).
         self.written = written or (lambda path: None)
         started = time.perf_counter()
@@ -72,8 +78,10 @@ class Worker:
         load_rewards(spec, task_data)
         self.tokenizer = self.base.tokenizer
         self.tokenized: dict[tuple[int, int], list[TokenizedTask]] = {}
-        targets = sorted({t for a in plan.adapters for t in a.adapter.target_modules})
-        num_slots, max_rank = engine_shape([a.adapter for a in plan.adapters], plan.slots, len(spec.tasks))
+        # A search's trials are asked later: the engine is built to fit any of them (search.shape).
+        configs = [a.adapter for a in plan.adapters] + (self.search.shape() if self.search else [])
+        targets = sorted({t for config in configs for t in config.target_modules})
+        num_slots, max_rank = engine_shape(configs, plan.slots, len(spec.tasks))
         self.engine = MultiLoraModel(self.base.model, targets, num_slots, max_rank, self.base.autocast)
         self.strategies = Strategies(self.engine, plan.slots)
         self.queue = deque(plan.adapters)
@@ -96,10 +104,14 @@ class Worker:
     def start(self, adapter: AdapterSpec, slot: int) -> None:
         if self.resume and self.run_dir is not None and result_path(self.run_dir, adapter.name).is_file():
             self.results[adapter.name] = json.loads(result_path(self.run_dir, adapter.name).read_text())
+            if self.search is not None:
+                self.search.resumed(self.results[adapter.name])
             self.free_slots.append(slot)
             self.emit({"event": "adapter_done", "worker": self.worker_id, "adapter": adapter.name,
                        "result": self.results[adapter.name], "resumed": True})
             return
+        if self.search is not None:  # a trial slot gets its parameters, asked from Optuna now that a slot is free
+            adapter = self.search.begin(adapter)
         self.engine.load_slot(slot, adapter.adapter, adapter.train.max_grad_norm, adapter.seed)
         if adapter.adapter.init_from is not None:
             self.engine.set_slot_weights(slot, adapter.adapter, warm_start(self.engine, adapter))
@@ -109,9 +121,10 @@ class Worker:
             # A host generator whatever the device: drawing each mask's seed from it never waits for a
             # GPU, and its state resumes on another device (a CUDA generator's state fits CUDA only).
             dropout = torch.Generator().manual_seed(seeds.dropout(adapter.seed))
+        task_steps = adapter.task_steps([t.steps for t in self.spec.tasks])
         progress = AdapterProgress(spec=adapter, slot=slot, tasks=[], sampler=BatchSampler(1, adapter.seed, 0),
-                                   task_steps=adapter.task_steps([t.steps for t in self.spec.tasks]),
-                                   dropout_generator=dropout)
+                                   task_steps=task_steps, dropout_generator=dropout,
+                                   measure_at=tuple(measuring_steps(self.spec, sum(task_steps))))
         self.active.append(progress)
         try:
             progress.tasks = self.tasks_for(adapter)
@@ -126,20 +139,28 @@ class Worker:
                 return self.finish(progress, f"resume: {saved}: {exc}")
             self.emit({"event": "resumed", "worker": self.worker_id, "adapter": adapter.name, "step": progress.step})
 
-    def finish(self, progress: AdapterProgress, failure: str | None = None) -> None:
+    def finish(self, progress: AdapterProgress, failure: str | None = None, pruned: dict | None = None) -> None:
+        """The adapter ends (done, failed, or `pruned` with what the pruner compared); its slot is free at once."""
         progress.failure = progress.failure or failure
-        if self.run_dir is not None and progress.failure is None:
+        if self.run_dir is not None and progress.failure is None and pruned is None:
             folder = adapter_dir(self.run_dir, progress.spec.name)
             self.engine.save_slot(progress.slot, progress.spec.adapter, folder, self.spec.base_model)
             self.written(folder)
         entry = adapter_result(progress.spec, [t.name for t in self.spec.tasks], evals=progress.evals,
                                curve=progress.curve, steps=progress.step, train_tokens=progress.tokens,
                                train_seconds=progress.train_seconds, eval_seconds=progress.eval_seconds,
-                               failure=progress.failure)
+                               failure=progress.failure, pruned=pruned is not None)
+        value = None
+        if self.search is not None:  # its trial, recorded in the result; told to Optuna once the result is written
+            final, last = entry["final"], len(self.spec.tasks) - 1
+            value = pruned["value"] if pruned else objective(self.spec, final, last) if final else None
+            entry["trial"] = self.search.outcome(progress.spec.name, value, pruned)
         self.results[progress.spec.name] = entry
         if self.run_dir is not None:
             write_json(result_path(self.run_dir, progress.spec.name), entry)
             self.written(result_path(self.run_dir, progress.spec.name))
+        if self.search is not None:
+            self.search.close(progress.spec.name, entry["status"], value)
         self.emit({"event": "adapter_done", "worker": self.worker_id, "adapter": progress.spec.name, "result": entry})
         self.active.remove(progress)
         self.free_slots.append(progress.slot)
@@ -229,9 +250,19 @@ class Worker:
                 "scores": scores[progress.spec.name],
             })
             progress.needs_curve_eval = False
+            pruned = self.judge(progress, scores[progress.spec.name])
             if boundary:
                 self.row_done(progress, scores[progress.spec.name])
+            if pruned and progress in self.active:
+                self.finish(progress, pruned=pruned)  # its slot takes the next queued adapter, as after any finish
         return True
+
+    def judge(self, progress: AdapterProgress, scores: dict[str, dict[str, float]]) -> dict | None:
+        """At a measuring step, report the objective to the study; what pruned it, if its pruner says so."""
+        if self.search is None or progress.step not in progress.measure_at:
+            return None
+        value = objective(self.spec, scores, progress.curve[-1]["task_index"])
+        return self.search.judge(progress.spec.name, progress.step, value)
 
     def row_done(self, progress: AdapterProgress, scores: dict[str, dict[str, float]]) -> None:
         """A row of R: save the per-task checkpoint, then finish the adapter or start its next task."""
@@ -278,7 +309,8 @@ class Worker:
             elif progress.task_done:
                 progress.next_task()
             else:
-                if self.spec.eval.every_steps and progress.step % self.spec.eval.every_steps == 0:
+                curve_every = self.spec.eval.every_steps
+                if curve_every and progress.step % curve_every == 0 or progress.step in progress.measure_at:
                     progress.needs_curve_eval = True
                 every = progress.spec.train.checkpoint_every
                 if every and progress.step % every == 0:
@@ -290,26 +322,6 @@ class Worker:
             self.finish(progress)
         for progress in saves:
             self.checkpoint(progress)
-
-
-def spend_rl_batch(progress: AdapterProgress, part: StepInput, sampled: bool) -> dict[str, Any]:
-    """One step of `progress`'s RL batch used: it keeps pi_old if recorded and is dropped when used up; returns
-    the step's RL metrics."""
-    batch = progress.rl_batch
-    if batch is None:
-        return {}
-    uses = progress.spec.train.rl.num_iterations
-    metrics: dict[str, Any] = dict(batch.metrics)
-    if uses > 1:  # reusing samples: which use this is; sampling and scoring were paid on the first
-        metrics["sample_use"] = uses - batch.steps_left + 1
-        if not sampled:
-            metrics.update(sample_seconds=0.0, score_seconds=0.0)
-    if part.recorded_log_probs is not None:
-        batch.old_log_probs = part.recorded_log_probs
-    batch.steps_left -= 1
-    if batch.steps_left <= 0:
-        progress.rl_batch = None
-    return metrics
 
 
 def cuda_peak() -> dict[str, float]:
@@ -384,17 +396,6 @@ def ctrl_c_between_steps(worker: Worker) -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-
-
-def step_failure(progress: AdapterProgress, finite: bool, loss: float, grad_norm: float) -> str | None:
-    """Why this step stops the adapter (the failure policy), or None."""
-    where = f"at step {progress.step}, task '{progress.task.name}'"
-    if not finite:
-        return f"non-finite loss or gradient (loss={loss}, grad_norm={grad_norm}) {where}"
-    limit = progress.spec.train.grad_norm_limit
-    if limit is not None and grad_norm > limit:
-        return f"gradient norm {grad_norm:.3g} above train.grad_norm_limit={limit:g} {where}"
-    return None
 
 
 def run(

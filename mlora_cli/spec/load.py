@@ -26,7 +26,7 @@ from mlora_cli.spec.models import BUILTIN_MODELS, PRETRAINED_WEIGHTS, read_check
 from mlora_cli.spec.plan import gpu_device_nodes_present, missing_cuda_devices
 from mlora_cli.spec.schema import EvalConfig, SweepConfig, SweepSpec, TaskConfig
 from mlora_cli.spec.sweep import check_sweep, expand
-from mlora_cli.spec.tasks import check_task
+from mlora_cli.spec.tasks import check_choice_metric, check_task
 
 
 def _nest_dotted(mapping: Any) -> Any:
@@ -215,6 +215,9 @@ def parse_spec(data: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
     eval_config = spec.eval if spec is not _NO else build(EvalConfig, data.get("eval"), "eval", [])
     if eval_config is not _NO:
         errors.extend(check_eval(eval_config))
+        errors.extend(check_choice_metric(_built_tasks(spec, data), eval_config.metrics))
+        if sweep is not _NO:
+            errors.extend(check_search(sweep, eval_config))
     if not errors:
         errors.extend(check_init_from(spec))
     if errors:
@@ -286,6 +289,21 @@ def check_eval(config: EvalConfig) -> list[str]:
     return []
 
 
+def check_search(sweep: SweepConfig, config: EvalConfig) -> list[str]:
+    """A search or pruning runs through Optuna (installed?) on a metric the evaluation computes."""
+    import importlib.util
+
+    problems = []
+    if (sweep.search.method != "grid" or sweep.prune.method != "none") and importlib.util.find_spec("optuna") is None:
+        problems.append(f"sweep.search: method {sweep.search.method} / prune {sweep.prune.method} run through Optuna, "
+                        "which is not installed: pip install 'mlora-sweep[optuna]'")
+    metric = sweep.search.metric
+    if metric is not None and metric not in config.metrics:
+        problems.append(f"sweep.search.metric: '{metric}' is not evaluated (eval.metrics: {', '.join(config.metrics)})"
+                        f"{did_you_mean(str(metric), config.metrics)}")
+    return problems
+
+
 def local_model_problems(name: str) -> list[str]:
     """A base model named by a path must be a folder with config.json; a hub id (`org/name`) is checked when loaded."""
     path = Path(name).expanduser()
@@ -353,6 +371,7 @@ def load_task_suite(path: str | Path) -> TaskSuite:
         errors.append(f"tasks: duplicate task name '{name}'")
     if eval_config is not _NO:
         errors.extend(check_eval(eval_config))
+        errors.extend(check_choice_metric([(i, t) for i, t in enumerate(tasks) if t is not _NO], eval_config.metrics))
     if not errors:
         for i, task in enumerate(tasks):
             errors.extend(check_task(task, f"tasks[{i}]", path.parent))

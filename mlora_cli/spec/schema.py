@@ -51,6 +51,19 @@ def _optional_positive(value: Any) -> str | None:
 _REGEX_CHARACTERS = re.compile(r"[\\^$*+?()\[\]{}|]")
 
 
+def _choice_list(value: tuple[Any, ...] | None) -> str | None:
+    """Fixed `choices`: distinct non-empty texts (numbers read as text); YAML's unquoted yes/no refused with a hint."""
+    if value is not None and not value:
+        return "must not be empty (list the answers, e.g. [positive, negative])"
+    if any(isinstance(item, bool) for item in value or ()):
+        return 'YAML reads unquoted yes/no/on/off/true/false as true/false; quote each choice, e.g. ["yes", "no"]'
+    texts = [item for item in value or () if isinstance(item, (str, int, float))]
+    if len(texts) < len(value or ()) or "" in texts:
+        return "expected a list of non-empty strings"
+    duplicates = sorted({str(t) for t in texts if [str(u) for u in texts].count(str(t)) > 1})
+    return f"duplicate choice {duplicates[0]!r}" if duplicates else None
+
+
 def _target_modules(value: tuple[str, ...]) -> str | None:
     if not value:
         return "must not be empty"
@@ -177,11 +190,13 @@ class TrainConfig:
 class EvalConfig:
     """What is measured on every task's eval split after every task."""
 
-    metrics: tuple[Literal["loss", "token_accuracy", "exact_match", "reward", "pass_at_k"], ...] = field(
+    metrics: tuple[Literal["loss", "token_accuracy", "exact_match", "reward", "pass_at_k", "choice_accuracy"],
+                   ...] = field(
         default=("loss", "token_accuracy", "exact_match"),
         metadata=_doc("loss, token_accuracy: on completion tokens; exact_match, reward: greedy generation "
                       "(reward: scored by the task's `reward`); pass_at_k: `samples` sampled completions per "
-                      "example, passing at full reward", _non_empty),
+                      "example, passing at full reward; choice_accuracy: the most likely of the task's `choices` "
+                      "is the reference", _non_empty),
     )
     max_new_tokens: int = field(
         default=16, metadata=_doc("tokens generated for exact_match, reward and pass_at_k", _positive)
@@ -203,6 +218,9 @@ class EvalConfig:
     temperature: float = field(default=1.0, metadata=_doc("pass_at_k: sampling temperature", _positive))
     top_p: float = field(default=1.0, metadata=_doc("pass_at_k: nucleus sampling: keep the smallest set of tokens "
                                                     "of this probability", _probability))
+    choice_normalization: Literal["mean", "sum"] = field(
+        default="mean", metadata=_doc("choice_accuracy: rank choices by their log-likelihood per token (mean: no "
+                                      "bias toward short choices) or summed over their tokens (sum)"))
 
 
 @dataclass(frozen=True)
@@ -239,6 +257,13 @@ class TaskConfig:
     objective: Literal["sft", "grpo"] = field(
         default="sft", metadata=_doc("sft: next-token loss on the completion; grpo: sample completions, score them "
                                      "with `reward`, reinforce (train.rl)"))
+    choices: tuple[Any, ...] | None = field(
+        default=None, metadata=_doc("file/hf sources: the answers every example chooses from (choice_accuracy); "
+                                    "each completion must be one of them. Quote yes/no: [\"yes\", \"no\"]",
+                                    _choice_list))
+    choices_field: str | None = field(
+        default=None, metadata=_doc("file/hf sources: a column with each example's own choices: a list, or text "
+                                    "(a JSON list, or choices separated by |, as CSV cells hold them)"))
     reward: str = field(
         default="exact_match",
         metadata=_doc("the eval metric `reward` (greedy completion scored): exact_match | prefix_match | "
@@ -273,6 +298,50 @@ class ModelConfig:
 Mapping = dict[str, Any]
 
 
+def _reduction(value: int) -> str | None:
+    return None if value >= 2 else "must be >= 2 (each rung keeps 1/reduction_factor of the trials)"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Which configurations run: all of grid / zip / list, or `trials` asked from Optuna as slots free."""
+
+    method: Literal["grid", "random", "tpe"] = field(
+        default="grid", metadata=_doc("grid: every configuration of grid / zip / list; random, tpe: `trials` "
+                                      "configurations from Optuna's RandomSampler / TPESampler, each asked when a "
+                                      "slot frees (grid keys become choices, zip and list one choice of entry each)"))
+    trials: int | None = field(
+        default=None, metadata=_doc("random / tpe: configurations to try (each once per seed)", _optional_positive))
+    space: Mapping = field(default_factory=dict, metadata=_doc(
+        "random / tpe: dotted key -> {log_uniform: [lo, hi]} | {uniform: [lo, hi]} | {int: [lo, hi]} | "
+        "{log_int: [lo, hi]} | {choice: [values]}"))
+    metric: str | None = field(
+        default=None, metadata=_doc("the objective Optuna is told, pruners compare and the trials are ranked by: "
+                                    "one of eval.metrics (loss is minimized, the others maximized)"))
+    over: Literal["seen", "current", "all"] = field(
+        default="seen", metadata=_doc("which tasks the metric averages, at each step: seen = the tasks trained so "
+                                      "far, the current one included (the final value is ACC); current = the task "
+                                      "being trained; all = every task of the sequence"))
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Early stopping of unpromising adapters by Optuna's pruners; a pruned adapter's slot takes the next at once."""
+
+    method: Literal["none", "asha", "median"] = field(
+        default="none", metadata=_doc("none; asha: SuccessiveHalvingPruner; median: MedianPruner"))
+    min_steps: int = field(default=20, metadata=_doc(
+        "asha: the first rung (min_resource); median: no pruning before this step (n_warmup_steps). Steps count "
+        "over the whole task sequence", _positive))
+    reduction_factor: int = field(default=3, metadata=_doc(
+        "asha: keep the best 1/factor at each rung; rungs at min_steps x factor^k steps", _reduction))
+    every_steps: int | None = field(default=None, metadata=_doc(
+        "measure the objective every N steps; null: asha at its rungs, median every eval.every_steps (else "
+        "min_steps)", _optional_positive))
+    startup_trials: int = field(default=4, metadata=_doc(
+        "median: no pruning until this many trials completed (n_startup_trials)", _non_negative))
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     """How the `adapter` and `train` defaults expand into many adapters."""
@@ -281,6 +350,41 @@ class SweepConfig:
     zip: Mapping = field(default_factory=dict, metadata=_doc("equal-length lists advanced together"))
     list: tuple[Mapping, ...] = field(default=(), metadata=_doc("explicit adapters: mappings of dotted key -> value"))
     seeds: tuple[int, ...] | None = field(default=None, metadata=_doc("repeat every configuration per seed"))
+    search: SearchConfig = field(default_factory=SearchConfig, metadata=_doc("grid, or random / tpe trials from "
+                                                                             "Optuna (docs/search.md)"))
+    prune: PruneConfig = field(default_factory=PruneConfig, metadata=_doc("early stopping by Optuna's pruners"))
+
+
+def _no_repeats(value: tuple[str, ...]) -> str | None:
+    repeated = sorted({v for v in value if value.count(v) > 1})
+    return f"'{repeated[0]}' is listed twice" if repeated else None
+
+
+def _optional_non_empty(value: str | None) -> str | None:
+    return None if value is None else _non_empty(value)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Experiment trackers: one tracker run per adapter, with its config, every step's metrics and its results."""
+
+    trackers: tuple[Literal["tensorboard", "mlflow", "wandb", "trackio"], ...] = field(
+        default=(), metadata={**_doc("where each adapter's curves go, each an extra (pip install "
+                                     "'mlora-sweep[wandb]'): tensorboard (RUN/tensorboard/), mlflow, wandb, trackio",
+                                     _no_repeats), "one_or_list": True},
+    )
+    project: str | None = field(
+        default=None, metadata=_doc("the W&B and trackio project and MLflow experiment; null: the sweep's name",
+                                    _optional_non_empty)
+    )
+    mlflow_uri: str | None = field(
+        default=None, metadata=_doc("MLflow tracking URI (http://HOST:5000, sqlite:///PATH.db, databricks); null: a "
+                                    "SQLite store in the run folder (RUN/mlflow/)", _optional_non_empty)
+    )
+    wandb_mode: Literal["offline", "online"] = field(
+        default="offline", metadata=_doc("offline: W&B writes RUN/wandb/ only (upload later with `wandb sync`); "
+                                         "online: streams to W&B (needs `wandb login`)")
+    )
 
 
 @dataclass(frozen=True)
@@ -305,6 +409,9 @@ class SweepSpec:
         default=None, metadata=_doc("adapters one worker trains at once; null: all", _optional_positive)
     )
     output_dir: str = field(default="runs", metadata=_doc("where run folders are written", _non_empty))
+    logging: LoggingConfig = field(
+        default_factory=LoggingConfig, metadata=_doc("experiment trackers (TensorBoard, MLflow, W&B, trackio)")
+    )
 
 
 # Keys a sweep may vary per adapter: every field of `adapter` and `train`.

@@ -1,7 +1,8 @@
 """Checking a task's source from file headers only: what `mlora validate` runs (no `datasets`, no torch).
 
 `check_task` returns one `tasks[i].key: message` line per problem: an unknown scheme or
-builtin generator, a missing file, a field not in its header, too few distinct builtin inputs.
+builtin generator, a missing file, a field not in its header, too few distinct builtin inputs,
+a JSONL/CSV row whose completion is not one of its choices.
 Loading the examples is `data.sources.load_task`.
 """
 
@@ -58,7 +59,8 @@ def read_fields(scheme: str, path: Path) -> list[str]:
             raise ValueError(first_line(exc)) from exc
         if meta.num_rows == 0:
             raise ValueError("no rows")
-        return list(meta.schema.names)
+        return list(meta.schema.to_arrow_schema().names)  # top-level columns (schema.names lists leaves: a list
+        # column's is "element")
     with path.open(newline="", encoding="utf-8") as f:
         if scheme == "csv":
             header = next(csv.reader(f), None)
@@ -98,6 +100,73 @@ def first_bad_row(scheme: str, path: Path) -> str | None:
     return None
 
 
+def parse_choices(value: object) -> tuple[str, ...]:
+    """One example's `choices_field` value as its choices: a list as it is, text as a JSON list (when it starts
+    with `[`) or split on `|` (no trimming: a choice is tokenized as written). ValueError when it is neither."""
+    if isinstance(value, str):
+        if value.lstrip().startswith("["):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON list ({exc.msg})") from exc
+        else:
+            return tuple(value.split("|"))
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"expected a list of choices or text, got {value!r}")
+    return tuple(str(item) for item in value)
+
+
+def choice_problem(reference: str, choices: tuple[str, ...]) -> str | None:
+    """Why an example's choices cannot score it: none, a duplicate, or its completion not among them."""
+    if not choices:
+        return "no choices"
+    duplicates = sorted({c for c in choices if choices.count(c) > 1})
+    if duplicates:
+        return f"duplicate choice {duplicates[0]!r}"
+    if reference not in choices:
+        return f"completion {reference!r} is not one of the choices {list(choices)!r}"
+    return None
+
+
+def choices_key(task: TaskConfig) -> str:
+    """The task key that gave its choices (for messages): `choices_field` or `choices`."""
+    return "choices_field" if task.choices_field is not None else "choices"
+
+
+def example_choices(task: TaskConfig, row: dict[str, object]) -> tuple[str, ...]:
+    """The choices of one source row: the task's fixed list or the row's `choices_field`; ValueError when unreadable."""
+    if task.choices_field is None:
+        return tuple(str(c) for c in task.choices or ())
+    value = row.get(task.choices_field)
+    if value is None:
+        raise ValueError(f"no '{task.choices_field}'")
+    return parse_choices(value)
+
+
+def first_choice_mismatch(task: TaskConfig, scheme: str, path: Path) -> str | None:
+    """The first JSONL/CSV row whose choices cannot score it ("line 7: completion 'maybe' is not one of ..."), or
+    None; parquet and hf rows are checked when loaded (`data.sources`)."""
+    if scheme not in ("jsonl", "csv"):
+        return None
+    with path.open(newline="", encoding="utf-8") as f:
+        if scheme == "csv":
+            reader = csv.DictReader(f)
+            numbered: list[tuple[int, dict]] = [(reader.line_num, row) for row in reader]
+        else:
+            numbered = [(n, json.loads(line)) for n, line in enumerate(f, 1) if line.strip()]
+    for number, row in numbered:
+        reference = row.get(task.completion_field)
+        if reference is None:
+            continue  # a row without a completion is reported when the task loads
+        try:
+            problem = choice_problem(str(reference), example_choices(task, row))
+        except ValueError as exc:
+            problem = f"'{task.choices_field}': {exc}"
+        if problem:
+            return f"line {number}: {problem}"
+    return None
+
+
 def _unknown_source(source: str, key: str) -> str:
     scheme, sep, _ = source.partition(":")
     hint = did_you_mean(scheme, SCHEMES) if sep else ""
@@ -128,11 +197,16 @@ def _check_data_source(task: TaskConfig, source: str, key: str, path: str, base_
         return [f"{key}: cannot read {rest}: {first_line(exc)}"]
     if bad_row:
         return [f"{key}: {rest} {bad_row}"]
-    return [
-        f"{path}.{name}: '{value}' not in {rest} (fields: {', '.join(fields)})"
-        for name, value in (("prompt_field", task.prompt_field), ("completion_field", task.completion_field))
-        if value not in fields
-    ]
+    named = [("prompt_field", task.prompt_field), ("completion_field", task.completion_field)]
+    if task.choices_field is not None:
+        named.append(("choices_field", task.choices_field))
+    problems = [f"{path}.{name}: '{value}' not in {rest} (fields: {', '.join(fields)})"
+                for name, value in named if value not in fields]
+    if not problems and (task.choices is not None or task.choices_field is not None):
+        mismatch = first_choice_mismatch(task, scheme, file)
+        if mismatch:
+            problems.append(f"{path}.{choices_key(task)}: {rest} {mismatch}")
+    return problems
 
 
 def _check_builtin(task: TaskConfig, generator: str, path: str) -> list[str]:
@@ -142,6 +216,9 @@ def _check_builtin(task: TaskConfig, generator: str, path: str) -> list[str]:
     problems = []
     if task.eval_source is not None:
         problems.append(f"{path}.eval_source: not allowed for builtin sources (they make their own eval split)")
+    if task.choices is not None or task.choices_field is not None:
+        problems.append(f"{path}.{choices_key(task)}: builtin tasks have open answers, not a set of choices; use a "
+                        "jsonl, csv, parquet or hf source")
     if task.prefix is not None and not all(" " <= c <= "~" for c in task.prefix):
         problems.append(f"{path}.prefix: use printable ASCII only (no tabs or newlines), got {task.prefix!r}")
     needed = task.train_examples + task.eval_examples
@@ -181,11 +258,24 @@ def check_reward(reward: str, key: str, base_dir: Path | None) -> list[str]:
     return []
 
 
+def check_choice_metric(tasks: list[tuple[int, TaskConfig]], metrics: tuple[str, ...]) -> list[str]:
+    """`choice_accuracy` in eval.metrics needs every (index, task) to have choices to score."""
+    if "choice_accuracy" not in metrics:
+        return []
+    return [f"tasks[{i}]: choice_accuracy needs choices or choices_field (task '{task.name}' has neither)"
+            for i, task in tasks if task.choices is None and task.choices_field is None]
+
+
 def check_task(task: TaskConfig, path: str, base_dir: Path | None) -> list[str]:
-    """Problems with one task, each `path.key: message`; reads file headers only."""
+    """Problems with one task, each `path.key: message`; reads file headers only (and, for a task with choices,
+    its JSONL/CSV rows)."""
     problems = check_reward(task.reward, f"{path}.reward", base_dir)
     if task.min_len > task.max_len:
         problems.append(f"{path}.min_len: must be <= max_len ({task.min_len} > {task.max_len})")
+    if task.choices is not None and task.choices_field is not None:
+        problems.append(f"{path}.choices_field: set choices (the same for every example) or choices_field (per "
+                        "example), not both")
+        return problems
     scheme, _, rest = task.source.partition(":")
     if scheme == "builtin":
         return problems + _check_builtin(task, rest, path)

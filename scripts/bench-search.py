@@ -1,0 +1,158 @@
+"""Time-to-target of an adaptive search (TPE + ASHA in one warm engine) against the full grid and one process per trial.
+
+    python scripts/bench-search.py                      # sweeps/search.yaml, results in bench/search-<time>/
+    python scripts/bench-search.py --target-pp 1 --max-process-trials 32 --out bench/search
+
+Three ways to find a good configuration among the 32 of sweeps/search.yaml (4 ranks x 8 learning rates):
+
+1. the full grid co-trained in mlora: every configuration trained to the end, at once (one `mlora run`);
+   its best ACC sets the target: within `--target-pp` percentage points of it;
+2. the sweep as written: Optuna's TPE asks a trial whenever a slot of the warm engine frees, ASHA prunes at the
+   rungs; time to target = when the first finished trial reaching the target ended (its `finished_after_s`);
+3. Optuna driving one fresh process per trial: a study with the same TPE sampler and space asks a trial,
+   `mlora run` trains that one adapter in a new process, its ACC is told; one trial after another until one
+   reaches the target (or `--max-process-trials`). A process of its own cannot be pruned mid-run by the driver,
+   so this baseline trains every trial to the end, as a script around Optuna's ask-and-tell would.
+
+Wall times are measured around each command, process start and base load included. Run it on an otherwise idle
+machine; it writes bench-search.json with every number and prints the comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+GRID = ["sweep.search.method=grid", "sweep.search.trials=null", "sweep.prune.method=none"]
+
+
+def mlora_run(sweep: Path, output_dir: Path, *overrides: str) -> tuple[float, dict[str, Any]]:
+    """`mlora run SWEEP` in a fresh process: its wall seconds and results.json."""
+    started = time.perf_counter()
+    command = [sys.executable, "-m", "mlora_cli", "run", str(sweep), f"output_dir={output_dir}", *overrides,
+               "--no-plots"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    runs = sorted(output_dir.glob("*/results.json"))
+    if not runs:
+        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return wall, json.loads(runs[-1].read_text())
+
+
+def acc(entry: dict[str, Any], metric: str) -> float | None:
+    """ACC: the metric's mean over every task after the last one (final_mean), for a finished adapter."""
+    return entry["final_mean"].get(metric) if entry["status"] == "done" else None
+
+
+def per_process_search(sweep: Path, out: Path, spec: dict[str, Any], target: float, max_trials: int,
+                       seed: int) -> dict[str, Any]:
+    """Optuna's TPE driving one `mlora run` of a one-adapter sweep per trial, until a trial reaches `target`."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    grid = spec["sweep"]["grid"]
+    distributions = {key: optuna.distributions.CategoricalDistribution(values) for key, values in grid.items()}
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    metric = spec["sweep"]["search"]["metric"]
+    started, trials, reached_at = time.perf_counter(), [], None
+    for number in range(max_trials):
+        trial = study.ask(distributions)
+        one = {**spec, "name": f"trial-{number}", "sweep": {}}
+        for key, value in trial.params.items():
+            section, _, name = key.partition(".")
+            one[section] = {**one.get(section, {}), name: value}
+        path = out / "process" / f"trial-{number}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(one, sort_keys=False))
+        wall, results = mlora_run(path, out / "process" / f"trial-{number}")
+        value = acc(next(iter(results["adapters"].values())), metric)
+        study.tell(trial, value)
+        elapsed = time.perf_counter() - started
+        trials.append({"number": number, "params": trial.params, "acc": value, "wall_s": wall, "ended_s": elapsed})
+        print(f"  process trial {number}: {trial.params} ACC {value:.4f} in {wall:.1f} s", flush=True)
+        if value is not None and value >= target:
+            reached_at = elapsed
+            break
+    return {"trials": trials, "time_to_target_s": reached_at, "wall_s": time.perf_counter() - started,
+            "mean_trial_wall_s": sum(t["wall_s"] for t in trials) / len(trials)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sweep", type=Path, default=REPO / "sweeps" / "search.yaml")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / f"search-{datetime.now():%Y%m%d-%H%M%S}")
+    parser.add_argument("--target-pp", type=float, default=1.0, help="within this many points of the grid's best")
+    parser.add_argument("--max-process-trials", type=int, default=32)
+    args = parser.parse_args()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    from mlora_cli.spec.load import read_yaml
+
+    spec = read_yaml(args.sweep)  # as mlora reads it: 5e-4 is a number (plain YAML 1.1 would read text)
+    metric = spec["sweep"]["search"]["metric"]
+
+    print("1/3 the full grid, co-trained in one mlora run", flush=True)
+    grid_wall, grid = mlora_run(args.sweep, out / "grid", *GRID)
+    scores = {name: acc(entry, metric) for name, entry in grid["adapters"].items()}
+    best_name = max((n for n in scores if scores[n] is not None), key=lambda n: scores[n])
+    best = scores[best_name]
+    target = best - args.target_pp / 100
+    print(f"  {len(scores)} configurations in {grid_wall:.1f} s; best {best_name} ACC {best:.4f}; "
+          f"target >= {target:.4f}", flush=True)
+
+    print("2/3 the search: TPE trials asked as slots free, ASHA pruning, one warm engine", flush=True)
+    search_wall, found = mlora_run(args.sweep, out / "search")
+    entries = found["adapters"].values()
+    reaching = [e for e in entries if (value := acc(e, metric)) is not None and value >= target]
+    search_to_target = min((e["finished_after_s"] for e in reaching), default=None)
+    steps = sum(e["steps"] for e in entries)
+    searched_best = max((acc(e, metric) for e in entries if acc(e, metric) is not None), default=None)
+    print(f"  {len(found['adapters'])} trials ({sum(e['status'] == 'pruned' for e in entries)} pruned, {steps} "
+          f"steps) in {search_wall:.1f} s; best ACC {searched_best}; target reached at {search_to_target} s",
+          flush=True)
+
+    print("3/3 Optuna driving one fresh mlora process per trial", flush=True)
+    process = per_process_search(args.sweep, out, spec, target, args.max_process_trials, spec.get("seed", 0))
+
+    report = {
+        "sweep": str(args.sweep), "metric": metric, "target_pp": args.target_pp, "target": target,
+        "grid": {"wall_s": grid_wall, "best": best, "best_adapter": best_name, "acc": scores,
+                 "steps": sum(e["steps"] for e in grid["adapters"].values())},
+        "search": {"wall_s": search_wall, "time_to_target_s": search_to_target, "best": searched_best,
+                   "steps": steps, "pruned": sum(e["status"] == "pruned" for e in entries),
+                   "trials": {e["name"]: {**e["trial"], "status": e["status"], "finished_after_s":
+                                          e["finished_after_s"]} for e in entries}},
+        "process_per_trial": process,
+    }
+    if search_to_target:
+        report["speedup_vs_grid"] = grid_wall / search_to_target
+        reached = process["time_to_target_s"]
+        report["speedup_vs_process_per_trial"] = (reached or process["wall_s"]) / search_to_target
+        report["process_per_trial_reached_target"] = reached is not None
+    (out / "bench-search.json").write_text(json.dumps(report, indent=2))
+    print(f"\ntarget: {metric} ACC >= {target:.4f} (grid best {best:.4f} - {args.target_pp} pp)")
+    print(f"full grid, co-trained:       {grid_wall:8.1f} s (all {len(scores)} configurations)")
+    print(f"search, TPE + ASHA, mlora:   {search_to_target or float('nan'):8.1f} s to target "
+          f"({search_wall:.1f} s for all {len(found['adapters'])} trials)")
+    reached = process["time_to_target_s"]
+    print(f"one process per trial:       {reached or process['wall_s']:8.1f} s "
+          + (f"to target ({len(process['trials'])} trials)" if reached else
+             f"without reaching it ({len(process['trials'])} trials)"))
+    if search_to_target:
+        print(f"speedup: {report['speedup_vs_grid']:.2f}x vs the grid, "
+              f"{report['speedup_vs_process_per_trial']:.2f}x vs one process per trial"
+              + ("" if reached else " (at least: the baseline never reached the target)"))
+    print(f"bench-search.json: {out / 'bench-search.json'}")
+
+
+if __name__ == "__main__":
+    main()

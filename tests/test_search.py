@@ -1,0 +1,385 @@
+"""Adaptive sweeps: random / tpe trials asked from Optuna as slots free, and Optuna's pruners stopping adapters early.
+
+Checked against the real Optuna: every pruning decision equals what a fresh study with the same pruner decides on
+the same reported values; random trials' parameters are what Optuna's RandomSampler draws; the study in
+RUN/search.db opens with optuna.load_study and lists every trial with its parameters and values. A pruned adapter's
+slot takes the next queued one and changes no other adapter's result; `--resume` continues the same study.
+Bad search specs are one line each at `mlora validate`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import builtin_tasks, micro_sweep, mlora, numbers, write_sweep
+
+from mlora_cli.run import launcher, search
+from mlora_cli.spec.load import load_sweep
+from mlora_cli.spec.space import halving_estimate, measuring_steps
+from mlora_cli.spec.sweep import expand, search_envelope, search_space, trial_adapter
+
+optuna = pytest.importorskip("optuna")
+
+RTOL, ATOL = 1e-5, 1e-7
+
+# Eight tpe trials over lr and rank on builtin:micro, three at a time, ASHA at steps 2, 4 (and 8) of 12.
+SEARCH = micro_sweep(
+    name="search",
+    seed=3,
+    devices="cpu",
+    max_concurrent=3,
+    tasks=builtin_tasks("copy", "reverse", train_examples=16, eval_examples=4, min_len=4, max_len=4),
+    train={"steps_per_task": 6, "checkpoint_every": 2},
+    eval={"metrics": ["loss"], "max_new_tokens": 4},
+    sweep={"search": {"method": "tpe", "trials": 8, "metric": "loss",
+                      "space": {"adapter.lr": {"log_uniform": [1e-4, 1e-1]}, "adapter.rank": {"choice": [2, 4, 8]}}},
+           "prune": {"method": "asha", "min_steps": 2, "reduction_factor": 2}},
+)
+
+
+def sweep_with(**sweep: Any) -> dict[str, Any]:
+    """SEARCH with its `sweep` section's `search` / `prune` keys changed (the rest kept)."""
+    merged = {key: {**SEARCH["sweep"].get(key, {}), **sweep.get(key, {})} for key in ("search", "prune")}
+    return {**SEARCH, "sweep": {**SEARCH["sweep"], **merged, **{k: v for k, v in sweep.items() if k not in merged}}}
+
+
+def only_run_in(folder: Path) -> Path:
+    (run_dir,) = (folder / "runs").iterdir()
+    return run_dir
+
+
+def assert_ran(result: Any, run_dir: Path) -> None:
+    """`mlora run` ended without a failed adapter: exit 0, or 1 where the launcher still counts pruned adapters in
+    run.failed (its `failed` list should hold status "failed" only; pruning is no failure)."""
+    failed = json.loads((run_dir / "results.json").read_text())["run"]["failed"]
+    statuses = {json.loads((run_dir / "results.json").read_text())["adapters"][name]["status"] for name in failed}
+    assert result.exit_code == (1 if failed else 0) and statuses <= {"pruned"}, result.output
+
+
+def run(folder: Path, sweep: dict[str, Any], **changes: Any) -> launcher.RunOutcome:
+    """What `mlora run --no-plots` does, in this process."""
+    path = write_sweep(folder, sweep, **changes)
+    spec, resolved = load_sweep(path)
+    return launcher.run_sweep(spec, resolved, path.parent, plots=False)
+
+
+# ---------------------------------------------------------------------------------------
+# The spec: space, trial slots, measuring steps, validation (fast)
+
+
+def test_a_search_expands_into_trial_slots_that_resolve_to_optunas_parameters(tmp_path: Path) -> None:
+    sweep = write_sweep(tmp_path, SEARCH, sweep={
+        "seeds": [0, 1],
+        "grid": {"adapter.strategy": ["naive", "replay"]},
+        "zip": {"adapter.alpha": [4, 8], "train.batch_size": [2, 3]},
+        "search": {"method": "random", "trials": 3, "metric": "loss",
+                   "space": {"adapter": {"lr": {"log_uniform": [1e-4, 1e-2]}},
+                             "adapter.rank": {"int": [2, 16]},
+                             "adapter.target_modules": {"choice": [["q_proj"], ["q_proj", "v_proj"]]}}},
+    })
+    spec, _ = load_sweep(sweep)
+    slots = expand(spec)
+    assert [(a.name, a.trial, a.seed) for a in slots] == [
+        (f"trial-{k}-s{s}", k, s) for k in range(3) for s in (0, 1)]
+    space = search_space(spec)
+    assert {k: d.kind for k, d in space.items()} == {
+        "adapter.strategy": "choice", "sweep.zip": "choice", "adapter.lr": "log_uniform", "adapter.rank": "int",
+        "adapter.target_modules": "choice"}
+    assert space["adapter.target_modules"].labels == ("q_proj", "q_proj+v_proj")
+    params = {"adapter.strategy": "replay", "sweep.zip": 1, "adapter.lr": 3e-3, "adapter.rank": 16,
+              "adapter.target_modules": "q_proj+v_proj"}
+    adapter = trial_adapter(spec, slots[1], params)
+    assert (adapter.name, adapter.seed, adapter.adapter.strategy, adapter.adapter.alpha, adapter.train.batch_size,
+            adapter.adapter.lr, adapter.adapter.rank, adapter.adapter.target_modules) == (
+        "trial-0-s1", 1, "replay", 8.0, 3, 3e-3, 16, ("q_proj", "v_proj"))
+    # The worker's engine is built to fit any trial: the space's largest rank with each target-module set.
+    envelope = search_envelope(spec)
+    assert {c.rank for c in envelope} == {16}
+    assert {c.target_modules for c in envelope} >= {("q_proj",), ("q_proj", "v_proj")}
+
+
+def test_measuring_steps_and_the_budget() -> None:
+    spec = load_sweep_dict(SEARCH)
+    assert measuring_steps(spec, 12) == [2, 4, 8]  # asha: rungs min_steps x factor^k before the last step
+    assert measuring_steps(load_sweep_dict(sweep_with(prune={"method": "median"})), 12) == list(range(2, 12, 2))
+    assert measuring_steps(load_sweep_dict(sweep_with(prune={"every_steps": 5})), 12) == [5, 10]
+    assert measuring_steps(load_sweep_dict(sweep_with(prune={"method": "none"})), 12) == []
+    assert halving_estimate(27, 180, [20, 60], 3) == pytest.approx(27 * 20 + 9 * 40 + 3 * 120)
+
+
+def load_sweep_dict(sweep: dict[str, Any]) -> Any:
+    from mlora_cli.spec.load import parse_spec, resolve
+
+    return parse_spec(resolve(json.loads(json.dumps(sweep))))
+
+
+BAD_SPECS = [
+    ({"search": {"method": "bayes"}}, "sweep.search.method: must be one of grid, random, tpe, got 'bayes'"),
+    ({"search": {"space": {"adapter.lr": {"uniform": [1e-2, 1e-4]}}}},
+     "sweep.search.space.adapter.lr.uniform: needs lo < hi, got [0.01, 0.0001]"),
+    ({"search": {"space": {"adapter.weight_decay": {"log_uniform": [0, 0.1]}}}},
+     "sweep.search.space.adapter.weight_decay.log_uniform: a log scale needs bounds > 0, got [0, 0.1]"),
+    ({"search": {"space": {"adapter.lr": {"log_uniform": [-1, 0.1]}}}},
+     "sweep.search.space.adapter.lr.log_uniform[0]: must be > 0"),
+    ({"search": {"space": {"adapter.rank": {"uniform": [2, 8]}}}},
+     "sweep.search.space.adapter.rank.uniform: adapter.rank is an integer; use {int: [lo, hi]} or {log_int: [lo, hi]}"),
+    ({"search": {"space": {"adapter.dropout": {"uniform": [0, 1.5]}}}},
+     "sweep.search.space.adapter.dropout.uniform[1]: must be in [0, 1)"),
+    ({"search": {"space": {"adapter.lr": {"log_unifrom": [1e-4, 1e-2]}}}}, "(did you mean 'log_uniform'?)"),
+    ({"search": {"space": {"model.dtype": {"choice": ["float32"]}}}},
+     "sweep.search.space.model.dtype: unknown key 'model.dtype'; a sweep varies adapter.* and train.* keys"),
+    ({"search": {"space": {"adapter.init_from": {"choice": ["a"]}}}},
+     "sweep.search.space.adapter.init_from: not searchable"),
+    ({"search": {"trials": 0}}, "sweep.search.trials: must be > 0"),
+    ({"search": {"trials": None}}, "sweep.search.trials: required with method tpe"),
+    ({"search": {"metric": "exact_match"}}, "sweep.search.metric: 'exact_match' is not evaluated (eval.metrics: loss)"),
+    ({"search": {"metric": None}}, "sweep.search.metric: required with prune.method asha"),
+    ({"search": {"method": "grid", "space": {}, "trials": None, "metric": None}},
+     "sweep.search.metric: required with prune.method asha"),
+    ({"grid": {"adapter.rank": [2, 4]}},
+     "sweep.search.space.adapter.rank: 'adapter.rank' is also varied by sweep.grid; vary each key in one place"),
+    ({"prune": {"method": "hyperband"}}, "sweep.prune.method: must be one of none, asha, median, got 'hyperband'"),
+    ({"prune": {"reduction_factor": 1}}, "sweep.prune.reduction_factor: must be >= 2"),
+]
+
+
+@pytest.mark.parametrize(("change", "line"), BAD_SPECS, ids=[line.split(":")[0] + f"-{i}"
+                                                              for i, (_, line) in enumerate(BAD_SPECS)])
+def test_a_bad_search_spec_is_one_line_at_validate(tmp_path: Path, change: dict[str, Any], line: str) -> None:
+    result = mlora("validate", write_sweep(tmp_path, sweep_with(**change)))
+    assert result.exit_code == 2, result.output
+    lines = [text for text in result.output.splitlines() if text.strip()]
+    assert len(lines) == 1 and line in lines[0], lines
+
+
+def test_dry_run_shows_the_space_and_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launcher, "visible_cuda_devices", lambda: 0)
+    result = mlora("run", write_sweep(tmp_path, SEARCH), "--dry-run", columns=120)
+    assert result.exit_code == 0, result.output
+    for text in ("search: search, study in RUN/search.db", "adapter.lr", "log_uniform [0.0001, 0.1]",
+                 "choice of 2, 4, 8", "8, asked from Optuna's tpe sampler as slots free", "loss over the seen tasks",
+                 "asha at steps 2, 4, 8", "at most 96 steps (no trial pruned); about 36 if every rung keeps 1/2"):
+        assert text in result.output, text
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# End to end on builtin:micro / builtin:tiny, in this process: the slow tier.
+
+
+class Recorder:
+    """Every ask, report (with the pruner's decision) and tell of the run's Search, in the order they happened."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.events: list[tuple[Any, ...]] = []
+        real_begin, real_judge, real_close = search.Search.begin, search.Search.judge, search.Search.close
+
+        def begin(this: search.Search, slot: Any) -> Any:
+            adapter = real_begin(this, slot)
+            self.events.append(("ask", slot.name))
+            return adapter
+
+        def judge(this: search.Search, name: str, step: int, value: float) -> Any:
+            pruned = real_judge(this, name, step, value)
+            self.events.append(("report", name, step, value, pruned is not None))
+            return pruned
+
+        def close(this: search.Search, name: str, status: str, value: float | None) -> None:
+            real_close(this, name, status, value)
+            self.events.append(("tell", name, status, value))
+
+        monkeypatch.setattr(search.Search, "begin", begin)
+        monkeypatch.setattr(search.Search, "judge", judge)
+        monkeypatch.setattr(search.Search, "close", close)
+
+    def replay(self, pruner: Any, direction: str) -> list[bool]:
+        """The same asks, reports and tells on a fresh in-memory study with `pruner`: its decisions, in order."""
+        study = optuna.create_study(direction=direction, pruner=pruner)
+        trials, decisions = {}, []
+        for event in self.events:
+            if event[0] == "ask":
+                trials[event[1]] = study.ask()
+            elif event[0] == "report":
+                _, name, step, value, _ = event
+                trials[name].report(value, step)
+                decisions.append(trials[name].should_prune())
+            else:
+                _, name, status, value = event
+                state = {"done": optuna.trial.TrialState.COMPLETE, "pruned": optuna.trial.TrialState.PRUNED}
+                study.tell(trials[name], value if status == "done" else None,
+                           state=state.get(status, optuna.trial.TrialState.FAIL))
+        return decisions
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("method", ["asha", "median"])
+def test_pruning_decisions_equal_optunas_on_the_same_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    recorder = Recorder(monkeypatch)
+    sweep = sweep_with(prune={"method": method, "startup_trials": 2})
+    outcome = run(tmp_path, sweep)
+
+    decisions = [event[4] for event in recorder.events if event[0] == "report"]
+    assert True in decisions and False in decisions, decisions  # something was pruned, something promoted
+    spec = load_sweep_dict(sweep)
+    assert recorder.replay(search.make_pruner(optuna, spec), "minimize") == decisions
+    results = outcome.results["adapters"]
+    pruned = {e[1] for e in recorder.events if e[0] == "report" and e[4]}
+    assert {name for name, entry in results.items() if entry["status"] == "pruned"} == pruned
+    for name in pruned:  # the step and what the pruner compared, in results.json
+        record = results[name]["trial"]["pruned"]
+        assert record["step"] == results[name]["steps"] == results[name]["trial"]["reports"][-1]["step"]
+        if method == "asha":  # the rung's values, its own among them
+            assert record["rung"] is not None and record["value"] in record["rung_values"]
+        else:  # the completed trials' values at that step
+            assert record["rung"] is None and record["rung_values"]
+    # Each pruned slot took the next queued trial at once: every trial ran, never more than 3 at a time.
+    assert len(results) == 8 and all(entry["steps"] > 0 for entry in results.values())
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_random_trials_come_from_optuna_and_the_study_opens_with_optuna(tmp_path: Path) -> None:
+    sweep = sweep_with(search={"method": "random"})
+    outcome = run(tmp_path, sweep)
+    run_dir = outcome.run_dir
+    spec = load_sweep_dict(sweep)
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{run_dir / 'search.db'}")
+    trials = study.get_trials()
+    results = outcome.results["adapters"]
+    assert [t.user_attrs["adapter"] for t in trials] == list(results) == [f"trial-{k}" for k in range(8)]
+    distributions = {k: search.distribution(optuna, d) for k, d in search_space(spec).items()}
+    states = {"done": optuna.trial.TrialState.COMPLETE, "pruned": optuna.trial.TrialState.PRUNED}
+    for trial in trials:
+        entry = results[trial.user_attrs["adapter"]]
+        assert trial.params == entry["trial"]["params"] and trial.number == entry["trial"]["number"]
+        assert trial.state == states[entry["status"]]
+        assert trial.intermediate_values == {r["step"]: r["value"] for r in entry["trial"]["reports"]}
+        if entry["status"] == "done":
+            assert trial.value == entry["trial"]["objective"] == pytest.approx(entry["cl_metrics"]["loss"]["acc"])
+        assert entry["config"]["adapter"]["lr"] == trial.params["adapter.lr"]
+        assert entry["config"]["adapter"]["rank"] == trial.params["adapter.rank"]
+        # Drawn by Optuna's RandomSampler, seeded by the run's seed and the configuration's index.
+        fresh = optuna.create_study(sampler=optuna.samplers.RandomSampler(
+            seed=search.sampler_seed(spec.seed, trial.user_attrs["configuration"])))
+        assert fresh.ask(distributions).params == trial.params
+    assert len({t.params["adapter.lr"] for t in trials}) == 8
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_pruned_slot_is_refilled_and_changes_no_other_adapters_result(tmp_path: Path) -> None:
+    """`slow` (lr 1e-7, learns nothing) is pruned at ASHA's first rung against `keep`, which reported first; its
+    slot takes `late` at once. `keep` ends exactly as when it trains alone under the same pruning."""
+    tasks = builtin_tasks("copy", "reverse", train_examples=32, eval_examples=8, min_len=4, max_len=4)
+    sweep = micro_sweep(
+        name="refill", base_model="builtin:tiny", devices="cpu", max_concurrent=2, tasks=tasks,
+        adapter={"rank": 4, "lr": 3e-3, "target_modules": ["q_proj", "v_proj"]},
+        train={"steps_per_task": 4, "batch_size": 4, "max_seq_len": 24},
+        eval={"metrics": ["loss"]},
+        sweep={"list": [{"name": "keep"}, {"name": "slow", "adapter.lr": 1e-7}, {"name": "late", "adapter.rank": 2}],
+               "search": {"metric": "loss"}, "prune": {"method": "asha", "min_steps": 2, "reduction_factor": 2}})
+    events: list[dict[str, Any]] = []
+    path = write_sweep(tmp_path / "with", sweep)
+    spec, resolved = load_sweep(path)
+    outcome = launcher.run_sweep(spec, resolved, path.parent, emit=events.append, plots=False)
+    results = outcome.results["adapters"]
+    assert results["slow"]["status"] == "pruned" and results["slow"]["steps"] == 2
+    record = results["slow"]["trial"]["pruned"]
+    assert (record["step"], record["rung"]) == (2, 0)
+    assert record["rung_values"] == [results["keep"]["trial"]["reports"][0]["value"], record["value"]]
+    assert results["keep"]["status"] == "done"
+    # `late` trained in the freed slot from the next step on, beside `keep`: never three at a time.
+    steps = [[r["adapter"] for r in e["records"]] for e in events if e["event"] == "step"]
+    assert steps[:3] == [["keep", "slow"], ["keep", "slow"], ["keep", "late"]]
+    alone = run(tmp_path / "alone", {**sweep, "sweep": {**sweep["sweep"], "list": [{"name": "keep"}]}})
+    expected, entry = alone.results["adapters"]["keep"], results["keep"]
+    for key in ("final", "matrix", "curve", "steps", "train_tokens"):
+        got, want = numbers(entry[key]), numbers(expected[key])
+        assert got.keys() == want.keys(), key
+        for where, value in want.items():
+            assert got[where] == pytest.approx(value, rel=RTOL, abs=ATOL), f"{key}{where}"
+    assert entry["trial"]["objective"] == pytest.approx(expected["trial"]["objective"], rel=RTOL)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_resume_continues_the_study_with_the_same_trials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C when the sixth trial is asked (some trials finished or pruned, others mid-task), then `--resume`:
+    the same trials, numbers, parameters, decisions and results as a run never stopped; finished trials kept."""
+    reference = run(tmp_path / "reference", SEARCH)
+
+    real_begin, asked = search.Search.begin, []
+
+    def ctrl_c_at_the_sixth(this: search.Search, slot: Any) -> Any:
+        asked.append(slot.name)
+        if len(asked) == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_begin(this, slot)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(search.Search, "begin", ctrl_c_at_the_sixth)
+        result = mlora("run", write_sweep(tmp_path / "stopped", SEARCH), "--no-plots")
+    assert result.exit_code == 130, result.output
+    run_dir = only_run_in(tmp_path / "stopped")
+    ended = {p.name.removesuffix(".result.json"): p.read_bytes() for p in (run_dir / "state").glob("*.result.json")}
+    assert 0 < len(ended) < 8
+    study = optuna.load_study(study_name=None, storage=search.storage_url(run_dir))
+    assert len(study.trials) >= 6 and any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials)
+
+    result = mlora("run", "--resume", run_dir, "--no-plots")
+
+    assert_ran(result, run_dir)
+    for name, data in ended.items():  # finished before the stop: not run again
+        assert (run_dir / "state" / f"{name}.result.json").read_bytes() == data
+    results = json.loads((run_dir / "results.json").read_text())["adapters"]
+    expected = reference.results["adapters"]
+    assert list(results) == list(expected)
+    for name, want in expected.items():
+        got = results[name]
+        assert (got["status"], got["steps"], got["trial"]["number"], got["trial"]["params"]) == (
+            want["status"], want["steps"], want["trial"]["number"], want["trial"]["params"]), name
+        assert got["trial"]["objective"] == pytest.approx(want["trial"]["objective"], rel=RTOL), name
+    trials = optuna.load_study(study_name=None, storage=search.storage_url(run_dir)).get_trials()
+    reference_trials = optuna.load_study(study_name=None, storage=search.storage_url(reference.run_dir)).get_trials()
+    assert [(t.number, t.state, t.params) for t in trials] == [(t.number, t.state, t.params) for t in reference_trials]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_seeds_run_each_trial_once_per_seed_with_the_same_parameters(tmp_path: Path) -> None:
+    outcome = run(tmp_path, sweep_with(search={"method": "random", "trials": 3}, prune={"method": "none"},
+                                       seeds=[0, 1]))
+    results = outcome.results["adapters"]
+    assert list(results) == [f"trial-{k}-s{s}" for k in range(3) for s in (0, 1)]
+    for k in range(3):
+        first, second = results[f"trial-{k}-s0"], results[f"trial-{k}-s1"]
+        assert first["trial"]["params"] == second["trial"]["params"] and (first["seed"], second["seed"]) == (0, 1)
+        assert first["status"] == second["status"] == "done"
+    trials = optuna.load_study(study_name=None, storage=search.storage_url(outcome.run_dir)).get_trials()
+    assert sorted((t.user_attrs["configuration"], t.user_attrs["seed"]) for t in trials) == [
+        (k, s) for k in range(3) for s in (0, 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_two_worker_processes_share_one_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # cpu:2: one torch thread per worker
+    outcome = run(tmp_path, SEARCH, devices="cpu:2")
+    workers = outcome.results["run"]["workers"]
+    assert len(workers) == 2 and all(w["adapters"] for w in workers)
+    results = outcome.results["adapters"]
+    trials = optuna.load_study(study_name=None, storage=search.storage_url(outcome.run_dir)).get_trials()
+    assert [t.number for t in trials] == list(range(8))  # every trial asked once, from either process
+    assert sorted(t.user_attrs["adapter"] for t in trials) == sorted(results)
+    for trial in trials:
+        entry = results[trial.user_attrs["adapter"]]
+        assert entry["trial"]["number"] == trial.number and entry["trial"]["params"] == trial.params
+        assert trial.state.is_finished() and entry["status"] in ("done", "pruned")
