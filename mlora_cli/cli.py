@@ -200,6 +200,11 @@ def eval_command(
     adapter: Annotated[list[Path] | None, typer.Option("--adapter", help="a PEFT LoRA folder; repeat for more")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda:N")] = "cpu",
     matrix: Annotated[bool, typer.Option("--matrix", help="also print each adapter's accuracy matrix R")] = False,
+    harness_tasks: Annotated[str | None, typer.Option(
+        "--harness-tasks", help="lm-evaluation-harness tasks, comma-separated, for each adapter (its final checkpoint;"
+        " needs the [lm-eval] extra)")] = None,
+    harness_include: Annotated[Path | None, typer.Option(
+        "--harness-include", help="a folder of harness task YAMLs (local tasks for --harness-tasks)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate saved adapters: a run's per-task checkpoints, or any PEFT LoRA adapters, in batched passes."""
@@ -211,8 +216,13 @@ def eval_command(
         problems.append("give a RUN_DIR, or --base MODEL --adapter PATH ... --tasks FILE")
     if run_dir is not None and (adapter or base):
         problems.append("--base/--adapter evaluate adapters without a run folder; drop RUN_DIR or them")
-    if adapter and (base is None or tasks is None):
-        problems.append("--adapter needs --base MODEL and --tasks FILE")
+    harness_list = [t.strip() for t in (harness_tasks or "").split(",") if t.strip()] or None
+    if adapter and (base is None or (tasks is None and harness_list is None)):
+        problems.append("--adapter needs --base MODEL and --tasks FILE (or --harness-tasks)")
+    if harness_include is not None and not harness_include.is_dir():
+        problems.append(f"--harness-include {harness_include}: no such folder")
+    if harness_include is not None and harness_list is None:
+        problems.append("--harness-include needs --harness-tasks")
     if run_dir is not None and not run_dir.is_dir():
         problems.append(f"{run_dir}: no such run folder")
     for path in adapter or []:
@@ -225,7 +235,7 @@ def eval_command(
         from mlora_cli.eval import reeval
 
         if run_dir is not None:
-            out_dir, results = reeval.evaluate_run(run_dir, suite, device)
+            out_dir, results = reeval.evaluate_run(run_dir, suite, device, harness_list, harness_include)
             from mlora_cli.report.outputs import write_reports
 
             for note in write_reports(out_dir, results):
@@ -236,15 +246,25 @@ def eval_command(
                 print_cl_report(console, results, matrices=matrix)
             else:  # other tasks than trained: no forgetting metrics, the final scores per task
                 console.print(adapters_eval_table(results))
+            if not as_json and harness_list:
+                from mlora_cli.eval.harness import harness_table
+
+                console.print(harness_table(results))
             if not as_json:
                 say(f"evaluation written to {out_dir}")
         else:
-            assert base is not None and suite is not None and adapter
-            results = reeval.evaluate_adapters(base, adapter, suite, device)
+            assert base is not None and adapter
+            results = reeval.evaluate_adapters(base, adapter, suite, device, harness_tasks=harness_list,
+                                               harness_include=harness_include)
             if as_json:
                 print_json(results)
             else:
-                console.print(adapters_eval_table(results))
+                if suite is not None:
+                    console.print(adapters_eval_table(results))
+                if harness_list:
+                    from mlora_cli.eval.harness import harness_table
+
+                    console.print(harness_table(results))
     except ConfigError as exc:
         fail(exc.problems, as_json)
 

@@ -6,7 +6,9 @@ Two uses:
 - `evaluate_adapters(base, paths, suite)`: any PEFT LoRA adapters, trained anywhere.
 
 Every checkpoint gets a slot of one engine over one copy of the base, and each task is
-evaluated for all of them at once.
+evaluated for all of them at once. With `harness_tasks`, the same engine also answers
+lm-evaluation-harness tasks for every adapter's final checkpoint (eval.harness, the `[lm-eval]`
+extra), all adapters in shared passes; scores go under each adapter's `harness` key.
 """
 
 from __future__ import annotations
@@ -91,20 +93,25 @@ def _tokenized_tasks(suite: TaskSuite, seed: int, max_seq_len: int, tokenizer: A
     return cache[key]
 
 
-def score_checkpoints(
-    base: Any, saved: list[SavedAdapter], task_sets: list[list[TokenizedTask]], suite: TaskSuite,
-    base_requests: list[EvalRequest] | None = None,
-) -> tuple[dict[str, dict[str, dict[str, float]]], float]:
-    """{label: {task: {metric: value}}} for every saved adapter, SLOTS_PER_PASS at a time.
-
-    `base_requests` (slot None: the base alone) ride along with the first pass.
-    """
+def build_engine(base: Any, saved: list[SavedAdapter]) -> MultiLoraModel:
+    """One engine over the base with room for SLOTS_PER_PASS of `saved` (their modules, their largest rank)."""
     targets = sorted({m for s in saved for m in s.config.target_modules})
     missing = sorted({m for m in targets if not any(m == n for n, _ in base.model.named_modules())})
     if missing:
         raise ConfigError([f"{saved[0].path}: modules not in the base model: {', '.join(missing[:5])}"])
     max_rank = max(w.size(0) for s in saved for k, w in s.weights.items() if "lora_A" in k)
-    engine = MultiLoraModel(base.model, targets, min(len(saved), SLOTS_PER_PASS), max_rank, base.autocast)
+    return MultiLoraModel(base.model, targets, min(len(saved), SLOTS_PER_PASS), max_rank, base.autocast)
+
+
+def score_checkpoints(
+    base: Any, saved: list[SavedAdapter], task_sets: list[list[TokenizedTask]], suite: TaskSuite,
+    base_requests: list[EvalRequest] | None = None, engine: MultiLoraModel | None = None,
+) -> tuple[dict[str, dict[str, dict[str, float]]], float]:
+    """{label: {task: {metric: value}}} for every saved adapter, SLOTS_PER_PASS at a time.
+
+    `base_requests` (slot None: the base alone) ride along with the first pass.
+    """
+    engine = engine or build_engine(base, saved)
     scores: dict[str, dict[str, dict[str, float]]] = {}
     seconds = 0.0
     for start in range(0, len(saved), SLOTS_PER_PASS):
@@ -120,33 +127,65 @@ def score_checkpoints(
     return scores, seconds
 
 
+def harness_scores(base: Any, engine: MultiLoraModel, saved: list[SavedAdapter], tasks: list[str],
+                   include: Path | None, batch_size: int) -> dict[str, dict[str, dict[str, float]]]:
+    """{label: {harness task: {metric: value}}}: lm-evaluation-harness on every saved adapter, a slot each, together."""
+    try:
+        from mlora_cli.eval import harness
+    except ImportError as exc:
+        raise ConfigError([f"--harness-tasks needs lm-evaluation-harness ({exc}): pip install 'mlora-sweep[lm-eval]'"]
+                          ) from exc
+    manager = harness.task_manager(tasks, include)
+    config = getattr(base.model, "config", None)
+    max_length = getattr(config, "max_position_embeddings", None) or 2048
+    scores = {}
+    for start in range(0, len(saved), engine.num_slots):
+        chunk = saved[start : start + engine.num_slots]
+        for slot, adapter in enumerate(chunk):
+            engine.set_slot_weights(slot, adapter.config, adapter.weights)
+        scores.update(harness.evaluate_slots(engine, list(range(len(chunk))), [s.label for s in chunk], base.tokenizer,
+                                             tasks, manager, max(1, batch_size // len(chunk)), max_length))
+    return scores
+
+
 def evaluate_adapters(
-    base_model: str, paths: list[Path], suite: TaskSuite, device: str = "cpu", max_seq_len: int = 1024
+    base_model: str, paths: list[Path], suite: TaskSuite | None, device: str = "cpu", max_seq_len: int = 1024,
+    harness_tasks: list[str] | None = None, harness_include: Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate any PEFT LoRA adapters on a task suite; results keyed by adapter folder name."""
+    """Evaluate any PEFT LoRA adapters on a task suite and/or harness tasks; results keyed by adapter folder name."""
     labels = [p.name for p in paths]
     labels = [f"{label}-{i}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
-    saved = [read_peft_adapter(p, label, suite.seed or 0) for p, label in zip(paths, labels)]
+    seed = suite.seed or 0 if suite is not None else 0
+    saved = [read_peft_adapter(p, label, seed) for p, label in zip(paths, labels)]
     started = time.perf_counter()
     base = load_base(base_model, device)
-    cache: dict[tuple[int, int], list[TokenizedTask]] = {}
-    tasks = _tokenized_tasks(suite, suite.seed or 0, max_seq_len, base.tokenizer, suite.base_dir, cache)
-    scores, seconds = score_checkpoints(base, saved, [tasks] * len(saved), suite)
-    task_names = [t.name for t in suite.tasks]
+    engine = build_engine(base, saved)
+    scores: dict[str, dict[str, dict[str, float]]] = {s.label: {} for s in saved}
+    seconds = 0.0
+    if suite is not None:
+        tasks = _tokenized_tasks(suite, seed, max_seq_len, base.tokenizer, suite.base_dir, {})
+        scores, seconds = score_checkpoints(base, saved, [tasks] * len(saved), suite, engine=engine)
+    harness = harness_scores(base, engine, saved, harness_tasks, harness_include, 32) if harness_tasks else {}
+    task_names = [t.name for t in suite.tasks] if suite is not None else []
     adapters = {}
     for adapter in saved:
         final = scores[adapter.label]
         adapters[adapter.label] = {
             "name": adapter.label, "path": str(adapter.path), "rank": adapter.config.rank,
             "final": final,
-            "final_mean": mean_over_tasks(final),
+            "final_mean": mean_over_tasks(final) if final else math.nan,
+            **({"harness": harness[adapter.label]} if harness_tasks else {}),
         }
     return {"adapters": adapters, "run": {"base_model": base_model, "tasks": task_names, "eval_seconds": seconds,
-                                          "wall_seconds": time.perf_counter() - started}}
+                                          "wall_seconds": time.perf_counter() - started,
+                                          **({"harness_tasks": harness_tasks} if harness_tasks else {})}}
 
 
-def evaluate_run(run_dir: Path, suite: TaskSuite | None = None, device: str = "cpu") -> tuple[Path, dict[str, Any]]:
-    """Recompute every adapter's matrix from its per-task checkpoints into run_dir/evals/<time>/."""
+def evaluate_run(run_dir: Path, suite: TaskSuite | None = None, device: str = "cpu",
+                 harness_tasks: list[str] | None = None, harness_include: Path | None = None,
+                 ) -> tuple[Path, dict[str, Any]]:
+    """Recompute every adapter's matrix from its per-task checkpoints into run_dir/evals/<time>/; with
+    `harness_tasks`, also each adapter's final checkpoint on those lm-evaluation-harness tasks."""
     problems = [f"{run_dir}: missing {name}" for name in (RESOLVED_SWEEP, ADAPTERS, RESULTS)
                 if not (run_dir / name).is_file()]
     if problems:
@@ -179,7 +218,14 @@ def evaluate_run(run_dir: Path, suite: TaskSuite | None = None, device: str = "c
     base_requests = [
         EvalRequest(f"{a['name']}/before", None, tasks_of[a["name"]], a["seed"]) for a in expanded if rows_of[a["name"]]
     ]
-    scores, seconds = score_checkpoints(base, saved, task_sets, suite, base_requests)
+    engine = build_engine(base, saved)
+    scores, seconds = score_checkpoints(base, saved, task_sets, suite, base_requests, engine)
+    harness: dict[str, dict[str, dict[str, float]]] = {}
+    if harness_tasks:  # the final checkpoint of each adapter (the last of its per-task ones)
+        final_labels = {f"{name}/{rows[-1]}" for name, rows in rows_of.items() if rows}
+        finals = [s for s in saved if s.label in final_labels]
+        by_name = harness_scores(base, engine, finals, harness_tasks, harness_include, suite.eval.batch_size)
+        harness = {label.rpartition("/")[0]: value for label, value in by_name.items()}
 
     task_names = [t.name for t in suite.tasks]
     adapters = {}
@@ -197,12 +243,14 @@ def evaluate_run(run_dir: Path, suite: TaskSuite | None = None, device: str = "c
             "final": final,
             "final_mean": mean_over_tasks(final),
             "matrix": matrix_of(rows, task_names),
+            **({"harness": harness[adapter["name"]]} if harness_tasks else {}),
         }
     results = {
         "adapters": adapters,
         "run": {"name": spec.name, "run_dir": str(run_dir), "base_model": spec.base_model, "tasks": task_names,
                 "trained_tasks": [t.name for t in spec.tasks], "eval_seconds": seconds,
-                "wall_seconds": time.perf_counter() - started},
+                "wall_seconds": time.perf_counter() - started,
+                **({"harness_tasks": harness_tasks} if harness_tasks else {})},
     }
     if [t.name for t in spec.tasks] == task_names:
         add_cl_metrics(results)  # only meaningful when rows and columns are the same tasks
