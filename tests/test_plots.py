@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,18 @@ def test_write_all_writes_non_empty_pngs(tmp_path: Path) -> None:
         assert path.parent == tmp_path / "plots"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
     assert not [p for p in (tmp_path / "plots").iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_an_rl_run_gets_its_reward_curve(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    records = [{"adapter": a, "step": step, "loss": 1.0, **({"reward_mean": step / 10} if step > 2 else {})}
+               for a in ("keeper", "forgetter") for step in range(1, 7)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    paths = plots.write_all(tmp_path, fake_results(), TASKS)
+    assert tmp_path / "plots" / "rl-reward.png" in paths
+    assert (tmp_path / "plots" / "rl-reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if "reward_mean" not in r))
+    assert not [p for p in plots.write_all(tmp_path, fake_results(), TASKS) if p.name == "rl-reward.png"]
 
 
 def test_plots_without_matplotlib_say_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

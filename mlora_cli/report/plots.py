@@ -8,10 +8,12 @@ and works headless and from any thread.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mlora_cli.contract import METRICS
 from mlora_cli.eval import metrics as cl
 from mlora_cli.files import write_bytes
 from mlora_cli.report.format import PERCENT_METRICS, format_metric, metric_header
@@ -221,12 +223,35 @@ def trials(results: dict[str, Any], path: Path) -> Path:
     return _save(figure, path)
 
 
+def rl_rewards(records: Sequence[dict[str, Any]], title: str, path: Path) -> Path:
+    """The mean sampled reward of every RL step, one line per adapter, from metrics.jsonl's records."""
+    by_adapter: dict[str, list[tuple[int, float]]] = {}
+    for record in records:
+        if "reward_mean" in record:
+            by_adapter.setdefault(record["adapter"], []).append((record["step"], record["reward_mean"]))
+    if not by_adapter:
+        raise ValueError("no RL step in these metrics")
+    figure = _figure(7.5, 4.6)
+    ax = figure.add_subplot()
+    for name, points in by_adapter.items():
+        x, y = zip(*sorted(points), strict=True)
+        ax.plot(x, y, linewidth=1.2, marker="o", markersize=2, label=name)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("adapter step (over the whole task sequence)")
+    ax.set_ylabel("mean sampled reward")
+    ax.set_title(f"{title}: reward of the completions each RL step trained on")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(by_adapter) > 6 else 1)
+    return _save(figure, path)
+
+
 def write_all(run_dir: Path, results: dict[str, Any], task_names: Sequence[str]) -> list[Path]:
     """Every plot of a run under `<run_dir>/plots/`, for PLOTTED_METRICS where evaluated; the paths written.
 
     `<adapter>-<metric>-heatmap.png` per adapter, `<adapter>-<metric>-curves.png` where the adapter has a curve,
     `learning-vs-forgetting-<metric>.png` when some adapter has a complete matrix over 2 or more tasks;
-    `trials-<metric>.png` for a search. A pruned trial gets no plot of its own (a search prunes most of them).
+    `trials-<metric>.png` for a search; `rl-reward.png` (sampled reward per RL step) when a task is RL. A pruned
+    trial gets no plot of its own (a search prunes most of them).
     """
     out = Path(run_dir) / "plots"
     paths = []
@@ -250,4 +275,9 @@ def write_all(run_dir: Path, results: dict[str, Any], task_names: Sequence[str])
     searched = [entry["trial"] for entry in adapters.values() if entry.get("trial")]
     if searched:
         paths.append(trials(results, out / f"trials-{searched[0]['metric']}.png"))
+    metrics_file = Path(run_dir) / METRICS  # a training run's (an evaluation folder has none)
+    if metrics_file.is_file():
+        records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+        if any("reward_mean" in record for record in records):
+            paths.append(rl_rewards(records, results["run"]["name"], out / "rl-reward.png"))
     return paths
