@@ -288,7 +288,7 @@ def bench(
     """Measure concurrent co-training against the sequential single-tenant baseline on the same sweep."""
     from datetime import datetime
 
-    from mlora_cli.bench.bench import ModeFailed
+    from mlora_cli.bench.processes import ModeFailed
     from mlora_cli.report.benchmark import bench_tables
     from mlora_cli.spec.sweep import expand
 

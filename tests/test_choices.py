@@ -21,7 +21,8 @@ from mlora_cli.data.batches import TokenizedTask, tokenize_task
 from mlora_cli.data.sources import load_task
 from mlora_cli.errors import ConfigError
 from mlora_cli.eval import choices as choice_scoring
-from mlora_cli.eval.evaluate import EvalRequest, evaluate
+from mlora_cli.eval.evaluate import evaluate
+from mlora_cli.eval.request import EvalRequest
 from mlora_cli.model.base import build_builtin
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.spec.load import load_task_suite

@@ -56,6 +56,7 @@ def test_run_json_without_dry_run_is_a_json_error(tmp_path: Path) -> None:
 def test_bench_json_prints_the_report_it_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The heavy call is patched out: the CLI must print what run_bench returns, and only that."""
     import mlora_cli.bench.bench as bench
+    from mlora_cli.bench.processes import ModeFailed
 
     report = {"sweep": "t", "adapters": 1, "modes": {"concurrent": {"wall_seconds": 1.5}}, "fusion": {}}
     monkeypatch.setattr(bench, "run_bench", lambda *args, **kwargs: report)
@@ -64,7 +65,7 @@ def test_bench_json_prints_the_report_it_writes(tmp_path: Path, monkeypatch: pyt
     assert json.loads(result.stdout) == report
 
     def failing(*args: object, **kwargs: object) -> None:
-        raise bench.ModeFailed("python -m mlora_cli run ... failed; see concurrent.log")
+        raise ModeFailed("python -m mlora_cli run ... failed; see concurrent.log")
 
     monkeypatch.setattr(bench, "run_bench", failing)
     result = mlora("bench", write_sweep(tmp_path, MINIMAL_SWEEP), "--json", "--output", tmp_path / "bench")

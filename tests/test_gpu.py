@@ -30,7 +30,8 @@ from helpers import builtin_tasks, micro_sweep, mlora, numbers, stop_mid_run, wr
 
 from mlora_cli.data.batches import TokenizedTask, tokenize_task
 from mlora_cli.data.sources import load_task
-from mlora_cli.eval.evaluate import EvalRequest, evaluate
+from mlora_cli.eval.evaluate import evaluate
+from mlora_cli.eval.request import EvalRequest
 from mlora_cli.model.base import load_base
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.spec.schema import AdapterConfig, EvalConfig, ModelConfig, RLConfig, TaskConfig

@@ -55,7 +55,8 @@ def test_no_import_goes_back_up_the_data_flow() -> None:
 
 
 def test_no_import_circle() -> None:
-    graph = {name: {t for t in imports(path, True) if t in MODULES and t != name} for name, path in MODULES.items()}
+    """Imports inside functions and under TYPE_CHECKING count too: a lazy import that closes a circle is one."""
+    graph = {name: {t for t in imports(path, False) if t in MODULES and t != name} for name, path in MODULES.items()}
     done: set[str] = set()
 
     def visit(name: str, stack: list[str]) -> None:

@@ -19,8 +19,9 @@ from mlora_cli.data.batches import TokenizedTask, tokenize_task
 from mlora_cli.data.sources import load_task
 from mlora_cli.errors import ConfigError
 from mlora_cli.eval import evaluate as evaluation
-from mlora_cli.eval.evaluate import EvalRequest, completion_text, evaluate
+from mlora_cli.eval.evaluate import completion_text, evaluate
 from mlora_cli.eval.passk import mean_pass_at_k, pass_at_k, passing_counts
+from mlora_cli.eval.request import EvalRequest
 from mlora_cli.model.base import build_builtin
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.spec.load import load_task_suite

@@ -39,9 +39,7 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +47,7 @@ from typing import Any
 import yaml
 
 from mlora_cli.bench.fusion import fusion_efficiency
+from mlora_cli.bench.processes import run_processes, timed
 from mlora_cli.spec.schema import SweepSpec
 from mlora_cli.spec.sweep import AdapterSpec
 
@@ -59,27 +58,11 @@ EXACT_MATCH_TOLERANCE = 0.05  # absolute (5 points), per task
 REWARD_TOLERANCE = 0.05  # absolute, per task (rewards of the builtins lie in [0, 1])
 
 
-class ModeFailed(Exception):
-    """A bench mode's process exited non-zero; the message names its log."""
-
-
-def _timed(command: list[str], log: Path) -> tuple[float, float]:
-    """Run `command` to completion; (wall seconds, peak RSS MiB of that process)."""
-    start = time.perf_counter()
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
-        _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise ModeFailed(f"{' '.join(command[:4])} ... failed; see {log}")
-    return wall, usage.ru_maxrss / 1024
-
-
 def run_mlora(sweep: Path, overrides: list[str], out: Path, label: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "mlora_cli", "run", str(sweep), *overrides, f"output_dir={out.resolve()}",
                "--no-plots"]
-    wall, rss = _timed(command, out / f"{label}.log")
+    wall, rss = timed(command, out / f"{label}.log")
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
     results = json.loads((run_dir / "results.json").read_text())
     adapters = results["adapters"]
@@ -128,35 +111,8 @@ def _mean_final(mode: dict[str, Any], metric: str) -> float | None:
 
 def run_sequential(resolved_sweep: Path, data_dir: Path, adapters: list[AdapterSpec], out: Path,
                    progress: Callable[[str], None]) -> dict[str, Any]:
-    return run_processes("sequential", "mlora_cli.bench.baseline", resolved_sweep, data_dir, adapters, out, progress)
-
-
-def run_processes(mode: str, module: str, resolved_sweep: Path, data_dir: Path, adapters: list[AdapterSpec],
-                  out: Path, progress: Callable[[str], None]) -> dict[str, Any]:
-    """One `python -m MODULE SWEEP ADAPTER OUT.json DATA_DIR` process per adapter, one after another."""
-    out.mkdir(parents=True, exist_ok=True)
-    walls, rss, results = [], [], {}
-    start = time.perf_counter()
-    for adapter in adapters:
-        progress(f"{mode}: {adapter.name}")
-        result_file = out / f"{adapter.name}.json"
-        command = [sys.executable, "-m", module, str(resolved_sweep), adapter.name, str(result_file), str(data_dir)]
-        wall, peak = _timed(command, out / f"{adapter.name}.log")
-        walls.append(wall)
-        rss.append(peak)
-        results[adapter.name] = json.loads(result_file.read_text())
-    return {
-        "mode": mode,
-        "wall_seconds": time.perf_counter() - start,
-        "peak_rss_mib": max(rss),
-        "experiments": len(adapters),
-        "experiment_seconds": walls,
-        "train_tokens": sum(r["train_tokens"] for r in results.values()),
-        "eval_seconds": sum(r["eval_seconds"] for r in results.values()),
-        "final": {name: r["final"] for name, r in results.items()},
-        "early_losses": {name: r.get("train_losses", [])[:EARLY_STEPS] for name, r in results.items()},
-        "rl_rewards": {name: r["rl_rewards"] for name, r in results.items() if r.get("rl_rewards")},
-    }
+    return run_processes("sequential", "mlora_cli.bench.baseline", resolved_sweep, data_dir, adapters, out, progress,
+                         EARLY_STEPS)
 
 
 def summarize(mode: dict[str, Any], sequential: dict[str, Any] | None) -> dict[str, Any]:

@@ -57,7 +57,8 @@ def _fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: P
 
     from mlora_cli.data.batches import TokenizedTask, tokenize_task
     from mlora_cli.data.sources import load_task
-    from mlora_cli.eval.evaluate import EvalRequest, evaluate
+    from mlora_cli.eval.evaluate import evaluate
+    from mlora_cli.eval.request import EvalRequest
     from mlora_cli.model.base import load_base
     from mlora_cli.model.engine import MultiLoraModel
     from mlora_cli.train.step import StepInput, fused_step

@@ -241,7 +241,7 @@ def main(sweep_file: str, adapter_name: str, out_file: str, data_dir: str | None
 def run_trl(resolved_sweep: Path, data_dir: Path, adapters: list[AdapterSpec], out: Path,
             progress: Callable[[str], None]) -> dict[str, Any]:
     """One `python -m mlora_cli.bench.trl_grpo` process per adapter, one after another (the trl mode of the bench)."""
-    from mlora_cli.bench.bench import run_processes
+    from mlora_cli.bench.processes import run_processes
 
     spec, _ = load_resolved_sweep(resolved_sweep, data_dir)
     problems = unsupported(spec, adapters)

@@ -29,15 +29,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
 from mlora_cli.data.batches import Row, TokenizedTask, collate, token_losses
+from mlora_cli.eval.request import EvalRequest
 from mlora_cli.model.engine import MultiLoraModel
-
-if TYPE_CHECKING:  # evaluate imports this module; the request type is only named here
-    from mlora_cli.eval.evaluate import EvalRequest
 
 # (summed log-likelihood, tokens) of one choice; keyed by (task index, example index, choice index).
 Likelihood = tuple[float, int]

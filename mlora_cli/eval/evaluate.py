@@ -27,7 +27,6 @@ import itertools
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -36,6 +35,7 @@ from mlora_cli.data.batches import Row, TokenizedTask, collate, token_losses
 from mlora_cli.errors import ConfigError
 from mlora_cli.eval.choices import choice_accuracy
 from mlora_cli.eval.passk import sample_seeds, task_pass_at_k
+from mlora_cli.eval.request import EvalRequest
 from mlora_cli.model.base import cache_argument, model_cache
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.spec.schema import EvalConfig
@@ -45,14 +45,6 @@ from mlora_cli.train.rollout import RolloutRequest, sample
 LOSS_METRICS = ("loss", "token_accuracy")
 # Scored in passes of their own (sampled completions; a row per choice), not in the teacher-forced and greedy passes.
 OWN_PASS_METRICS = ("pass_at_k", "choice_accuracy")
-
-
-@dataclass
-class EvalRequest:
-    key: str  # the adapter (or any label) the scores belong to
-    slot: int | None  # None: the base alone
-    tasks: Sequence[TokenizedTask]
-    seed: int = 0  # the adapter's seed: what pass_at_k's samples are drawn with (seeds.eval_sample)
 
 
 def _chunks(groups: list[list[Row]], batch_rows: int) -> list[list[list[Row]]]:

@@ -27,8 +27,9 @@ from mlora_cli.contract import ADAPTERS, RESOLVED_SWEEP, RESULTS, load_resolved_
 from mlora_cli.data.batches import TokenizedTask, tokenize_task
 from mlora_cli.data.sources import load_task
 from mlora_cli.errors import ConfigError
-from mlora_cli.eval.evaluate import EvalRequest, evaluate
+from mlora_cli.eval.evaluate import evaluate
 from mlora_cli.eval.metrics import add_cl_metrics
+from mlora_cli.eval.request import EvalRequest
 from mlora_cli.files import new_folder, read_json, write_json
 from mlora_cli.model.base import load_base
 from mlora_cli.model.engine import MultiLoraModel

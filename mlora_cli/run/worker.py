@@ -40,8 +40,9 @@ from mlora_cli.contract import (
 from mlora_cli.data.batches import BatchSampler, Row, TokenizedTask, check_formats, tokenize_task
 from mlora_cli.data.sources import TaskData
 from mlora_cli.errors import ConfigError, Interrupted, StorageError
-from mlora_cli.eval.evaluate import EvalRequest, evaluate
+from mlora_cli.eval.evaluate import evaluate
 from mlora_cli.eval.reeval import read_peft_adapter
+from mlora_cli.eval.request import EvalRequest
 from mlora_cli.files import write_json
 from mlora_cli.model.base import load_base
 from mlora_cli.model.engine import MultiLoraModel
