@@ -102,7 +102,7 @@ class SeededGumbelNoise(LogitsProcessor):
     def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device):
         self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         self.temperature = torch.full((len(seeds), 1), temperature, device=device)
-        self.top_p = torch.full((len(seeds),), top_p, device=device)
+        self.top_p = torch.full((len(seeds),), top_p, device=device) if top_p < 1.0 else None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         # Finished rows draw too (generate keeps them in the batch); their draws are never used.

@@ -44,9 +44,10 @@ class Rollout:
     truncated: list[bool]  # cut at max_new_tokens without ending
 
 
-def _top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Per row, -inf outside the smallest set of tokens whose probability reaches the row's top_p."""
-    if bool((top_p >= 1.0).all()):
+def _top_p_filter(logits: torch.Tensor, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Per row, -inf outside the smallest set of tokens whose probability reaches the row's top_p (None: no
+    row filters; the caller knows from its host numbers, so no per-token read of a device tensor)."""
+    if top_p is None:
         return logits
     ordered, order = logits.sort(dim=-1, descending=True)
     probs = ordered.softmax(-1)
@@ -55,7 +56,7 @@ def _top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
 
 
-def perturbed_scores(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+def perturbed_scores(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor | None,
                      generators: list[torch.Generator]) -> torch.Tensor:
     """`logits / T` restricted to the top-p set, plus Gumbel noise: the argmax of each row is its sample.
 
@@ -86,7 +87,8 @@ def sample(engine: MultiLoraModel, requests: list[RolloutRequest], pad_id: int, 
     input_ids, mask = input_ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     temperature = torch.tensor([t for t, _, _ in per_row], device=device).unsqueeze(1)
-    top_p = torch.tensor([p for _, p, _ in per_row], device=device)
+    nucleus = any(p < 1.0 for _, p, _ in per_row)
+    top_p = torch.tensor([p for _, p, _ in per_row], device=device) if nucleus else None
     limit = [n for _, _, n in per_row]
     slot_of_row = [r.slot for r, n in zip(requests, counts) for _ in range(n)]
     cache_arg = cache_argument(engine.model)
@@ -107,7 +109,8 @@ def sample(engine: MultiLoraModel, requests: list[RolloutRequest], pad_id: int, 
         if len(keep) < len(active):  # finished rows leave the batch (and its KV cache) at once
             kept = on_device(keep, mask.device)
             cache.batch_select_indices(kept)
-            mask, step_positions, temperature, top_p = mask[kept], step_positions[kept], temperature[kept], top_p[kept]
+            mask, step_positions, temperature = mask[kept], step_positions[kept], temperature[kept]
+            top_p = top_p[kept] if top_p is not None else None
             active = [active[k] for k in keep]
         step_input = torch.tensor([[generated[i][-1]] for i in active], device=device)
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)

@@ -93,9 +93,8 @@ def _with_rl_losses(engine: MultiLoraModel, inputs: list[StepInput], counts: lis
             old = torch.zeros_like(log_probs)
             old[mask] = torch.tensor([v for row in part.old_log_probs for v in row], dtype=old.dtype).to(old.device)
         if part.record_log_probs:
-            lengths = mask.sum(1).tolist()
-            flat = log_probs.detach()[mask].tolist()
-            part.recorded_log_probs = [flat[sum(lengths[:r]):sum(lengths[:r + 1])] for r in range(len(lengths))]
+            per_row = log_probs.detach()[mask].split(mask.sum(1).tolist())
+            part.recorded_log_probs = [row.tolist() for row in per_row]
         losses[k] = adapter_loss(log_probs, mask, advantage, part.rl, base_log_probs.get(k), old)
     return torch.stack(losses)
 
