@@ -205,10 +205,13 @@ def eval_command(
         " needs the [lm-eval] extra)")] = None,
     harness_include: Annotated[Path | None, typer.Option(
         "--harness-include", help="a folder of harness task YAMLs (local tasks for --harness-tasks)")] = None,
+    harness_every_task: Annotated[bool, typer.Option(
+        "--harness-every-task", help="RUN_DIR: score the harness on every per-task checkpoint and the base, not only "
+        "the final one (the harness columns of R)")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate saved adapters: a run's per-task checkpoints, or any PEFT LoRA adapters, in batched passes."""
-    from mlora_cli.report.tables import adapters_eval_table, print_cl_report
+    from mlora_cli.report.tables import adapters_eval_table, harness_table, print_cl_report
     from mlora_cli.spec.load import load_task_suite
 
     problems = []
@@ -223,6 +226,8 @@ def eval_command(
         problems.append(f"--harness-include {harness_include}: no such folder")
     if harness_include is not None and harness_list is None:
         problems.append("--harness-include needs --harness-tasks")
+    if harness_every_task and (harness_list is None or run_dir is None):
+        problems.append("--harness-every-task needs RUN_DIR and --harness-tasks")
     if run_dir is not None and not run_dir.is_dir():
         problems.append(f"{run_dir}: no such run folder")
     for path in adapter or []:
@@ -235,7 +240,8 @@ def eval_command(
         from mlora_cli.eval import reeval
 
         if run_dir is not None:
-            out_dir, results = reeval.evaluate_run(run_dir, suite, device, harness_list, harness_include)
+            out_dir, results = reeval.evaluate_run(run_dir, suite, device, harness_list, harness_include,
+                                                   harness_every_task)
             from mlora_cli.report.outputs import write_reports
 
             for note in write_reports(out_dir, results):
@@ -243,13 +249,10 @@ def eval_command(
             if as_json:  # what it wrote to out_dir/results.json, and where
                 print_json({**results, "run": {**results["run"], "output_dir": str(out_dir)}})
             elif results["run"]["trained_tasks"] == results["run"]["tasks"]:
-                print_cl_report(console, results, matrices=matrix)
+                print_cl_report(console, results, matrices=matrix)  # the harness table among them
             else:  # other tasks than trained: no forgetting metrics, the final scores per task
                 console.print(adapters_eval_table(results))
-            if not as_json and harness_list:
-                from mlora_cli.eval.harness import harness_table
-
-                console.print(harness_table(results))
+                console.print(harness_table(results) or "")
             if not as_json:
                 say(f"evaluation written to {out_dir}")
         else:
@@ -262,9 +265,7 @@ def eval_command(
                 if suite is not None:
                     console.print(adapters_eval_table(results))
                 if harness_list:
-                    from mlora_cli.eval.harness import harness_table
-
-                    console.print(harness_table(results))
+                    console.print(harness_table(results) or "")
     except ConfigError as exc:
         fail(exc.problems, as_json)
 

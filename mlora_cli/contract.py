@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 from mlora_cli import PROCESS_START
 from mlora_cli.errors import ConfigError, unreadable
@@ -104,6 +104,10 @@ class TrialRecord(TypedDict):
 
 class _SearchedResult(TypedDict, total=False):
     trial: TrialRecord  # only in a sweep with sweep.search or sweep.prune
+    # only with eval.harness_tasks: {harness task: {metric: value}} after the last task ({} when not done), and
+    # one such row before training and after each task (the harness columns of R)
+    harness: Scores
+    harness_matrix: list[Scores]
 
 
 class AdapterResult(_SearchedResult):
@@ -129,11 +133,15 @@ class AdapterResult(_SearchedResult):
 def adapter_result(
     adapter: AdapterSpec, task_names: list[str], *, evals: list[Scores], curve: list[dict[str, Any]], steps: int,
     train_tokens: int, train_seconds: float, eval_seconds: float, failure: str | None,
-    finished_after_s: float | None = None, pruned: bool = False,
+    finished_after_s: float | None = None, pruned: bool = False, harness: list[Scores] | None = None,
 ) -> AdapterResult:
-    """The results.json entry of an adapter that ran `steps` steps; `evals[i]` is the matrix row after i tasks."""
+    """The results.json entry of an adapter that ran `steps` steps; `evals[i]` is the matrix row after i tasks, and
+    `harness[i]` its eval.harness_tasks scores (entries `harness_matrix`, and `harness` for the final row)."""
     final = evals[-1] if failure is None and not pruned and evals else {}
-    return {
+    extra: dict[str, Any] = {}
+    if harness:
+        extra = {"harness": harness[-1] if final else {}, "harness_matrix": harness}
+    return {**extra,
         "name": adapter.name,
         "seed": adapter.seed,
         "status": "failed" if failure else "pruned" if pruned else "done",
@@ -206,6 +214,7 @@ class Evaluated(TypedDict):
     adapter: str
     after_task: int
     scores: Scores
+    harness: NotRequired[Scores]  # with eval.harness_tasks: the row's harness columns
 
 
 class Resumed(TypedDict):

@@ -74,9 +74,14 @@ def test_bench_json_prints_the_report_it_writes(tmp_path: Path, monkeypatch: pyt
                                                                    "see concurrent.log"]}
 
 
-def test_shell_completion_is_typers() -> None:
+def test_shell_completion_is_typers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import typer.completion
+
     assert "--install-completion" in mlora("--help").output
-    script = CliRunner().invoke(app, ["--show-completion", "bash"], prog_name="mlora")
+    # typer's --show-completion is a flag that detects the shell running the process (sh under some CI runners and
+    # background jobs, which it does not support): pin bash
+    monkeypatch.setattr(typer.completion, "_get_shell_name", lambda: "bash")
+    script = CliRunner().invoke(app, ["--show-completion"], prog_name="mlora")
     assert script.exit_code == 0 and "_MLORA_COMPLETE=complete_bash" in script.output
     # The entry point answers completion requests, under `python -m mlora_cli` too.
     env = {**os.environ, "_MLORA_COMPLETE": "complete_bash", "COMP_WORDS": "mlora exp", "COMP_CWORD": "1"}

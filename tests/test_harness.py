@@ -45,6 +45,15 @@ def write_tasks(folder: Path) -> Path:
     return folder
 
 
+def table_row(output: str, *cells: str) -> list[str]:
+    """The cells of the first table line holding all of `cells` (in order), or []."""
+    for line in output.splitlines():
+        found = [c.strip() for c in line.replace("│", "|").split("|") if c.strip()]
+        if all(cell in found for cell in cells):
+            return found
+    return []
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Any:
     """builtin:micro with slots 0 and 1 holding different nonzero B; a clean copy of the base for PEFT."""
@@ -118,7 +127,7 @@ def test_mlora_eval_adapters_writes_the_same_scores(setup: Any, tmp_path: Path) 
     assert document["run"]["harness_tasks"] == ["tiny_mc"]
     table = mlora("eval", "--base", "builtin:micro", "--adapter", tmp_path / "a", "--harness-tasks", "tiny_mc",
                   "--harness-include", tasks, columns=200)
-    assert table.exit_code == 0 and "tiny_mc acc" in table.output, table.output
+    assert table.exit_code == 0 and table_row(table.output, "a", "tiny_mc", "acc"), table.output
 
 
 def test_raw_answers_match_hflm_per_request(setup: Any) -> None:
@@ -157,7 +166,7 @@ def test_mlora_eval_writes_harness_columns(tmp_path: Path) -> None:
         assert "matrix" in adapter  # the task matrix is still there
     written = json.loads((Path(document["run"]["output_dir"]) / "results.json").read_text())
     table = mlora("eval", run_dir, "--harness-tasks", "tiny_mc", "--harness-include", tasks, columns=200)
-    assert table.exit_code == 0 and "tiny_mc acc" in table.output, table.output
+    assert table.exit_code == 0 and table_row(table.output, "tiny_mc", "acc"), table.output
     assert written["adapters"].keys() == document["adapters"].keys()
     assert all("harness" in a for a in written["adapters"].values())
 
@@ -175,3 +184,55 @@ def test_cli_option_errors_are_lines(tmp_path: Path) -> None:
     assert result.exit_code == 2
     for line in ("no such folder", "--harness-include needs --harness-tasks", "--adapter needs --base MODEL"):
         assert line in result.output, result.output
+
+
+@pytest.mark.slow
+def test_harness_columns_of_r_in_a_run(tmp_path: Path) -> None:
+    """eval.harness_tasks: every adapter scored at every row of R; row 0 is the base's, shared; the rows equal
+    `mlora eval RUN --harness-every-task` over the run's checkpoints; forgetting.csv and the report carry them."""
+    tasks = write_tasks(tmp_path / "harness")
+    sweep = micro_sweep(sweep={"grid": {"adapter.rank": [2, 4]}},
+                        eval={"metrics": ["loss"], "harness_tasks": ["tiny_mc", "tiny_gen"],
+                              "harness_include": "harness"})
+    result = mlora("run", write_sweep(tmp_path, sweep), "--no-plots", columns=200)
+    assert result.exit_code == 0, result.output
+    assert table_row(result.output, "r2", "tiny_mc", "acc"), result.output  # before, after and change
+    run_dir = next((tmp_path / "runs").iterdir())
+    written = json.loads((run_dir / "results.json").read_text())
+    entries = list(written["adapters"].values())
+    for entry in entries:
+        assert len(entry["harness_matrix"]) == 3  # before training, after each of the two tasks
+        assert entry["harness"] == entry["harness_matrix"][-1]
+        assert set(entry["harness"]) == {"tiny_mc", "tiny_gen"}
+    assert entries[0]["harness_matrix"][0] == entries[1]["harness_matrix"][0]  # the base, scored once
+    csv_lines = (run_dir / "forgetting.csv").read_text().splitlines()
+    assert any(",harness:tiny_mc,acc," in line for line in csv_lines)
+
+    again = mlora("eval", run_dir, "--harness-tasks", "tiny_mc,tiny_gen", "--harness-include", tasks,
+                  "--harness-every-task", "--json")
+    assert again.exit_code == 0, again.output
+    document = json.loads(again.stdout)
+    for name, entry in written["adapters"].items():
+        for row, row_again in zip(entry["harness_matrix"], document["adapters"][name]["harness_matrix"], strict=True):
+            for task, values in row.items():
+                assert values == pytest.approx(row_again[task], abs=1e-9)
+
+
+def test_harness_keys_are_checked_at_validate(tmp_path: Path) -> None:
+    sweep = micro_sweep(eval={"harness_include": "missing"})
+    result = mlora("validate", write_sweep(tmp_path, sweep), columns=300)
+    assert result.exit_code == 2
+    assert f"eval.harness_include: no such folder: {tmp_path / 'missing'}" in result.output
+    assert "eval.harness_include: names local harness tasks, but eval.harness_tasks is empty" in result.output
+    result = mlora("eval", tmp_path, "--harness-every-task")
+    assert result.exit_code == 2 and "--harness-every-task needs RUN_DIR and --harness-tasks" in result.output
+
+
+@pytest.mark.slow  # indexes the harness's builtin tasks (about 10 s)
+def test_an_unknown_harness_task_stops_the_run_with_one_line(tmp_path: Path) -> None:
+    write_tasks(tmp_path / "harness")
+    sweep = micro_sweep(eval={"metrics": ["loss"], "harness_tasks": ["tiny_mc", "nope"], "harness_include": "harness"})
+    result = mlora("run", write_sweep(tmp_path, sweep), "--no-plots", columns=300)
+    assert result.exit_code == 2
+    assert (f"eval.harness_tasks: unknown task 'nope' (neither a harness task nor under {tmp_path / 'harness'})"
+            in result.output)

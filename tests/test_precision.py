@@ -112,3 +112,48 @@ def test_the_gpu_path_of_a_step_reads_nothing_back(monkeypatch: pytest.MonkeyPat
     monkeypatch.undo()
     unexpected = sorted(set(read for read in reads if read not in HOST_TENSOR_READS))
     assert not unexpected, "\n".join(f"{f}: {line}" for f, line in unexpected)
+
+
+def test_the_masked_update_is_a_fixed_number_of_ops_whatever_the_layers() -> None:
+    """Finding 4 of the GPU review: the masked AdamW (the GPU's) runs over flat buffers, so a step's optimizer,
+    gradient norms and zero_grad dispatch the same ops for 1 targeted projection as for all seven (before: ~20 per
+    stacked tensor). Counted with a dispatch mode on the CPU emulation of the GPU path."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mlora_cli.model.base import build_builtin
+    from mlora_cli.model.engine import MultiLoraModel
+    from mlora_cli.spec.schema import AdapterConfig
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    for targets in (("q_proj",), ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
+        model, _ = build_builtin("builtin:micro")
+        engine = MultiLoraModel(model, targets, 2, 4)
+        engine.routing.per_adapter = False
+        engine.optimizer.per_slot_fused = False
+        for slot in range(2):
+            engine.load_slot(slot, AdapterConfig(rank=4, target_modules=targets), max_grad_norm=1.0, seed=slot)
+        ids, mask = batch(4, seed=0)
+        for _ in range(2):  # the second step is the one counted: lazily built state is not the step
+            engine.zero_grad()
+            with engine.routed([0, 1], [2, 2]):
+                loss_of(engine.model(input_ids=ids, attention_mask=mask).logits, ids, mask).backward()
+            with Count() as count:
+                norms = engine.grad_norms([0, 1])
+                engine.optimizer.step(torch.tensor([True, True]), torch.tensor([1e-3, 2e-3], dtype=torch.float64),
+                                      norms)
+                engine.zero_grad()
+        assert engine.optimizer.flat is not None
+        storage = engine.optimizer.flat.grads.untyped_storage().data_ptr()
+        assert all(p.grad is not None and p.grad.untyped_storage().data_ptr() == storage
+                   for p in engine.optimizer.params)  # the gradients are views of the flat buffer
+        counts[len(targets)] = count.ops
+    assert counts[1] == counts[7] and counts[7] < 80, counts  # per stacked tensor (before): 189 and 1185

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlora_cli.contract import load_resolved_sweep
 from mlora_cli.errors import ConfigError
+from mlora_cli.spec.formats import CONVERSATIONS
 from mlora_cli.spec.schema import SweepSpec
 from mlora_cli.spec.sweep import AdapterSpec, expand
 
@@ -54,6 +55,9 @@ def unsupported(spec: SweepSpec, adapters: Sequence[AdapterSpec]) -> list[str]:
     others = [a.name for a in adapters if a.adapter.strategy != "naive" or a.adapter.dropout > 0]
     if others:
         problems.append(f"sweep: the trl bench mode runs naive GRPO without dropout; not: {', '.join(others)}")
+    # TRL's prompt-completion data learns the last reply only; mlora also learns a conversation's earlier turns.
+    problems += [f"tasks[{i}].format: the trl bench mode takes plain, chat and alpaca tasks, not {task.format}"
+                 for i, task in enumerate(spec.tasks) if task.format in CONVERSATIONS]
     return problems
 
 

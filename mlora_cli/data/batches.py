@@ -3,12 +3,15 @@
 Every example is `prompt ids + completion ids + eos`; only the completion and eos carry
 loss. An eval example with choices also carries one such row per choice (`Row.choices`).
 A `format: chat` task's prompt is first wrapped as one user turn by the tokenizer's chat template
-(with the assistant header, `add_generation_prompt`), so the completion is the assistant's reply.
+(with the assistant header, `add_generation_prompt`), so the completion is the assistant's reply. A conversation
+(`messages`, `sharegpt`) is rendered whole up to its last reply the same way; in training rows its earlier
+assistant turns carry loss too (`Row.trained`), each turn's tokens found by rendering the conversation up to it.
 Batches are padded to their own longest row, never to `max_seq_len`.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ import torch
 from mlora_cli import seeds
 from mlora_cli.data.sources import Example, TaskData
 from mlora_cli.errors import ConfigError
+from mlora_cli.spec.formats import TEMPLATED
 from mlora_cli.spec.schema import TaskConfig
 
 IGNORE = -100
@@ -33,6 +37,9 @@ class Row:
     # Eval rows of a task with choices: one row per choice, each tokenized as a training row whose completion is
     # that choice (choice_accuracy scores them); () otherwise.
     choices: tuple[Row, ...] = ()
+    # Training rows of a conversation: the [start, end) spans of earlier assistant turns, inside the prompt, that
+    # carry loss besides the completion; () otherwise (eval rows score the reply only).
+    trained: tuple[tuple[int, int], ...] = ()
 
     @property
     def tokens(self) -> int:
@@ -48,54 +55,96 @@ class TokenizedTask:
 
 
 def check_formats(tasks: Sequence[TaskConfig], tokenizer: Any, model_name: str) -> None:
-    """ConfigError for every `format: chat` task when the tokenizer has no chat template (known at worker start)."""
+    """ConfigError for every task whose format renders through a chat template (chat, messages, sharegpt) when the
+    tokenizer has none (known at worker start)."""
     if getattr(tokenizer, "chat_template", None):
         return
-    problems = [f"tasks[{i}].format: chat needs a chat template, and the tokenizer of {model_name} has none "
-                "(use format: plain, or model.tokenizer: one with a template)"
-                for i, task in enumerate(tasks) if task.format == "chat"]
+    problems = [f"tasks[{i}].format: {task.format} needs a chat template, and the tokenizer of {model_name} has none "
+                + ("(use format: plain, or model.tokenizer: one with a template)" if task.format == "chat" else
+                   "(set model.tokenizer: one with a template)")
+                for i, task in enumerate(tasks) if task.format in TEMPLATED]
     if problems:
         raise ConfigError(problems)
 
 
-def prompt_ids(prompt: str, tokenizer: Any, format: str) -> list[int]:
-    if format == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("format: chat needs a tokenizer with a chat template")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False)
-        # The template already wrote any special tokens (bos, turn markers): add none again.
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+def prompt_ids(example: Example, tokenizer: Any, format: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """The example's prompt tokens, and the [start, end) token spans in them of earlier assistant turns (which carry
+    loss in training: a conversation's every assistant turn is learned, not only the reply)."""
+    if format not in TEMPLATED:
+        return tokenizer(example.prompt, add_special_tokens=True)["input_ids"], []
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"format: {format} needs a tokenizer with a chat template")
+    turns = example.history or (("user", example.prompt),)
+    text = _render(tokenizer, turns, generation=True)
+    cuts = [0]  # character offsets: text[cuts[0]:cuts[1]] untrained, text[cuts[1]:cuts[2]] an assistant turn, ...
+    for index, (role, _) in enumerate(turns):
+        if role != "assistant":
+            continue
+        before, through = _render(tokenizer, turns[:index], generation=True), _render(tokenizer, turns[: index + 1])
+        if not (through.startswith(before) and text.startswith(through) and len(before) >= cuts[-1]):
+            raise ValueError(f"turn {index}: the chat template renders the conversation up to this assistant turn "
+                             "differently once later turns follow, so its tokens cannot be marked for loss")
+        # Trailing whitespace after the end-of-turn marker is layout, not the reply: it carries no loss.
+        cuts += [len(before), len(before) + len(through[len(before) :].rstrip())]
+    cuts.append(len(text))
+    ids: list[int] = []
+    spans: list[tuple[int, int]] = []
+    for piece, (start, end) in enumerate(itertools.pairwise(cuts)):
+        # Each piece is tokenized on its own, as the prompt and the completion are: a token never straddles the
+        # edge of a trained span. The template already wrote any special tokens (bos, turn markers).
+        tokens = tokenizer(text[start:end], add_special_tokens=False)["input_ids"] if end > start else []
+        if piece % 2:
+            spans.append((len(ids), len(ids) + len(tokens)))
+        ids += tokens
+    return ids, spans
+
+
+def _render(tokenizer: Any, turns: Sequence[tuple[str, str]], generation: bool = False) -> str:
+    messages = [{"role": role, "content": content} for role, content in turns]
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=generation, tokenize=False)
+    except Exception as exc:  # a template's own raise_exception (roles must alternate, ...), a jinja error
+        raise ValueError(f"the chat template refuses the conversation: {str(exc).strip().splitlines()[0]}") from None
 
 
 def tokenize_example(example: Example, tokenizer: Any, max_seq_len: int, format: str = "plain",
-                     with_choices: bool = False) -> Row:
-    """The example as a row; `with_choices`: with a row per choice (`Row.choices`), tokenized the same way."""
-    prompt = prompt_ids(example.prompt, tokenizer, format)
+                     with_choices: bool = False, trained_history: bool = False) -> Row:
+    """The example as a row; `with_choices`: with a row per choice (`Row.choices`), tokenized the same way;
+    `trained_history`: earlier assistant turns of a conversation carry loss too (training rows)."""
+    prompt, spans = prompt_ids(example, tokenizer, format)
     choices = tuple(_row(prompt, example.prompt, choice, tokenizer, max_seq_len)
                     for choice in (example.choices if with_choices else ()))
-    return _row(prompt, example.prompt, example.completion, tokenizer, max_seq_len, choices)
+    return _row(prompt, example.prompt, example.completion, tokenizer, max_seq_len, choices,
+                spans if trained_history else [])
 
 
 def _row(prompt: list[int], prompt_text: str, completion_text: str, tokenizer: Any, max_seq_len: int,
-         choices: tuple[Row, ...] = ()) -> Row:
+         choices: tuple[Row, ...] = (), spans: Sequence[tuple[int, int]] = ()) -> Row:
     completion = tokenizer(completion_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     # Too long: keep the whole completion (the thing learned) and the end of the prompt.
     keep_prompt = max(1, max_seq_len - len(completion))
-    prompt = prompt[-keep_prompt:]
+    cut = max(0, len(prompt) - keep_prompt)
+    prompt = prompt[cut:]
     ids = (prompt + completion)[:max_seq_len]
+    trained = tuple((max(0, start - cut), end - cut) for start, end in spans if end - cut > max(0, start - cut))
     return Row(ids=tuple(ids), prompt_len=len(prompt), completion=completion_text, prompt=prompt_text,
-               choices=choices)
+               choices=choices, trained=trained)
 
 
 def tokenize_task(task: TaskData, tokenizer: Any, max_seq_len: int) -> TokenizedTask:
-    return TokenizedTask(
-        name=task.name,
-        train=tuple(tokenize_example(e, tokenizer, max_seq_len, task.format) for e in task.train),
-        eval=tuple(tokenize_example(e, tokenizer, max_seq_len, task.format, with_choices=True) for e in task.eval),
-        reward=task.reward,
-    )
+    """ConfigError (`tasks[i].format: ...`) for an example the chat template cannot render or mark."""
+
+    def rows(examples: Sequence[Example], split: str, **options: bool) -> tuple[Row, ...]:
+        tokenized = []
+        for number, example in enumerate(examples):
+            try:
+                tokenized.append(tokenize_example(example, tokenizer, max_seq_len, task.format, **options))
+            except ValueError as exc:
+                raise ConfigError([f"{task.path}.format: {split} example {number}: {exc}"]) from None
+        return tuple(tokenized)
+
+    return TokenizedTask(name=task.name, train=rows(task.train, "train", trained_history=True),
+                         eval=rows(task.eval, "eval", with_choices=True), reward=task.reward)
 
 
 class BatchSampler:
@@ -144,7 +193,7 @@ class Batch:
 
 
 def collate(rows: list[Row], pad_id: int, device: torch.device | str = "cpu") -> Batch:
-    """Right-pad rows to the longest one; labels only on completion tokens."""
+    """Right-pad rows to the longest one; labels only on completion tokens (and a row's `trained` spans)."""
     length = max(r.tokens for r in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -154,6 +203,8 @@ def collate(rows: list[Row], pad_id: int, device: torch.device | str = "cpu") ->
         input_ids[i, : row.tokens] = ids
         attention_mask[i, : row.tokens] = 1
         labels[i, row.prompt_len : row.tokens] = ids[row.prompt_len :]
+        for start, end in row.trained:
+            labels[i, start:end] = ids[start:end]
     return Batch(*(_to_device(t, device) for t in (input_ids, attention_mask, labels)))
 
 

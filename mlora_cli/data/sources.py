@@ -8,8 +8,9 @@ A task's `source` is one of:
 
 `spec.tasks.check_task` validates a task from file headers only (what `mlora validate` runs);
 `load_task` builds the examples (torch-free too; `datasets` is imported only to read files). Prompts carry no EOS: the
-tokenizer step appends it to the completion. A task with `choices` or `choices_field` gives every example its
-choices, each row checked to have its completion among them.
+tokenizer step appends it to the completion. A row becomes an example as its `format` says (`spec.formats`). A task
+with `choices` or `choices_field` gives every example its choices, each row checked to have its completion among
+them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 from mlora_cli import seeds
 from mlora_cli.errors import ConfigError
+from mlora_cli.spec.formats import messages_field, row_example
 from mlora_cli.spec.schema import TaskConfig
 from mlora_cli.spec.tasks import (
     BUILTIN_GENERATORS,
@@ -33,9 +35,11 @@ from mlora_cli.spec.tasks import (
     choices_key,
     example_choices,
     first_line,
+    missing_fields,
     read_fields,
     resolve_path,
     resolve_reward_path,
+    source_fields,
 )
 
 # One alphabet for every letter task: tasks then differ only in their rule and prefix, which
@@ -48,6 +52,9 @@ class Example:
     prompt: str
     completion: str
     choices: tuple[str, ...] = ()  # task.choices or the row's choices_field (choice_accuracy); () for none
+    # messages / sharegpt: the conversation before the reply, as (role, content) turns; the prompt is then its last
+    # user turn's text. () for the other formats.
+    history: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class TaskData:
     eval: tuple[Example, ...]
     format: str = "plain"  # task.format: how data.tokenize_example turns a prompt into tokens
     reward: str = "exact_match"  # task.reward, a python: path made absolute
+    path: str = "task"  # the task's key in the sweep ("tasks[1]"), for messages about its data
 
 
 # ---------------------------------------------------------------------------------------
@@ -145,31 +153,33 @@ def _load_dataset(task: TaskConfig, source: str, key: str, base_dir: Path | None
 def _examples(dataset: Any, indices: list[int], task: TaskConfig, path: str, key: str) -> tuple[Example, ...]:
     """Rows `indices` of `dataset`, read from `task.<key>` ("source" or "eval_source"), as examples."""
     source = getattr(task, key)
-    for name, value in (("prompt_field", task.prompt_field), ("completion_field", task.completion_field)):
-        if value not in dataset.column_names:
-            raise ConfigError([f"{path}.{name}: '{value}' not in {source} (fields: {', '.join(dataset.column_names)})"])
+    missing = missing_fields(task, path, source, list(dataset.column_names))
+    if missing:
+        raise ConfigError(missing)
     rows = dataset.select(indices)
-    prompts, completions = list(rows[task.prompt_field]), list(rows[task.completion_field])
-    for index, prompt, completion in zip(indices, prompts, completions, strict=True):
-        if prompt is None or completion is None:
-            field = task.prompt_field if prompt is None else task.completion_field
-            raise ConfigError([f"{path}.{key}: row {index} of {source} has no '{field}'"])
-    if task.choices is None and task.choices_field is None:
-        return tuple(Example(str(p), str(c)) for p, c in zip(prompts, completions, strict=True))
-    if task.choices_field is not None and task.choices_field not in dataset.column_names:
-        raise ConfigError([f"{path}.choices_field: '{task.choices_field}' not in {source} "
-                           f"(fields: {', '.join(dataset.column_names)})"])
-    fields = list(rows[task.choices_field]) if task.choices_field is not None else [None] * len(indices)
+    read = [column for _, column in source_fields(task)] + (["input"] if task.format == "alpaca" else [])
+    columns = {name: list(rows[name]) for name in read if name in dataset.column_names}
     examples = []
-    for index, prompt, completion, value in zip(indices, prompts, completions, fields, strict=True):
+    for position, index in enumerate(indices):
+        row = {name: values[position] for name, values in columns.items()}
         try:
-            choices = example_choices(task, {task.choices_field: value} if task.choices_field else {})
-            problem = choice_problem(str(completion), choices)
-        except ValueError as exc:
-            problem = f"'{task.choices_field}': {exc}"
-        if problem:  # row: its index in the source (for a CSV or JSONL file, the data row's position from 0)
-            raise ConfigError([f"{path}.{choices_key(task)}: row {index} of {source}: {problem}"])
-        examples.append(Example(str(prompt), str(completion), choices))
+            prompt, completion, history = row_example(task.format, row, task.prompt_field, task.completion_field,
+                                                      task.messages_field)
+        except KeyError as exc:
+            raise ConfigError([f"{path}.{key}: row {index} of {source} has no '{exc.args[0]}'"]) from None
+        except ValueError as exc:  # row: its index in the source (for a JSONL or CSV file, its data row from 0)
+            field = messages_field(task.format, task.messages_field)
+            raise ConfigError([f"{path}.{key}: row {index} of {source}: '{field}': {exc}"]) from None
+        choices: tuple[str, ...] = ()
+        if task.choices is not None or task.choices_field is not None:
+            try:
+                choices = example_choices(task, row)
+                problem = choice_problem(completion, choices)
+            except ValueError as exc:
+                problem = f"'{task.choices_field}': {exc}"
+            if problem:
+                raise ConfigError([f"{path}.{choices_key(task)}: row {index} of {source}: {problem}"])
+        examples.append(Example(prompt, completion, choices, history))
     return tuple(examples)
 
 
@@ -211,4 +221,4 @@ def load_task(task: TaskConfig, seed: int, base_dir: Path | None, *, path: str =
         raise ConfigError(problems)
     scheme, _, rest = task.source.partition(":")
     data = _load_builtin(task, rest, seed) if scheme == "builtin" else _load_rows(task, seed, base_dir, path)
-    return dataclasses.replace(data, format=task.format, reward=resolve_reward_path(task.reward, base_dir))
+    return dataclasses.replace(data, format=task.format, reward=resolve_reward_path(task.reward, base_dir), path=path)

@@ -17,7 +17,6 @@ tasks.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -174,9 +173,10 @@ class AdapterLM(TemplateLM):
         return [self.fused.generations[(c, json.dumps(k, sort_keys=True, default=str))][self.index] for c, k in args]
 
 
-def task_manager(tasks: Sequence[str], include: Path | None = None) -> Any:
+def task_manager(tasks: Sequence[str], include: Path | None = None, key: str = "--harness-tasks") -> Any:
     """The harness's TaskManager for `tasks`: only the local folder when it holds them all (indexing the harness's
-    thousands of builtin tasks takes seconds), else the builtin tasks too; ConfigError naming each unknown task."""
+    thousands of builtin tasks takes seconds), else the builtin tasks too; ConfigError naming each unknown task (as
+    `key`, the option or sweep key that named it)."""
     from lm_eval.tasks import TaskManager
 
     if include is not None:
@@ -186,8 +186,9 @@ def task_manager(tasks: Sequence[str], include: Path | None = None) -> Any:
     manager = TaskManager(include_path=str(include) if include else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        where = f"neither a harness task nor under {include}" if include else "a local task needs --harness-include"
-        raise ConfigError([f"--harness-tasks: unknown task {t!r} ({where})" for t in unknown])
+        include_key = "eval.harness_include" if key.startswith("eval.") else "--harness-include"
+        where = f"neither a harness task nor under {include}" if include else f"a local task needs {include_key}"
+        raise ConfigError([f"{key}: unknown task {t!r} ({where})" for t in unknown])
     return manager
 
 
@@ -205,25 +206,9 @@ def run_tasks(lm: Any, tasks: Sequence[str], manager: Any, limit: int | None = N
 
 
 def evaluate_slots(engine: MultiLoraModel, slots: Sequence[int], labels: Sequence[str], tokenizer: Any,
-                   tasks: Sequence[str], manager: Any, batch_size: int = 32,
-                   max_length: int = 2048) -> dict[str, dict[str, dict[str, float]]]:
-    """{label: {harness task: {metric: value}}} for the adapters already in `slots`, all scored together."""
+                   tasks: Sequence[str], manager: Any, batch_size: int = 32, max_length: int = 2048,
+                   limit: int | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """{label: {harness task: {metric: value}}} for the adapters already in `slots`, all scored together (`limit`:
+    the first examples of each task only)."""
     fused = FusedHarness(engine, slots, tokenizer, batch_size, max_length)
-    return {label: run_tasks(view, tasks, manager) for label, view in zip(labels, fused.views())}
-
-
-def harness_table(results: dict[str, Any]) -> Any:
-    """A rich table: one row per adapter, one column per (harness task, metric)."""
-    from rich.table import Table
-
-    columns = sorted({(task, metric) for a in results["adapters"].values() for task, metrics in
-                      a.get("harness", {}).items() for metric in metrics})
-    table = Table(title="lm-evaluation-harness")
-    table.add_column("adapter")
-    for task, metric in columns:
-        table.add_column(f"{task} {metric}", justify="right")
-    for name, adapter in results["adapters"].items():
-        found = adapter.get("harness", {})
-        values = [found.get(task, {}).get(metric, math.nan) for task, metric in columns]
-        table.add_row(name, *(f"{v:.4f}" for v in values))
-    return table
+    return {label: run_tasks(view, tasks, manager, limit) for label, view in zip(labels, fused.views())}

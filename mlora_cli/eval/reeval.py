@@ -8,7 +8,8 @@ Two uses:
 Every checkpoint gets a slot of one engine over one copy of the base, and each task is
 evaluated for all of them at once. With `harness_tasks`, the same engine also answers
 lm-evaluation-harness tasks for every adapter's final checkpoint (eval.harness, the `[lm-eval]`
-extra), all adapters in shared passes; scores go under each adapter's `harness` key.
+extra), or for every checkpoint and the base, all adapters in shared passes; scores go under each adapter's
+`harness` key (and `harness_matrix`, one row per checkpoint, as R's rows).
 """
 
 from __future__ import annotations
@@ -182,11 +183,21 @@ def evaluate_adapters(
                                           **({"harness_tasks": harness_tasks} if harness_tasks else {})}}
 
 
+def harness_entry(harness: dict[str, dict[str, dict[str, float]]], name: str, checkpoints: list[str],
+                  every_task: bool) -> dict[str, Any]:
+    """An adapter's `harness` (its final checkpoint's scores) and, with every checkpoint scored, `harness_matrix`."""
+    if not every_task:
+        return {"harness": harness[f"{name}/{checkpoints[-1]}"]}
+    rows = [harness["before"]] + [harness[f"{name}/{checkpoint}"] for checkpoint in checkpoints]
+    return {"harness": rows[-1], "harness_matrix": rows}
+
+
 def evaluate_run(run_dir: Path, suite: TaskSuite | None = None, device: str = "cpu",
                  harness_tasks: list[str] | None = None, harness_include: Path | None = None,
-                 ) -> tuple[Path, dict[str, Any]]:
+                 harness_every_task: bool = False) -> tuple[Path, dict[str, Any]]:
     """Recompute every adapter's matrix from its per-task checkpoints into run_dir/evals/<time>/; with
-    `harness_tasks`, also each adapter's final checkpoint on those lm-evaluation-harness tasks."""
+    `harness_tasks`, also each adapter's final checkpoint on those lm-evaluation-harness tasks, or with
+    `harness_every_task` every checkpoint and the base (each adapter's `harness_matrix`: the harness columns of R)."""
     problems = [f"{run_dir}: missing {name}" for name in (RESOLVED_SWEEP, ADAPTERS, RESULTS)
                 if not (run_dir / name).is_file()]
     if problems:
@@ -222,11 +233,13 @@ def evaluate_run(run_dir: Path, suite: TaskSuite | None = None, device: str = "c
     engine = build_engine(base, saved)
     scores, seconds = score_checkpoints(base, saved, task_sets, suite, base_requests, engine)
     harness: dict[str, dict[str, dict[str, float]]] = {}
-    if harness_tasks:  # the final checkpoint of each adapter (the last of its per-task ones)
+    if harness_tasks:  # the final checkpoint of each adapter (the last of its per-task ones), or every one
         final_labels = {f"{name}/{rows[-1]}" for name, rows in rows_of.items() if rows}
-        finals = [s for s in saved if s.label in final_labels]
-        by_name = harness_scores(base, engine, finals, harness_tasks, harness_include, suite.eval.batch_size)
-        harness = {label.rpartition("/")[0]: value for label, value in by_name.items()}
+        chosen = saved if harness_every_task else [s for s in saved if s.label in final_labels]
+        if harness_every_task:  # row 0: the base, as a checkpoint whose B is zero
+            zeroed = {k: torch.zeros_like(w) if ".lora_B." in k else w for k, w in saved[0].weights.items()}
+            chosen = [SavedAdapter("before", saved[0].path, saved[0].config, zeroed), *chosen]
+        harness = harness_scores(base, engine, chosen, harness_tasks, harness_include, suite.eval.batch_size)
 
     task_names = [t.name for t in suite.tasks]
     adapters = {}
@@ -244,7 +257,8 @@ def evaluate_run(run_dir: Path, suite: TaskSuite | None = None, device: str = "c
             "final": final,
             "final_mean": mean_over_tasks(final),
             "matrix": matrix_of(rows, task_names),
-            **({"harness": harness[adapter["name"]]} if harness_tasks else {}),
+            **(harness_entry(harness, adapter["name"], rows_of[adapter["name"]], harness_every_task)
+               if harness_tasks else {}),
         }
     results = {
         "adapters": adapters,

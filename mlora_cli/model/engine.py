@@ -275,5 +275,4 @@ class MultiLoraModel:
         return self.optimizer.grad_norms(in_use)
 
     def zero_grad(self) -> None:
-        for p in self.optimizer.params:
-            p.grad = None
+        self.optimizer.zero_grad()

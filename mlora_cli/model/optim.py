@@ -9,14 +9,19 @@ in a step does not change at all: no weight-decay drift, no moment decay, no ste
 On the CPU each active slot goes through torch's fused AdamW kernel (one call per slot, on
 its own blocks of every parameter, which are contiguous and laid out as PEFT's): bit-
 identical to `clip_grad_norm_` + `AdamW(fused=True)` on the adapter alone, with no padding
-processed. On a GPU the update is a handful of masked tensor ops over the whole stacks,
-AdamW's formula op by op, whatever the number of slots (finding the active slots would be a
-host sync).
+processed. On a GPU the update is a handful of masked tensor ops, AdamW's formula op by op,
+whatever the number of slots (finding the active slots would be a host sync) and whatever the
+number of layers: there every parameter, gradient and moment is a view into one flat
+(S, total) buffer of its kind (`flatten`), parameter i owning columns [offset_i, offset_i + n_i)
+of every slot's row, so the update and the gradient norms run once over the buffers (~20
+kernels a step, not ~20 per stacked tensor). Gradients accumulate into their views in place
+(autograd adds into a gradient that exists), and `zero_grad` zeroes the buffer.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -46,6 +51,15 @@ class GradBlocks(NamedTuple):
 
     grads: list[torch.Tensor | None]  # the gradients it read (the step checks they are still these)
     by_slot: dict[int, tuple[list[int], list[torch.Tensor]]]  # slot -> (its parameters, its gradient blocks)
+
+
+class FlatBuffers(NamedTuple):
+    """The (S, total) buffers of the masked update (see the module doc); parameter i is columns of each."""
+
+    params: torch.Tensor
+    grads: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
 
 
 class SlotAdamW:
@@ -79,14 +93,62 @@ class SlotAdamW:
         self.beta2 = per_slot(0.999)
         self.eps = per_slot(1e-8)
         self.max_grad_norm = per_slot(math.inf)
-        # The update's form (see the module doc): fused kernel per slot, or masked over all slots.
-        self.per_slot_fused = device.type == "cpu"
+        # Set by `flatten` (the masked update's layout): the flat buffers the tensors above are views into.
+        self.flat: FlatBuffers | None = None
         # Views of a slot's blocks of the parameters and moments, made once per (slot, rank,
         # parameters) and reused (the tensors are only ever updated in place): views cost more
         # to make than the fused kernel takes on small adapters.
         self._state_views: dict[tuple[int, int, tuple[int, ...]], tuple[list[torch.Tensor], ...]] = {}
         # The gradient blocks `grad_norms` made, kept for the `step` that follows it.
         self._grad_blocks: GradBlocks | None = None
+        # The update's form (see the module doc): fused kernel per slot, or masked over all slots.
+        self.per_slot_fused = device.type == "cpu"
+
+    @property
+    def per_slot_fused(self) -> bool:
+        return self._per_slot_fused
+
+    @per_slot_fused.setter
+    def per_slot_fused(self, value: bool) -> None:
+        """True: the CPU's fused kernel per slot; False: the masked update over flat buffers (made now)."""
+        if value and self.flat is not None:
+            raise ValueError("the masked update's flat buffers are in place; the per-slot update needs its own engine")
+        self._per_slot_fused = value
+        if not value:
+            self.flatten()
+
+    def flatten(self) -> None:
+        """Make every parameter, its gradient and its moments views into flat (S, total) buffers (module doc)."""
+        if self.flat is not None:
+            return
+        # Autograd adds each gradient into its view in place, as wanted; its note that a view of a wider buffer is not
+        # a dense layout (so other gradients would be made contiguous) says nothing about this case.
+        warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+        sizes = [p[0].numel() for p in self.params]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        like = self.params[0]
+        buffers = [torch.zeros(self.num_slots, sum(sizes), dtype=like.dtype, device=like.device) for _ in range(4)]
+        self.flat = FlatBuffers(*buffers)
+        for i, (p, offset, size) in enumerate(zip(self.params, offsets, sizes)):
+            views = [buffer[:, offset : offset + size].view(p.shape) for buffer in buffers]
+            with torch.no_grad():
+                views[0].copy_(p)
+                views[2].copy_(self.exp_avg[i])
+                views[3].copy_(self.exp_avg_sq[i])
+                if p.grad is not None:
+                    views[1].copy_(p.grad)
+            p.data = views[0]  # the same Parameter object: the layers keep theirs
+            p.grad = views[1]
+            self.exp_avg[i], self.exp_avg_sq[i] = views[2], views[3]
+        self._state_views.clear()
+
+    def zero_grad(self) -> None:
+        """No gradients: dropped, or with flat buffers zeroed in place (their views are the gradients)."""
+        if self.flat is not None:
+            self.flat.grads.zero_()
+            return
+        for p in self.params:
+            p.grad = None
 
     def block(self, index: int, tensor: torch.Tensor, slot: int) -> torch.Tensor:
         """Slot `slot`'s block of parameter `index` (or of a tensor shaped like it), as PEFT lays it out."""
@@ -99,8 +161,9 @@ class SlotAdamW:
         return [self.layouts[i].entries(tensors[i], slot, rank) for i in indices]
 
     def _gradients(self) -> list[torch.Tensor | None]:
-        """The parameters' gradients, each made contiguous if it is not (blocks are views of rows)."""
-        for p in self.params:
+        """The parameters' gradients, each made contiguous if it is not (blocks are views of rows); flat buffers'
+        views are left as they are (their rows are contiguous, which is what a block needs)."""
+        for p in self.params if self.flat is None else ():
             if p.grad is not None and not p.grad.is_contiguous():
                 p.grad = p.grad.contiguous()
         return [p.grad for p in self.params]
@@ -177,6 +240,8 @@ class SlotAdamW:
         (the unused rest of every row is zero and adds nothing).
         """
         total = torch.zeros(self.num_slots, dtype=torch.float32, device=self.params[0].device)
+        if in_use is None and self.flat is not None:  # the unused rest of every row is zero and adds nothing
+            return self.flat.grads.float().pow(2).sum(1).sqrt()
         if in_use is None:
             for p in self.params:
                 if p.grad is not None:
@@ -227,15 +292,23 @@ class SlotAdamW:
         bias_correction2_sqrt = (1 - self.beta2**step).sqrt()
         step_size = lrs / bias_correction1
         decay = 1 - lrs * self.weight_decay
-        trainable = self.trainable() if any_frozen else [None] * len(self.params)
-        for p, m, v, unfrozen in zip(self.params, self.exp_avg, self.exp_avg_sq, trainable):
-            if p.grad is None:
+        trainable: list[torch.Tensor | None] = list(self.trainable()) if any_frozen else [None] * len(self.params)
+        stacks = [(p, p.grad, m, v, unfrozen) for p, m, v, unfrozen in
+                  zip(self.params, self.exp_avg, self.exp_avg_sq, trainable)]
+        if self.flat is not None:  # the whole update once over the flat buffers
+            flat_mask = None
+            if any_frozen:
+                flat_mask = torch.cat([mask.expand(p.shape).reshape(p.size(0), -1)
+                                       for p, mask in zip(self.params, trainable)], dim=1)
+            stacks = [(self.flat.params, self.flat.grads, self.flat.exp_avg, self.flat.exp_avg_sq, flat_mask)]
+        for p, p_grad, m, v, unfrozen in stacks:
+            if p_grad is None:
                 continue
 
             def col(t: torch.Tensor, like: torch.Tensor = p) -> torch.Tensor:
                 return t.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
-            grad = p.grad * col(clip)
+            grad = p_grad * col(clip)
             mask = col(active.float()).bool()
             if unfrozen is not None:
                 mask = mask & unfrozen

@@ -15,8 +15,8 @@ FORGETTING_CSV_FIELDS = ("adapter", "seed", "after_task", "eval_task", "metric",
 def forgetting_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Every R entry of every adapter in long format, one dict per (adapter, metric, after_task, eval_task).
 
-    after_task is 0 before training and i after the i-th task (1-based, the matrix row); eval_task is a task name.
-    A failed adapter contributes the rows it reached.
+    after_task is 0 before training and i after the i-th task (1-based, the matrix row); eval_task is a task name,
+    or `harness:TASK` for an eval.harness_tasks column. A failed adapter contributes the rows it reached.
     """
     task_names = results["run"]["tasks"]
     rows = []
@@ -26,6 +26,11 @@ def forgetting_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 for eval_task, value in zip(task_names, scores, strict=True):
                     rows.append({"adapter": name, "seed": entry.get("seed"), "after_task": after_task,
                                  "eval_task": eval_task, "metric": metric, "value": value})
+        for after_task, scores in enumerate(entry.get("harness_matrix", [])):
+            for task, values in sorted(scores.items()):
+                rows.extend({"adapter": name, "seed": entry.get("seed"), "after_task": after_task,
+                             "eval_task": f"harness:{task}", "metric": metric, "value": value}
+                            for metric, value in sorted(values.items()))
     return rows
 
 

@@ -335,6 +335,9 @@ def print_cl_report(console: Console, results: dict[str, Any], matrices: bool = 
         console.print(cl_table(results, metric, width))
         if seeds_repeat:
             console.print(cl_seed_table(results, metric, width))
+    harness = harness_table(results)
+    if harness is not None:
+        console.print(harness)
     if matrices:
         for entry in results["adapters"].values():
             for metric in ordered:
@@ -366,3 +369,23 @@ def adapters_eval_table(results: dict[str, Any], width: int | None = None) -> Gr
     return Group(*tables)
 
 
+def harness_table(results: dict[str, Any]) -> Table | None:
+    """lm-evaluation-harness scores, one line per (adapter, harness task, metric): the final value, and with
+    `harness_matrix` (eval.harness_tasks in a run) the value before training and the change; None without any."""
+    adapters = results["adapters"]
+    with_rows = any(len(entry.get("harness_matrix", [])) > 1 for entry in adapters.values())
+    table = Table(title="lm-evaluation-harness" + (" (general ability, before training -> after the last task)"
+                                                   if with_rows else ""))
+    for column in ("adapter", "harness task", "metric", *(("before", "after", "change") if with_rows else ("value",))):
+        table.add_column(column, justify="left" if column in ("adapter", "harness task", "metric") else "right")
+    for name, entry in adapters.items():
+        rows = entry.get("harness_matrix", [])
+        for task, values in sorted(entry.get("harness", {}).items()):
+            for metric, value in sorted(values.items()):
+                if not with_rows:
+                    table.add_row(name, task, metric, f"{value:.4f}")
+                    continue
+                before = rows[0].get(task, {}).get(metric) if rows else None
+                change = "" if before is None else f"{value - before:+.4f}"
+                table.add_row(name, task, metric, "" if before is None else f"{before:.4f}", f"{value:.4f}", change)
+    return table if table.row_count else None

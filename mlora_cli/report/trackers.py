@@ -2,9 +2,10 @@
 
 The launcher's event handler (the parent process, local workers or Ray alike) hands every event to
 `Trackers.record`. Each tracker keeps one run per adapter, grouped by the run folder's name, with the adapter's
-config as its hyperparameters; train/FIELD for every metrics.jsonl field at its step; eval/TASK/METRIC for each
-evaluation after a task; at the adapter's end cl/METRIC/{acc,bwt,...}, final/TASK/METRIC, final_mean/METRIC,
-curve/TASK/METRIC (with eval.every_steps) and the R heatmaps as images (docs/outputs.md has the table).
+config as its hyperparameters; train/FIELD for every metrics.jsonl field at its step; eval/TASK/METRIC (harness/TASK/
+METRIC too, with eval.harness_tasks) for each evaluation after a task; at the adapter's end cl/METRIC/{acc,bwt,...},
+final/TASK/METRIC, final_mean/METRIC, curve/TASK/METRIC (with eval.every_steps) and the R heatmaps as images
+(docs/outputs.md has the table).
 
 Run ids go to RUN/trackers.json, so `mlora run --resume` continues the same tracker runs. Each library is imported
 here only, in its tracker, behind its extra; a tracker that fails prints one warning line and stops; training goes on.
@@ -319,7 +320,8 @@ class Trackers:
             self.step[event["adapter"]] = self.resumed[event["adapter"]] = event["step"]
         elif kind == "eval":
             name = event["adapter"]
-            self.later(self.send, name, "eval", score_scalars("eval", event["scores"]), self.step.get(name, 0))
+            scalars = {**score_scalars("eval", event["scores"]), **score_scalars("harness", event.get("harness", {}))}
+            self.later(self.send, name, "eval", scalars, self.step.get(name, 0))
         elif kind == "adapter_done":
             self.later(self.adapter_done, event["adapter"], event["result"])
 

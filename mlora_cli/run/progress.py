@@ -28,6 +28,7 @@ class AdapterProgress:
     needs_curve_eval: bool = False  # mid-task (eval.every_steps)
     evals: list[dict[str, dict[str, float]]] = field(default_factory=list)  # row i: after i tasks
     curve: list[dict[str, Any]] = field(default_factory=list)  # every evaluation, by step
+    harness: list[dict[str, dict[str, float]]] = field(default_factory=list)  # eval.harness_tasks, rows as evals
     tokens: int = 0
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
@@ -37,7 +38,7 @@ class AdapterProgress:
 
     # Plain fields saved in a checkpoint (tensors and RNG states are added by run.state).
     SAVED = ("task_index", "step_in_task", "step", "needs_eval", "needs_curve_eval", "evals", "curve",
-             "tokens", "train_seconds", "eval_seconds", "rl_batch")
+             "tokens", "train_seconds", "eval_seconds", "rl_batch", "harness")
 
     @property
     def total_steps(self) -> int:

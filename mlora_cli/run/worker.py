@@ -14,16 +14,12 @@ Ctrl-C saves every active adapter's state at the end of the step it interrupts.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import signal
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -41,6 +37,7 @@ from mlora_cli.data.batches import BatchSampler, Row, TokenizedTask, check_forma
 from mlora_cli.data.sources import TaskData
 from mlora_cli.errors import ConfigError, Interrupted, StorageError
 from mlora_cli.eval.evaluate import evaluate
+from mlora_cli.eval.harness_rows import HarnessRows
 from mlora_cli.eval.reeval import read_peft_adapter
 from mlora_cli.eval.request import EvalRequest
 from mlora_cli.files import write_json
@@ -50,6 +47,7 @@ from mlora_cli.model.optim import lr_factor
 from mlora_cli.run import state
 from mlora_cli.run.progress import AdapterProgress, spend_rl_batch, step_failure
 from mlora_cli.run.search import Search, objective, uses_study
+from mlora_cli.run.signals import ctrl_c_between_steps
 from mlora_cli.spec.plan import WorkerPlan
 from mlora_cli.spec.schema import SweepSpec
 from mlora_cli.spec.space import measuring_steps
@@ -85,6 +83,8 @@ class Worker:
         num_slots, max_rank = engine_shape(configs, plan.slots, len(spec.tasks))
         self.engine = MultiLoraModel(self.base.model, targets, num_slots, max_rank, self.base.autocast)
         self.strategies = Strategies(self.engine, plan.slots)
+        # eval.harness_tasks: lm-evaluation-harness columns of R, scored for every due adapter together
+        self.harness = HarnessRows(spec.eval, self.base.model, self.tokenizer) if spec.eval.harness_tasks else None
         self.queue = deque(plan.adapters)
         self.free_slots = list(range(plan.slots))[::-1]
         self.active: list[AdapterProgress] = []
@@ -150,7 +150,7 @@ class Worker:
         entry = adapter_result(progress.spec, [t.name for t in self.spec.tasks], evals=progress.evals,
                                curve=progress.curve, steps=progress.step, train_tokens=progress.tokens,
                                train_seconds=progress.train_seconds, eval_seconds=progress.eval_seconds,
-                               failure=progress.failure, pruned=pruned is not None)
+                               failure=progress.failure, pruned=pruned is not None, harness=progress.harness)
         value = None
         if self.search is not None:  # its trial, recorded in the result; told to Optuna once the result is written
             final, last = entry["final"], len(self.spec.tasks) - 1
@@ -237,6 +237,7 @@ class Worker:
                                 p.spec.seed) for p in due]
         failures: dict[str, str] = {}
         scores, seconds = evaluate(self.engine, requests, self.spec.eval, self.tokenizer, failures)
+        harness, harness_seconds = self.harness_rows([p for p in due if p.needs_eval and p.spec.name not in failures])
         for progress in due:
             progress.eval_seconds += seconds / len(due)
             if progress.spec.name in failures:  # its reward failed: it stops, the others go on
@@ -253,10 +254,24 @@ class Worker:
             progress.needs_curve_eval = False
             pruned = self.judge(progress, scores[progress.spec.name])
             if boundary:
+                progress.eval_seconds += harness_seconds.get(progress.spec.name, 0.0)
+                if self.harness is not None:
+                    progress.harness.append(harness[progress.spec.name])
                 self.row_done(progress, scores[progress.spec.name])
             if pruned and progress in self.active:
                 self.finish(progress, pruned=pruned)  # its slot takes the next queued adapter, as after any finish
         return True
+
+    def harness_rows(self, due: list[AdapterProgress]) -> tuple[dict[str, dict], dict[str, float]]:
+        """The harness columns of the R rows now due ({} without eval.harness_tasks), and each adapter's share of
+        the seconds they took."""
+        if self.harness is None or not due:
+            return {}, {}
+        started = time.perf_counter()
+        rows = self.harness.score(self.engine, [(p.spec.name, p.slot, not p.step and p.spec.adapter.init_from is None)
+                                                for p in due])
+        share = (time.perf_counter() - started) / len(due)
+        return rows, {p.spec.name: share for p in due}
 
     def judge(self, progress: AdapterProgress, scores: dict[str, dict[str, float]]) -> dict | None:
         """At a measuring step, report the objective to the study; what pruned it, if its pruner says so."""
@@ -270,7 +285,8 @@ class Worker:
         progress.evals.append(scores)
         progress.needs_eval = False
         self.emit({"event": "eval", "worker": self.worker_id, "adapter": progress.spec.name,
-                   "after_task": progress.task_index, "scores": scores})
+                   "after_task": progress.task_index, "scores": scores,
+                   **({"harness": progress.harness[-1]} if progress.harness else {})})
         if progress.task_index and self.run_dir is not None:
             checkpoint = checkpoint_dir(self.run_dir, progress.spec.name, progress.task_index)
             self.engine.save_slot(progress.slot, progress.spec.adapter, checkpoint, self.spec.base_model)
@@ -368,35 +384,6 @@ def fisher_of(engine: MultiLoraModel, progress: AdapterProgress, finished: int, 
                for i in sampler.next(progress.spec.adapter.fisher_samples)]
     with torch.enable_grad():  # called from inside the strategies' no-grad bookkeeping
         return squared_gradients(engine, batches, pad_id)
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what schedulers and `timeout` send
-
-
-@contextlib.contextmanager
-def ctrl_c_between_steps(worker: Worker) -> Iterator[None]:
-    """Ctrl-C or SIGTERM only sets `worker.interrupted`, which the loop checks between steps.
-
-    A KeyboardInterrupt raised mid-step (weights stepped, counters not; a task evaluated,
-    its strategy bookkeeping not done; metrics not yet written) would be saved as a state
-    that resumes wrong. A second Ctrl-C stops at once, without saving; a repeated SIGTERM
-    (a scheduler may send it to every process, and the launcher forwards it too) does not.
-    """
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield
-        return
-
-    def on_stop(signum: int, frame: Any) -> None:
-        if worker.interrupted and signum == signal.SIGINT:
-            raise Interrupted(signum)
-        worker.interrupted = worker.interrupted or signum
-
-    previous = {signum: signal.signal(signum, on_stop) for signum in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def run(

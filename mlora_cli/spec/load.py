@@ -255,8 +255,9 @@ def check_init_from(spec: SweepSpec) -> list[str]:
     return problems
 
 
-def absolute_init_from(data: dict[str, Any], base_dir: Path) -> None:
-    """Relative `adapter.init_from` paths (in `adapter` and in sweep values) resolved against the sweep's folder.
+def absolute_paths(data: dict[str, Any], base_dir: Path) -> None:
+    """Relative `adapter.init_from` paths (in `adapter` and in sweep values) and `eval.harness_include` resolved
+    against the sweep's folder.
 
     In place, so the run folder's resolved sweep names the same folders wherever it is resumed from.
     """
@@ -265,6 +266,9 @@ def absolute_init_from(data: dict[str, Any], base_dir: Path) -> None:
             return str((base_dir / value).resolve())
         return str(Path(value).expanduser()) if isinstance(value, str) else value
 
+    evaluation = data.get("eval")
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("harness_include"), str):
+        evaluation["harness_include"] = absolute(evaluation["harness_include"])
     key = "adapter.init_from"
     adapter = data.get("adapter")
     if isinstance(adapter, dict) and "init_from" in adapter:
@@ -281,12 +285,25 @@ def absolute_init_from(data: dict[str, Any], base_dir: Path) -> None:
             entry[key] = absolute(entry[key])
 
 
+HARNESS_MISSING = "needs lm-evaluation-harness, which is not installed: pip install 'mlora-sweep[lm-eval]'"
+
+
 def check_eval(config: EvalConfig) -> list[str]:
-    """Problems between `eval` keys: pass@k draws its k tries from the n samples of each example."""
+    """Problems between `eval` keys: pass@k draws its k tries from the n samples of each example; harness tasks need
+    the harness installed and their include folder there (the task names are checked when the run starts)."""
+    import importlib.util
+
+    problems = []
     if config.samples < config.pass_k:
-        return [f"eval.samples: must be >= eval.pass_k (n samples per example to estimate pass@k from; "
-                f"got samples {config.samples} < pass_k {config.pass_k})"]
-    return []
+        problems.append(f"eval.samples: must be >= eval.pass_k (n samples per example to estimate pass@k from; "
+                        f"got samples {config.samples} < pass_k {config.pass_k})")
+    if config.harness_tasks and importlib.util.find_spec("lm_eval") is None:
+        problems.append(f"eval.harness_tasks: {HARNESS_MISSING}")
+    if config.harness_include is not None and not Path(config.harness_include).is_dir():
+        problems.append(f"eval.harness_include: no such folder: {config.harness_include}")
+    if config.harness_include is not None and not config.harness_tasks:
+        problems.append("eval.harness_include: names local harness tasks, but eval.harness_tasks is empty")
+    return problems
 
 
 def check_search(sweep: SweepConfig, config: EvalConfig) -> list[str]:
@@ -333,7 +350,7 @@ def load_sweep(path: str | Path, overrides: typing.Sequence[str] = ()) -> tuple[
     """Read, override, resolve and validate a sweep file. Returns (spec, resolved plain data)."""
     path = Path(path)
     data = resolve(read_yaml(path), overrides)
-    absolute_init_from(data, path.parent)
+    absolute_paths(data, path.parent)
     spec = parse_spec(data, base_dir=path.parent)
     return spec, data
 

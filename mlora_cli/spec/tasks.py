@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from mlora_cli.spec.convert import did_you_mean
+from mlora_cli.spec.formats import CONVERSATIONS, messages_field, required_fields, row_example
 from mlora_cli.spec.schema import TaskConfig
 
 SCHEMES = ("builtin", "jsonl", "csv", "parquet", "hf")
@@ -143,10 +144,14 @@ def example_choices(task: TaskConfig, row: dict[str, object]) -> tuple[str, ...]
     return parse_choices(value)
 
 
-def first_choice_mismatch(task: TaskConfig, scheme: str, path: Path) -> str | None:
-    """The first JSONL/CSV row whose choices cannot score it ("line 7: completion 'maybe' is not one of ..."), or
-    None; parquet and hf rows are checked when loaded (`data.sources`)."""
+def first_bad_example(task: TaskConfig, scheme: str, path: Path) -> tuple[str, str] | None:
+    """The first JSONL/CSV row that cannot be an example of `task`, as (task key, "line 7: ..."): a malformed
+    conversation (`source`), or choices that cannot score it; None when there is none. Parquet and hf rows are
+    checked when loaded (`data.sources`), and so is a row missing a field."""
     if scheme not in ("jsonl", "csv"):
+        return None
+    with_choices = task.choices is not None or task.choices_field is not None
+    if task.format not in CONVERSATIONS and not with_choices:
         return None
     with path.open(newline="", encoding="utf-8") as f:
         if scheme == "csv":
@@ -155,16 +160,35 @@ def first_choice_mismatch(task: TaskConfig, scheme: str, path: Path) -> str | No
         else:
             numbered = [(n, json.loads(line)) for n, line in enumerate(f, 1) if line.strip()]
     for number, row in numbered:
-        reference = row.get(task.completion_field)
-        if reference is None:
-            continue  # a row without a completion is reported when the task loads
         try:
-            problem = choice_problem(str(reference), example_choices(task, row))
+            _, reference, _ = row_example(task.format, row, task.prompt_field, task.completion_field,
+                                          task.messages_field)
+        except KeyError:
+            continue  # a row without a field is reported when the task loads
+        except ValueError as exc:
+            return "source", f"line {number}: '{messages_field(task.format, task.messages_field)}': {exc}"
+        if not with_choices:
+            continue
+        try:
+            problem = choice_problem(reference, example_choices(task, row))
         except ValueError as exc:
             problem = f"'{task.choices_field}': {exc}"
         if problem:
-            return f"line {number}: {problem}"
+            return choices_key(task), f"line {number}: {problem}"
     return None
+
+
+def source_fields(task: TaskConfig) -> list[tuple[str, str]]:
+    """(task key, column) pairs a source of `task` must have; a key of "format" names a field of the format."""
+    named = required_fields(task.format, task.prompt_field, task.completion_field, task.messages_field)
+    return named + ([("choices_field", task.choices_field)] if task.choices_field is not None else [])
+
+
+def missing_fields(task: TaskConfig, path: str, source: str, fields: list[str]) -> list[str]:
+    """One line per field `task` reads that `source` (whose columns are `fields`) lacks."""
+    return [f"{path}.{name}: " + (f"{task.format}: '{value}'" if name == "format" else f"'{value}'")
+            + f" not in {source} (fields: {', '.join(fields)})" for name, value in source_fields(task)
+            if value not in fields]
 
 
 def _unknown_source(source: str, key: str) -> str:
@@ -197,15 +221,11 @@ def _check_data_source(task: TaskConfig, source: str, key: str, path: str, base_
         return [f"{key}: cannot read {rest}: {first_line(exc)}"]
     if bad_row:
         return [f"{key}: {rest} {bad_row}"]
-    named = [("prompt_field", task.prompt_field), ("completion_field", task.completion_field)]
-    if task.choices_field is not None:
-        named.append(("choices_field", task.choices_field))
-    problems = [f"{path}.{name}: '{value}' not in {rest} (fields: {', '.join(fields)})"
-                for name, value in named if value not in fields]
-    if not problems and (task.choices is not None or task.choices_field is not None):
-        mismatch = first_choice_mismatch(task, scheme, file)
-        if mismatch:
-            problems.append(f"{path}.{choices_key(task)}: {rest} {mismatch}")
+    problems = missing_fields(task, path, rest, fields)
+    if not problems:
+        bad = first_bad_example(task, scheme, file)
+        if bad:
+            problems.append(f"{path}.{bad[0]}: {rest} {bad[1]}")
     return problems
 
 
@@ -219,6 +239,9 @@ def _check_builtin(task: TaskConfig, generator: str, path: str) -> list[str]:
     if task.choices is not None or task.choices_field is not None:
         problems.append(f"{path}.{choices_key(task)}: builtin tasks have open answers, not a set of choices; use a "
                         "jsonl, csv, parquet or hf source")
+    if task.format in ("alpaca", *CONVERSATIONS):
+        problems.append(f"{path}.format: builtin tasks are prompt and completion text (plain or chat); {task.format} "
+                        "reads its fields from a jsonl, csv, parquet or hf source")
     if task.prefix is not None and not all(" " <= c <= "~" for c in task.prefix):
         problems.append(f"{path}.prefix: use printable ASCII only (no tabs or newlines), got {task.prefix!r}")
     needed = task.train_examples + task.eval_examples
