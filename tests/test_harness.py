@@ -194,7 +194,7 @@ def test_harness_columns_of_r_in_a_run(tmp_path: Path) -> None:
     sweep = micro_sweep(sweep={"grid": {"adapter.rank": [2, 4]}},
                         eval={"metrics": ["loss"], "harness_tasks": ["tiny_mc", "tiny_gen"],
                               "harness_include": "harness"})
-    result = mlora("run", write_sweep(tmp_path, sweep), "--no-plots", columns=200)
+    result = mlora("run", write_sweep(tmp_path, sweep), columns=200)
     assert result.exit_code == 0, result.output
     assert table_row(result.output, "r2", "tiny_mc", "acc"), result.output  # before, after and change
     run_dir = next((tmp_path / "runs").iterdir())
@@ -207,6 +207,7 @@ def test_harness_columns_of_r_in_a_run(tmp_path: Path) -> None:
     assert entries[0]["harness_matrix"][0] == entries[1]["harness_matrix"][0]  # the base, scored once
     csv_lines = (run_dir / "forgetting.csv").read_text().splitlines()
     assert any(",harness:tiny_mc,acc," in line for line in csv_lines)
+    assert (run_dir / "plots" / "harness-tiny_mc-acc.png").is_file()  # each adapter's score after every task
 
     again = mlora("eval", run_dir, "--harness-tasks", "tiny_mc,tiny_gen", "--harness-include", tasks,
                   "--harness-every-task", "--json")

@@ -383,3 +383,26 @@ def test_two_worker_processes_share_one_study(tmp_path: Path, monkeypatch: pytes
         entry = results[trial.user_attrs["adapter"]]
         assert entry["trial"]["number"] == trial.number and entry["trial"]["params"] == trial.params
         assert trial.state.is_finished() and entry["status"] in ("done", "pruned")
+
+
+def test_a_repeated_suggestion_is_told_the_earlier_outcome_not_trained_again(tmp_path: Path) -> None:
+    """Over a space of 4 configurations, 4 random trials: every trained adapter has its own configuration; each
+    suggestion of one already tried is in the study told that trial's outcome (as Optuna's FAQ does), untrained."""
+    sweep = sweep_with(search={"method": "random", "trials": 4, "space": {
+        "adapter.rank": {"choice": [2, 4]}, "adapter.lr": {"choice": [1e-3, 1e-2]}}}, prune={"method": "none"})
+    sweep = {**sweep, "train": {**sweep["train"], "steps_per_task": 2}}
+    outcome = run(tmp_path, sweep)
+    results = outcome.results["adapters"]
+    assert len(results) == 4 and {e["status"] for e in results.values()} == {"done"}
+    configurations = {(e["trial"]["params"]["adapter.rank"], e["trial"]["params"]["adapter.lr"])
+                      for e in results.values()}
+    assert len(configurations) == 4  # all four tried once: none trained twice
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{outcome.run_dir / 'search.db'}")
+    trials = study.get_trials()
+    repeats = [t for t in trials if "repeat_of" in t.user_attrs]
+    assert repeats, "the seeded random sampler repeated no suggestion: pick another seed for this test"
+    for repeat in repeats:
+        original = trials[repeat.user_attrs["repeat_of"]]
+        assert "adapter" in original.user_attrs and "adapter" not in repeat.user_attrs
+        assert (repeat.params, repeat.state, repeat.value) == (original.params, original.state, original.value)
+    assert len(trials) == 4 + len(repeats)

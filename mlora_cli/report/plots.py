@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -245,12 +246,31 @@ def rl_rewards(records: Sequence[dict[str, Any]], title: str, path: Path) -> Pat
     return _save(figure, path)
 
 
+def harness(results: dict[str, Any], task: str, metric: str, path: Path) -> Path:
+    """One harness task's metric after each task of the sequence (0: before training), one line per adapter."""
+    figure = _figure(7.5, 4.6)
+    ax = figure.add_subplot()
+    for name, entry in results["adapters"].items():
+        values = [row.get(task, {}).get(metric) for row in entry.get("harness_matrix", [])]
+        if any(value is not None for value in values):
+            ax.plot(range(len(values)), [math.nan if v is None else v for v in values], linewidth=1.2, marker="o",
+                    markersize=3, label=name)
+    trained = results["run"].get("trained_tasks", results["run"]["tasks"])
+    ax.set_xticks(range(len(trained) + 1), ["before", *(f"after {t}" for t in trained)], fontsize=8)
+    ax.set_ylabel(f"{task} {metric}")
+    ax.set_title(f"{results['run'].get('name', '')}: lm-evaluation-harness {task} ({metric}) through the sequence")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(results["adapters"]) > 6 else 1)
+    return _save(figure, path)
+
+
 def write_all(run_dir: Path, results: dict[str, Any], task_names: Sequence[str]) -> list[Path]:
     """Every plot of a run under `<run_dir>/plots/`, for PLOTTED_METRICS where evaluated; the paths written.
 
     `<adapter>-<metric>-heatmap.png` per adapter, `<adapter>-<metric>-curves.png` where the adapter has a curve,
     `learning-vs-forgetting-<metric>.png` when some adapter has a complete matrix over 2 or more tasks;
-    `trials-<metric>.png` for a search; `rl-reward.png` (sampled reward per RL step) when a task is RL. A pruned
+    `trials-<metric>.png` for a search; `rl-reward.png` (sampled reward per RL step) when a task is RL;
+    `harness-<task>-<metric>.png` with eval.harness_tasks (each harness score after every task). A pruned
     trial gets no plot of its own (a search prunes most of them).
     """
     out = Path(run_dir) / "plots"
@@ -275,6 +295,11 @@ def write_all(run_dir: Path, results: dict[str, Any], task_names: Sequence[str])
     searched = [entry["trial"] for entry in adapters.values() if entry.get("trial")]
     if searched:
         paths.append(trials(results, out / f"trials-{searched[0]['metric']}.png"))
+    harness_columns = sorted({(task, metric) for entry in adapters.values() for row in entry.get("harness_matrix", [])
+                              for task, values in row.items() for metric in values})
+    for task, metric in harness_columns:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{task}-{metric}")
+        paths.append(harness(results, task, metric, out / f"harness-{safe}.png"))
     metrics_file = Path(run_dir) / METRICS  # a training run's (an evaluation folder has none)
     if metrics_file.is_file():
         records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]

@@ -17,7 +17,9 @@ and its slot takes the next queued adapter as any finished one does.
 Every worker process of a run opens the same study (Optuna supports that on one SQLite file);
 a lock file serializes their study operations, so trial numbers and rung decisions never race.
 The sampler is seeded per configuration (run seed, configuration index), so a trial's
-parameters are a function of the seed and of the study's history when it was asked.
+parameters are a function of the seed and of the study's history when it was asked. A suggestion of parameters
+already tried (with the same seed) is not trained again: it is told the earlier outcome (user attribute
+`repeat_of`) and the sampler asked again.
 Optuna is imported here only (the `optuna` extra).
 """
 
@@ -35,6 +37,8 @@ from mlora_cli.errors import ConfigError
 from mlora_cli.spec.schema import SweepSpec
 from mlora_cli.spec.space import Dimension
 from mlora_cli.spec.sweep import AdapterSpec, expand, search_envelope, search_space, trial_adapter
+
+MAX_REPEATS = 100  # sampler suggestions of already-tried parameters skipped in a row (see Search._ask_unseen)
 
 
 def uses_study(spec: SweepSpec) -> bool:
@@ -124,6 +128,7 @@ class Search:
         else:
             self.distributions = grid_distributions(optuna, expand(spec))
         self.trials: dict[str, Any] = {}  # adapter name -> its running optuna.Trial
+        self.repeats: dict[int, list[Any]] = {}  # trial number -> trials suggesting its parameters again (_ask_unseen)
         self.reported: dict[str, set[int]] = {}  # adapter name -> steps reported (before a stop too)
         storage = storage_url(run_dir) if run_dir is not None else None  # None: in memory (a worker without a folder)
         with self.lock():
@@ -166,6 +171,7 @@ class Search:
                 self.reported[slot.name] = set(frozen.intermediate_values)
             else:
                 attributes = {"adapter": slot.name, "seed": slot.seed, "configuration": slot.trial}
+                asked = None  # a trial the sampler gave already (searched and new), or None: asked below
                 if frozen is not None:  # its result was deleted to train it again: a new trial, same parameters
                     self.study.enqueue_trial(frozen.params, user_attrs=attributes)
                 elif not self.searched:
@@ -175,12 +181,44 @@ class Search:
                     self.study.enqueue_trial(sibling.params, user_attrs=attributes)
                 else:
                     self.study.sampler = make_sampler(optuna, self.spec, sampler_seed(self.spec.seed, slot.trial or 0))
-                trial = self.study.ask({k: v for k, v in self.distributions.items()
-                                        if self.searched or k in slot.varied})
+                    asked = self._ask_unseen(slot.seed)
+                trial = asked if asked is not None else self.study.ask({k: v for k, v in self.distributions.items()
+                                                 if self.searched or k in slot.varied})
                 for key, value in attributes.items():
                     trial.set_user_attr(key, value)
             self.trials[slot.name] = trial
             return trial_adapter(self.spec, slot, trial.params) if self.searched else slot
+
+    def _ask_unseen(self, seed: int) -> Any:
+        """A trial asked from the sampler whose parameters no trial of this seed has had.
+
+        A sampler may suggest a configuration again (TPE over a few choices often does), and training it again
+        would give the same result (an adapter's results depend on its settings and seed only). So a repeat is told
+        the earlier trial's outcome at once, as Optuna's FAQ does it, or when that trial ends if it is still running
+        (`close`), and the sampler is asked again; after MAX_REPEATS repeats in a row the repeat is trained after all.
+        """
+        states = self.optuna.trial.TrialState
+        for _ in range(MAX_REPEATS):
+            trial = self.study.ask(self.distributions)
+            earlier = [t for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get("seed") == seed
+                       and "adapter" in t.user_attrs and t.params == trial.params]
+            if not earlier:
+                return trial
+            original = min(earlier, key=lambda t: t.number)
+            trial.set_user_attr("repeat_of", original.number)
+            if original.state == states.RUNNING:
+                self.repeats.setdefault(original.number, []).append(trial)
+            else:
+                self._tell_as(trial, original.state, original.value)
+        return trial
+
+    def _tell_as(self, trial: Any, state: Any, value: float | None) -> None:
+        states = self.optuna.trial.TrialState
+        if state == states.COMPLETE:
+            self.study.tell(trial, value, skip_if_finished=True)
+        else:
+            self.study.tell(trial, state=states.PRUNED if state == states.PRUNED else states.FAIL,
+                            skip_if_finished=True)
 
     def judge(self, name: str, step: int, value: float) -> dict[str, Any] | None:
         """Report the objective at `step`; what the pruner compared (step, value, rung, its values) if it prunes."""
@@ -226,11 +264,11 @@ class Search:
         if trial is None:
             return
         with self.lock():
-            if status == "done" and value is not None and math.isfinite(value):
-                self.study.tell(trial, value, skip_if_finished=True)
-            else:
-                self.study.tell(trial, state=states.PRUNED if status == "pruned" else states.FAIL,
-                                skip_if_finished=True)
+            done = status == "done" and value is not None and math.isfinite(value)
+            state = states.COMPLETE if done else states.PRUNED if status == "pruned" else states.FAIL
+            self._tell_as(trial, state, value)
+            for repeat in self.repeats.pop(trial.number, []):  # suggested again while it ran: the same outcome
+                self._tell_as(repeat, state, value)
 
     def resumed(self, entry: dict[str, Any]) -> None:
         """An adapter whose result was written before the stop: its trial ends as the result says, if not yet told."""
