@@ -1,9 +1,13 @@
 """The training-step fusion matrix of docs/benchmark.md: threads x targets x ranks x dropout, on CPU.
 
     python scripts/fusion_matrix.py [SWEEP] [OUT.json]     # default sweeps/bench.yaml, bench/fusion-matrix.json
+    python scripts/fusion_matrix.py --profile 2,all-linear,equal,0 [SWEEP]   # where one cell's step time goes
 
 Run it on an idle machine: each cell times the fused step, the union batch on mlora's engine and
-the union batch in plain PEFT alternately (see mlora_cli/bench/fusion_matrix.py).
+the union batch in plain PEFT alternately (see mlora_cli/bench/fusion_matrix.py). `--profile
+THREADS,TARGETS,RANKS,DROPOUT` (targets q,v is written qv) splits each of the three steps of one cell
+into LoRA matmuls, base matmuls, optimizer and clipping, dropout masks and the rest, from
+torch.profiler's self CPU times.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mlora_cli.bench.fusion_matrix import fusion_matrix
+from mlora_cli.bench.fusion_matrix import PROFILE_PARTS, fusion_matrix, profile_cell
 from mlora_cli.spec.load import load_sweep
 from mlora_cli.spec.sweep import expand
 
@@ -40,5 +44,23 @@ def main(sweep: str = "sweeps/bench.yaml", out: str = "bench/fusion-matrix.json"
     console.print(f"written to {out}")
 
 
+def profile(cell: str, sweep: str = "sweeps/bench.yaml") -> None:
+    threads, targets, ranks, dropout = cell.split(",")
+    spec, _ = load_sweep(sweep)
+    parts = profile_cell(spec, expand(spec), Path(sweep).parent.resolve(), int(threads),
+                         "q,v" if targets == "qv" else targets, ranks == "equal", float(dropout))
+    table = Table(title=f"where a step's time goes: {threads} threads, {targets}, {ranks} ranks, dropout {dropout} "
+                        "(ms per step, self CPU time)")
+    table.add_column("part")
+    for label in parts:
+        table.add_column(label, justify="right")
+    for part in (*PROFILE_PARTS, "total"):
+        table.add_row(part, *(f"{parts[label][part]:.1f}" for label in parts))
+    Console().print(table)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    if sys.argv[1:2] == ["--profile"]:
+        profile(*sys.argv[2:4])
+    else:
+        main(*sys.argv[1:3])

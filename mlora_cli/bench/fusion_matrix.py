@@ -39,8 +39,18 @@ def _median_pair(first: Callable[[], Any], second: Callable[[], Any], times: int
     return statistics.median(a), statistics.median(b)
 
 
-def _cell(spec: SweepSpec, adapters: list[AdapterSpec], rows: list[list[Any]], targets: tuple[str, ...],
-          dropout: float, repeats: int) -> dict[str, float]:
+@dataclasses.dataclass
+class CellSteps:
+    """One cell's three steps, ready to run: the fused step, the union batch on mlora's engine, PEFT's union."""
+
+    fused: Callable[[], Any]
+    union: Callable[[], Any]
+    peft: Callable[[], Any]
+    ranks: set[int]  # the LoRA ranks in play (what tells a LoRA matmul from a base one in a profile)
+
+
+def _cell_steps(spec: SweepSpec, adapters: list[AdapterSpec], rows: list[list[Any]], targets: tuple[str, ...],
+                dropout: float) -> CellSteps:
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -84,22 +94,67 @@ def _cell(spec: SweepSpec, adapters: list[AdapterSpec], rows: list[list[Any]], t
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    union_seconds, fused_seconds = _median_pair(lambda: fused_step(union_engine, union, pad),
-                                                lambda: fused_step(fused_engine, fused, pad), repeats)
-    peft_seconds, fused_again = _median_pair(peft_step, lambda: fused_step(fused_engine, fused, pad), repeats)
+    return CellSteps(fused=lambda: fused_step(fused_engine, fused, pad),
+                     union=lambda: fused_step(union_engine, union, pad), peft=peft_step,
+                     ranks={c.rank for c in configs} | {union_rank})
+
+
+def _cell(spec: SweepSpec, adapters: list[AdapterSpec], rows: list[list[Any]], targets: tuple[str, ...],
+          dropout: float, repeats: int) -> dict[str, float]:
+    steps = _cell_steps(spec, adapters, rows, targets, dropout)
+    union_seconds, fused_seconds = _median_pair(steps.union, steps.fused, repeats)
+    peft_seconds, fused_again = _median_pair(steps.peft, steps.fused, repeats)
     fused_seconds = statistics.median([fused_seconds, fused_again])
     return {"fused_ms": fused_seconds * 1e3, "union_ms": union_seconds * 1e3, "peft_union_ms": peft_seconds * 1e3,
             "efficiency": union_seconds / fused_seconds, "vs_peft": peft_seconds / fused_seconds}
 
 
-def fusion_matrix(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, repeats: int = 15,
-                  progress: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
-    """Every cell of threads (1, all cores) x targets (q,v / all-linear) x ranks (equal / the sweep's) x
-    dropout (0 / 0.05), with each dropout cell's cost relative to its dropout-0 twin, for mlora and PEFT."""
-    import os
+PROFILE_PARTS = ("LoRA matmuls", "base matmuls", "optimizer and clipping", "dropout masks", "other")
 
+
+def _part_of(name: str, shapes: Any, ranks: set[int]) -> str:
+    """Which part of a step an op's self time belongs to (a LoRA matmul has a dimension of a LoRA rank)."""
+    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
+        dims = {d for shape in shapes or () for d in (shape or ())}
+        return "LoRA matmuls" if dims & ranks else "base matmuls"
+    if "adamw" in name or "_foreach" in name or name == "aten::linalg_vector_norm":
+        return "optimizer and clipping"
+    if "bernoulli" in name:
+        return "dropout masks"
+    return "other"
+
+
+def profile_cell(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, threads: int, targets: str,
+                 equal_ranks: bool, dropout: float, steps: int = 10) -> dict[str, dict[str, float]]:
+    """Where one cell's step time goes: {fused | union | peft: {part: ms per step}}, from torch.profiler's self CPU
+    times over `steps` steps of each (after a warm-up), `total` their sum."""
     import torch
+    from torch.profiler import ProfilerActivity, profile
 
+    rows, rank_sets, _ = _cell_inputs(spec, adapters, data_dir)
+    members = rank_sets["equal" if equal_ranks else "mixed"]
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cell = _cell_steps(spec, members, rows, TARGET_SETS[targets], dropout)
+        parts: dict[str, dict[str, float]] = {}
+        for label, run in (("fused", cell.fused), ("union", cell.union), ("peft", cell.peft)):
+            run(), run()  # warm up
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                for _ in range(steps):
+                    run()
+            split = dict.fromkeys(PROFILE_PARTS, 0.0)
+            for event in prof.key_averages(group_by_input_shape=True):
+                split[_part_of(event.key, event.input_shapes, cell.ranks)] += event.self_cpu_time_total / 1e3 / steps
+            parts[label] = {**split, "total": sum(split.values())}
+        return parts
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def _cell_inputs(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path) -> tuple[list[list[Any]], dict, int]:
+    """The rows each adapter trains on in every cell, the adapters with equal and with their own ranks, and the
+    equal rank."""
     from mlora_cli.data.batches import tokenize_task
     from mlora_cli.data.sources import load_task
     from mlora_cli.model.base import load_base
@@ -112,6 +167,19 @@ def fusion_matrix(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, 
     equal_rank = max(1, round(statistics.mean(a.adapter.rank for a in adapters)))
     rank_sets = {"equal": [dataclasses.replace(a, adapter=dataclasses.replace(a.adapter, rank=equal_rank))
                            for a in adapters], "mixed": adapters}
+    return rows, rank_sets, equal_rank
+
+
+def fusion_matrix(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, repeats: int = 15,
+                  progress: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
+    """Every cell of threads (1, all cores) x targets (q,v / all-linear) x ranks (equal / the sweep's) x
+    dropout (0 / 0.05), with each dropout cell's cost relative to its dropout-0 twin, for mlora and PEFT."""
+    import os
+
+    import torch
+
+    rows, rank_sets, equal_rank = _cell_inputs(spec, adapters, data_dir)
+    size = len(rows[0])
     default_threads = torch.get_num_threads()
     cells = []
     try:

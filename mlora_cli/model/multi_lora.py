@@ -266,21 +266,25 @@ class MultiLoraLinear(nn.Module):
         return stacked if inverse is None else stacked[inverse]
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        """x * keep / (1 - p), as nn.Dropout scales, each adapter's rows with its own mask and p: the scaled masks
+        are written into one tensor, then one multiply (no product and copy per adapter)."""
         routing = self.routing
         if not any(p > 0 for p in routing.dropout):  # only training steps set dropout
             return x
-        pieces, start = [], 0
+        scaled_masks, start = torch.empty_like(x), 0
         for rows, p, generator in zip(routing.rows, routing.dropout, routing.generators):
-            piece = x[start : start + rows]
-            if p > 0:  # x * keep / (1 - p), as nn.Dropout scales
-                piece = piece * _keep_mask(piece, p, generator).mul_(1.0 / (1.0 - p))
-            pieces.append(piece)
+            part = scaled_masks[start : start + rows]
+            if p > 0:
+                torch.mul(_keep_mask(part, p, generator), 1.0 / (1.0 - p), out=part)
+            else:
+                part.fill_(1.0)
             start += rows
-        return torch.cat(pieces)
+        return x * scaled_masks
 
 
 def _keep_mask(piece: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """The 0/1 keep mask (keep with probability 1 - p) of one adapter's rows, independent of its neighbours.
+    """The 0/1 keep mask (keep with probability 1 - p) of one adapter's rows (shaped like `piece`), independent of
+    its neighbours.
 
     The adapter's own generator gives one seed per call (so its stream advances the same
     whatever the batch), and the mask is drawn position-major, so a token's mask is the same
