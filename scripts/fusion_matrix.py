@@ -6,8 +6,7 @@
 Run it on an idle machine: each cell times the fused step, the union batch on mlora's engine and
 the union batch in plain PEFT alternately (see mlora_cli/bench/fusion_matrix.py). `--profile
 THREADS,TARGETS,RANKS,DROPOUT` (targets q,v is written qv) splits each of the three steps of one cell
-into LoRA matmuls, base matmuls, optimizer and clipping, dropout masks and the rest, from
-torch.profiler's self CPU times.
+into forward, backward (each with its LoRA term) and clipping + AdamW, from torch.profiler's ranges.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mlora_cli.bench.fusion_matrix import PROFILE_PARTS, fusion_matrix, profile_cell
+from mlora_cli.bench.fusion_matrix import fusion_matrix, profile_cell
 from mlora_cli.spec.load import load_sweep
 from mlora_cli.spec.sweep import expand
 
@@ -50,13 +49,17 @@ def profile(cell: str, sweep: str = "sweeps/bench.yaml") -> None:
     parts = profile_cell(spec, expand(spec), Path(sweep).parent.resolve(), int(threads),
                          "q,v" if targets == "qv" else targets, ranks == "equal", float(dropout))
     table = Table(title=f"where a step's time goes: {threads} threads, {targets}, {ranks} ranks, dropout {dropout} "
-                        "(ms per step, self CPU time)")
-    table.add_column("part")
+                        "(ms per step; phases under torch.profiler, wall without it)")
+    table.add_column("phase")
     for label in parts:
         table.add_column(label, justify="right")
-    for part in (*PROFILE_PARTS, "total"):
-        table.add_row(part, *(f"{parts[label][part]:.1f}" for label in parts))
+    for phase in parts["fused"]:
+        table.add_row(phase, *(f"{parts[label][phase]:.1f}" if parts[label][phase] else "-" for label in parts))
     Console().print(table)
+    out = Path("bench") / f"fusion-profile-{cell.replace(',', '-')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(parts, indent=2))
+    Console().print(f"written to {out}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from mlora_cli.data.sources import Example, load_task
 from mlora_cli.errors import ConfigError
 from mlora_cli.model.base import SMOLLM2, SMOLLM2_INSTALL, char_tokenizer, load_base
 from mlora_cli.model.engine import MultiLoraModel
-from mlora_cli.model.multi_lora import MultiLoraLinear, Routing
+from mlora_cli.model.multi_lora import MultiLoraLinear
+from mlora_cli.model.routing import Routing
 from mlora_cli.run.launcher import run_sweep
 from mlora_cli.spec.load import load_sweep, parse_spec
 from mlora_cli.spec.schema import AdapterConfig, ModelConfig, TaskConfig

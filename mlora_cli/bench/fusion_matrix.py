@@ -53,11 +53,12 @@ def _cell_steps(spec: SweepSpec, adapters: list[AdapterSpec], rows: list[list[An
                 dropout: float) -> CellSteps:
     import torch
     from peft import LoraConfig, get_peft_model
+    from torch.profiler import record_function
 
     from mlora_cli.data.batches import collate, token_losses
     from mlora_cli.model.base import load_base
     from mlora_cli.model.engine import MultiLoraModel
-    from mlora_cli.train.step import StepInput, fused_step
+    from mlora_cli.train.step import STEP_PHASES, StepInput, fused_step
 
     union_rank = max(1, round(statistics.mean(a.adapter.rank for a in adapters)))
     configs = [dataclasses.replace(a.adapter, target_modules=targets, dropout=dropout) for a in adapters]
@@ -86,13 +87,17 @@ def _cell_steps(spec: SweepSpec, adapters: list[AdapterSpec], rows: list[list[An
     optimizer = torch.optim.AdamW(params, lr=1e-9, fused=True)
     batch = collate([r for part in rows for r in part], pad)
 
-    def peft_step() -> None:
-        logits = peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        loss_sum, tokens, _ = token_losses(logits, batch.labels)
-        (loss_sum.sum() / tokens.sum()).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def peft_step() -> None:  # in mlora's phases, for profile_cell
+        with record_function(STEP_PHASES[0]):
+            logits = peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            loss_sum, tokens, _ = token_losses(logits, batch.labels)
+            loss = loss_sum.sum() / tokens.sum()
+        with record_function(STEP_PHASES[1]):
+            loss.backward()
+        with record_function(STEP_PHASES[2]):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     return CellSteps(fused=lambda: fused_step(fused_engine, fused, pad),
                      union=lambda: fused_step(union_engine, union, pad), peft=peft_step,
@@ -109,27 +114,17 @@ def _cell(spec: SweepSpec, adapters: list[AdapterSpec], rows: list[list[Any]], t
             "efficiency": union_seconds / fused_seconds, "vs_peft": peft_seconds / fused_seconds}
 
 
-PROFILE_PARTS = ("LoRA matmuls", "base matmuls", "optimizer and clipping", "dropout masks", "other")
-
-
-def _part_of(name: str, shapes: Any, ranks: set[int]) -> str:
-    """Which part of a step an op's self time belongs to (a LoRA matmul has a dimension of a LoRA rank)."""
-    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
-        dims = {d for shape in shapes or () for d in (shape or ())}
-        return "LoRA matmuls" if dims & ranks else "base matmuls"
-    if "adamw" in name or "_foreach" in name or name == "aten::linalg_vector_norm":
-        return "optimizer and clipping"
-    if "bernoulli" in name:
-        return "dropout masks"
-    return "other"
-
-
 def profile_cell(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, threads: int, targets: str,
                  equal_ranks: bool, dropout: float, steps: int = 10) -> dict[str, dict[str, float]]:
-    """Where one cell's step time goes: {fused | union | peft: {part: ms per step}}, from torch.profiler's self CPU
-    times over `steps` steps of each (after a warm-up), `total` their sum."""
+    """Where one cell's step time goes: {fused | union | peft: {phase: ms per step}}, from torch.profiler's ranges
+    over `steps` steps of each after a warm-up: forward, backward, clip and AdamW (`train.step.STEP_PHASES`), and
+    inside the first two the LoRA term (`model.multi_lora`; PEFT's has no range of its own); `wall` is the median
+    step without the profiler."""
     import torch
     from torch.profiler import ProfilerActivity, profile
+
+    from mlora_cli.model.multi_lora import LORA_BACKWARD, LORA_FORWARD
+    from mlora_cli.train.step import STEP_PHASES
 
     rows, rank_sets, _ = _cell_inputs(spec, adapters, data_dir)
     members = rank_sets["equal" if equal_ranks else "mixed"]
@@ -137,16 +132,23 @@ def profile_cell(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, t
     torch.set_num_threads(threads)
     try:
         cell = _cell_steps(spec, members, rows, TARGET_SETS[targets], dropout)
+        names = {STEP_PHASES[0]: "forward", LORA_FORWARD: "  of which LoRA term", STEP_PHASES[1]: "backward",
+                 LORA_BACKWARD: "  of which LoRA term ", STEP_PHASES[2]: "clip and AdamW"}
         parts: dict[str, dict[str, float]] = {}
         for label, run in (("fused", cell.fused), ("union", cell.union), ("peft", cell.peft)):
-            run(), run()  # warm up
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            walls = []
+            for _ in range(steps + 2):
+                started = time.perf_counter()
+                run()
+                walls.append(time.perf_counter() - started)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(steps):
                     run()
-            split = dict.fromkeys(PROFILE_PARTS, 0.0)
-            for event in prof.key_averages(group_by_input_shape=True):
-                split[_part_of(event.key, event.input_shapes, cell.ranks)] += event.self_cpu_time_total / 1e3 / steps
-            parts[label] = {**split, "total": sum(split.values())}
+            split = dict.fromkeys(names.values(), 0.0)
+            for event in prof.key_averages():
+                if event.key in names:
+                    split[names[event.key]] += event.cpu_time_total / 1e3 / steps
+            parts[label] = {**split, "wall": statistics.median(walls[2:]) * 1e3}
         return parts
     finally:
         torch.set_num_threads(default_threads)

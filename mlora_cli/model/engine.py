@@ -21,8 +21,9 @@ from torch import nn
 from mlora_cli import seeds
 from mlora_cli.errors import ConfigError
 from mlora_cli.model.base import autocast, enable_checkpointing, is_checkpointing
-from mlora_cli.model.multi_lora import MultiLoraLinear, Routing
+from mlora_cli.model.multi_lora import MultiLoraLinear
 from mlora_cli.model.optim import SlotAdamW
+from mlora_cli.model.routing import Routing
 from mlora_cli.model.slots import SlotRanks
 from mlora_cli.spec.schema import AdapterConfig
 

@@ -23,7 +23,7 @@ import torch
 from mlora_cli.data.batches import Row
 from mlora_cli.model.base import cache_argument, model_cache
 from mlora_cli.model.engine import MultiLoraModel
-from mlora_cli.model.multi_lora import on_device
+from mlora_cli.model.routing import on_device
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 
 from mlora_cli.data.batches import Batch, Row, collate, token_losses
 from mlora_cli.model.engine import MultiLoraModel
-from mlora_cli.model.multi_lora import on_device
+from mlora_cli.model.routing import on_device
 from mlora_cli.spec.schema import RLConfig
 from mlora_cli.train.grpo import adapter_loss, token_log_probs
 from mlora_cli.train.strategies import Strategies
@@ -133,16 +133,29 @@ def fused_step(
     return results, time.perf_counter() - start
 
 
+STEP_PHASES = ("mlora: forward", "mlora: backward", "mlora: clip and AdamW")  # profiler ranges of a step
+
+
 def step_on_device(
     engine: MultiLoraModel, inputs: list[StepInput], pad_id: int, strategies: Strategies | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The step itself: forward, backward, clipping and AdamW, queued on the engine's device without reading
     anything back. Returns per adapter (task loss, gradient norm, tokens, finite) as device tensors."""
-    objective, task_loss, tokens = _adapter_losses(engine, inputs, pad_id, strategies)
-    objective.sum().backward()
-    if strategies is not None:
-        strategies.add_gradients()
+    with torch.profiler.record_function(STEP_PHASES[0]):
+        objective, task_loss, tokens = _adapter_losses(engine, inputs, pad_id, strategies)
+    with torch.profiler.record_function(STEP_PHASES[1]):
+        objective.sum().backward()
+        if strategies is not None:
+            strategies.add_gradients()
+    with torch.profiler.record_function(STEP_PHASES[2]):
+        norms, finite = _clip_and_update(engine, inputs, objective)
+    return task_loss, norms, tokens, finite
 
+
+def _clip_and_update(engine: MultiLoraModel, inputs: list[StepInput],
+                     objective: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-adapter gradient norms, clipping and AdamW for the adapters whose objective and norm are finite;
+    returns (each adapter's norm, whether it was finite)."""
     optimizer = engine.optimizer
     slots = [part.slot for part in inputs]
     norms = engine.grad_norms(slots)
@@ -154,7 +167,7 @@ def step_on_device(
     lrs = on_device([lr_of.get(slot, 0.0) for slot in range(engine.num_slots)], norms.device, torch.float64)
     optimizer.step(active, lrs, norms)
     engine.zero_grad()
-    return task_loss, norms[slot_index], tokens, finite
+    return norms[slot_index], finite
 
 
 def squared_gradients(engine: MultiLoraModel, batches: list[list[StepInput]], pad_id: int) -> list[torch.Tensor]:

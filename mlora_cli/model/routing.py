@@ -1,0 +1,119 @@
+"""Routing: which slot owns which rows of a fused batch, shared by every fused layer (`model.multi_lora`).
+
+Set by `MultiLoraModel.routed()` before a forward and cleared after it. Its index tensors are built on the host and
+copied to the device before the forward (`on_device`), so the forward never waits for them; with gradient
+checkpointing it replays a layer's recompute under the routing and dropout generators of its forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Routing:
+    """Which slot owns which rows of the current batch; shared by every fused layer."""
+
+    slots: list[int] = field(default_factory=list)  # slot of each group, in row order
+    rows: list[int] = field(default_factory=list)  # rows in each group
+    dropout: list[float] = field(default_factory=list)  # dropout of each group's slot
+    generators: list[torch.Generator | None] = field(default_factory=list)  # per-group dropout RNG
+    slot_index: torch.Tensor | None = None  # `slots` as a tensor on the model's device
+    in_slot_order: bool = False  # slots == 0, 1, ..., G-1
+    ranks: list[int] = field(default_factory=list)  # rank in use by each group's slot
+    per_adapter: bool = False  # always compute the LoRA term group by group, PEFT's way (set on the CPU)
+    device: torch.device = torch.device("cpu")
+    _by_rank: tuple[list[tuple[int, torch.Tensor]], torch.Tensor | None] | None = None  # see `by_rank`
+
+    def set(
+        self,
+        slots: list[int],
+        rows: list[int],
+        ranks: list[int],
+        device: torch.device,
+        dropout: list[float] | None = None,
+        generators: list[torch.Generator | None] | None = None,
+    ) -> None:
+        self.slots, self.rows, self.ranks = list(slots), list(rows), list(ranks)
+        self.dropout = list(dropout) if dropout is not None else [0.0] * len(slots)
+        self.generators = list(generators) if generators is not None else [None] * len(slots)
+        self.device, self._by_rank = torch.device(device), None
+        self.slot_index = on_device(self.slots, self.device)
+        self.in_slot_order = self.slots == list(range(len(self.slots)))
+        if not self.per_adapter and self.slots:
+            self.by_rank()  # now, before the forward: built mid-forward, its copies would wait for the GPU
+
+    def by_rank(self) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor | None]:
+        """For the batched path: [(rank, the slots of the groups with that rank)], ranks
+        ascending, slots as a tensor on the device; and the permutation from that order back
+        to group order (None when it is group order). Made on first use per routing."""
+        if self._by_rank is None:
+            order = sorted(range(len(self.slots)), key=lambda g: self.ranks[g])
+            groups = [(rank, on_device([self.slots[g] for g in order if self.ranks[g] == rank], self.device))
+                      for rank in sorted(set(self.ranks))]
+            inverse = sorted(range(len(order)), key=lambda i: order[i])
+            identity = inverse == list(range(len(inverse)))
+            self._by_rank = groups, None if identity else on_device(inverse, self.device)
+        return self._by_rank
+
+    def clear(self) -> None:
+        self.set([], [], [], torch.device("cpu"))
+
+    def checkpoint_contexts(
+        self
+    ) -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
+        """`context_fn` for torch.utils.checkpoint: replay a layer's recompute as its forward ran.
+
+        Gradient checkpointing recomputes a layer during backward, after `routed()` has
+        cleared the routing, and the recompute would draw fresh dropout masks from the
+        adapters' generators. So at forward time we keep the routing and each generator's
+        state, and the recompute runs under them, then puts back what it found: the
+        gradients and every later random draw are those of a run without checkpointing.
+        """
+        return contextlib.nullcontext(), self._replaying(self._snapshot(), self._generator_states())
+
+    def _snapshot(self) -> tuple[Any, ...]:
+        return (self.slots, self.rows, self.ranks, self.dropout, self.generators, self.slot_index, self.in_slot_order,
+                self.device, self._by_rank)
+
+    def _restore(self, snapshot: tuple[Any, ...]) -> None:
+        (self.slots, self.rows, self.ranks, self.dropout, self.generators, self.slot_index,
+         self.in_slot_order, self.device, self._by_rank) = snapshot
+
+    def _generator_states(self) -> list[tuple[torch.Generator, torch.Tensor]]:
+        return [(g, g.get_state()) for g, p in zip(self.generators, self.dropout) if g is not None and p > 0]
+
+    @contextlib.contextmanager
+    def _replaying(
+        self, snapshot: tuple[Any, ...], states: list[tuple[torch.Generator, torch.Tensor]]
+    ) -> Iterator[None]:
+        routing = self._snapshot()  # in backward: usually the cleared routing
+        # the forward's generators, as they are now
+        now = [(generator, generator.get_state()) for generator, _ in states]
+        self._restore(snapshot)
+        for generator, state in states:
+            generator.set_state(state)
+        try:
+            yield
+        finally:
+            self._restore(routing)
+            for generator, state in now:
+                generator.set_state(state)
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.rows)) == 1
+
+
+def on_device(values: list[int] | list[float], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A tensor of `values` on `device`; to a GPU through pinned memory without waiting for it (a copy
+    from pageable memory would wait for every kernel queued before it)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
