@@ -406,3 +406,15 @@ def test_a_repeated_suggestion_is_told_the_earlier_outcome_not_trained_again(tmp
         assert "adapter" in original.user_attrs and "adapter" not in repeat.user_attrs
         assert (repeat.params, repeat.state, repeat.value) == (original.params, original.state, original.value)
     assert len(trials) == 4 + len(repeats)
+
+
+def test_a_search_refuses_the_ray_backend_before_anything_starts(tmp_path: Path) -> None:
+    from mlora_cli.errors import ConfigError
+
+    path = write_sweep(tmp_path, SEARCH)
+    spec, resolved = load_sweep(path)
+    with pytest.raises(ConfigError) as caught:
+        launcher.run_sweep(spec, resolved, path.parent, plots=False, backend="ray")
+    assert caught.value.problems == ["sweep.search / sweep.prune: the study is a SQLite file in the run folder, "
+                                     "which Ray actors do not share; run it with --backend local"]
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.yaml"]  # no run folder, no worker, no Ray

@@ -65,9 +65,6 @@ class Worker:
                  emit: Emit, worker_id: int, resume: bool, written: Callable[[Path], None] | None = None):
         self.plan, self.spec, self.task_data, self.run_dir = plan, spec, task_data, run_dir
         self.emit, self.worker_id, self.resume = emit, worker_id, resume
-        if uses_study(spec) and written is not None:
-            raise ConfigError(["sweep.search / sweep.prune: the study is a SQLite file in the run folder, which Ray "
-                               "actors do not share; run it with --backend local"])
         self.search = Search(spec, run_dir) if uses_study(spec) else None  # the Optuna study; an adapter, a trial
         # Told of every file or folder written under run_dir (Ray ships them to the driver).
         self.written = written or (lambda path: None)
