@@ -237,3 +237,13 @@ def test_an_unknown_harness_task_stops_the_run_with_one_line(tmp_path: Path) -> 
     assert result.exit_code == 2
     assert (f"eval.harness_tasks: unknown task 'nope' (neither a harness task nor under {tmp_path / 'harness'})"
             in result.output)
+
+
+def test_a_harness_task_whose_data_cannot_load_stops_the_run_with_one_line(tmp_path: Path) -> None:
+    tasks = write_tasks(tmp_path / "harness")
+    (tasks / "tiny.jsonl").unlink()  # the task YAML names a data file that is gone
+    sweep = micro_sweep(eval={"metrics": ["loss"], "harness_tasks": ["tiny_mc"], "harness_include": "harness"})
+    result = mlora("run", write_sweep(tmp_path, sweep), "--no-plots", columns=300)
+    assert result.exit_code == 2, result.output
+    assert "eval.harness_tasks: lm-evaluation-harness failed: " in result.output
+    assert "Traceback" not in result.output

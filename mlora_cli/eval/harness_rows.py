@@ -45,9 +45,15 @@ class HarnessRows:
         scores: dict[str, HarnessScores] = {}
         if trained:
             per_pass = max(1, self.config.batch_size // len(trained))
-            scores = self.harness.evaluate_slots(
-                engine, [slot for _, slot in trained], [name for name, _ in trained], self.tokenizer,
-                self.config.harness_tasks, self.manager, per_pass, self.max_length, self.config.harness_limit)
+            try:
+                scores = self.harness.evaluate_slots(
+                    engine, [slot for _, slot in trained], [name for name, _ in trained], self.tokenizer,
+                    self.config.harness_tasks, self.manager, per_pass, self.max_length, self.config.harness_limit)
+            except Exception as exc:  # a task's data that cannot be loaded (offline, a missing file), a bad task
+                # It concerns every adapter alike, and shows at the first row of R, before any training.
+                lines = str(exc).strip().splitlines()
+                raise ConfigError([f"eval.harness_tasks: lm-evaluation-harness failed: {type(exc).__name__}: "
+                                   f"{lines[0] if lines else ''}"]) from exc
         if "\0base" in scores:
             self.base_scores = scores.pop("\0base")
         scores.update({name: self.base_scores for name, _ in at_base if self.base_scores is not None})
