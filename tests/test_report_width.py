@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import micro_sweep, mlora, write_sweep
 from rich.console import Console
 
 from mlora_cli.eval import metrics as cl
@@ -357,3 +359,19 @@ def test_progress_line_fits_80_with_a_compact_loss() -> None:
     assert len(lines) == 2, text
     assert "loss 0.53 (0.31-0.80)" in lines[0] and "9/480 steps" in lines[0]
     assert "eval after task 2" in lines[1] and lines[1].startswith("worker 1 cpu")
+
+
+def test_a_run_on_a_terminal_shows_live_bars_through_every_worker_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mlora run` with a terminal for stdout (the live bars, not the plain lines a pipe gets): every event a worker
+    sends reaches ProgressView, base loading included, and the run ends as off a terminal."""
+    from mlora_cli import cli
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(width=100, file=screen, force_terminal=True, color_system=None))
+    result = mlora("run", write_sweep(tmp_path, micro_sweep(eval={"metrics": ["loss"]})), "--no-plots")
+    assert result.exit_code == 0, result.output
+    text = screen.getvalue()
+    assert "base loaded in" in text and "6/6 steps" in text, text  # the bar, through base loading, filled
+    assert "continual learning on loss" in text  # the tables after it

@@ -64,10 +64,8 @@ class ProgressView:
                 self.bars[worker_id] = self.progress.add_task(
                     f"worker {worker_id} {plan.device}", total=total, losses="loading base"
                 )
-        elif kind == "worker_ready":  # the time left counts from here: loading the base is done
-            worker = self.workers[event["worker"]]
-            worker["ready"] = worker["printed"] = time.monotonic()
-            self.line(f"worker {event['worker']} {worker['device']}: base loaded in {event['load_seconds']:.1f} s")
+        elif kind == "worker_ready":  # the bar's clock restarts here: loading the base is not training time
+            self.progress.reset(self.bars[event["worker"]], losses=f"base loaded in {event['load_seconds']:.1f} s")
         elif kind == "step":
             losses = [r["loss"] for r in event["records"]]
             self.progress.update(self.bars[event["worker"]], advance=len(losses), losses=loss_summary(losses))
