@@ -6,6 +6,7 @@ Imported as `from helpers import ...` (pytest puts tests/ on sys.path).
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 import time
@@ -83,6 +84,37 @@ def write_sweep(folder: Path, sweep: str | dict[str, Any], /, **changes: Any) ->
 def mlora(*args: str | Path, columns: int | None = None) -> Result:
     """`mlora ARGS...` in-process; `columns`: the terminal width rich sees (None: left to the environment)."""
     return CliRunner().invoke(app, [str(a) for a in args], env=None if columns is None else {"COLUMNS": str(columns)})
+
+
+def run_cli(folder: Path, sweep: dict[str, Any], *args: str, columns: int | None = None) -> tuple[Result, Path, dict]:
+    """`mlora run` of `sweep` written into `folder` (runs under folder/runs), checked to exit 0: the result, the one
+    run folder and its results.json."""
+    result = mlora("run", write_sweep(folder, sweep), *args, columns=columns)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (folder / "runs").iterdir()
+    return result, run_dir, json.loads((run_dir / "results.json").read_text())
+
+
+def engine_with_trained_b(targets: tuple[str, ...], adapter: Any, slots: int, nonzero: int) -> tuple[Any, Any, Any]:
+    """builtin:micro in eval mode under an engine of `slots` slots of `adapter`, the first `nonzero` of them with a
+    different random B each (so the LoRA term is really tested); the engine, an untouched copy of the base (for a
+    PEFT reference) and the tokenizer."""
+    import torch
+
+    from mlora_cli.model.base import build_builtin
+    from mlora_cli.model.engine import MultiLoraModel
+
+    model, tokenizer = build_builtin("builtin:micro")
+    model.eval()
+    reference = copy.deepcopy(model)
+    engine = MultiLoraModel(model, targets, slots, adapter.rank)
+    for slot in range(slots):
+        engine.load_slot(slot, adapter, 1.0, seed=slot)
+        if slot < nonzero:
+            with torch.no_grad():
+                for layer in engine.layers.values():
+                    layer.lora_B[slot].normal_(0, 0.5, generator=torch.Generator().manual_seed(10 + slot))
+    return engine, reference, tokenizer
 
 
 def numbers(value: Any, path: str = "") -> dict[str, float]:

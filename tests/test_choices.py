@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import micro_sweep, mlora, write_sweep
+from helpers import engine_with_trained_b, micro_sweep, mlora, run_cli, write_sweep
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
 from mlora_cli.bench import baseline
@@ -23,7 +23,6 @@ from mlora_cli.errors import ConfigError
 from mlora_cli.eval import choices as choice_scoring
 from mlora_cli.eval.evaluate import evaluate
 from mlora_cli.eval.request import EvalRequest
-from mlora_cli.model.base import build_builtin
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.spec.load import load_task_suite
 from mlora_cli.spec.schema import AdapterConfig, EvalConfig, TaskConfig
@@ -65,16 +64,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> A
     """builtin:micro, slots 0 and 1 with nonzero (different) B, slot 2 at B = 0; the two tasks tokenized; an
     untouched copy of the base for the PEFT reference."""
     folder = tmp_path_factory.mktemp("choices")
-    model, tokenizer = build_builtin("builtin:micro")
-    model.eval()
-    reference = copy.deepcopy(model)
-    engine = MultiLoraModel(model, TARGETS, 3, 4)
-    for slot in range(3):
-        engine.load_slot(slot, ADAPTER, 1.0, seed=slot)
-        if slot < 2:
-            with torch.no_grad():
-                for layer in engine.layers.values():
-                    layer.lora_B[slot].normal_(0, 0.5, generator=torch.Generator().manual_seed(10 + slot))
+    engine, reference, tokenizer = engine_with_trained_b(TARGETS, ADAPTER, slots=3, nonzero=2)
     tasks = [tokenize_task(load_task(task, 0, folder), tokenizer, 40) for task in task_configs(folder)]
     return engine, reference, tokenizer, tasks
 
@@ -182,11 +172,8 @@ def test_a_run_writes_choice_accuracy_and_eval_reproduces_it(tmp_path: Path) -> 
                         adapter={"rank": 4, "target_modules": list(TARGETS)},
                         train={"max_seq_len": 64},  # nothing cut, so `mlora eval --adapter` (no cut) agrees
                         eval={"metrics": ["loss", "choice_accuracy"]}, sweep={"grid": {"adapter.lr": [1e-2, 3e-2]}})
-    result = mlora("run", write_sweep(tmp_path, sweep))
-    assert result.exit_code == 0, result.output
+    result, run_dir, results = run_cli(tmp_path, sweep)
     assert "choice" in result.output  # the tables show it
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    results = json.loads((run_dir / "results.json").read_text())
     for name, entry in results["adapters"].items():
         assert entry["status"] == "done"
         matrix = entry["matrix"]["choice_accuracy"]

@@ -14,11 +14,10 @@ import torch
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the [lm-eval] extra")
 
-from helpers import micro_sweep, mlora, write_sweep  # noqa: E402
+from helpers import engine_with_trained_b, micro_sweep, mlora, write_sweep  # noqa: E402
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict  # noqa: E402
 
 from mlora_cli.eval import harness  # noqa: E402
-from mlora_cli.model.base import build_builtin  # noqa: E402
 from mlora_cli.model.engine import MultiLoraModel  # noqa: E402
 from mlora_cli.spec.schema import AdapterConfig  # noqa: E402
 
@@ -57,15 +56,7 @@ def table_row(output: str, *cells: str) -> list[str]:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Any:
     """builtin:micro with slots 0 and 1 holding different nonzero B; a clean copy of the base for PEFT."""
-    model, tokenizer = build_builtin("builtin:micro")
-    model.eval()
-    reference = copy.deepcopy(model)
-    engine = MultiLoraModel(model, TARGETS, 2, 4)
-    for slot in range(2):
-        engine.load_slot(slot, ADAPTER, 1.0, seed=slot)
-        with torch.no_grad():
-            for layer in engine.layers.values():
-                layer.lora_B[slot].normal_(0, 0.5, generator=torch.Generator().manual_seed(10 + slot))
+    engine, reference, tokenizer = engine_with_trained_b(TARGETS, ADAPTER, slots=2, nonzero=2)
     return engine, reference, tokenizer, write_tasks(tmp_path_factory.mktemp("harness"))
 
 

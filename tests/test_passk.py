@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import builtin_tasks, micro_sweep, mlora, write_sweep
+from helpers import builtin_tasks, micro_sweep, mlora, run_cli, write_sweep
 
 from mlora_cli.data.batches import TokenizedTask, tokenize_task
 from mlora_cli.data.sources import load_task
@@ -183,11 +183,8 @@ def test_a_run_writes_pass_at_k_for_every_task_and_eval_reproduces_it(tmp_path: 
         sweep={"grid": {"adapter.lr": [1e-2, 3e-3]}},
     )
     (tmp_path / "lucky.py").write_text(LUCKY)
-    result = mlora("run", write_sweep(tmp_path, sweep))
-    assert result.exit_code == 0, result.output
+    result, run_dir, results = run_cli(tmp_path, sweep)
     assert "pass@k" in result.output  # the tables show it
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    results = json.loads((run_dir / "results.json").read_text())
     for name, entry in results["adapters"].items():
         assert entry["status"] == "done"
         assert [len(row) for row in entry["matrix"]["pass_at_k"]] == [2, 2, 2]
