@@ -238,3 +238,15 @@ def test_a_harness_task_whose_data_cannot_load_stops_the_run_with_one_line(tmp_p
     assert result.exit_code == 2, result.output
     assert "eval.harness_tasks: lm-evaluation-harness failed: " in result.output
     assert "Traceback" not in result.output
+
+
+def test_mlora_eval_names_a_harness_task_whose_data_cannot_load(setup: Any, tmp_path: Path) -> None:
+    engine, _, _, _ = setup
+    engine.save_slot(0, ADAPTER, tmp_path / "a", "builtin:micro")
+    tasks = write_tasks(tmp_path / "harness")
+    (tasks / "tiny.jsonl").unlink()
+    result = mlora("eval", "--base", "builtin:micro", "--adapter", tmp_path / "a", "--harness-tasks", "tiny_mc",
+                   "--harness-include", tasks, columns=300)
+    assert result.exit_code == 2, result.output
+    assert "--harness-tasks: lm-evaluation-harness failed: FileNotFoundError: " in result.output
+    assert "Traceback" not in result.output

@@ -205,10 +205,21 @@ def run_tasks(lm: Any, tasks: Sequence[str], manager: Any, limit: int | None = N
     return scores
 
 
+def max_length(model: Any) -> int:
+    """The context the harness may use: the base's `max_position_embeddings` (2048 when it has none)."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
+
+
 def evaluate_slots(engine: MultiLoraModel, slots: Sequence[int], labels: Sequence[str], tokenizer: Any,
                    tasks: Sequence[str], manager: Any, batch_size: int = 32, max_length: int = 2048,
-                   limit: int | None = None) -> dict[str, dict[str, dict[str, float]]]:
+                   limit: int | None = None, key: str = "--harness-tasks") -> dict[str, dict[str, dict[str, float]]]:
     """{label: {harness task: {metric: value}}} for the adapters already in `slots`, all scored together (`limit`:
-    the first examples of each task only)."""
+    the first examples of each task only). A task whose data cannot be loaded (offline, a missing file, a field its
+    YAML names) is a ConfigError line under `key`, for every adapter alike."""
     fused = FusedHarness(engine, slots, tokenizer, batch_size, max_length)
-    return {label: run_tasks(view, tasks, manager, limit) for label, view in zip(labels, fused.views())}
+    try:
+        return {label: run_tasks(view, tasks, manager, limit) for label, view in zip(labels, fused.views())}
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        lines = str(exc).strip().splitlines()
+        raise ConfigError([f"{key}: lm-evaluation-harness failed: {type(exc).__name__}: {lines[0] if lines else ''}"]
+                          ) from exc

@@ -32,8 +32,7 @@ class HarnessRows:
         self.harness, self.config, self.tokenizer = harness, config, tokenizer
         include = Path(config.harness_include) if config.harness_include else None
         self.manager = harness.task_manager(config.harness_tasks, include, key="eval.harness_tasks")
-        model_config = getattr(model, "config", None)
-        self.max_length = getattr(model_config, "max_position_embeddings", None) or 2048
+        self.max_length = harness.max_length(model)
         self.base_scores: HarnessScores | None = None  # the base's row, shared by every adapter still at B = 0
 
     def score(self, engine: MultiLoraModel, due: Sequence[tuple[str, int, bool]]) -> dict[str, HarnessScores]:
@@ -45,15 +44,10 @@ class HarnessRows:
         scores: dict[str, HarnessScores] = {}
         if trained:
             per_pass = max(1, self.config.batch_size // len(trained))
-            try:
-                scores = self.harness.evaluate_slots(
-                    engine, [slot for _, slot in trained], [name for name, _ in trained], self.tokenizer,
-                    self.config.harness_tasks, self.manager, per_pass, self.max_length, self.config.harness_limit)
-            except Exception as exc:  # a task's data that cannot be loaded (offline, a missing file), a bad task
-                # It concerns every adapter alike, and shows at the first row of R, before any training.
-                lines = str(exc).strip().splitlines()
-                raise ConfigError([f"eval.harness_tasks: lm-evaluation-harness failed: {type(exc).__name__}: "
-                                   f"{lines[0] if lines else ''}"]) from exc
+            scores = self.harness.evaluate_slots(
+                engine, [slot for _, slot in trained], [name for name, _ in trained], self.tokenizer,
+                self.config.harness_tasks, self.manager, per_pass, self.max_length, self.config.harness_limit,
+                key="eval.harness_tasks")
         if "\0base" in scores:
             self.base_scores = scores.pop("\0base")
         scores.update({name: self.base_scores for name, _ in at_base if self.base_scores is not None})

@@ -34,7 +34,7 @@ from mlora_cli.eval.request import EvalRequest
 from mlora_cli.files import new_folder, read_json, write_json
 from mlora_cli.model.base import load_base
 from mlora_cli.model.engine import MultiLoraModel
-from mlora_cli.spec.load import TaskSuite
+from mlora_cli.spec.load import HARNESS_MISSING, TaskSuite
 from mlora_cli.spec.schema import AdapterConfig
 
 SLOTS_PER_PASS = 64  # checkpoints evaluated together; more only grows the batch
@@ -135,11 +135,9 @@ def harness_scores(base: Any, engine: MultiLoraModel, saved: list[SavedAdapter],
     try:
         from mlora_cli.eval import harness
     except ImportError as exc:
-        raise ConfigError([f"--harness-tasks needs lm-evaluation-harness ({exc}): pip install 'mlora-sweep[lm-eval]'"]
-                          ) from exc
+        raise ConfigError([f"--harness-tasks: {HARNESS_MISSING} ({exc})"]) from exc
     manager = harness.task_manager(tasks, include)
-    config = getattr(base.model, "config", None)
-    max_length = getattr(config, "max_position_embeddings", None) or 2048
+    max_length = harness.max_length(base.model)
     scores = {}
     for start in range(0, len(saved), engine.num_slots):
         chunk = saved[start : start + engine.num_slots]

@@ -53,6 +53,11 @@ class GradBlocks(NamedTuple):
     by_slot: dict[int, tuple[list[int], list[torch.Tensor]]]  # slot -> (its parameters, its gradient blocks)
 
 
+# With flat buffers autograd adds each gradient into its view in place, as wanted; its note that a view of a wider
+# buffer is not a dense layout (so other gradients would be made contiguous) says nothing about this case.
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+
+
 class FlatBuffers(NamedTuple):
     """The (S, total) buffers of the masked update (see the module doc); parameter i is columns of each."""
 
@@ -121,9 +126,6 @@ class SlotAdamW:
         """Make every parameter, its gradient and its moments views into flat (S, total) buffers (module doc)."""
         if self.flat is not None:
             return
-        # Autograd adds each gradient into its view in place, as wanted; its note that a view of a wider buffer is not
-        # a dense layout (so other gradients would be made contiguous) says nothing about this case.
-        warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
         sizes = [p[0].numel() for p in self.params]
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         like = self.params[0]
@@ -293,14 +295,15 @@ class SlotAdamW:
         step_size = lrs / bias_correction1
         decay = 1 - lrs * self.weight_decay
         trainable: list[torch.Tensor | None] = list(self.trainable()) if any_frozen else [None] * len(self.params)
-        stacks = [(p, p.grad, m, v, unfrozen) for p, m, v, unfrozen in
-                  zip(self.params, self.exp_avg, self.exp_avg_sq, trainable)]
         if self.flat is not None:  # the whole update once over the flat buffers
             flat_mask = None
-            if any_frozen:
+            if any_frozen:  # O-LoRA only
                 flat_mask = torch.cat([mask.expand(p.shape).reshape(p.size(0), -1)
                                        for p, mask in zip(self.params, trainable)], dim=1)
             stacks = [(self.flat.params, self.flat.grads, self.flat.exp_avg, self.flat.exp_avg_sq, flat_mask)]
+        else:
+            stacks = [(p, p.grad, m, v, unfrozen) for p, m, v, unfrozen in
+                      zip(self.params, self.exp_avg, self.exp_avg_sq, trainable)]
         for p, p_grad, m, v, unfrozen in stacks:
             if p_grad is None:
                 continue

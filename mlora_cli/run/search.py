@@ -128,7 +128,6 @@ class Search:
         else:
             self.distributions = grid_distributions(optuna, expand(spec))
         self.trials: dict[str, Any] = {}  # adapter name -> its running optuna.Trial
-        self.repeats: dict[int, list[Any]] = {}  # trial number -> trials suggesting its parameters again (_ask_unseen)
         self.reported: dict[str, set[int]] = {}  # adapter name -> steps reported (before a stop too)
         storage = storage_url(run_dir) if run_dir is not None else None  # None: in memory (a worker without a folder)
         with self.lock():
@@ -206,9 +205,7 @@ class Search:
                 return trial
             original = min(earlier, key=lambda t: t.number)
             trial.set_user_attr("repeat_of", original.number)
-            if original.state == states.RUNNING:
-                self.repeats.setdefault(original.number, []).append(trial)
-            else:
+            if original.state != states.RUNNING:  # else it stays RUNNING, told when the original ends (`close`)
                 self._tell_as(trial, original.state, original.value)
         return trial
 
@@ -267,8 +264,10 @@ class Search:
             done = status == "done" and value is not None and math.isfinite(value)
             state = states.COMPLETE if done else states.PRUNED if status == "pruned" else states.FAIL
             self._tell_as(trial, state, value)
-            for repeat in self.repeats.pop(trial.number, []):  # suggested again while it ran: the same outcome
-                self._tell_as(repeat, state, value)
+            # Trials suggesting its parameters again while it ran (by any worker of the run): the same outcome.
+            for repeat in self.study.get_trials(deepcopy=False, states=(states.RUNNING,)):
+                if repeat.user_attrs.get("repeat_of") == trial.number:
+                    self._tell_as(self.optuna.trial.Trial(self.study, repeat._trial_id), state, value)
 
     def resumed(self, entry: dict[str, Any]) -> None:
         """An adapter whose result was written before the stop: its trial ends as the result says, if not yet told."""
