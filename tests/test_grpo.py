@@ -21,6 +21,7 @@ from mlora_cli.data.batches import Row, collate, tokenize_task
 from mlora_cli.data.sources import load_task
 from mlora_cli.model.base import build_builtin
 from mlora_cli.model.engine import MultiLoraModel
+from mlora_cli.model.prompt_sharing import shared_rows
 from mlora_cli.run import worker
 from mlora_cli.spec.schema import AdapterConfig, RLConfig, TaskConfig
 from mlora_cli.train.grpo import advantages
@@ -39,25 +40,28 @@ def test_advantages_are_group_relative_and_zero_for_equal_rewards() -> None:
     assert advantages(rewards, 4, "none")[:4] == pytest.approx([0.5, -0.5, 0.5, -0.5])
 
 
-def sampled_rows(tokenizer: Any, count: int, completion_length: int, offset: int) -> list[Row]:
+def sampled_rows(tokenizer: Any, count: int, completion_length: int, offset: int, group: int = 4) -> list[Row]:
+    """`count` rows in groups of `group` rows sharing a prompt, as sampling gives them."""
     task = load_task(TaskConfig(name="copy", source="builtin:copy", train_examples=32, eval_examples=4), 0, None)
     prompts = tokenize_task(task, tokenizer, 32).train
     # Completions of different lengths per row, as sampling gives: loss on the completion only.
     rows = []
     for i in range(count):
-        prompt = prompts[offset + i]
-        completion = tuple(range(10, 10 + completion_length + i % 3))
+        prompt = prompts[offset + i // group]
+        completion = tuple(range(10 + i % 2, 10 + i % 2 + completion_length + i % 3))
         rows.append(Row(prompt.ids[: prompt.prompt_len] + completion, prompt.prompt_len, "x"))
     return rows
 
 
+@pytest.mark.parametrize("share_prompts", [True, False], ids=["shared-prompts", "full-rows"])
 @pytest.mark.parametrize(("loss", "kl_beta"), [("dapo", 0.0), ("grpo", 0.0), ("dr_grpo", 0.0), ("dapo", 0.5)],
                          ids=["dapo", "grpo", "dr_grpo", "dapo-kl"])
-def test_fused_rl_step_equals_plain_peft_on_the_same_samples(loss: str, kl_beta: float) -> None:
+def test_fused_rl_step_equals_plain_peft_on_the_same_samples(loss: str, kl_beta: float, share_prompts: bool) -> None:
     """Two adapters, different samples, advantages and completion lengths: each ends where plain PEFT
     with the same loss, clipping and AdamW ends, its normalisation over its own tokens only; with
     kl_beta, the KL reference is the base with the adapter off. Each adapter's log-probabilities are those
-    of its sampling policy, softmax(logits / its temperature), as TRL's."""
+    of its sampling policy, softmax(logits / its temperature), as TRL's. The same with each group's prompt
+    run once (model.share_prompts) and with every row in full."""
     model, tokenizer = build_builtin("builtin:micro")
     reference = copy.deepcopy(model)
     configs = [AdapterConfig(rank=4, alpha=8.0, lr=1e-2, target_modules=TARGETS),
@@ -66,7 +70,7 @@ def test_fused_rl_step_equals_plain_peft_on_the_same_samples(loss: str, kl_beta:
            for temperature in (0.7, 1.0)]
     rows = [sampled_rows(tokenizer, 8, 3, 0), sampled_rows(tokenizer, 4, 6, 8)]  # the second's completions are longer
     scores = [advantages([1, 0, 0, 0, 1, 1, 0, 1], 4, "group"), advantages([0.2, 0.9, 0.4, 0.1], 4, "group")]
-    engine = MultiLoraModel(model, TARGETS, 2, 4)
+    engine = MultiLoraModel(model, TARGETS, 2, 4, share_prompts=share_prompts)
     for slot, config in enumerate(configs):
         engine.load_slot(slot, config, 1.0, seed=slot)
     initial = [engine.slot_weights(slot, config) for slot, config in enumerate(configs)]
@@ -114,16 +118,80 @@ def test_fused_rl_step_equals_plain_peft_on_the_same_samples(loss: str, kl_beta:
         assert any(not torch.allclose(got[k], initial[slot][k]) for k in got if "lora_B" in k)
 
 
-def test_samples_depend_on_the_adapter_and_its_counters_only() -> None:
+def embedded_tokens(engine: MultiLoraModel) -> list[int]:
+    """A list that collects the number of token positions of every forward through the model (padding included)."""
+    seen: list[int] = []
+    engine.model.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].numel()))
+    return seen
+
+
+def test_shared_prompts_run_each_group_prompt_once_for_the_full_rows_step() -> None:
+    """model.share_prompts: an RL step runs each group's prompt once and the rows' completions on its cache; the
+    losses, gradient norms and updates are the full rows' up to float rounding. A cut completion that carries no
+    loss (mask_truncated: its whole row is prompt) stays in its group."""
+    _, tokenizer = build_builtin("builtin:micro")
+    config = AdapterConfig(rank=4, alpha=8.0, lr=1e-2, target_modules=TARGETS)
+    rl = RLConfig(group_size=4, max_new_tokens=8, loss="grpo")
+    rows = [sampled_rows(tokenizer, 8, 3, 0), sampled_rows(tokenizer, 4, 6, 8)]
+    cut = rows[0][5]
+    rows[0][5] = Row(cut.ids, cut.tokens, cut.completion)  # as scored_batch masks a truncated completion
+    scores = [advantages([1, 0, 0, 0, 1, 1, 0, 1], 4, "group"), advantages([0.2, 0.9, 0.4, 0.1], 4, "group")]
+    outcome = {}
+    for share in (True, False):
+        engine = MultiLoraModel(build_builtin("builtin:micro")[0], TARGETS, 2, 4, share_prompts=share)
+        for slot in range(2):
+            engine.load_slot(slot, config, 1.0, seed=slot)
+        tokens = embedded_tokens(engine)
+        results, _ = fused_step(engine, [StepInput(slot, rows[slot], config.lr, 0.0, None, scores[slot], rl)
+                                         for slot in range(2)], tokenizer.pad_token_id)
+        outcome[share] = results, [engine.slot_weights(slot, config) for slot in range(2)], tokens
+    (shared, shared_weights, shared_tokens), (full, full_weights, full_tokens) = outcome[True], outcome[False]
+    layout = shared_rows(rows)
+    assert len(layout.prefixes) == 3 and layout.first_label[5] == len(layout.suffixes[5])  # the cut row: no loss
+    assert shared_tokens == [len(layout.prefixes) * max(map(len, layout.prefixes)),
+                             12 * max(map(len, layout.suffixes))]
+    assert full_tokens == [12 * max(row.tokens for part in rows for row in part)]
+    assert sum(shared_tokens) < full_tokens[0]
+    for got, want in zip(shared, full):
+        assert got.tokens == want.tokens
+        assert got.loss == pytest.approx(want.loss, rel=1e-6)
+        assert got.grad_norm == pytest.approx(want.grad_norm, rel=1e-5)
+    for got, want in zip(shared_weights, full_weights):
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)
+
+
+def sampling_engine() -> tuple[MultiLoraModel, Any, tuple[Row, ...]]:
+    """Two adapters with nonzero B (each changes the distribution), the tokenizer, and copy-task prompts."""
     model, tokenizer = build_builtin("builtin:micro")
     engine = MultiLoraModel(model, TARGETS, 2, 4)
     for slot in range(2):
         engine.load_slot(slot, AdapterConfig(rank=4, target_modules=TARGETS), 1.0, seed=slot)
-        with torch.no_grad():  # a nonzero B: each adapter changes the distribution
+        with torch.no_grad():
             for layer in engine.layers.values():
                 layer.lora_B[slot].normal_(0, 0.5, generator=torch.Generator().manual_seed(slot))
     prompts = tokenize_task(load_task(TaskConfig(name="c", source="builtin:copy", train_examples=16, eval_examples=2),
                                       0, None), tokenizer, 32).train
+    return engine, tokenizer, prompts
+
+
+def test_sampling_prefills_each_group_prompt_once_with_the_same_samples() -> None:
+    engine, tokenizer, prompts = sampling_engine()
+    requests = [RolloutRequest(1, list(prompts[4:9]), 3, 0.7, 1.0, 6, list(range(15))),
+                RolloutRequest(0, list(prompts[0:2]), 4, 1.0, 0.9, 6, list(range(100, 108)))]
+    tokens = embedded_tokens(engine)
+    shared = sample(engine, requests, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    shared_prefill, calls = tokens[0], len(tokens)
+    engine.share_prompts = False
+    full = sample(engine, requests, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    assert [r.completion_ids for r in shared] == [r.completion_ids for r in full]
+    assert [r.rows for r in shared] == [r.rows for r in full]
+    longest = max(row.prompt_len for row in prompts[:9])
+    assert shared_prefill == 7 * longest and tokens[calls] == 23 * longest  # 7 prompts, 23 rows
+
+
+def test_samples_depend_on_the_adapter_and_its_counters_only() -> None:
+    engine, tokenizer, prompts = sampling_engine()
 
     def request(slot: int, first: int, count: int, temperature: float) -> RolloutRequest:
         return RolloutRequest(slot, list(prompts[first:first + count]), 3, temperature, 0.9, 6,

@@ -229,12 +229,17 @@ def collate_prompts(
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row summed completion loss, completion token count, and correct-token count."""
-    shifted = logits[:, :-1].float()
-    targets = labels[:, 1:]
+    """Per-row summed completion loss, completion token count, and correct-token count (position t predicts t+1)."""
+    return predicted_token_losses(logits[:, :-1], labels[:, 1:])
+
+
+def predicted_token_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+    """`token_losses` where logits[:, t] already predicts targets[:, t] (IGNORE: no loss)."""
+    predicting = logits.float()
     losses = torch.nn.functional.cross_entropy(
-        shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
+        predicting.reshape(-1, predicting.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
     ).view_as(targets)
     mask = targets != IGNORE
-    correct = (shifted.argmax(-1) == targets) & mask
+    correct = (predicting.argmax(-1) == targets) & mask
     return losses.sum(1), mask.sum(1), correct.sum(1)

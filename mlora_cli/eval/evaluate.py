@@ -257,11 +257,13 @@ def evaluate(
 class _BaseAlone:
     """The engine with every row routed to no adapter: `rollout.sample` through it samples from the base alone.
 
-    `sample` reads only `model`, `device` and `routed` of its engine; each request's slot is ignored here.
+    `sample` reads only `model`, `device`, `share_prompts` and `routed` of its engine; each request's slot is
+    ignored here.
     """
 
     def __init__(self, engine: MultiLoraModel):
         self.engine, self.model, self.device = engine, engine.model, engine.device
+        self.share_prompts = engine.share_prompts
 
     def routed(self, slots: Sequence[int], rows: Sequence[int]) -> Any:
         return self.engine.routed([], [])

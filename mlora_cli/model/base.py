@@ -258,6 +258,12 @@ def model_cache(output: Any) -> Any:
     return output.cache if getattr(output, "cache", None) is not None else output.past_key_values
 
 
+def last_position_only(model: nn.Module) -> dict[str, int]:
+    """Forward kwargs for logits at the last position only (`logits_to_keep`, as `generate` prefills), where the
+    model takes it: a prefill needs no (rows, length, vocab) logits."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def cache_argument(model: nn.Module) -> str:
     """The name under which the model's forward takes a KV cache back (`cache`, or `past_key_values` before)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

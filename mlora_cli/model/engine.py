@@ -72,8 +72,10 @@ def output_layer_name(model: nn.Module) -> str | None:
 
 class MultiLoraModel:
     def __init__(self, model: nn.Module, targets: Sequence[str], num_slots: int, max_rank: int,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, share_prompts: bool = True):
         self.model = model
+        # RL sampling and training run each group's prompt once (model.share_prompts; see prompt_sharing.py).
+        self.share_prompts = share_prompts
         # Every routed forward (training, evaluation, sampling, teachers) runs under this autocast (model.autocast).
         self.autocast_dtype = autocast_dtype
         self.num_slots = num_slots

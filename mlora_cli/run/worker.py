@@ -78,7 +78,8 @@ class Worker:
         configs = [a.adapter for a in plan.adapters] + (self.search.shape() if self.search else [])
         targets = sorted({t for config in configs for t in config.target_modules})
         num_slots, max_rank = engine_shape(configs, plan.slots, len(spec.tasks))
-        self.engine = MultiLoraModel(self.base.model, targets, num_slots, max_rank, self.base.autocast)
+        self.engine = MultiLoraModel(self.base.model, targets, num_slots, max_rank, self.base.autocast,
+                                     spec.model.share_prompts)
         self.strategies = Strategies(self.engine, plan.slots)
         # eval.harness_tasks: lm-evaluation-harness columns of R, scored for every due adapter together
         self.harness = HarnessRows(spec.eval, self.base.model, self.tokenizer) if spec.eval.harness_tasks else None

@@ -57,9 +57,14 @@ def token_log_probs(logits: torch.Tensor, labels: torch.Tensor,
     pi_T = softmax(logits / T) is the policy that sampled the completions, so the gradient is
     that of the policy that acted (as TRL and verl compute it); at T = 1 it is the model's own.
     """
-    targets = labels[:, 1:]
+    return predicted_log_probs(logits[:, :-1], labels[:, 1:], temperature)
+
+
+def predicted_log_probs(logits: torch.Tensor, targets: torch.Tensor,
+                        temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_log_probs` where logits[:, t] already predicts targets[:, t] (IGNORE: not a completion token)."""
     mask = targets != IGNORE
-    log_probs = torch.log_softmax(logits[:, :-1].float() / temperature, -1)
+    log_probs = torch.log_softmax(logits.float() / temperature, -1)
     chosen = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return chosen, mask
 

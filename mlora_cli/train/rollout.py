@@ -1,9 +1,10 @@
 """Sampling completions for reinforcement learning: every adapter's prompts x group in one batched pass.
 
-All rows (each adapter's prompts, each repeated `group_size` times) are left-padded into one
-batch; the prompt is prefilled once through the fused engine (each adapter's rows through its
-own LoRA), then one token per step is decoded from the KV cache until every row has ended;
-a row that ends (end-of-sequence or its `max_new_tokens`) leaves the batch and its cache at
+All rows (each adapter's prompts, each repeated `group_size` times) form one batch; each
+group's prompt is prefilled once through the fused engine (left-padded, each adapter's prompts
+through its own LoRA) and its KV cache repeated to the group's rows (`model.share_prompts`;
+false: every row prefills its own copy), then one token per step is decoded from the KV cache
+until every row has ended; a row that ends (end-of-sequence or its `max_new_tokens`) leaves the batch and its cache at
 once, so long completions do not keep short ones' rows in every later step.
 Each row samples with its adapter's temperature and top-p, and with its own noise: the
 Gumbel-max trick, `argmax(logits / T + g)` with `g = -log(-log(u))` and `u` drawn from a
@@ -16,13 +17,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from mlora_cli.data.batches import Row
-from mlora_cli.model.base import cache_argument, model_cache
+from mlora_cli.model.base import cache_argument, last_position_only, model_cache
 from mlora_cli.model.engine import MultiLoraModel
+from mlora_cli.model.prompt_sharing import left_padded
 from mlora_cli.model.routing import on_device
 
 
@@ -73,19 +74,25 @@ def perturbed_scores(logits: torch.Tensor, temperature: torch.Tensor, top_p: tor
 @torch.no_grad()
 def sample(engine: MultiLoraModel, requests: list[RolloutRequest], pad_id: int, eos_id: int) -> list[Rollout]:
     """One Rollout per request, its rows prompt-major (prompt 0's group first)."""
-    prompts = [row.ids[: row.prompt_len] for r in requests for row in r.prompts for _ in range(r.group_size)]
+    groups = [row.ids[: row.prompt_len] for r in requests for row in r.prompts]
+    group_of_row = [g for g, size in enumerate(r.group_size for r in requests for _ in r.prompts) for _ in range(size)]
+    prompts = [groups[g] for g in group_of_row]
     counts = [len(r.prompts) * r.group_size for r in requests]
     per_row = [(r.temperature, r.top_p, r.max_new_tokens) for r, n in zip(requests, counts) for _ in range(n)]
     generators = [torch.Generator().manual_seed(seed) for r in requests for seed in r.seeds]
     device = engine.device
-    length = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), length), dtype=torch.long)
-    for i, ids in enumerate(prompts):
-        input_ids[i, length - len(ids):] = torch.tensor(ids)
-        mask[i, length - len(ids):] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    # The prefill: each group's prompt once, its cache then repeated to the group's rows (model.share_prompts).
+    share = engine.share_prompts
+    input_ids, mask, positions = left_padded(groups if share else prompts, pad_id, device)
+    prefill_rows = [len(r.prompts) * (1 if share else r.group_size) for r in requests]
+    with engine.routed([r.slot for r in requests], prefill_rows):
+        output = engine.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                              **last_position_only(engine.model))
+    cache, logits = model_cache(output), output.logits[:, -1]
+    if share:
+        rows = on_device(group_of_row, device)
+        cache.batch_select_indices(rows)
+        logits, mask, positions = logits[rows], mask[rows], positions[rows]
     temperature = torch.tensor([t for t, _, _ in per_row], device=device).unsqueeze(1)
     nucleus = any(p < 1.0 for _, p, _ in per_row)
     top_p = torch.tensor([p for _, p, _ in per_row], device=device) if nucleus else None
@@ -94,18 +101,14 @@ def sample(engine: MultiLoraModel, requests: list[RolloutRequest], pad_id: int, 
     cache_arg = cache_argument(engine.model)
     generated: list[list[int]] = [[] for _ in prompts]
     active = list(range(len(prompts)))  # rows still sampling, in batch order
-    cache: Any = None
-    step_input, step_positions = input_ids, positions
-    while active:
-        runs = [(slot, len(list(rows))) for slot, rows in itertools.groupby(slot_of_row[i] for i in active)]
-        with engine.routed([slot for slot, _ in runs], [count for _, count in runs]):
-            output = engine.model(input_ids=step_input, attention_mask=mask, position_ids=step_positions,
-                                  use_cache=True, **({cache_arg: cache} if cache is not None else {}))
-        cache = model_cache(output)
-        scores = perturbed_scores(output.logits[:, -1], temperature, top_p, [generators[i] for i in active])
+    step_positions = positions[:, -1:]
+    while True:
+        scores = perturbed_scores(logits, temperature, top_p, [generators[i] for i in active])
         for i, token in zip(active, scores.argmax(-1).tolist()):
             generated[i].append(token)
         keep = [k for k, i in enumerate(active) if generated[i][-1] != eos_id and len(generated[i]) < limit[i]]
+        if not keep:
+            break
         if len(keep) < len(active):  # finished rows leave the batch (and its KV cache) at once
             kept = on_device(keep, mask.device)
             cache.batch_select_indices(kept)
@@ -114,7 +117,12 @@ def sample(engine: MultiLoraModel, requests: list[RolloutRequest], pad_id: int, 
             active = [active[k] for k in keep]
         step_input = torch.tensor([[generated[i][-1]] for i in active], device=device)
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-        step_positions = step_positions[:, -1:] + 1
+        step_positions = step_positions + 1
+        runs = [(slot, len(list(rows))) for slot, rows in itertools.groupby(slot_of_row[i] for i in active)]
+        with engine.routed([slot for slot, _ in runs], [count for _, count in runs]):
+            output = engine.model(input_ids=step_input, attention_mask=mask, position_ids=step_positions,
+                                  use_cache=True, **{cache_arg: cache})
+        cache, logits = model_cache(output), output.logits[:, -1]
     return as_rollouts(requests, prompts, generated, eos_id)
 
 

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from mlora_cli.data.batches import Batch, Row, collate, token_losses
+from mlora_cli.data.batches import Batch, Row, collate, predicted_token_losses
+from mlora_cli.model.base import is_checkpointing
 from mlora_cli.model.engine import MultiLoraModel
+from mlora_cli.model.prompt_sharing import SharedRows, shared_rows, suffix_logits, worth_sharing
 from mlora_cli.model.routing import on_device
 from mlora_cli.spec.schema import RLConfig
-from mlora_cli.train.grpo import adapter_loss, token_log_probs
+from mlora_cli.train.grpo import adapter_loss, predicted_log_probs
 from mlora_cli.train.strategies import Strategies
 
 
@@ -51,13 +53,19 @@ def _adapter_losses(
     engine: MultiLoraModel, inputs: list[StepInput], pad_id: int, strategies: Strategies | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward the stacked rows once; per adapter: (objective, task loss, tokens)."""
-    rows = [row for part in inputs for row in part.rows]
-    batch = collate(rows, pad_id, engine.device)
     slots = [part.slot for part in inputs]
     counts = [len(part.rows) for part in inputs]
-    with engine.routed(slots, counts, [p.dropout for p in inputs], [p.generator for p in inputs]):
-        logits = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    row_loss, row_tokens, _ = token_losses(logits, batch.labels)
+    layout = _shared_layout(engine, inputs, strategies)
+    if layout is not None:  # an RL step: each group's prompt once (see model.prompt_sharing)
+        logits, targets = suffix_logits(engine, layout, slots, pad_id)
+        tokens_per_row = on_device([row.tokens for part in inputs for row in part.rows], engine.device)
+        batch = None
+    else:
+        batch = collate([row for part in inputs for row in part.rows], pad_id, engine.device)
+        with engine.routed(slots, counts, [p.dropout for p in inputs], [p.generator for p in inputs]):
+            full_logits = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits, targets, tokens_per_row = full_logits[:, :-1], batch.labels[:, 1:], batch.tokens_per_row
+    row_loss, row_tokens, _ = predicted_token_losses(logits, targets)
     device = row_loss.device
     # Built on the host and copied without waiting (repeat_interleave with device repeats would sync to size it).
     group = on_device([g for g, count in enumerate(counts) for _ in range(count)], device)
@@ -66,27 +74,41 @@ def _adapter_losses(
     task_loss = loss_sum / completion_tokens.clamp(min=1)
     objective = task_loss
     if any(part.advantages is not None for part in inputs):
-        objective = _with_rl_losses(engine, inputs, counts, logits, batch, objective)
-    if strategies is not None:
-        distillation = strategies.distillation(logits, batch.input_ids, batch.attention_mask, slots, counts)
+        base_log_probs = _base_log_probs(engine, inputs, batch, pad_id)
+        objective = _with_rl_losses(inputs, counts, logits, targets, objective, base_log_probs)
+    if strategies is not None and batch is not None:  # teachers take the full rows (see _shared_layout)
+        distillation = strategies.distillation(full_logits, batch.input_ids, batch.attention_mask, slots, counts)
         if distillation is not None:
             objective = task_loss + distillation
-    tokens = torch.zeros(len(inputs), dtype=torch.long, device=device).index_add(0, group, batch.tokens_per_row)
+    tokens = torch.zeros(len(inputs), dtype=torch.long, device=device).index_add(0, group, tokens_per_row)
     return objective, task_loss, tokens
 
 
-def _with_rl_losses(engine: MultiLoraModel, inputs: list[StepInput], counts: list[int], logits: torch.Tensor,
-                    batch: Batch, objective: torch.Tensor) -> torch.Tensor:
-    """`objective` with the GRPO-family loss in place of the next-token loss where an adapter's rows were sampled."""
+def _shared_layout(engine: MultiLoraModel, inputs: list[StepInput], strategies: Strategies | None
+                   ) -> SharedRows | None:
+    """The prompt-sharing layout of an RL step, or None for the full rows: supervised rows (bit-identical to
+    PEFT), dropout (each row draws its own mask), an LwF teacher (it distils every position), gradient
+    checkpointing (no KV cache in its recompute), or `model.share_prompts: false`."""
+    if not engine.share_prompts or is_checkpointing(engine.model):
+        return None
+    if any(part.advantages is None or part.dropout > 0 for part in inputs):
+        return None
+    if strategies is not None and any(part.slot in strategies.teacher_of for part in inputs):
+        return None
+    return worth_sharing([part.rows for part in inputs])
+
+
+def _with_rl_losses(inputs: list[StepInput], counts: list[int], logits: torch.Tensor, targets: torch.Tensor,
+                    objective: torch.Tensor, base_log_probs: dict[int, torch.Tensor]) -> torch.Tensor:
+    """`objective` with the GRPO-family loss in place of the next-token loss where an adapter's rows were sampled;
+    logits[:, t] predicts targets[:, t]."""
     starts = [sum(counts[:k]) for k in range(len(counts))]
-    spans = {k: slice(starts[k], starts[k] + counts[k]) for k, part in enumerate(inputs)
-             if part.advantages is not None and part.rl is not None}
-    base_log_probs = _base_log_probs(engine, batch, {k: inputs[k].rl.temperature for k in spans
-                                                     if inputs[k].rl.kl_beta > 0}, spans)
     losses = list(objective.unbind())
-    for k, span in spans.items():
-        part = inputs[k]
-        log_probs, mask = token_log_probs(logits[span], batch.labels[span], part.rl.temperature)  # its rows only
+    for k, part in enumerate(inputs):
+        if part.advantages is None or part.rl is None:
+            continue
+        span = slice(starts[k], starts[k] + counts[k])
+        log_probs, mask = predicted_log_probs(logits[span], targets[span], part.rl.temperature)  # its rows only
         advantage = torch.tensor(part.advantages, dtype=log_probs.dtype, device=log_probs.device)
         old = None
         if part.old_log_probs is not None:  # row-major over the completion tokens, as recorded
@@ -100,19 +122,29 @@ def _with_rl_losses(engine: MultiLoraModel, inputs: list[StepInput], counts: lis
 
 
 @torch.no_grad()
-def _base_log_probs(engine: MultiLoraModel, batch: Batch, temperatures: dict[int, float],
-                    spans: dict[int, slice]) -> dict[int, torch.Tensor]:
-    """log pi_base of the completion tokens of the rows of the adapters in `temperatures` (each at its own
-    sampling temperature): one pass of the base alone (the KL reference)."""
-    if not temperatures:
+def _base_log_probs(engine: MultiLoraModel, inputs: list[StepInput], batch: Batch | None,
+                    pad_id: int) -> dict[int, torch.Tensor]:
+    """log pi_base of the completion tokens of the rows of the adapters with `kl_beta` > 0 (each at its own
+    sampling temperature), by input index: one pass of the base alone (the KL reference). `batch`: the step's
+    full rows, or None when the step shares prompts (so does this pass)."""
+    kl = [k for k, part in enumerate(inputs) if part.rl is not None and part.advantages is not None
+          and part.rl.kl_beta > 0]
+    if not kl:
         return {}
-    rows = torch.cat([torch.arange(spans[k].start, spans[k].stop) for k in temperatures]).to(batch.input_ids.device)
-    with engine.routed([], []):
-        logits = engine.model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows]).logits
+    if batch is None:
+        logits, targets = suffix_logits(engine, shared_rows([inputs[k].rows for k in kl]), [], pad_id, routed=False)
+    else:
+        starts = [sum(len(part.rows) for part in inputs[:k]) for k in range(len(inputs))]
+        rows = torch.cat([torch.arange(starts[k], starts[k] + len(inputs[k].rows)) for k in kl])
+        rows = rows.to(batch.input_ids.device)
+        with engine.routed([], []):
+            full = engine.model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows]).logits
+        logits, targets = full[:, :-1], batch.labels[rows][:, 1:]
     out, start = {}, 0
-    for k, temperature in temperatures.items():
-        size = spans[k].stop - spans[k].start
-        out[k], _ = token_log_probs(logits[start:start + size], batch.labels[rows][start:start + size], temperature)
+    for k in kl:
+        size = len(inputs[k].rows)
+        out[k], _ = predicted_log_probs(logits[start:start + size], targets[start:start + size],
+                                        inputs[k].rl.temperature)
         start += size
     return out
 
