@@ -154,8 +154,10 @@ class MultiLoraLinear(nn.Module):
             product = torch.bmm(hidden, self._padded_b(rank, every_slot).transpose(1, 2))
             delta = product * scale.view(groups, 1, 1).to(product.dtype)  # in the matmul's dtype
             return delta.reshape(*shape[:-1], -1)
-        return PerAdapterLora.apply(lora_input, self.lora_A, self.lora_B, self.scale, routing,
-                                    (self.a_layout, self.b_layout))
+        layouts = (self.a_layout, self.b_layout)
+        if not torch.is_grad_enabled():  # sampling, evaluation: the same matmuls, no autograd node
+            return per_adapter_terms(lora_input, self.lora_A, self.lora_B, self.scale, routing, layouts)[0]
+        return PerAdapterLora.apply(lora_input, self.lora_A, self.lora_B, self.scale, routing, layouts)
 
     def _padded_b(self, rank: int, every_slot: bool) -> torch.Tensor:
         """(G, d_out, rank): each routed group's B, zero-padded to `rank` columns, in group order."""
@@ -206,6 +208,37 @@ def _keep_mask(piece: torch.Tensor, p: float, generator: torch.Generator | None)
     return mask.bernoulli_(1.0 - p, generator=local).transpose(0, 1)
 
 
+def per_adapter_terms(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
+                      routing: Routing, layouts: tuple[Block, Block],
+                      saved: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, Any]:
+    """Each group's `linear(linear(x_g, A_k), B_k) * s_k`, PEFT's calls on its slot's blocks, written into its rows
+    of one output; returns it and the scales used. `saved` collects (x_g, A_k^T, B_k^T, hidden) per group for the
+    backward; without it (no gradient: sampling, evaluation) this is the whole LoRA term, with none of the autograd
+    node's bookkeeping, which at a decode step's few rows per adapter costs more than the matmuls."""
+    # Times a Python float, as PEFT's `* scaling` is; on a GPU the 0-dim tensor (reading
+    # the values out would be a host sync).
+    scales = scale.tolist() if scale.device.type == "cpu" else scale
+    tokens_per_row = math.prod(x.shape[1:-1])
+    flat_parts = x.reshape(-1, x.size(-1)).split([rows * tokens_per_row for rows in routing.rows])
+    delta = out_parts = None
+    for index, (flat, slot, rank) in enumerate(zip(flat_parts, routing.slots, routing.ranks)):
+        # A_k^T and B_k^T exactly as PEFT's `weight.t()` of its contiguous (r, d_in) and
+        # (d_out, r) weights: one view each, made directly (a slot's blocks, see Block).
+        a_t = layouts[0].view(lora_a, slot, rank, transposed=True)
+        b_t = layouts[1].view(lora_b, slot, rank, transposed=True)
+        hidden = flat.mm(a_t)
+        product = hidden.mm(b_t)
+        if delta is None:  # in the matmul's dtype (bf16 under autocast)
+            # Each group's term is written straight into its rows of the output (no concatenation).
+            delta = product.new_empty(sum(part.size(0) for part in flat_parts), product.size(1))
+            out_parts = delta.split([part.size(0) for part in flat_parts])
+        torch.mul(product, scales[slot], out=out_parts[index])
+        if saved is not None:
+            saved += [flat, a_t, b_t, hidden]
+    assert delta is not None  # routing has at least one group
+    return delta.view(*x.shape[:-1], -1), scales
+
+
 class PerAdapterLora(torch.autograd.Function):
     """Each group's `linear(linear(x_g, A_k), B_k) * s_k` on its slot's blocks, as one autograd node.
 
@@ -218,36 +251,18 @@ class PerAdapterLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
                 routing: Routing, layouts: tuple[Block, Block]) -> torch.Tensor:
-        # Times a Python float, as PEFT's `* scaling` is; on a GPU the 0-dim tensor (reading
-        # the values out would be a host sync).
-        scales = scale.tolist() if scale.device.type == "cpu" else scale
-        tokens_per_row = math.prod(x.shape[1:-1])
-        flat_parts = x.reshape(-1, x.size(-1)).split([rows * tokens_per_row for rows in routing.rows])
-        groups, tensors = [], []
-        delta = out_parts = None
-        for index, (flat, slot, rank) in enumerate(zip(flat_parts, routing.slots, routing.ranks)):
-            # A_k^T and B_k^T exactly as PEFT's `weight.t()` of its contiguous (r, d_in) and
-            # (d_out, r) weights: one view each, made directly (a slot's blocks, see Block).
-            a_t = layouts[0].view(lora_a, slot, rank, transposed=True)
-            b_t = layouts[1].view(lora_b, slot, rank, transposed=True)
-            hidden = flat.mm(a_t)
-            product = hidden.mm(b_t)
-            if delta is None:  # in the matmul's dtype (bf16 under autocast)
-                # Each group's term is written straight into its rows of the output (no concatenation).
-                delta = product.new_empty(sum(part.size(0) for part in flat_parts), product.size(1))
-                out_parts = delta.split([part.size(0) for part in flat_parts])
-            torch.mul(product, scales[slot], out=out_parts[index])
-            groups.append((slot, rank))
-            tensors += [flat, a_t, b_t, hidden]
+        tensors: list[torch.Tensor] = []
+        delta, scales = per_adapter_terms(x, lora_a, lora_b, scale, routing, layouts, tensors)
         # Saved the official way, so that activation checkpointing can drop and recompute them.
         ctx.save_for_backward(*tensors)
-        ctx.groups, ctx.scales, ctx.shapes, ctx.layouts = groups, scales, (lora_a.shape, lora_b.shape), layouts
+        ctx.groups = list(zip(routing.slots, routing.ranks))
+        ctx.scales, ctx.shapes, ctx.layouts = scales, (lora_a.shape, lora_b.shape), layouts
         ctx.input_shape = x.shape
         # The backward runs under the forward's autocast (bf16 on a GPU), as autograd's own
         # recorded casts would make it (what torch.amp.custom_bwd does, for any device).
         device = x.device.type
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
-        return delta.view(*x.shape[:-1], -1)
+        return delta
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
