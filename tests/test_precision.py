@@ -16,10 +16,23 @@ import pytest
 import torch
 from helpers import builtin_tasks, micro_sweep, mlora, write_sweep
 from test_multi_lora import ADAPTERS, batch, loss_of, make_engine
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlora_cli.data.batches import Row
 from mlora_cli.model import base as base_module
 from mlora_cli.model.base import autocast_dtype
+
+
+class DispatchCount(TorchDispatchMode):
+    """Counts the ops dispatched inside it: on a GPU, each is a kernel launch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
 
 
 def test_auto_is_bf16_only_on_gpus_that_compute_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,20 +131,9 @@ def test_the_masked_update_is_a_fixed_number_of_ops_whatever_the_layers() -> Non
     """Finding 4 of the GPU review: the masked AdamW (the GPU's) runs over flat buffers, so a step's optimizer,
     gradient norms and zero_grad dispatch the same ops for 1 targeted projection as for all seven (before: ~20 per
     stacked tensor). Counted with a dispatch mode on the CPU emulation of the GPU path."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from mlora_cli.model.base import build_builtin
     from mlora_cli.model.engine import MultiLoraModel
     from mlora_cli.spec.schema import AdapterConfig
-
-    class Count(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops = 0
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            self.ops += 1
-            return func(*args, **(kwargs or {}))
 
     counts = {}
     for targets in (("q_proj",), ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
@@ -146,7 +148,7 @@ def test_the_masked_update_is_a_fixed_number_of_ops_whatever_the_layers() -> Non
             engine.zero_grad()
             with engine.routed([0, 1], [2, 2]):
                 loss_of(engine.model(input_ids=ids, attention_mask=mask).logits, ids, mask).backward()
-            with Count() as count:
+            with DispatchCount() as count:
                 norms = engine.grad_norms([0, 1])
                 engine.optimizer.step(torch.tensor([True, True]), torch.tensor([1e-3, 2e-3], dtype=torch.float64),
                                       norms)
@@ -157,3 +159,31 @@ def test_the_masked_update_is_a_fixed_number_of_ops_whatever_the_layers() -> Non
                    for p in engine.optimizer.params)  # the gradients are views of the flat buffer
         counts[len(targets)] = count.ops
     assert counts[1] == counts[7] and counts[7] < 80, counts  # per stacked tensor (before): 189 and 1185
+
+
+def test_the_gpu_lora_path_is_a_fixed_number_of_ops_for_unequal_groups() -> None:
+    """A decode step after some rows ended has groups of unequal rows: the GPU's path pads them to the longest
+    and keeps its two batched matmuls (a loop over G groups launches ~3 G kernels per layer), with the
+    per-adapter path's logits. Counted with a dispatch mode on the CPU emulation."""
+    from mlora_cli.model.base import build_builtin
+    from mlora_cli.model.engine import MultiLoraModel
+    from mlora_cli.spec.schema import AdapterConfig
+
+    model, _ = build_builtin("builtin:micro")
+    engine = MultiLoraModel(model, ["all-linear"], 8, 4)
+    for slot in range(8):
+        engine.load_slot(slot, AdapterConfig(rank=4, target_modules=("all-linear",)), None, seed=slot)
+        with torch.no_grad():  # a nonzero B: the LoRA term counts
+            for layer in engine.layers.values():
+                layer.lora_B[slot].normal_(0, 0.1, generator=torch.Generator().manual_seed(slot))
+    counts, logits = {}, {}
+    for rows in ([3, 2, 2, 1], [2, 2, 1, 2, 1, 2, 2, 2]):
+        ids, mask = batch(sum(rows), seed=2, length=1)  # one token per row, as a decode step
+        for per_adapter in (True, False):
+            engine.routing.per_adapter = per_adapter
+            with torch.no_grad(), engine.routed(list(range(len(rows)))[::-1], rows), DispatchCount() as count:
+                logits[per_adapter] = engine.model(input_ids=ids, attention_mask=mask).logits
+            counts[(len(rows), per_adapter)] = count.ops
+        assert engine.routing.padded_rows is None  # cleared with the routing
+        torch.testing.assert_close(logits[False], logits[True], atol=1e-6, rtol=1e-5)
+    assert counts[(4, False)] == counts[(8, False)] < counts[(8, True)], counts

@@ -67,7 +67,8 @@ def _fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: P
 
     def engine_for(slots: list[AdapterSpec]) -> tuple[MultiLoraModel, Any]:
         base = load_base(spec.base_model, device, spec.model)
-        engine = MultiLoraModel(base.model, targets, len(slots), max(a.adapter.rank for a in slots), base.autocast)
+        engine = MultiLoraModel(base.model, targets, len(slots), max(a.adapter.rank for a in slots), base.autocast,
+                                spec.model.share_prompts)  # RL passes as the run made them
         for slot, adapter in enumerate(slots):
             engine.load_slot(slot, adapter.adapter, adapter.train.max_grad_norm, adapter.seed)
         return engine, base.tokenizer

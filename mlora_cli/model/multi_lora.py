@@ -20,17 +20,19 @@ group only reads its own slot's A and B, and the loss of an adapter only reaches
 slot's gradients, so co-training is exact (see tests/test_multi_lora.py). Two ways to
 compute the LoRA term, same math:
 
-- on a GPU, when every group has the same number of rows (equal per-adapter batches, and
-  always during evaluation), two batched matmuls over all groups, so the cost does not grow
-  with a Python loop over adapters (kernel launches are what a loop costs there):
+- on a GPU, two batched matmuls over all groups, so the cost does not grow with a Python
+  loop over adapters (kernel launches are what a loop costs there):
 
       h = bmm(x.view(G, m*T, d_in), A[slots, :r]^T)           (G, m*T, r),  r = the largest r_k
       y += (bmm(h, B_pad[slots]^T) * s[slots]).view(R, T, d_out)
 
   with each B_k zero-padded to (d_out, r) (one gather per distinct rank): padded rows of A
-  and columns of B are zero, so they add nothing.
+  and columns of B are zero, so they add nothing. Groups of unequal rows (a decode step
+  after some rows ended; adapters with other batch or group sizes) are zero-padded to the
+  longest, m = max rows, by one `index_copy` in and one `index_select` out, when that at most
+  doubles the rows (`Routing.batched_with_padding`); past that the loop below wastes less.
 
-- on the CPU (and for unequal groups), per group `linear(linear(x_g, A_k), B_k) * s_k` on
+- on the CPU (and for groups too unequal to pad), per group `linear(linear(x_g, A_k), B_k) * s_k` on
   the adapter's own blocks: the very calls PEFT makes, on tensors laid out as PEFT's, so an
   adapter's forward and gradients are bit-identical to training it alone with PEFT
   (the padded bmm rounds differently). That makes co-trained and single-tenant runs agree
@@ -143,9 +145,9 @@ class MultiLoraLinear(nn.Module):
         # Under autocast the matmuls cast their inputs to the autocast dtype anyway: an fp32 copy would be wasted.
         autocasting = torch.is_autocast_enabled(x.device.type)
         lora_input = self._dropout(x if autocasting else x.to(self.lora_A.dtype))
-        if routing.uniform and not routing.per_adapter:
+        if routing.batched:
             groups, shape = len(routing.slots), lora_input.shape
-            grouped = lora_input.reshape(groups, -1, shape[-1])
+            grouped = self._grouped(lora_input, groups)
             rank = max(routing.ranks)
             every_slot = routing.in_slot_order and groups == self.lora_A.size(0)  # no gather needed
             lora_a = self.lora_A[:, :rank] if every_slot else self.lora_A[routing.slot_index, :rank]
@@ -153,11 +155,22 @@ class MultiLoraLinear(nn.Module):
             hidden = torch.bmm(grouped, lora_a.transpose(1, 2))
             product = torch.bmm(hidden, self._padded_b(rank, every_slot).transpose(1, 2))
             delta = product * scale.view(groups, 1, 1).to(product.dtype)  # in the matmul's dtype
+            if routing.padded_rows is not None:  # each row's term back from its padded place
+                delta = delta.reshape(groups * max(routing.rows), -1).index_select(0, routing.padded_rows)
             return delta.reshape(*shape[:-1], -1)
         layouts = (self.a_layout, self.b_layout)
         if not torch.is_grad_enabled():  # sampling, evaluation: the same matmuls, no autograd node
             return per_adapter_terms(lora_input, self.lora_A, self.lora_B, self.scale, routing, layouts)[0]
         return PerAdapterLora.apply(lora_input, self.lora_A, self.lora_B, self.scale, routing, layouts)
+
+    def _grouped(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        """x as (groups, rows of a group x tokens, d_in); unequal groups zero-padded to the longest (one copy)."""
+        padded_rows = self.routing.padded_rows
+        if padded_rows is None:
+            return x.reshape(groups, -1, x.size(-1))
+        per_row = x.reshape(x.size(0), -1)
+        padded = per_row.new_zeros(groups * max(self.routing.rows), per_row.size(1)).index_copy(0, padded_rows, per_row)
+        return padded.view(groups, -1, x.size(-1))
 
     def _padded_b(self, rank: int, every_slot: bool) -> torch.Tensor:
         """(G, d_out, rank): each routed group's B, zero-padded to `rank` columns, in group order."""
