@@ -89,11 +89,12 @@ def test_rl_bench_samples_what_mlora_samples_and_reports_rewards(tmp_path: Path)
     for name, verdict in report["agreement"].items():
         assert verdict["max_early_reward_delta"] == 0.0 and verdict["max_early_loss_rel_delta"] < 1e-5
         assert len(report["rl_rewards"]["concurrent"][name]) == len(report["rl_rewards"]["sequential"][name]) == 6
-    for key in ("fusion_efficiency_sample", "fusion_efficiency_rl_train"):
+    for key in ("fusion_efficiency_sample", "fusion_efficiency_rl_train", "prompt_sharing_speedup_sample",
+                "prompt_sharing_speedup_rl_train"):
         assert report["fusion"][key] > 0
     run_dir = next((folder / "concurrent").glob("rlbench-*"))
     ours = json.loads((run_dir / "results.json").read_text())["adapters"]
     for name in ours:
         theirs = json.loads((folder / "sequential" / f"{name}.json").read_text())
         assert ours[name]["matrix"]["pass_at_k"][0] == theirs["matrix"]["pass_at_k"][0]  # the base, same seeds
-    assert "RL learning" in result.output and "RL sampling" in result.output
+    assert "RL learning" in result.output and "RL sampling" in result.output and "each prompt once" in result.output

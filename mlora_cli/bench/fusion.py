@@ -8,7 +8,9 @@ machine's speed hits both alike. 1.0 means co-training costs no more than the un
 - train: one training step (forward, backward, clipping, AdamW);
 - eval: one batched evaluation pass over a task;
 - on a sweep with a `grpo` task, sample: one RL sampling pass (each adapter's prompts x
-  group_size rows, decoded to the end), and rl_train: one RL training step on those samples.
+  group_size rows, decoded to the end), and rl_train: one RL training step on those samples;
+  with `model.share_prompts` on, both fused passes are also timed with full rows (each sample
+  prefilled and trained as its own row), giving what sharing the prompts speeds them up.
 
 The one adapter is the first adapter given the sweep's mean rank, so that its LoRA matmuls on
 the union batch do the work of the N adapters' on their own rows (sum of rows x rank; on a GPU
@@ -168,7 +170,27 @@ def _rl_fusion(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, fus
                        [a for b in batches for a in b.advantages], rl)]
     union_step, fused_step_seconds = medians(lambda: fused_step(union_engine, union, pad),
                                              lambda: fused_step(fused_engine, fused, pad), 3 * repeats)
+    sharing = {}
+    if fused_engine.share_prompts:  # what running each group's prompt once gives: the same passes with full rows
+
+        def full_rows(run: Callable[[], Any]) -> Callable[[], Any]:
+            def unshared() -> Any:
+                fused_engine.share_prompts = False
+                try:
+                    return run()
+                finally:
+                    fused_engine.share_prompts = True
+            return unshared
+
+        full_sample, _ = medians(full_rows(lambda: sample(fused_engine, fused_requests, pad, eos)),
+                                 lambda: sample(fused_engine, fused_requests, pad, eos), repeats)
+        full_step, _ = medians(full_rows(lambda: fused_step(fused_engine, fused, pad)),
+                               lambda: fused_step(fused_engine, fused, pad), repeats)
+        sharing = {"full_rows_sample_seconds": full_sample, "prompt_sharing_speedup_sample": full_sample / fused_sample,
+                   "full_rows_rl_step_seconds": full_step,
+                   "prompt_sharing_speedup_rl_train": full_step / fused_step_seconds}
     return {
+        **sharing,
         "rl_rows_per_adapter": size * rl.group_size,
         "fused_sample_seconds": fused_sample,
         "union_sample_seconds": union_sample,

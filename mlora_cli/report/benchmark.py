@@ -69,6 +69,11 @@ def bench_tables(report: dict[str, Any], width: int | None = None) -> list[Table
         threads_note = f" ({threads} thread{plural})" if kind == "train" else ""
         summary.add_row(f"fusion efficiency ({label})", f"{fusion[f'fusion_efficiency_{kind}']:.2f}",
                         f"union {label}{rank} {seconds(union)} / fused {seconds(fused)}{threads_note}")
+    for kind, label, part in (("sample", "RL sampling", "sample"), ("rl_train", "RL train", "rl_step")):
+        if f"prompt_sharing_speedup_{kind}" in fusion:
+            summary.add_row(f"each prompt once ({label})", f"{fusion[f'prompt_sharing_speedup_{kind}']:.2f}x",
+                            f"fused {label} with full rows {fusion[f'full_rows_{part}_seconds'] * 1e3:.0f} ms / "
+                            f"sharing each group's prompt {fusion[f'fused_{part}_seconds'] * 1e3:.0f} ms")
     if "experiment_throughput_ratio" in report:
         summary.add_row("experiment throughput ratio", f"{report['experiment_throughput_ratio']:.2f}x",
                         "concurrent / sequential experiments per hour")
