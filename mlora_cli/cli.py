@@ -150,7 +150,7 @@ def run(
                 print_json(plan_document(spec, adapters, plans))
             else:
                 console.print(plan_table(spec, plans))
-                if spec.sweep.search.method != "grid" or spec.sweep.prune.method != "none":
+                if spec.sweep.runs_a_study:
                     from mlora_cli.report.trials import search_table
 
                     console.print(search_table(spec, adapters, console.width))
@@ -306,7 +306,7 @@ def bench(
         fail(problems, as_json)
     try:
         spec, resolved = load_sweep(sweep, overrides or [])
-        if spec.sweep.search.method != "grid" or spec.sweep.prune.method != "none":
+        if spec.sweep.runs_a_study:
             fail(["sweep.search: mlora bench compares fixed adapters; a searched or pruned sweep is timed by "
                   "scripts/bench-search.py"], as_json)
         adapters = expand(spec)

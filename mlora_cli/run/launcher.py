@@ -40,7 +40,6 @@ from mlora_cli.files import append_jsonl, exclusive_run_folder, write_bytes, wri
 from mlora_cli.report.outputs import write_reports
 from mlora_cli.report.trackers import Trackers, missing_trackers
 from mlora_cli.run.folder import keep_metrics_up_to_checkpoints, new_run_dir, remove_leftovers, saved_steps
-from mlora_cli.run.search import uses_study
 from mlora_cli.spec.convert import to_plain
 from mlora_cli.spec.plan import (
     WorkerPlan,
@@ -167,7 +166,7 @@ def run_sweep(
     adapters = expand(spec)
     if problems := missing_trackers(spec.logging.trackers):  # before any data, model or folder
         raise ConfigError(problems)
-    if backend == "ray" and uses_study(spec):
+    if backend == "ray" and spec.sweep.runs_a_study:
         raise ConfigError(["sweep.search / sweep.prune: the study is a SQLite file in the run folder, which Ray "
                            "actors do not share; run it with --backend local"])
     task_data = load_task_data(spec, adapters, sweep_dir)

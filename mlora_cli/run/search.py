@@ -41,11 +41,6 @@ from mlora_cli.spec.sweep import AdapterSpec, expand, search_envelope, search_sp
 MAX_REPEATS = 100  # sampler suggestions of already-tried parameters skipped in a row (see Search._ask_unseen)
 
 
-def uses_study(spec: SweepSpec) -> bool:
-    """Whether the sweep runs an Optuna study (a random / tpe search, or pruning)."""
-    return spec.sweep.search.method != "grid" or spec.sweep.prune.method != "none"
-
-
 def import_optuna() -> Any:
     try:
         import optuna

@@ -46,7 +46,7 @@ from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.model.optim import lr_factor
 from mlora_cli.run import state
 from mlora_cli.run.progress import AdapterProgress, spend_rl_batch, step_failure
-from mlora_cli.run.search import Search, objective, uses_study
+from mlora_cli.run.search import Search, objective
 from mlora_cli.run.signals import ctrl_c_between_steps
 from mlora_cli.spec.plan import WorkerPlan
 from mlora_cli.spec.schema import SweepSpec
@@ -65,7 +65,8 @@ class Worker:
                  emit: Emit, worker_id: int, resume: bool, written: Callable[[Path], None] | None = None):
         self.plan, self.spec, self.task_data, self.run_dir = plan, spec, task_data, run_dir
         self.emit, self.worker_id, self.resume = emit, worker_id, resume
-        self.search = Search(spec, run_dir) if uses_study(spec) else None  # the Optuna study; an adapter, a trial
+        # The Optuna study (an adapter is a trial), for a searched or pruned sweep.
+        self.search = Search(spec, run_dir) if spec.sweep.runs_a_study else None
         # Told of every file or folder written under run_dir (Ray ships them to the driver).
         self.written = written or (lambda path: None)
         started = time.perf_counter()

@@ -311,7 +311,7 @@ def check_search(sweep: SweepConfig, config: EvalConfig) -> list[str]:
     import importlib.util
 
     problems = []
-    if (sweep.search.method != "grid" or sweep.prune.method != "none") and importlib.util.find_spec("optuna") is None:
+    if sweep.runs_a_study and importlib.util.find_spec("optuna") is None:
         problems.append(f"sweep.search: method {sweep.search.method} / prune {sweep.prune.method} run through Optuna, "
                         "which is not installed: pip install 'mlora-sweep[optuna]'")
     metric = sweep.search.metric

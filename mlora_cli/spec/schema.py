@@ -326,6 +326,11 @@ class SweepConfig:
                                                                             "Optuna (docs/search.md)"))
     prune: PruneConfig = field(default_factory=PruneConfig, metadata=doc("early stopping by Optuna's pruners"))
 
+    @property
+    def runs_a_study(self) -> bool:
+        """Whether the sweep runs an Optuna study (a random / tpe search, or pruning)."""
+        return self.search.method != "grid" or self.prune.method != "none"
+
 
 @dataclass(frozen=True)
 class LoggingConfig:
