@@ -91,21 +91,32 @@ HOST_TENSOR_READS = {
 }
 
 
-def test_the_gpu_path_of_a_step_reads_nothing_back(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("objective", ["sft", "grpo"])
+def test_the_gpu_path_of_a_step_reads_nothing_back(monkeypatch: pytest.MonkeyPatch, objective: str) -> None:
     """The batched (GPU) path emulated on the CPU: `step_on_device` calls no .item() / .tolist() / .cpu() /
     bool() / int() / float() on a tensor from mlora's code, except reads of host tensors by design. On a GPU
-    each would wait for the device. (`fused_step` then reads back what it logs, once.)"""
+    each would wait for the device. (`fused_step` then reads back what it logs, once.) The RL step: groups of
+    3 samples of one prompt, each prompt run once (model.share_prompts), with the KL reference pass."""
     import inspect
 
+    from mlora_cli.model.prompt_sharing import worth_sharing
+    from mlora_cli.spec.schema import RLConfig
     from mlora_cli.train.step import StepInput, step_on_device
 
     engine, _ = make_engine()
     engine.routing.per_adapter = False  # the GPU's LoRA path
     engine.optimizer.per_slot_fused = False  # and its optimizer: one masked update of all slots
     ids, _ = batch(3 * 4, seed=1)
-    rows = [[Row(tuple(int(t) for t in ids[3 * k + i]), 4, "x") for i in range(3)] for k in range(3)]
-    inputs = [StepInput(slot, rows[slot], 1e-3, 0.1 if slot == 1 else 0.0, torch.Generator().manual_seed(slot))
-              for slot in range(3)]
+    if objective == "sft":
+        rows = [[Row(tuple(int(t) for t in ids[3 * k + i]), 4, "x") for i in range(3)] for k in range(3)]
+        inputs = [StepInput(slot, rows[slot], 1e-3, 0.1 if slot == 1 else 0.0, torch.Generator().manual_seed(slot))
+                  for slot in range(3)]
+    else:  # each part one prompt (row 3k's first 4 tokens) sampled 3 times
+        rows = [[Row(tuple(int(t) for t in torch.cat([ids[3 * k, :4], ids[3 * k + i, 4:]])), 4, "x")
+                 for i in range(3)] for k in range(3)]
+        inputs = [StepInput(slot, rows[slot], 1e-3, 0.0, None, [1.0, -0.5, -0.5], RLConfig(group_size=3, kl_beta=0.1))
+                  for slot in range(3)]
+        assert worth_sharing(rows) is not None  # the step takes the shared-prompt passes
     step_on_device(engine, inputs, 0)  # warm up: lazily built state is not the step
     reads: list[tuple[str, str]] = []
 

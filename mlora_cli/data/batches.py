@@ -205,10 +205,10 @@ def collate(rows: list[Row], pad_id: int, device: torch.device | str = "cpu") ->
         labels[i, row.prompt_len : row.tokens] = ids[row.prompt_len :]
         for start, end in row.trained:
             labels[i, start:end] = ids[start:end]
-    return Batch(*(_to_device(t, device) for t in (input_ids, attention_mask, labels)))
+    return Batch(*(to_device(t, device) for t in (input_ids, attention_mask, labels)))
 
 
-def _to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """To `device`; through pinned memory and without blocking when that is a GPU."""
     if torch.device(device).type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)

@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
-from mlora_cli.data.batches import IGNORE, Row
+from mlora_cli.data.batches import IGNORE, Row, to_device
 from mlora_cli.model.base import cache_argument, last_position_only, model_cache
+from mlora_cli.model.routing import on_device
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,8 @@ def worth_sharing(parts: Sequence[Sequence[Row]]) -> SharedRows | None:
 
 
 def left_padded(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Token ids, attention mask and positions of `sequences`, left-padded to the longest."""
+    """Token ids, attention mask and positions of `sequences`, left-padded to the longest (built on the host,
+    copied without waiting)."""
     length = max(map(len, sequences))
     ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), length), dtype=torch.long)
@@ -93,32 +95,39 @@ def left_padded(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.d
         ids[i, length - len(sequence):] = torch.tensor(sequence, dtype=torch.long)
         mask[i, length - len(sequence):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
+    return to_device(ids, device), to_device(mask, device), to_device(positions, device)
+
+
+def right_padded_suffixes(layout: SharedRows, pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Each row's suffix right-padded: token ids, attention mask, and targets (IGNORE before the row's completion
+    and on padding)."""
+    length = max(1, max(map(len, layout.suffixes)))
+    suffix = torch.full((len(layout.suffixes), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(suffix)
+    targets = torch.full_like(suffix, IGNORE)
+    for r, (tokens, first) in enumerate(zip(layout.suffixes, layout.first_label)):
+        suffix[r, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[r, :len(tokens)] = 1
+        targets[r, first:len(tokens)] = suffix[r, first:len(tokens)]
+    return to_device(suffix, device), to_device(mask, device), to_device(targets, device)
 
 
 def suffix_logits(engine: Any, layout: SharedRows, slots: Sequence[int], pad_id: int,
                   routed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, targets) of every row's suffix: logits[r, j] predicts targets[r, j], which is IGNORE before the
-    row's completion and on padding. Each part's rows run through its slot (`routed` False: the base alone)."""
+    row's completion and on padding. Each part's rows run through its slot (`routed` False: the base alone).
+    Every input is on its way to the device before the first forward, so the step never waits for a copy."""
     device = engine.device
     ids, mask, positions = left_padded(layout.prefixes, pad_id, device)
-    groups = torch.tensor(layout.group_of_row, device=device)
+    suffix, suffix_mask, targets = right_padded_suffixes(layout, pad_id, device)
+    groups = on_device(layout.group_of_row, device)
+    prefix_mask = mask[groups]
+    suffix_positions = prefix_mask.sum(1, keepdim=True) + torch.arange(suffix.size(1), device=device)
     with engine.routed(*((slots, layout.groups_per_part) if routed else ([], []))):
         prefix = engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                               **last_position_only(engine.model))  # only its last position predicts a row's token
     cache = model_cache(prefix)
     cache.batch_select_indices(groups)  # each row gets its group's cache (an indexing op: autograd sums back)
-    length = max(1, max(map(len, layout.suffixes)))
-    suffix = torch.full((len(layout.suffixes), length), pad_id, dtype=torch.long)
-    suffix_mask = torch.zeros_like(suffix)
-    targets = torch.full_like(suffix, IGNORE)
-    for r, (tokens, first) in enumerate(zip(layout.suffixes, layout.first_label)):
-        suffix[r, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        suffix_mask[r, :len(tokens)] = 1
-        targets[r, first:len(tokens)] = suffix[r, first:len(tokens)]
-    suffix, suffix_mask, targets = suffix.to(device), suffix_mask.to(device), targets.to(device)
-    prefix_mask = mask[groups]
-    suffix_positions = prefix_mask.sum(1, keepdim=True) + torch.arange(length, device=device)
     with engine.routed(*((slots, layout.rows_per_part) if routed else ([], []))):
         output = engine.model(input_ids=suffix, attention_mask=torch.cat([prefix_mask, suffix_mask], 1),
                               position_ids=suffix_positions, **{cache_argument(engine.model): cache})
