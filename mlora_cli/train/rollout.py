@@ -84,8 +84,8 @@ def sample(engine: MultiLoraModel, requests: list[RolloutRequest], pad_id: int, 
     # The prefill: each group's prompt once, its cache then repeated to the group's rows (model.share_prompts).
     share = engine.share_prompts
     input_ids, mask, positions = left_padded(groups if share else prompts, pad_id, device)
-    prefill_rows = [len(r.prompts) * (1 if share else r.group_size) for r in requests]
-    with engine.routed([r.slot for r in requests], prefill_rows):
+    prefill = [(r.slot, len(r.prompts) * (1 if share else r.group_size)) for r in requests if r.prompts]
+    with engine.routed([slot for slot, _ in prefill], [rows for _, rows in prefill]):
         output = engine.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                               **last_position_only(engine.model))
     cache, logits = model_cache(output), output.logits[:, -1]
