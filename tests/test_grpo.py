@@ -161,6 +161,30 @@ def test_shared_prompts_run_each_group_prompt_once_for_the_full_rows_step() -> N
             torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)
 
 
+def test_an_rl_adapter_trains_the_same_beside_a_supervised_neighbour() -> None:
+    """Which pass an adapter takes depends on itself only: RL adapters with shared prompts, a supervised one with
+    full rows. Mixed in one step (two passes), each ends bit for bit where it ends in a step of its own kind."""
+    _, tokenizer = build_builtin("builtin:micro")
+    config = AdapterConfig(rank=4, alpha=8.0, lr=1e-2, target_modules=TARGETS)
+    rl = RLConfig(group_size=4, max_new_tokens=8)
+    rows = [sampled_rows(tokenizer, 8, 3, 0), sampled_rows(tokenizer, 4, 6, 8), sampled_rows(tokenizer, 3, 4, 20, 1)]
+    scores = [advantages([1, 0, 0, 0, 1, 1, 0, 1], 4, "group"), advantages([0.2, 0.9, 0.4, 0.1], 4, "group"), None]
+
+    def trained(slots: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+        engine = MultiLoraModel(build_builtin("builtin:micro")[0], TARGETS, 3, 4)
+        for slot in range(3):
+            engine.load_slot(slot, config, 1.0, seed=slot)
+        inputs = [StepInput(slot, rows[slot], config.lr, 0.0, None, scores[slot], rl if scores[slot] else None)
+                  for slot in slots]
+        for _ in range(2):
+            fused_step(engine, inputs, tokenizer.pad_token_id)
+        return {slot: engine.slot_weights(slot, config) for slot in slots}
+
+    mixed, rl_only, sft_only = trained([0, 2, 1]), trained([0, 1]), trained([2])
+    for slot, alone in [(0, rl_only), (1, rl_only), (2, sft_only)]:
+        assert all(torch.equal(mixed[slot][key], alone[slot][key]) for key in alone[slot]), slot
+
+
 def sampling_engine() -> tuple[MultiLoraModel, Any, tuple[Row, ...]]:
     """Two adapters with nonzero B (each changes the distribution), the tokenizer, and copy-task prompts."""
     model, tokenizer = build_builtin("builtin:micro")

@@ -99,7 +99,7 @@ def test_the_gpu_path_of_a_step_reads_nothing_back(monkeypatch: pytest.MonkeyPat
     3 samples of one prompt, each prompt run once (model.share_prompts), with the KL reference pass."""
     import inspect
 
-    from mlora_cli.model.prompt_sharing import worth_sharing
+    from mlora_cli.model.prompt_sharing import shares_prompts
     from mlora_cli.spec.schema import RLConfig
     from mlora_cli.train.step import StepInput, step_on_device
 
@@ -116,7 +116,7 @@ def test_the_gpu_path_of_a_step_reads_nothing_back(monkeypatch: pytest.MonkeyPat
                  for i in range(3)] for k in range(3)]
         inputs = [StepInput(slot, rows[slot], 1e-3, 0.0, None, [1.0, -0.5, -0.5], RLConfig(group_size=3, kl_beta=0.1))
                   for slot in range(3)]
-        assert worth_sharing(rows) is not None  # the step takes the shared-prompt passes
+        assert all(shares_prompts(part) for part in rows)  # the step takes the shared-prompt passes
     step_on_device(engine, inputs, 0)  # warm up: lazily built state is not the step
     reads: list[tuple[str, str]] = []
 

@@ -18,8 +18,8 @@ with G = 6 and prompts as long as completions, about 40% less. Prefix Grouper
 (https://arxiv.org/abs/2506.05433) shares the prefix of GRPO groups the same way; vLLM's prefix
 cache does it for sampling.
 
-The caller decides where it applies (`model.share_prompts`; rows with dropout, teachers, or
-trained spans inside the prompt take the full rows instead).
+The caller decides where it applies, adapter by adapter (`model.share_prompts`; supervised rows,
+rows with dropout or an LwF teacher, and trained spans inside the prompt take the full rows).
 """
 
 from __future__ import annotations
@@ -46,11 +46,6 @@ class SharedRows:
     groups_per_part: list[int]  # groups of each part, in part order (the prefix pass's routing)
     rows_per_part: list[int]
 
-    def padded_tokens(self) -> int:
-        """Tokens the two passes compute, padding included (the full rows: rows x longest row)."""
-        return (len(self.prefixes) * max(map(len, self.prefixes))
-                + len(self.suffixes) * max(1, max(map(len, self.suffixes))))
-
 
 def shared_rows(parts: Sequence[Sequence[Row]]) -> SharedRows:
     """Group each part's consecutive rows by prompt: a row joins the current group when its tokens start with
@@ -74,15 +69,10 @@ def shared_rows(parts: Sequence[Sequence[Row]]) -> SharedRows:
     return SharedRows(prefixes, group_of_row, suffixes, first_label, groups_per_part, [len(rows) for rows in parts])
 
 
-def worth_sharing(parts: Sequence[Sequence[Row]]) -> SharedRows | None:
-    """The shared layout of `parts` when it computes fewer tokens than the full rows; None otherwise (or when a
-    row trains tokens inside its prompt, as a conversation's earlier turns do)."""
-    rows = [row for part in parts for row in part]
-    if not rows or any(row.trained for row in rows):
-        return None
-    layout = shared_rows(parts)
-    full = len(rows) * max(row.tokens for row in rows)
-    return layout if layout.padded_tokens() < full else None
+def shares_prompts(rows: Sequence[Row]) -> bool:
+    """Whether one adapter's rows form groups that share a prompt (a sampled group of two or more), and train
+    nothing inside their prompts (a conversation's earlier turns do)."""
+    return not any(row.trained for row in rows) and len(shared_rows([rows]).prefixes) < len(rows)
 
 
 def left_padded(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -17,7 +17,7 @@ import torch
 from mlora_cli.data.batches import Batch, Row, collate, predicted_token_losses
 from mlora_cli.model.base import is_checkpointing
 from mlora_cli.model.engine import MultiLoraModel
-from mlora_cli.model.prompt_sharing import SharedRows, shared_rows, suffix_logits, worth_sharing
+from mlora_cli.model.prompt_sharing import shared_rows, shares_prompts, suffix_logits
 from mlora_cli.model.routing import on_device
 from mlora_cli.spec.schema import RLConfig
 from mlora_cli.train.grpo import adapter_loss, predicted_log_probs
@@ -52,14 +52,43 @@ class StepResult:
 def _adapter_losses(
     engine: MultiLoraModel, inputs: list[StepInput], pad_id: int, strategies: Strategies | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward the stacked rows once; per adapter: (objective, task loss, tokens)."""
+    """Per adapter: (objective, task loss, tokens). The RL adapters whose groups share prompts run in one pass
+    (each prompt once, model.prompt_sharing), every other adapter's rows in another (stacked full rows): which
+    pass an adapter takes depends on itself only, never on its neighbours."""
+    shared = [k for k, part in enumerate(inputs) if _shares_prompts(engine, part, strategies)]
+    if len(shared) in (0, len(inputs)):
+        return _pass_losses(engine, inputs, pad_id, strategies, share=bool(shared))
+    full = [k for k in range(len(inputs)) if k not in shared]
+    passes = [_pass_losses(engine, [inputs[k] for k in ks], pad_id, strategies, share)
+              for ks, share in ((shared, True), (full, False))]
+    placed = shared + full  # input index of each entry of the two passes' results, concatenated
+    back = on_device(sorted(range(len(placed)), key=placed.__getitem__), engine.device)
+    objective, task_loss, tokens = (torch.cat(results)[back] for results in zip(*passes))
+    return objective, task_loss, tokens
+
+
+def _shares_prompts(engine: MultiLoraModel, part: StepInput, strategies: Strategies | None) -> bool:
+    """Whether an adapter's rows take the shared-prompt pass: RL rows whose groups share prompts, unless
+    `model.share_prompts: false`, dropout (each row draws its own mask), an LwF teacher (it distils every
+    position) or gradient checkpointing (no KV cache in its recompute). Supervised rows keep their full rows
+    (bit-identical to PEFT)."""
+    if not engine.share_prompts or part.advantages is None or part.dropout > 0 or is_checkpointing(engine.model):
+        return False
+    if strategies is not None and part.slot in strategies.teacher_of:
+        return False
+    return shares_prompts(part.rows)
+
+
+def _pass_losses(engine: MultiLoraModel, inputs: list[StepInput], pad_id: int, strategies: Strategies | None,
+                 share: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward over the stacked rows of `inputs`, each group's prompt once when `share`; per adapter:
+    (objective, task loss, tokens)."""
     slots = [part.slot for part in inputs]
     counts = [len(part.rows) for part in inputs]
-    layout = _shared_layout(engine, inputs, strategies)
-    if layout is not None:  # an RL step: each group's prompt once (see model.prompt_sharing)
-        logits, targets = suffix_logits(engine, layout, slots, pad_id)
+    batch = None
+    if share:
+        logits, targets = suffix_logits(engine, shared_rows([part.rows for part in inputs]), slots, pad_id)
         tokens_per_row = on_device([row.tokens for part in inputs for row in part.rows], engine.device)
-        batch = None
     else:
         batch = collate([row for part in inputs for row in part.rows], pad_id, engine.device)
         with engine.routed(slots, counts, [p.dropout for p in inputs], [p.generator for p in inputs]):
@@ -76,26 +105,12 @@ def _adapter_losses(
     if any(part.advantages is not None for part in inputs):
         base_log_probs = _base_log_probs(engine, inputs, batch, pad_id)
         objective = _with_rl_losses(inputs, counts, logits, targets, objective, base_log_probs)
-    if strategies is not None and batch is not None:  # teachers take the full rows (see _shared_layout)
+    if strategies is not None and batch is not None:  # teachers take the full rows (see _shares_prompts)
         distillation = strategies.distillation(full_logits, batch.input_ids, batch.attention_mask, slots, counts)
         if distillation is not None:
             objective = task_loss + distillation
     tokens = torch.zeros(len(inputs), dtype=torch.long, device=device).index_add(0, group, tokens_per_row)
     return objective, task_loss, tokens
-
-
-def _shared_layout(engine: MultiLoraModel, inputs: list[StepInput], strategies: Strategies | None
-                   ) -> SharedRows | None:
-    """The prompt-sharing layout of an RL step, or None for the full rows: supervised rows (bit-identical to
-    PEFT), dropout (each row draws its own mask), an LwF teacher (it distils every position), gradient
-    checkpointing (no KV cache in its recompute), or `model.share_prompts: false`."""
-    if not engine.share_prompts or is_checkpointing(engine.model):
-        return None
-    if any(part.advantages is None or part.dropout > 0 for part in inputs):
-        return None
-    if strategies is not None and any(part.slot in strategies.teacher_of for part in inputs):
-        return None
-    return worth_sharing([part.rows for part in inputs])
 
 
 def _with_rl_losses(inputs: list[StepInput], counts: list[int], logits: torch.Tensor, targets: torch.Tensor,
