@@ -151,20 +151,24 @@ def test_dropout_masks_on_cuda_do_not_depend_on_neighbours() -> None:
         torch.testing.assert_close(weights(together, 1)[key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
-def test_greedy_evaluation_and_rl_sampling_on_cuda_give_the_cpus_tokens() -> None:
-    scores, samples = {}, {}
+def test_greedy_evaluation_on_cuda_gives_the_cpus_tokens_and_rl_samples_are_seeded_on_it() -> None:
+    """Greedy evaluation: the CPU's tokens. RL sampling draws its noise on the GPU from per-row generators
+    (Philox, not the CPU's Mersenne Twister: other samples than the CPU's), so it must be reproducible there
+    and not depend on the neighbours."""
+    scores = {}
     for device in ("cpu", "cuda:0"):
         engine, tokenizer = engine_on(device)
         train(engine, tokenizer.pad_token_id, [3, 5, 8], steps=3)
         tasks = [task("sort"), task("copy")]
         requests = [EvalRequest(f"a{slot}", slot, tasks, seed=slot) for slot in range(3)]
         scores[device], _ = evaluate(engine, requests, EvalConfig(metrics=("loss", "exact_match")), tokenizer)
-        rollouts = sample(engine, [RolloutRequest(slot, list(tasks[0].train[:2]), 3, 1.0, 0.9, 6,
-                                                  list(range(10 * slot, 10 * slot + 6))) for slot in range(3)],
-                          tokenizer.pad_token_id, tokenizer.eos_token_id)
-        samples[device] = [r.completion_ids for r in rollouts]
         RLConfig()  # the RL defaults load on this device's build too
-    assert samples["cuda:0"] == samples["cpu"]
+    rl_requests = [RolloutRequest(slot, list(tasks[0].train[:2]), 3, 1.0, 0.9, 6, list(range(10 * slot, 10 * slot + 6)))
+                   for slot in range(3)]
+    together = [r.completion_ids for r in sample(engine, rl_requests, tokenizer.pad_token_id, tokenizer.eos_token_id)]
+    again = [r.completion_ids for r in sample(engine, rl_requests, tokenizer.pad_token_id, tokenizer.eos_token_id)]
+    alone = sample(engine, rl_requests[1:2], tokenizer.pad_token_id, tokenizer.eos_token_id)[0].completion_ids
+    assert together == again and together[1] == alone
     for name, per_task in scores["cpu"].items():
         for task_name, values in per_task.items():
             assert scores["cuda:0"][name][task_name]["exact_match"] == values["exact_match"]

@@ -100,7 +100,7 @@ class SeededGumbelNoise(LogitsProcessor):
     """Turns `generate`'s greedy pick into mlora's sample: each row's scores plus its own Gumbel noise."""
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device):
-        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]  # as rollout's
         self.temperature = torch.full((len(seeds), 1), temperature, device=device)
         self.top_p = torch.full((len(seeds),), top_p, device=device) if top_p < 1.0 else None
 
