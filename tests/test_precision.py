@@ -116,6 +116,8 @@ def test_the_gpu_path_of_a_step_reads_nothing_back(monkeypatch: pytest.MonkeyPat
                  for i in range(3)] for k in range(3)]
         inputs = [StepInput(slot, rows[slot], 1e-3, 0.0, None, [1.0, -0.5, -0.5], RLConfig(group_size=3, kl_beta=0.1))
                   for slot in range(3)]
+        # Slot 0 reuses its samples (num_iterations > 1): pi_old of each completion token comes from the host.
+        inputs[0].old_log_probs = [[-1.0] * (row.tokens - row.prompt_len) for row in rows[0]]
         assert all(shares_prompts(part) for part in rows)  # the step takes the shared-prompt passes
     step_on_device(engine, inputs, 0)  # warm up: lazily built state is not the step
     reads: list[tuple[str, str]] = []
@@ -132,6 +134,17 @@ def test_the_gpu_path_of_a_step_reads_nothing_back(monkeypatch: pytest.MonkeyPat
 
     for name in ("item", "tolist", "cpu", "__bool__", "__int__", "__float__"):
         monkeypatch.setattr(torch.Tensor, name, recording(name))
+    # A host list made a device tensor directly is a copy from pageable memory: on a GPU it waits for every
+    # kernel queued before it (on_device / to_device go through pinned memory instead).
+    make_tensor = torch.tensor
+
+    def tensor(*args: Any, **kwargs: Any) -> Any:
+        caller = inspect.stack()[1]
+        if "device" in kwargs and "mlora_cli" in caller.filename:
+            reads.append((Path(caller.filename).name, (caller.code_context or [""])[0].strip()))
+        return make_tensor(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", tensor)
     step_on_device(engine, inputs, 0)
     monkeypatch.undo()
     unexpected = sorted(set(read for read in reads if read not in HOST_TENSOR_READS))

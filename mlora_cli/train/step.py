@@ -124,11 +124,12 @@ def _with_rl_losses(inputs: list[StepInput], counts: list[int], logits: torch.Te
             continue
         span = slice(starts[k], starts[k] + counts[k])
         log_probs, mask = predicted_log_probs(logits[span], targets[span], part.rl.temperature)  # its rows only
-        advantage = torch.tensor(part.advantages, dtype=log_probs.dtype, device=log_probs.device)
+        # Host numbers go over without waiting, and into place without a boolean index (which would sync).
+        advantage = on_device(part.advantages, log_probs.device, log_probs.dtype)
         old = None
         if part.old_log_probs is not None:  # row-major over the completion tokens, as recorded
-            old = torch.zeros_like(log_probs)
-            old[mask] = torch.tensor([v for row in part.old_log_probs for v in row], dtype=old.dtype).to(old.device)
+            recorded = on_device([v for row in part.old_log_probs for v in row], log_probs.device, log_probs.dtype)
+            old = torch.zeros_like(log_probs).masked_scatter_(mask, recorded)
         if part.record_log_probs:
             per_row = log_probs.detach()[mask].split(mask.sum(1).tolist())
             part.recorded_log_probs = [row.tolist() for row in per_row]
