@@ -70,9 +70,11 @@ def shared_rows(parts: Sequence[Sequence[Row]]) -> SharedRows:
 
 
 def shares_prompts(rows: Sequence[Row]) -> bool:
-    """Whether one adapter's rows form groups that share a prompt (a sampled group of two or more), and train
-    nothing inside their prompts (a conversation's earlier turns do)."""
-    return not any(row.trained for row in rows) and len(shared_rows([rows]).prefixes) < len(rows)
+    """Whether one adapter's rows form groups that share a non-empty prompt (a sampled group of two or more), and
+    train nothing inside their prompts (a conversation's earlier turns do)."""
+    if any(row.trained or not row.prompt_len for row in rows):
+        return False
+    return len(shared_rows([rows]).prefixes) < len(rows)
 
 
 def left_padded(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
