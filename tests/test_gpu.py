@@ -163,6 +163,7 @@ def test_greedy_evaluation_on_cuda_gives_the_cpus_tokens_and_rl_samples_are_seed
         requests = [EvalRequest(f"a{slot}", slot, tasks, seed=slot) for slot in range(3)]
         scores[device], _ = evaluate(engine, requests, EvalConfig(metrics=("loss", "exact_match")), tokenizer)
         RLConfig()  # the RL defaults load on this device's build too
+    # `engine` is now the cuda one (the loop's last device).
     rl_requests = [RolloutRequest(slot, list(tasks[0].train[:2]), 3, 1.0, 0.9, 6, list(range(10 * slot, 10 * slot + 6)))
                    for slot in range(3)]
     together = [r.completion_ids for r in sample(engine, rl_requests, tokenizer.pad_token_id, tokenizer.eos_token_id)]

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import builtin_tasks, micro_sweep, mlora, numbers, write_sweep
+from helpers import builtin_tasks, engine_with_trained_b, micro_sweep, mlora, numbers, write_sweep
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from mlora_cli.data.batches import Row, collate, tokenize_task
@@ -187,13 +187,8 @@ def test_an_rl_adapter_trains_the_same_beside_a_supervised_neighbour() -> None:
 
 def sampling_engine() -> tuple[MultiLoraModel, Any, tuple[Row, ...]]:
     """Two adapters with nonzero B (each changes the distribution), the tokenizer, and copy-task prompts."""
-    model, tokenizer = build_builtin("builtin:micro")
-    engine = MultiLoraModel(model, TARGETS, 2, 4)
-    for slot in range(2):
-        engine.load_slot(slot, AdapterConfig(rank=4, target_modules=TARGETS), 1.0, seed=slot)
-        with torch.no_grad():
-            for layer in engine.layers.values():
-                layer.lora_B[slot].normal_(0, 0.5, generator=torch.Generator().manual_seed(slot))
+    engine, _, tokenizer = engine_with_trained_b(TARGETS, AdapterConfig(rank=4, target_modules=TARGETS), slots=2,
+                                                 nonzero=2)
     prompts = tokenize_task(load_task(TaskConfig(name="c", source="builtin:copy", train_examples=16, eval_examples=2),
                                       0, None), tokenizer, 32).train
     return engine, tokenizer, prompts

@@ -30,7 +30,7 @@ compute the LoRA term, same math:
   and columns of B are zero, so they add nothing. Groups of unequal rows (a decode step
   after some rows ended; adapters with other batch or group sizes) are zero-padded to the
   longest, m = max rows, by one `index_copy` in and one `index_select` out, when that at most
-  doubles the rows (`Routing.batched_with_padding`); past that the loop below wastes less.
+  doubles the rows (set with the routing, `model.routing`); past that the loop below wastes less.
 
 - on the CPU (and for groups too unequal to pad), per group `linear(linear(x_g, A_k), B_k) * s_k` on
   the adapter's own blocks: the very calls PEFT makes, on tensors laid out as PEFT's, so an
@@ -226,8 +226,8 @@ def per_adapter_terms(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tenso
                       saved: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, Any]:
     """Each group's `linear(linear(x_g, A_k), B_k) * s_k`, PEFT's calls on its slot's blocks, written into its rows
     of one output; returns it and the scales used. `saved` collects (x_g, A_k^T, B_k^T, hidden) per group for the
-    backward; without it (no gradient: sampling, evaluation) this is the whole LoRA term, with none of the autograd
-    node's bookkeeping, which at a decode step's few rows per adapter costs more than the matmuls."""
+    backward; without it (no gradient: sampling, evaluation) this is the whole LoRA term, without an autograd node
+    to build (about 3% of a sampling pass here)."""
     # Times a Python float, as PEFT's `* scaling` is; on a GPU the 0-dim tensor (reading
     # the values out would be a host sync).
     scales = scale.tolist() if scale.device.type == "cpu" else scale

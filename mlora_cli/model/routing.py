@@ -29,6 +29,9 @@ class Routing:
     per_adapter: bool = False  # always compute the LoRA term group by group, PEFT's way (set on the CPU)
     device: torch.device = torch.device("cpu")
     _by_rank: tuple[list[tuple[int, torch.Tensor]], torch.Tensor | None] | None = None  # see `by_rank`
+    # The LoRA term as two batched matmuls over all groups (multi_lora's GPU path), not a loop over them: not
+    # per_adapter, and the groups equal or unequal enough to pad (`_paddable`). Set with the routing, read per layer.
+    batched: bool = False
     # The batched path with groups of unequal rows: each row's place in the (groups x longest group) padded
     # layout, on the device; None when the groups are equal (no padding) or the loop computes them.
     padded_rows: torch.Tensor | None = None
@@ -48,10 +51,13 @@ class Routing:
         self.device, self._by_rank = torch.device(device), None
         self.slot_index = on_device(self.slots, self.device)
         self.in_slot_order = self.slots == list(range(len(self.slots)))
+        uniform = len(set(self.rows)) == 1
+        padded = bool(self.rows) and not uniform and _paddable(self.rows)
+        self.batched = not self.per_adapter and (uniform or padded)
         self.padded_rows = None
         if not self.per_adapter and self.slots:
             self.by_rank()  # now, before the forward: built mid-forward, its copies would wait for the GPU
-            if self.batched_with_padding:
+            if padded:
                 longest = max(self.rows)
                 self.padded_rows = on_device([g * longest + i for g, count in enumerate(self.rows)
                                               for i in range(count)], self.device)
@@ -87,11 +93,11 @@ class Routing:
 
     def _snapshot(self) -> tuple[Any, ...]:
         return (self.slots, self.rows, self.ranks, self.dropout, self.generators, self.slot_index, self.in_slot_order,
-                self.device, self._by_rank, self.padded_rows)
+                self.device, self._by_rank, self.batched, self.padded_rows)
 
     def _restore(self, snapshot: tuple[Any, ...]) -> None:
         (self.slots, self.rows, self.ranks, self.dropout, self.generators, self.slot_index,
-         self.in_slot_order, self.device, self._by_rank, self.padded_rows) = snapshot
+         self.in_slot_order, self.device, self._by_rank, self.batched, self.padded_rows) = snapshot
 
     def _generator_states(self) -> list[tuple[torch.Generator, torch.Tensor]]:
         return [(g, g.get_state()) for g, p in zip(self.generators, self.dropout) if g is not None and p > 0]
@@ -113,20 +119,12 @@ class Routing:
             for generator, state in now:
                 generator.set_state(state)
 
-    @property
-    def uniform(self) -> bool:
-        return len(set(self.rows)) == 1
 
-    @property
-    def batched(self) -> bool:
-        """The LoRA term as two batched matmuls over all groups (multi_lora's GPU path), not a loop over them."""
-        return not self.per_adapter and (self.uniform or self.batched_with_padding)
 
-    @property
-    def batched_with_padding(self) -> bool:
-        """Unequal groups (a decode step after some rows ended, adapters with other batch or group sizes) are
-        zero-padded to the longest when that at most doubles the rows; past that the loop wastes less."""
-        return bool(self.rows) and not self.uniform and len(self.rows) * max(self.rows) <= 2 * sum(self.rows)
+def _paddable(rows: list[int]) -> bool:
+    """Unequal groups (a decode step after some rows ended, adapters with other batch or group sizes) are
+    zero-padded to the longest when that at most doubles the rows; past that the loop wastes less."""
+    return len(rows) * max(rows) <= 2 * sum(rows)
 
 
 def on_device(values: list[int] | list[float], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:

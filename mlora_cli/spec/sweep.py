@@ -327,7 +327,7 @@ def _check_search(sweep: SweepConfig, axes: list[tuple[str, list[dict[str, Any]]
         _space(sweep, axes, errors)
         if not axes and not search.space:
             errors.append("sweep.search.space: nothing to search: give distributions (or grid / zip / list keys)")
-    if search.metric is None and (search.method != "grid" or prune.method != "none"):
+    if search.metric is None and sweep.runs_a_study:
         needs = f"prune.method {prune.method}" if prune.method != "none" else f"method {search.method}"
         errors.append(f"sweep.search.metric: required with {needs} (the objective: one of eval.metrics)")
 

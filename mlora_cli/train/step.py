@@ -151,8 +151,7 @@ def _base_log_probs(engine: MultiLoraModel, inputs: list[StepInput], batch: Batc
         logits, targets = suffix_logits(engine, shared_rows([inputs[k].rows for k in kl]), [], pad_id, routed=False)
     else:
         starts = [sum(len(part.rows) for part in inputs[:k]) for k in range(len(inputs))]
-        rows = torch.cat([torch.arange(starts[k], starts[k] + len(inputs[k].rows)) for k in kl])
-        rows = rows.to(batch.input_ids.device)
+        rows = on_device([i for k in kl for i in range(starts[k], starts[k] + len(inputs[k].rows))], engine.device)
         with engine.routed([], []):
             full = engine.model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows]).logits
         logits, targets = full[:, :-1], batch.labels[rows][:, 1:]
