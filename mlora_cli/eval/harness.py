@@ -29,6 +29,7 @@ from lm_eval.models.utils_hf import stop_sequences_criteria
 
 from mlora_cli.errors import ConfigError
 from mlora_cli.model.engine import MultiLoraModel
+from mlora_cli.spec.tasks import first_line
 
 TokenPair = tuple[tuple[int, ...], tuple[int, ...]]  # (context ids, continuation ids)
 MAX_GEN_TOKS = 256  # HFLM's default when a task sets no max_gen_toks
@@ -220,6 +221,4 @@ def evaluate_slots(engine: MultiLoraModel, slots: Sequence[int], labels: Sequenc
     try:
         return {label: run_tasks(view, tasks, manager, limit) for label, view in zip(labels, fused.views())}
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        lines = str(exc).strip().splitlines()
-        raise ConfigError([f"{key}: lm-evaluation-harness failed: {type(exc).__name__}: {lines[0] if lines else ''}"]
-                          ) from exc
+        raise ConfigError([f"{key}: lm-evaluation-harness failed: {type(exc).__name__}: {first_line(exc)}"]) from exc

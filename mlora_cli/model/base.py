@@ -36,6 +36,7 @@ from mlora_cli.errors import ConfigError
 from mlora_cli.spec.convert import to_plain
 from mlora_cli.spec.models import PRETRAINED_WEIGHTS, read_checked
 from mlora_cli.spec.schema import ModelConfig
+from mlora_cli.spec.tasks import first_line
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 CHARACTERS = tuple(chr(i) for i in range(32, 127)) + ("\n",)
@@ -269,11 +270,6 @@ def cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def load_base(name: str, device: str = "cpu", options: ModelConfig | None = None) -> Base:
     """The frozen base model in eval mode, its tokenizer, and what rebuilds it."""
     import transformers
@@ -295,7 +291,7 @@ def load_base(name: str, device: str = "cpu", options: ModelConfig | None = None
                 tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
                 config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
             except (OSError, ValueError) as exc:  # no such folder or hub id, offline and not cached, not a model
-                raise ConfigError([f"base_model: cannot load '{name}': {_first_line(exc)} (a local folder must "
+                raise ConfigError([f"base_model: cannot load '{name}': {first_line(exc)} (a local folder must "
                                    "hold config.json; a hub id looks like org/name and needs the hub or its "
                                    "cache)"]) from exc
             model = AutoModelForCausalLM.from_pretrained(folder, config=config, trust_remote_code=False, dtype=dtype,
@@ -306,7 +302,7 @@ def load_base(name: str, device: str = "cpu", options: ModelConfig | None = None
     except (ImportError, ValueError) as exc:  # e.g. flash_attention_2 without flash-attn or a GPU
         if not attention:
             raise
-        raise ConfigError([f"model.attn_implementation: {options.attn_implementation}: {_first_line(exc)}"]) from exc
+        raise ConfigError([f"model.attn_implementation: {options.attn_implementation}: {first_line(exc)}"]) from exc
     if options.tokenizer is not None:
         tokenizer = load_tokenizer(options.tokenizer, model)
     if tokenizer.pad_token_id is None:
@@ -320,7 +316,7 @@ def load_base(name: str, device: str = "cpu", options: ModelConfig | None = None
         try:
             enable_checkpointing(model)
         except ValueError as exc:  # the architecture has no checkpointing support
-            raise ConfigError([f"model.gradient_checkpointing: {name}: {_first_line(exc)}"]) from exc
+            raise ConfigError([f"model.gradient_checkpointing: {name}: {first_line(exc)}"]) from exc
     info.update(
         {
             "model_class": type(model).__name__,
@@ -344,7 +340,7 @@ def load_tokenizer(name: str, model: nn.Module) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        raise ConfigError([f"model.tokenizer: cannot load '{name}': {_first_line(exc)}"]) from exc
+        raise ConfigError([f"model.tokenizer: cannot load '{name}': {first_line(exc)}"]) from exc
     vocabulary = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocabulary:
         raise ConfigError([f"model.tokenizer: '{name}' has {len(tokenizer)} tokens, more than the model's "
