@@ -123,7 +123,8 @@ def profile_cell(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, t
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from mlora_cli.model.multi_lora import LORA_BACKWARD, LORA_FORWARD
+    from mlora_cli.model.multi_lora import LORA_FORWARD
+    from mlora_cli.model.per_adapter import LORA_BACKWARD
     from mlora_cli.train.step import STEP_PHASES
 
     rows, rank_sets, _ = _cell_inputs(spec, adapters, data_dir)

@@ -38,7 +38,8 @@ compute the LoRA term, same math:
   (the padded bmm rounds differently). That makes co-trained and single-tenant runs agree
   even where training is chaotic enough to amplify the last bit. All groups are one autograd
   node (`PerAdapterLora`) whose backward makes autograd's own matmuls: the loop then costs
-  no more than the union batch does.
+  no more than the union batch does. Without gradients, consecutive groups of one rank make those
+  matmuls as one `grouped_mm` call each, on the CPU a loop of the same `mm`s in C++ (`model.per_adapter`).
 
 The base may be an `nn.Linear` (weight (d_out, d_in)) or GPT-2's `Conv1D` (weight
 (d_in, d_out), y = x W + b); the LoRA term is the same for both. A and B are stored in fp32.
@@ -51,17 +52,15 @@ term is made); gradients of A and B still land in their fp32 stacks.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 from torch import nn
 
+from mlora_cli.model.blocks import Block
+from mlora_cli.model.per_adapter import PerAdapterLora, per_adapter_terms
 from mlora_cli.model.routing import Routing
 
-# Profiler ranges (only entered while torch.profiler records): the LoRA term's forward and the per-adapter backward.
-LORA_FORWARD, LORA_BACKWARD = "mlora: LoRA term", "mlora: LoRA term backward"
+# Profiler range (only entered while torch.profiler records): the LoRA term's forward (per_adapter has the backward's).
+LORA_FORWARD = "mlora: LoRA term"
 
 
 def linear_features(layer: nn.Module) -> tuple[int, int]:
@@ -70,34 +69,6 @@ def linear_features(layer: nn.Module) -> tuple[int, int]:
         return layer.in_features, layer.out_features
     d_in, d_out = layer.weight.shape
     return d_in, d_out
-
-
-@dataclass(frozen=True)
-class Block:
-    """Where one slot's LoRA matrix lives in its row of a stacked parameter.
-
-    The first `rank * width` entries of the row, viewed as (rank, width) when `rank_first`
-    (A: (r, d_in)) or as (width, rank) (B: (d_out, r)): a contiguous tensor laid out as
-    PEFT's. `of` works on any tensor shaped like the parameter (its gradient, a moment).
-    """
-
-    width: int
-    rank_first: bool
-
-    def of(self, row: torch.Tensor, rank: int) -> torch.Tensor:
-        entries = row.view(-1)[: rank * self.width]
-        return entries.view(rank, self.width) if self.rank_first else entries.view(self.width, rank)
-
-    def view(self, stack: torch.Tensor, slot: int, rank: int, transposed: bool = False) -> torch.Tensor:
-        """`of(stack[slot], rank)` (or its `.t()`) of a contiguous (S, ...) stack, made as one view
-        (these are made per adapter, layer and step: one `as_strided` is the cheapest view)."""
-        rows, columns = (rank, self.width) if self.rank_first else (self.width, rank)
-        shape, strides = ((columns, rows), (1, columns)) if transposed else ((rows, columns), (columns, 1))
-        return stack.as_strided(shape, strides, stack.storage_offset() + slot * stack.stride(0))
-
-    def entries(self, stack: torch.Tensor, slot: int, rank: int) -> torch.Tensor:
-        """The same block as its flat entries (1-d), one view."""
-        return stack.as_strided((rank * self.width,), (1,), stack.storage_offset() + slot * stack.stride(0))
 
 
 class MultiLoraLinear(nn.Module):
@@ -219,132 +190,3 @@ def _keep_mask(piece: torch.Tensor, p: float, generator: torch.Generator | None)
     rows, length = piece.shape[0], piece.shape[1]
     mask = torch.empty((length, rows, *piece.shape[2:]), device=piece.device, dtype=piece.dtype)
     return mask.bernoulli_(1.0 - p, generator=local).transpose(0, 1)
-
-
-def per_adapter_terms(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
-                      routing: Routing, layouts: tuple[Block, Block],
-                      saved: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, Any]:
-    """Each group's `linear(linear(x_g, A_k), B_k) * s_k`, PEFT's calls on its slot's blocks, written into its rows
-    of one output; returns it and the scales used. `saved` collects (x_g, A_k^T, B_k^T, hidden) per group for the
-    backward; without it (no gradient: sampling, evaluation) this is the whole LoRA term, without an autograd node
-    to build (about 3% of a sampling pass here)."""
-    # Times a Python float, as PEFT's `* scaling` is; on a GPU the 0-dim tensor (reading
-    # the values out would be a host sync).
-    scales = scale.tolist() if scale.device.type == "cpu" else scale
-    tokens_per_row = math.prod(x.shape[1:-1])
-    flat_parts = x.reshape(-1, x.size(-1)).split([rows * tokens_per_row for rows in routing.rows])
-    delta = out_parts = None
-    for index, (flat, slot, rank) in enumerate(zip(flat_parts, routing.slots, routing.ranks)):
-        # A_k^T and B_k^T exactly as PEFT's `weight.t()` of its contiguous (r, d_in) and
-        # (d_out, r) weights: one view each, made directly (a slot's blocks, see Block).
-        a_t = layouts[0].view(lora_a, slot, rank, transposed=True)
-        b_t = layouts[1].view(lora_b, slot, rank, transposed=True)
-        hidden = flat.mm(a_t)
-        product = hidden.mm(b_t)
-        if delta is None:  # in the matmul's dtype (bf16 under autocast)
-            # Each group's term is written straight into its rows of the output (no concatenation).
-            delta = product.new_empty(sum(part.size(0) for part in flat_parts), product.size(1))
-            out_parts = delta.split([part.size(0) for part in flat_parts])
-        torch.mul(product, scales[slot], out=out_parts[index])
-        if saved is not None:
-            saved += [flat, a_t, b_t, hidden]
-    assert delta is not None  # routing has at least one group
-    return delta.view(*x.shape[:-1], -1), scales
-
-
-class PerAdapterLora(torch.autograd.Function):
-    """Each group's `linear(linear(x_g, A_k), B_k) * s_k` on its slot's blocks, as one autograd node.
-
-    Forward and backward make exactly the matmuls autograd makes for PEFT's two `linear`
-    calls (the same operands, layouts and order: see `_linear_grads`), so results and gradients
-    are bit-identical to PEFT's; one node instead of a dozen per adapter and layer is what
-    saves the time, which on the CPU is mostly the autograd bookkeeping of small matmuls.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
-                routing: Routing, layouts: tuple[Block, Block]) -> torch.Tensor:
-        tensors: list[torch.Tensor] = []
-        delta, scales = per_adapter_terms(x, lora_a, lora_b, scale, routing, layouts, tensors)
-        # Saved the official way, so that activation checkpointing can drop and recompute them.
-        ctx.save_for_backward(*tensors)
-        ctx.groups = list(zip(routing.slots, routing.ranks))
-        ctx.scales, ctx.shapes, ctx.layouts = scales, (lora_a.shape, lora_b.shape), layouts
-        ctx.input_shape = x.shape
-        # The backward runs under the forward's autocast (bf16 on a GPU), as autograd's own
-        # recorded casts would make it (what torch.amp.custom_bwd does, for any device).
-        device = x.device.type
-        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
-        return delta
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        device, dtype, enabled = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
-            if not torch.autograd.profiler._is_profiler_enabled:
-                return PerAdapterLora._backward(ctx, grad_output)
-            with torch.profiler.record_function(LORA_BACKWARD):
-                return PerAdapterLora._backward(ctx, grad_output)
-
-    @staticmethod
-    def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        tensors = ctx.saved_tensors
-        grad_a, grad_b = (grad_output.new_zeros(shape) for shape in ctx.shapes)
-        flats = tensors[0::4]
-        grad_parts = grad_output.reshape(-1, grad_output.size(-1)).split([flat.size(0) for flat in flats])
-        # Without autocast, each matmul writes its result where it belongs: the input gradient
-        # into its rows, the weight gradients into the slot's blocks (an `out=` matmul would
-        # skip autocast's cast, so under it results are added in and joined instead).
-        direct = not torch.is_autocast_enabled(grad_output.device.type)
-        into = None
-        if ctx.needs_input_grad[0] and direct:
-            into = grad_output.new_empty(sum(flat.size(0) for flat in flats), ctx.input_shape[-1])
-        into_parts = into.split([flat.size(0) for flat in flats]) if into is not None else [None] * len(flats)
-        grad_x_parts = []
-        written: set[int] = set()
-        for index, (grad_part, (slot, rank)) in enumerate(zip(grad_parts, ctx.groups)):
-            flat, a_t, b_t, hidden = tensors[4 * index : 4 * index + 4]
-            # A slot met twice in one batch gets its gradients summed.
-            first = direct and slot not in written
-            written.add(slot)
-            grad_delta = grad_part * ctx.scales[slot]
-            grad_a_block, grad_b_block = (ctx.layouts[0].view(grad_a, slot, rank),
-                                          ctx.layouts[1].view(grad_b, slot, rank))
-            grad_hidden = _linear_grads(grad_delta, hidden, b_t, grad_b_block, first)
-            grad_x_parts.append(_linear_grads(grad_hidden, flat, a_t, grad_a_block, first, into_parts[index],
-                                              inputs_grad=ctx.needs_input_grad[0]))
-        if not ctx.needs_input_grad[0]:
-            return None, grad_a, grad_b, None, None, None
-        grad_x = into if into is not None else torch.cat(grad_x_parts)
-        return grad_x.view(ctx.input_shape), grad_a, grad_b, None, None, None
-
-
-def _linear_grads(grad: torch.Tensor, inputs: torch.Tensor, weight_t: torch.Tensor, weight_grad: torch.Tensor,
-                  overwrite: bool, inputs_out: torch.Tensor | None = None,
-                  inputs_grad: bool = True) -> torch.Tensor | None:
-    """Backward of `inputs.mm(weight_t)`, weight_t = W.t() for a contiguous W (PEFT's `linear`).
-
-    Returns the gradient of `inputs` (written into `inputs_out` if given: the same matmul,
-    into a given row-major buffer; None if not `inputs_grad`) and writes W's gradient into
-    `weight_grad` (W's block of the gradient stack), or adds it there unless `overwrite`.
-    These are exactly autograd's matmuls (torch's mm_mat1_backward / mm_mat2_backward): a
-    column-major operand gets its gradient in column order, which is a different matmul and
-    so a different rounding.
-    `weight_t` is always column-major, so W's gradient is `grad.t().mm(inputs)` (which
-    autograd computes, then transposes twice).
-    """
-    if not inputs_grad:
-        grad_inputs = None
-    elif inputs.stride(0) == 1 and inputs.stride(1) == inputs.size(0):
-        grad_inputs = weight_t.mm(grad.t()).t()
-        if inputs_out is not None:
-            inputs_out.copy_(grad_inputs)
-    elif inputs_out is not None:
-        grad_inputs = torch.mm(grad, weight_t.t(), out=inputs_out)
-    else:
-        grad_inputs = grad.mm(weight_t.t())
-    if overwrite:
-        torch.mm(grad.t(), inputs, out=weight_grad)
-    else:
-        weight_grad.add_(grad.t().mm(inputs))
-    return grad_inputs

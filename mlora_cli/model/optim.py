@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from mlora_cli.model.multi_lora import Block
+from mlora_cli.model.blocks import Block
 from mlora_cli.model.slots import SlotRanks
 
 

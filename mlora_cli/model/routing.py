@@ -8,6 +8,7 @@ checkpointing it replays a layer's recompute under the routing and dropout gener
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,12 @@ class Routing:
     # The batched path with groups of unequal rows: each row's place in the (groups x longest group) padded
     # layout, on the device; None when the groups are equal (no padding) or the loop computes them.
     padded_rows: torch.Tensor | None = None
+    # The per-adapter (CPU) path: consecutive groups of one rank, as (first group, end group), whose matmuls
+    # `torch.nn.functional.grouped_mm` makes in one call without gradients (`per_adapter.per_adapter_terms`);
+    # empty on the batched path.
+    runs: list[tuple[int, int]] = field(default_factory=list)
+    row_slots: torch.Tensor | None = None  # the per-adapter path: each row's slot (CPU), for one scale multiply
+    _offsets: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)  # see `run_offsets`
 
     def set(
         self,
@@ -54,7 +61,10 @@ class Routing:
         uniform = len(set(self.rows)) == 1
         padded = bool(self.rows) and not uniform and _paddable(self.rows)
         self.batched = not self.per_adapter and (uniform or padded)
-        self.padded_rows = None
+        self.padded_rows, self.runs, self.row_slots, self._offsets = None, [], None, {}
+        if self.per_adapter and self.slots:
+            self.runs = _equal_rank_runs(self.ranks)
+            self.row_slots = torch.tensor([slot for slot, count in zip(self.slots, self.rows) for _ in range(count)])
         if not self.per_adapter and self.slots:
             self.by_rank()  # now, before the forward: built mid-forward, its copies would wait for the GPU
             if padded:
@@ -75,6 +85,14 @@ class Routing:
             self._by_rank = groups, None if identity else on_device(inverse, self.device)
         return self._by_rank
 
+    def run_offsets(self, first: int, end: int, tokens_per_row: int) -> torch.Tensor:
+        """`grouped_mm`'s offsets for groups first..end-1 (each group's end in flat token rows, int32)."""
+        key = (first, end, tokens_per_row)
+        if key not in self._offsets:
+            ends = itertools.accumulate(count * tokens_per_row for count in self.rows[first:end])
+            self._offsets[key] = torch.tensor(list(ends), dtype=torch.int32)
+        return self._offsets[key]
+
     def clear(self) -> None:
         self.set([], [], [], torch.device("cpu"))
 
@@ -93,11 +111,12 @@ class Routing:
 
     def _snapshot(self) -> tuple[Any, ...]:
         return (self.slots, self.rows, self.ranks, self.dropout, self.generators, self.slot_index, self.in_slot_order,
-                self.device, self._by_rank, self.batched, self.padded_rows)
+                self.device, self._by_rank, self.batched, self.padded_rows, self.runs, self.row_slots, self._offsets)
 
     def _restore(self, snapshot: tuple[Any, ...]) -> None:
         (self.slots, self.rows, self.ranks, self.dropout, self.generators, self.slot_index,
-         self.in_slot_order, self.device, self._by_rank, self.batched, self.padded_rows) = snapshot
+         self.in_slot_order, self.device, self._by_rank, self.batched, self.padded_rows, self.runs, self.row_slots,
+         self._offsets) = snapshot
 
     def _generator_states(self) -> list[tuple[torch.Generator, torch.Tensor]]:
         return [(g, g.get_state()) for g, p in zip(self.generators, self.dropout) if g is not None and p > 0]
@@ -119,6 +138,17 @@ class Routing:
             for generator, state in now:
                 generator.set_state(state)
 
+
+
+def _equal_rank_runs(ranks: list[int]) -> list[tuple[int, int]]:
+    """Maximal stretches of consecutive groups with one rank, as (first group, end group)."""
+    runs: list[tuple[int, int]] = []
+    for group, rank in enumerate(ranks):
+        if runs and ranks[runs[-1][0]] == rank:
+            runs[-1] = (runs[-1][0], group + 1)
+        else:
+            runs.append((group, group + 1))
+    return runs
 
 
 def _paddable(rows: list[int]) -> bool:
