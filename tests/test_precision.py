@@ -65,6 +65,29 @@ def test_batched_and_per_adapter_paths_agree_under_bf16_autocast() -> None:
     assert (grads_a - grads_b).norm() <= 0.03 * grads_a.norm()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dropout_of_a_half_precision_input_rounds_once_as_peft(dtype: torch.dtype) -> None:
+    """PEFT casts a bf16 input to its fp32 weights' dtype before dropout, so x * keep / (1 - p) is computed in
+    fp32 and rounded to bf16 once; a mask scaled in bf16 would round the scale first (1 / 0.95 -> 1.0547)."""
+    from torch import nn
+
+    from mlora_cli.model.multi_lora import MultiLoraLinear
+    from mlora_cli.model.routing import Routing
+
+    routing = Routing(per_adapter=True)
+    layer = MultiLoraLinear(nn.Linear(64, 16), 2, 4, routing)
+    routing.set([0, 1], [3, 2], [4, 4], torch.device("cpu"), dropout=[0.05, 0.3],
+                generators=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
+    x = torch.randn(5, 7, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
+    out = layer._dropout(x)
+    assert out.dtype == dtype
+    for rows, p in ((slice(0, 3), 0.05), (slice(3, 5), 0.3)):
+        keep = (out[rows] != 0).float()
+        expected = (x[rows].float() * keep * torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)).to(dtype)
+        assert torch.equal(out[rows], expected)
+        assert 0.5 < keep.mean() < 1.0
+
+
 @pytest.mark.slow
 def test_a_run_under_bf16_autocast_evaluates_under_it_too(tmp_path: Path) -> None:
     sweep = micro_sweep(tasks=builtin_tasks("copy", train_examples=8, eval_examples=4, steps=2),

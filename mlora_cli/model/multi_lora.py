@@ -158,11 +158,17 @@ class MultiLoraLinear(nn.Module):
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         """x * keep / (1 - p), as nn.Dropout scales, each adapter's rows with its own mask and p: the scaled masks
-        are written into one tensor, then one multiply (no product and copy per adapter)."""
+        are written into one tensor, then one multiply (no product and copy per adapter).
+
+        The scaled masks are fp32 whatever x's dtype, so a bf16 x (under autocast) is multiplied by 1 / (1 - p)
+        in fp32 and rounded once, as PEFT does it (it casts x to its fp32 weights' dtype before dropout; the
+        matmul's autocast rounds the product); a bf16 mask would round the scale itself first (1 / 0.95 ->
+        1.0547, 0.2% off for every kept entry)."""
         routing = self.routing
         if not any(p > 0 for p in routing.dropout):  # only training steps set dropout
             return x
-        scaled_masks, start = torch.empty_like(x), 0
+        mask_dtype = torch.promote_types(x.dtype, torch.float32)
+        scaled_masks, start = torch.empty(x.shape, device=x.device, dtype=mask_dtype), 0
         for rows, p, generator in zip(routing.rows, routing.dropout, routing.generators):
             part = scaled_masks[start : start + rows]
             if p > 0:
@@ -170,7 +176,7 @@ class MultiLoraLinear(nn.Module):
             else:
                 part.fill_(1.0)
             start += rows
-        return x * scaled_masks
+        return (x * scaled_masks).to(x.dtype)
 
 
 def _keep_mask(piece: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
