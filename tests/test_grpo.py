@@ -371,3 +371,53 @@ def test_reused_samples_train_with_the_clipped_ratio_as_plain_peft() -> None:
             update = (expected[key] - initial[slot][key]).abs().max()
             assert (got[key] - expected[key]).abs().max() <= 0.02 * update, f"adapter {slot} {key}"
     assert clipped_any  # the test reaches the clip
+
+
+def test_lwf_adds_to_the_rl_loss_and_never_replaces_a_neighbours() -> None:
+    """An LwF teacher in a pass adds its distillation to its own adapter's objective: an RL adapter with a teacher
+    (lambda 0 here) keeps its RL loss, and an RL neighbour in the same pass (full rows: dropout) trains as beside
+    no teacher at all."""
+    from mlora_cli.train.step import _pass_losses
+    from mlora_cli.train.strategies import Strategies
+
+    _, tokenizer = build_builtin("builtin:micro")
+    rl = RLConfig(group_size=4, max_new_tokens=8)
+    rows = [sampled_rows(tokenizer, 8, 3, 0), sampled_rows(tokenizer, 4, 6, 8)]
+    scores = [advantages([1, 0, 0, 0, 1, 1, 0, 1], 4, "group"), advantages([0.2, 0.9, 0.4, 0.1], 4, "group")]
+    lwf = AdapterConfig(rank=4, alpha=8.0, lr=1e-2, target_modules=TARGETS, strategy="lwf", lwf_lambda=0.0)
+
+    def objectives(teacher: bool) -> torch.Tensor:
+        engine = MultiLoraModel(build_builtin("builtin:micro")[0], TARGETS, 4, 4)  # 2 students, 2 teachers
+        strategies = Strategies(engine, 2)
+        for slot in (0, 1):
+            engine.load_slot(slot, lwf, 1.0, seed=slot)
+            strategies.start(slot, lwf, slot)
+        if teacher:
+            strategies.end_task(0, lwf, 0, 0, lambda: [], train_rows=0)
+        inputs = [StepInput(slot, rows[slot], lwf.lr, 0.1, torch.Generator().manual_seed(slot), scores[slot], rl)
+                  for slot in (0, 1)]
+        objective, _, _ = _pass_losses(engine, inputs, tokenizer.pad_token_id, strategies, share=False)
+        return objective.detach()
+
+    assert torch.equal(objectives(teacher=True), objectives(teacher=False))
+
+
+def test_the_logged_loss_of_rl_rows_builds_no_graph() -> None:
+    """The next-token loss of RL rows is logged, not trained on: computed without a graph, it keeps no rows x length
+    x vocab fp32 log-softmax alive through backward. With a supervised adapter in the pass it is its objective."""
+    from mlora_cli.train.step import _pass_losses
+
+    _, tokenizer = build_builtin("builtin:micro")
+    engine = MultiLoraModel(build_builtin("builtin:micro")[0], TARGETS, 2, 4)
+    config = AdapterConfig(rank=4, alpha=8.0, target_modules=TARGETS)
+    for slot in (0, 1):
+        engine.load_slot(slot, config, 1.0, seed=slot)
+    rows = [sampled_rows(tokenizer, 8, 3, 0), sampled_rows(tokenizer, 4, 6, 8)]
+    scores = [advantages([1, 0, 0, 0, 1, 1, 0, 1], 4, "group"), advantages([0.2, 0.9, 0.4, 0.1], 4, "group")]
+    rl = [StepInput(slot, rows[slot], 1e-2, 0.0, None, scores[slot], RLConfig(group_size=4)) for slot in (0, 1)]
+    for share in (True, False):
+        objective, task_loss, _ = _pass_losses(engine, rl, tokenizer.pad_token_id, None, share=share)
+        assert objective.requires_grad and not task_loss.requires_grad
+    mixed = [rl[0], StepInput(1, rows[1], 1e-2, 0.0, None)]
+    objective, task_loss, _ = _pass_losses(engine, mixed, tokenizer.pad_token_id, None, share=False)
+    assert task_loss.requires_grad and torch.equal(objective[1], task_loss[1])

@@ -94,7 +94,11 @@ def _pass_losses(engine: MultiLoraModel, inputs: list[StepInput], pad_id: int, s
         with engine.routed(slots, counts, [p.dropout for p in inputs], [p.generator for p in inputs]):
             full_logits = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         logits, targets, tokens_per_row = full_logits[:, :-1], batch.labels[:, 1:], batch.tokens_per_row
-    row_loss, row_tokens, _ = predicted_token_losses(logits, targets)
+    # The next-token loss is an objective of supervised rows only; for RL rows it is logged. Without a supervised
+    # adapter in the pass it needs no graph, which would keep a rows x length x vocab fp32 log-softmax to the end.
+    supervised = any(part.advantages is None for part in inputs)
+    with torch.set_grad_enabled(supervised and torch.is_grad_enabled()):
+        row_loss, row_tokens, _ = predicted_token_losses(logits, targets)
     device = row_loss.device
     # Built on the host and copied without waiting (repeat_interleave with device repeats would sync to size it).
     group = on_device([g for g, count in enumerate(counts) for _ in range(count)], device)
@@ -107,8 +111,8 @@ def _pass_losses(engine: MultiLoraModel, inputs: list[StepInput], pad_id: int, s
         objective = _with_rl_losses(inputs, counts, logits, targets, objective, base_log_probs)
     if strategies is not None and batch is not None:  # teachers take the full rows (see _shares_prompts)
         distillation = strategies.distillation(full_logits, batch.input_ids, batch.attention_mask, slots, counts)
-        if distillation is not None:
-            objective = task_loss + distillation
+        if distillation is not None:  # added to each adapter's own objective (zero for those without a teacher)
+            objective = objective + distillation
     tokens = torch.zeros(len(inputs), dtype=torch.long, device=device).index_add(0, group, tokens_per_row)
     return objective, task_loss, tokens
 
