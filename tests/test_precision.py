@@ -105,9 +105,17 @@ def test_a_run_under_bf16_autocast_evaluates_under_it_too(tmp_path: Path) -> Non
     assert losses["bfloat16"] != losses["off"] and losses["bfloat16"] == pytest.approx(losses["off"], rel=0.02)
 
 
-# Host reads in the GPU path of a step that are of host tensors by design (they never wait for a GPU).
+# Lines in the GPU path of a step that `host_waits` flags but that never wait for a GPU: reads of host tensors by
+# design, and `.to()` of tensors already on the device (the recorder cannot tell them from host ones on the CPU).
 HOST_TENSOR_READS = {
     ("optim.py", "any_frozen = bool(self.ranks.frozen.any())"),  # SlotRanks live on the host
+    ("strategies.py", "if bool(self.engine.ranks.frozen.any()):"),
+    ("strategies.py", "if self.anchor is not None and bool((self.l2 > 0).any() or (self.ewc > 0).any()):"),  # host
+    ("strategies.py", "if bool((self.olora1 > 0).any() or (self.olora2 > 0).any()):"),  # coefficients
+    ("optim.py", "active = active.to(device)"),  # made on the device by the step
+    ("optim.py", "lrs = lrs.to(device=device, dtype=torch.float64)"),  # on_device'd by the step, in float64
+    ("optim.py", "step = (self.steps if self.device_steps is None else self.device_steps).to("),  # device_steps
+    ("strategies.py", "return values.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))"),
     # a dropout mask's seed, from the adapter's host generator
     ("multi_lora.py", 'seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device if generator '
                       'else "cpu"))'),
@@ -120,8 +128,6 @@ def test_the_gpu_path_of_a_step_reads_nothing_back(monkeypatch: pytest.MonkeyPat
     bool() / int() / float() on a tensor from mlora's code, except reads of host tensors by design. On a GPU
     each would wait for the device. (`fused_step` then reads back what it logs, once.) The RL step: groups of
     3 samples of one prompt, each prompt run once (model.share_prompts), with the KL reference pass."""
-    import inspect
-
     from mlora_cli.model.prompt_sharing import shares_prompts
     from mlora_cli.spec.schema import RLConfig
     from mlora_cli.train.step import StepInput, step_on_device
@@ -143,34 +149,83 @@ def test_the_gpu_path_of_a_step_reads_nothing_back(monkeypatch: pytest.MonkeyPat
         inputs[0].old_log_probs = [[-1.0] * (row.tokens - row.prompt_len) for row in rows[0]]
         assert all(shares_prompts(part) for part in rows)  # the step takes the shared-prompt passes
     step_on_device(engine, inputs, 0)  # warm up: lazily built state is not the step
+    unexpected = host_waits(monkeypatch, lambda: step_on_device(engine, inputs, 0))
+    assert not unexpected, "\n".join(f"{f}: {line}" for f, line in unexpected)
+
+
+def host_waits(monkeypatch: pytest.MonkeyPatch, run: Any) -> list[tuple[str, str]]:
+    """The lines of mlora's code that `run` makes wait for a GPU: reads of a tensor (.item() / .tolist() / .cpu() /
+    bool() / int() / float()) and copies of a host tensor to the device from pageable memory (`torch.tensor(...,
+    device=)`, a blocking `.to(device)`), except reads of host tensors by design."""
+    import inspect
+
     reads: list[tuple[str, str]] = []
+
+    def record() -> None:
+        caller = inspect.stack()[2]
+        if "mlora_cli" in caller.filename:
+            reads.append((Path(caller.filename).name, (caller.code_context or [""])[0].strip()))
 
     def recording(name: str) -> Any:
         original = getattr(torch.Tensor, name)
 
         def read(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            caller = inspect.stack()[1]
-            if "mlora_cli" in caller.filename:
-                reads.append((Path(caller.filename).name, (caller.code_context or [""])[0].strip()))
+            record()
             return original(self, *args, **kwargs)
         return read
 
     for name in ("item", "tolist", "cpu", "__bool__", "__int__", "__float__"):
         monkeypatch.setattr(torch.Tensor, name, recording(name))
-    # A host list made a device tensor directly is a copy from pageable memory: on a GPU it waits for every
-    # kernel queued before it (on_device / to_device go through pinned memory instead).
-    make_tensor = torch.tensor
+    # A host list or tensor made a device tensor directly is a copy from pageable memory: on a GPU it waits for
+    # every kernel queued before it (on_device / to_device go through pinned memory, without blocking).
+    make_tensor, move = torch.tensor, torch.Tensor.to
 
     def tensor(*args: Any, **kwargs: Any) -> Any:
-        caller = inspect.stack()[1]
-        if "device" in kwargs and "mlora_cli" in caller.filename:
-            reads.append((Path(caller.filename).name, (caller.code_context or [""])[0].strip()))
+        if "device" in kwargs:
+            record()
         return make_tensor(*args, **kwargs)
 
+    def to(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        moves = "device" in kwargs or any(isinstance(a, (torch.device, str)) for a in args)
+        if moves and not kwargs.get("non_blocking"):
+            record()
+        return move(self, *args, **kwargs)
+
     monkeypatch.setattr(torch, "tensor", tensor)
-    step_on_device(engine, inputs, 0)
-    monkeypatch.undo()
-    unexpected = sorted(set(read for read in reads if read not in HOST_TENSOR_READS))
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    try:
+        run()
+    finally:
+        monkeypatch.undo()
+    return sorted(set(read for read in reads if read not in HOST_TENSOR_READS))
+
+
+def test_the_gpu_path_of_a_step_with_strategies_reads_nothing_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with the strategies a run passes to every step: l2's anchor pull, an LwF teacher's pass, O-LoRA's
+    frozen ranks and penalty."""
+    from mlora_cli.model.base import build_builtin
+    from mlora_cli.model.engine import MultiLoraModel
+    from mlora_cli.spec.schema import AdapterConfig
+    from mlora_cli.train.step import StepInput, step_on_device
+    from mlora_cli.train.strategies import Strategies
+
+    targets = ("q_proj", "v_proj")
+    configs = [AdapterConfig(rank=4, alpha=8.0, target_modules=targets, strategy=strategy, l2_lambda=1.0)
+               for strategy in ("l2", "lwf", "olora")]
+    engine = MultiLoraModel(build_builtin("builtin:micro")[0], targets, 6, 8)  # 3 students, 3 spare slots
+    engine.routing.per_adapter = False
+    engine.optimizer.per_slot_fused = False
+    strategies = Strategies(engine, 3)
+    for slot, config in enumerate(configs):
+        engine.load_slot(slot, config, 1.0, seed=slot)
+        strategies.start(slot, config, slot)
+        strategies.end_task(slot, config, 0, slot, lambda: [], train_rows=0)
+    assert strategies.anchor is not None and strategies.teacher_of and bool(engine.ranks.frozen.any())
+    ids, _ = batch(6, seed=1)
+    inputs = [StepInput(slot, [Row(tuple(int(t) for t in ids[2 * slot + i]), 4, "x") for i in range(2)], 1e-3, 0.0,
+                        None) for slot in range(3)]
+    step_on_device(engine, inputs, 0, strategies)  # warm up
+    unexpected = host_waits(monkeypatch, lambda: step_on_device(engine, inputs, 0, strategies))
     assert not unexpected, "\n".join(f"{f}: {line}" for f, line in unexpected)
 
 

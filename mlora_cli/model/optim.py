@@ -27,7 +27,9 @@ from typing import NamedTuple
 
 import torch
 
+from mlora_cli.data.batches import to_device
 from mlora_cli.model.blocks import Block
+from mlora_cli.model.routing import on_device
 from mlora_cli.model.slots import SlotRanks
 
 
@@ -173,8 +175,9 @@ class SlotAdamW:
     def trainable(self) -> Iterator[torch.Tensor]:
         """Per parameter in turn, a bool mask that broadcasts to it: False on frozen ranks' entries."""
         device = self.params[0].device
-        ranks = torch.tensor(self.ranks.in_use, dtype=torch.int32, device=device).view(-1, 1).clamp(min=1)
-        frozen = self.ranks.frozen.to(device=device, dtype=torch.int32).view(-1, 1)
+        # Host numbers, through pinned memory (a pageable copy would wait for the GPU's queued kernels).
+        ranks = on_device(self.ranks.in_use, device, torch.int32).view(-1, 1).clamp(min=1)
+        frozen = to_device(self.ranks.frozen.to(torch.int32), device).view(-1, 1)
         for p, layout in zip(self.params, self.layouts):
             if layout.rank_first:  # each rank is a run of `width` entries: one flag per rank
                 rank_of = torch.arange(p[0].numel() // layout.width, dtype=torch.int32, device=device)

@@ -36,8 +36,9 @@ from typing import Any
 import torch
 
 from mlora_cli import seeds
-from mlora_cli.data.batches import Row, TokenizedTask
+from mlora_cli.data.batches import Row, TokenizedTask, to_device
 from mlora_cli.model.engine import MultiLoraModel
+from mlora_cli.model.routing import on_device
 from mlora_cli.spec.schema import AdapterConfig
 
 
@@ -154,11 +155,11 @@ class Strategies:
             for p, unfrozen in zip(self.params, optimizer.trainable()):
                 if p.grad is not None:
                     p.grad.masked_fill_(~unfrozen, 0.0)
-        # The per-slot weights, on the device once per step (not once per parameter: each copy of a host
-        # tensor to a GPU waits for the kernels queued before it).
+        # The per-slot weights go to the device once per step where used, through pinned memory (a copy from
+        # pageable memory to a GPU would wait for the backward queued before it).
         device = self.params[0].device
-        l2, ewc, olora1, olora2 = (t.to(device) for t in (self.l2, self.ewc, self.olora1, self.olora2))
         if self.anchor is not None and bool((self.l2 > 0).any() or (self.ewc > 0).any()):
+            l2, ewc = (to_device(t, device) for t in (self.l2, self.ewc))
             fishers = self.fisher or [None] * len(self.params)
             for p, anchor, fisher in zip(self.params, self.anchor, fishers):
                 if p.grad is None:
@@ -168,11 +169,12 @@ class Strategies:
                     weight = weight + _col(ewc, p) * fisher
                 p.grad.add_(weight * (p - anchor))
         if bool((self.olora1 > 0).any() or (self.olora2 > 0).any()):
+            olora1, olora2 = (to_device(t, device) for t in (self.olora1, self.olora2))
             frozen = self.engine.ranks.frozen
             in_use = torch.tensor(self.engine.slot_rank)
             ranks = torch.arange(self.engine.max_rank).view(1, -1)
-            new = ((ranks >= frozen.view(-1, 1)) & (ranks < in_use.view(-1, 1))).to(device)
-            old = (ranks < frozen.view(-1, 1)).to(device)
+            new = to_device((ranks >= frozen.view(-1, 1)) & (ranks < in_use.view(-1, 1)), device)
+            old = to_device(ranks < frozen.view(-1, 1), device)
             for layer in self.engine.layers.values():
                 a = layer.lora_A
                 if a.grad is None:
@@ -191,7 +193,7 @@ class Strategies:
         if not groups:
             return None
         starts = [sum(counts[:g]) for g in range(len(counts))]
-        rows = torch.cat([torch.arange(starts[g], starts[g] + counts[g]) for g in groups]).to(input_ids.device)
+        rows = on_device([i for g in groups for i in range(starts[g], starts[g] + counts[g])], input_ids.device)
         with torch.no_grad(), self.engine.routed([self.teacher_of[slots[g]] for g in groups],
                                                  [counts[g] for g in groups]):
             teacher_logits = self.engine.model(input_ids=input_ids[rows], attention_mask=attention_mask[rows]).logits
