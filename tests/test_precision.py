@@ -147,6 +147,7 @@ def test_the_gpu_path_of_a_step_reads_nothing_back(monkeypatch: pytest.MonkeyPat
                   for slot in range(3)]
         # Slot 0 reuses its samples (num_iterations > 1): pi_old of each completion token comes from the host.
         inputs[0].old_log_probs = [[-1.0] * (row.tokens - row.prompt_len) for row in rows[0]]
+        inputs[1].record_log_probs = True  # and slot 1 records its pi_old for reuse (read after the step)
         assert all(shares_prompts(part) for part in rows)  # the step takes the shared-prompt passes
     step_on_device(engine, inputs, 0)  # warm up: lazily built state is not the step
     unexpected = host_waits(monkeypatch, lambda: step_on_device(engine, inputs, 0))

@@ -38,6 +38,9 @@ class StepInput:
     old_log_probs: list[list[float]] | None = None  # reused samples: log pi_old of each row's completion tokens
     record_log_probs: bool = False  # samples to be reused: the step fills `recorded_log_probs` (pi_old next time)
     recorded_log_probs: list[list[float]] | None = None
+    # The step's (log-probs, completion mask) on the device, read into `recorded_log_probs` after the step: read
+    # in the forward, they would make the GPU finish it before the backward is queued.
+    recording: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -135,8 +138,7 @@ def _with_rl_losses(inputs: list[StepInput], counts: list[int], logits: torch.Te
             recorded = on_device([v for row in part.old_log_probs for v in row], log_probs.device, log_probs.dtype)
             old = torch.zeros_like(log_probs).masked_scatter_(mask, recorded)
         if part.record_log_probs:
-            per_row = log_probs.detach()[mask].split(mask.sum(1).tolist())
-            part.recorded_log_probs = [row.tolist() for row in per_row]
+            part.recording = (log_probs.detach(), mask)
         losses[k] = adapter_loss(log_probs, mask, advantage, part.rl, base_log_probs.get(k), old)
     return torch.stack(losses)
 
@@ -177,6 +179,11 @@ def fused_step(
     # One host transfer for everything logged (the only wait for the device in a step).
     losses, grad_norms, token_counts, flags = (task_loss.detach().cpu().tolist(), norms.cpu().tolist(),
                                                tokens.cpu().tolist(), finite.cpu().tolist())
+    for part in inputs:
+        if part.recording is not None:  # the step is done: reading it waits for nothing more
+            log_probs, mask = (t.cpu() for t in part.recording)
+            part.recorded_log_probs = [row[row_mask].tolist() for row, row_mask in zip(log_probs, mask)]
+            part.recording = None
     results = [
         StepResult(part.slot, loss, norm, int(count), ok)
         for part, loss, norm, count, ok in zip(inputs, losses, grad_norms, token_counts, flags)
