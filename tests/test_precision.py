@@ -290,3 +290,30 @@ def test_the_gpu_lora_path_is_a_fixed_number_of_ops_for_unequal_groups() -> None
         assert engine.routing.padded_rows is None  # cleared with the routing
         torch.testing.assert_close(logits[False], logits[True], atol=1e-6, rtol=1e-5)
     assert counts[(4, False)] == counts[(8, False)] < counts[(8, True)], counts
+
+
+def test_the_batched_lora_term_under_bf16_keeps_the_exact_scale() -> None:
+    """The GPU's batched path under bf16 autocast: s = alpha / r is applied in fp32 (folded into B), so the term
+    has no bias; scaling the bf16 product would round s itself (16 / 12 -> 1.3359, 16 / 6 -> 2.6719: +0.2%)."""
+    from torch import nn
+
+    from mlora_cli.model.multi_lora import MultiLoraLinear
+    from mlora_cli.model.routing import Routing
+
+    generator = torch.Generator().manual_seed(0)
+    layer = MultiLoraLinear(nn.Linear(64, 256), 2, 12, Routing(per_adapter=False))
+    with torch.no_grad():
+        for slot, rank in ((0, 12), (1, 6)):
+            layer.a_block(slot, rank).copy_(torch.randn(rank, 64, generator=generator))
+            layer.b_block(slot, rank).copy_(torch.randn(256, rank, generator=generator))
+            layer.scale[slot] = 16.0 / rank
+    layer.routing.set([0, 1], [4, 4], [12, 6], torch.device("cpu"))
+    assert layer.routing.batched
+    x = torch.randn(8, 16, 64, generator=generator)
+    with torch.no_grad():
+        exact = layer._lora_term(x)  # fp32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded = layer._lora_term(x.bfloat16()).float()
+    for rows in (slice(0, 4), slice(4, 8)):
+        ratio = (rounded[rows] * exact[rows]).sum() / (exact[rows] * exact[rows]).sum()
+        assert abs(float(ratio) - 1.0) < 5e-4, float(ratio)

@@ -24,10 +24,11 @@ compute the LoRA term, same math:
   loop over adapters (kernel launches are what a loop costs there):
 
       h = bmm(x.view(G, m*T, d_in), A[slots, :r]^T)           (G, m*T, r),  r = the largest r_k
-      y += (bmm(h, B_pad[slots]^T) * s[slots]).view(R, T, d_out)
+      y += bmm(h, (B_pad[slots] * s[slots])^T).view(R, T, d_out)
 
-  with each B_k zero-padded to (d_out, r) (one gather per distinct rank): padded rows of A
-  and columns of B are zero, so they add nothing. Groups of unequal rows (a decode step
+  with each B_k zero-padded to (d_out, r) (one gather per distinct rank) and scaled in fp32 (under
+  autocast, bmm then rounds B_k s_k to bf16 once): padded rows of A and columns of B are zero, so
+  they add nothing. Groups of unequal rows (a decode step
   after some rows ended; adapters with other batch or group sizes) are zero-padded to the
   longest, m = max rows, by one `index_copy` in and one `index_select` out, when that at most
   doubles the rows (set with the routing, `model.routing`); past that the loop below wastes less.
@@ -124,8 +125,10 @@ class MultiLoraLinear(nn.Module):
             lora_a = self.lora_A[:, :rank] if every_slot else self.lora_A[routing.slot_index, :rank]
             scale = self.scale if every_slot else self.scale[routing.slot_index]
             hidden = torch.bmm(grouped, lora_a.transpose(1, 2))
-            product = torch.bmm(hidden, self._padded_b(rank, every_slot).transpose(1, 2))
-            delta = product * scale.view(groups, 1, 1).to(product.dtype)  # in the matmul's dtype
+            # s_k folded into B_k in fp32 (a (G, d_out, r) product): under autocast an exact scale, where scaling the
+            # bf16 product would round s_k to bf16 first (16 / 12 -> 1.3359); and no pass over R x T x d_out.
+            scaled_b = self._padded_b(rank, every_slot) * scale.view(groups, 1, 1)
+            delta = torch.bmm(hidden, scaled_b.transpose(1, 2))
             if routing.padded_rows is not None:  # each row's term back from its padded place
                 delta = delta.reshape(groups * max(routing.rows), -1).index_select(0, routing.padded_rows)
             return delta.reshape(*shape[:-1], -1)
