@@ -45,6 +45,20 @@ def test_auto_is_bf16_only_on_gpus_that_compute_it(monkeypatch: pytest.MonkeyPat
     assert autocast_dtype("off", "cuda:0") is None
 
 
+def test_the_base_is_stored_in_the_autocast_dtype_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlora_cli.model.base import base_dtype
+    from mlora_cli.spec.schema import ModelConfig
+
+    monkeypatch.setattr(base_module.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert base_dtype(ModelConfig(), "cuda:0") == torch.bfloat16  # what every forward computes in there
+    assert base_dtype(ModelConfig(), "cpu") == torch.float32
+    assert base_dtype(ModelConfig(autocast="bfloat16"), "cpu") == torch.bfloat16
+    assert base_dtype(ModelConfig(autocast="off"), "cuda:0") == torch.float32
+    assert base_dtype(ModelConfig(dtype="float32"), "cuda:0") == torch.float32  # asked for: kept
+    monkeypatch.setattr(base_module.torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert base_dtype(ModelConfig(), "cuda:0") == torch.float32
+
+
 def test_batched_and_per_adapter_paths_agree_under_bf16_autocast() -> None:
     results = {}
     for per_adapter in (True, False):

@@ -109,6 +109,16 @@ def autocast_dtype(setting: str, device: torch.device | str) -> torch.dtype | No
     return DTYPES[setting]
 
 
+def base_dtype(options: ModelConfig, device: torch.device | str) -> torch.dtype:
+    """What `model.dtype` means on `device`. `auto` stores the base in the autocast dtype when `model.autocast`
+    resolves to one (bf16 on a recent GPU): every forward computes in it anyway, and an fp32 base would take twice
+    the memory and be cast, layer by layer, on every forward (and in training, each cast kept for backward).
+    Elsewhere (the CPU) `auto` is float32."""
+    if options.dtype != "auto":
+        return DTYPES[options.dtype]
+    return autocast_dtype(options.autocast, device) or torch.float32
+
+
 def autocast(dtype: torch.dtype | None, device: torch.device | str) -> Any:
     """The autocast context for `dtype` (from `autocast_dtype`) on `device`; a no-op for None."""
     if dtype is None:
@@ -278,7 +288,7 @@ def load_base(name: str, device: str = "cpu", options: ModelConfig | None = None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     options = options or ModelConfig()
-    dtype = DTYPES[options.dtype]
+    dtype = base_dtype(options, device)
     attention = {"attn_implementation": options.attn_implementation} if options.attn_implementation else {}
     try:
         if name in BUILTIN_SPECS:
@@ -308,7 +318,9 @@ def load_base(name: str, device: str = "cpu", options: ModelConfig | None = None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.name_or_path = name  # what error messages call the model (not a cache path)
-    model.to(device=device, dtype=dtype)
+    model.to(dtype=dtype)
+    sha256 = weights_sha256(model)  # on the host, before the move (on a GPU it would copy every weight back)
+    model.to(device=device)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -323,7 +335,7 @@ def load_base(name: str, device: str = "cpu", options: ModelConfig | None = None
             "model_options": to_plain(options),
             "config": model.config.to_dict(),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "weights_sha256": weights_sha256(model),
+            "weights_sha256": sha256,
             "transformers_version": transformers.__version__,
             "torch_version": str(torch.__version__),  # a plain str: TorchVersion would unpickle only with torch
         }

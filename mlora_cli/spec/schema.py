@@ -245,8 +245,11 @@ class TaskConfig:
 class ModelConfig:
     """How the frozen base model is loaded (the model itself is the top-level `base_model`)."""
 
-    dtype: Literal["float32", "bfloat16", "float16"] = field(
-        default="float32", metadata=doc("the base weights' dtype; LoRA weights and their optimizer stay float32")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata=doc(
+            "the base weights' dtype: auto = the autocast dtype where model.autocast resolves to one (bfloat16 on a "
+            "GPU of compute capability >= 8.0: half the memory, no cast of every weight on every forward), else "
+            "float32; LoRA weights and their optimizer stay float32")
     )
     tokenizer: str | None = field(default=None, metadata=doc("tokenizer id or folder; null: the base model's own"))
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = field(
