@@ -238,7 +238,8 @@ def test_model_section_is_validated() -> None:
     data = {"name": "x", "tasks": TASKS, "model": {"dtype": "bf16", "gradient_checkpoint": True}}
     with pytest.raises(ConfigError) as raised:
         parse_spec(data)
-    assert any(p.startswith("model.dtype: must be one of auto, float32, bfloat16, float16") for p in raised.value.problems)
+    expected = "model.dtype: must be one of auto, float32, bfloat16, float16"
+    assert any(p.startswith(expected) for p in raised.value.problems)
     assert "model.gradient_checkpoint: unknown key (did you mean 'gradient_checkpointing'?)" in raised.value.problems
     spec = parse_spec({"name": "x", "tasks": TASKS, "model": {"dtype": "bfloat16", "attn_implementation": "eager"}})
     assert spec.model == ModelConfig(dtype="bfloat16", attn_implementation="eager")

@@ -64,14 +64,46 @@ def test_a_warm_start_that_does_not_fit_is_one_line_at_validate(trained: Path, t
     assert result.exit_code == 2 and f"{tmp_path.resolve()}/missing/adapter is not a PEFT adapter" in result.stderr
 
 
-def test_a_warm_start_on_other_layers_fails_at_start_with_one_line(trained: Path, tmp_path: Path) -> None:
+def test_a_warm_start_on_other_layers_fails_its_adapter_only_with_one_line(trained: Path, tmp_path: Path) -> None:
+    """Found once the model is loaded (validate cannot see layers): that adapter fails with one line naming the key,
+    its neighbour trains on."""
     (name,) = json.loads((trained / "results.json").read_text())["adapters"]
-    sweep = micro_sweep(**{**SFT_SWEEP, "adapter": {**SFT_SWEEP["adapter"], "target_modules": ["q_proj"],
-                                                    "init_from": str(trained / "adapters" / name)}})
-    result, _ = run(tmp_path, sweep)
-    assert result.exit_code == 2, result.output
-    assert "does not fit adapter" in result.stderr and "layers it does not target" in result.stderr
+    sweep = micro_sweep(**{**SFT_SWEEP, "sweep": {"list": [
+        {"name": "warm", "adapter.target_modules": ["q_proj"], "adapter.init_from": str(trained / "adapters" / name)},
+        {"name": "plain"}]}})
+    result, run_dir = run(tmp_path, sweep)
+    assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output + result.stderr
+    adapters = json.loads((run_dir / "results.json").read_text())["adapters"]
+    assert adapters["plain"]["status"] == "done"
+    failure = adapters["warm"]["failure"]
+    assert failure.startswith("adapter.init_from: ") and "layers it does not target" in failure, failure
+
+
+def test_a_damaged_warm_start_is_one_line_at_validate_and_in_eval(trained: Path, tmp_path: Path) -> None:
+    (name,) = json.loads((trained / "results.json").read_text())["adapters"]
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text((trained / "adapters" / name / "adapter_config.json").read_text())
+    (folder / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
+    sweep = micro_sweep(**{**SFT_SWEEP, "adapter": {**SFT_SWEEP["adapter"], "init_from": str(folder)}})
+    result = mlora("validate", write_sweep(tmp_path, sweep))
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"adapter.init_from: {folder}/adapter_model.safetensors: not a safetensors file (damaged or truncated)"]
+    tasks = write_sweep(tmp_path, SFT_SWEEP)
+    result = mlora("eval", "--base", "builtin:micro", "--adapter", str(folder), "--tasks", str(tasks))
+    assert result.exit_code == 2 and "Traceback" not in result.output + result.stderr
+    assert f"{folder}/adapter_model.safetensors: unreadable" in result.stderr
+
+
+def test_an_adapter_saved_for_another_base_is_one_line_in_eval(trained: Path, tmp_path: Path) -> None:
+    (name,) = json.loads((trained / "results.json").read_text())["adapters"]
+    tasks = write_sweep(tmp_path, SFT_SWEEP)
+    result = mlora("eval", "--base", "builtin:tiny", "--adapter", str(trained / "adapters" / name), "--tasks",
+                   str(tasks))
+    assert result.exit_code == 2 and "Traceback" not in result.output + result.stderr
+    assert "saved for another base model or rank" in result.stderr
 
 
 def test_replayed_prompts_are_scored_by_their_own_tasks_reward() -> None:

@@ -36,6 +36,7 @@ from mlora_cli.model.base import load_base
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.spec.load import HARNESS_MISSING, TaskSuite
 from mlora_cli.spec.schema import AdapterConfig
+from mlora_cli.spec.tasks import first_line
 
 SLOTS_PER_PASS = 64  # checkpoints evaluated together; more only grows the batch
 
@@ -54,7 +55,12 @@ def read_peft_adapter(path: Path, label: str | None = None, seed: int = 0) -> Sa
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
         raise ConfigError([f"{path}: not a PEFT adapter folder (no adapter_config.json)"])
-    peft_config = json.loads(config_file.read_text())
+    try:
+        peft_config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"{config_file}: unreadable ({type(exc).__name__}: {first_line(exc)})"]) from exc
+    if not isinstance(peft_config, dict):
+        raise ConfigError([f"{config_file}: not a PEFT adapter config (a JSON object)"])
     problems = []
     if peft_config.get("peft_type") != "LORA":
         problems.append(f"{config_file}: peft_type {peft_config.get('peft_type')!r} is not LORA")
@@ -68,7 +74,10 @@ def read_peft_adapter(path: Path, label: str | None = None, seed: int = 0) -> Sa
         raise ConfigError(problems)
     from safetensors.torch import load_file
 
-    raw = load_file(str(weights_file))
+    try:
+        raw = load_file(str(weights_file))
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise ConfigError([f"{weights_file}: unreadable ({type(exc).__name__}: {first_line(exc)})"]) from exc
     weights: dict[str, torch.Tensor] = {}
     for key, tensor in raw.items():
         for part in ("lora_A", "lora_B"):

@@ -113,8 +113,6 @@ class Worker:
         if self.search is not None:  # a trial slot gets its parameters, asked from Optuna now that a slot is free
             adapter = self.search.begin(adapter)
         self.engine.load_slot(slot, adapter.adapter, adapter.train.max_grad_norm, adapter.seed)
-        if adapter.adapter.init_from is not None:
-            self.engine.set_slot_weights(slot, adapter.adapter, warm_start(self.engine, adapter))
         self.strategies.start(slot, adapter.adapter, adapter.seed)
         dropout = None
         if adapter.adapter.dropout > 0:
@@ -126,6 +124,12 @@ class Worker:
                                    task_steps=task_steps, dropout_generator=dropout,
                                    measure_at=tuple(measuring_steps(self.spec, sum(task_steps))))
         self.active.append(progress)
+        if adapter.adapter.init_from is not None:  # a damaged or unfitting warm start fails this adapter only
+            try:
+                self.engine.set_slot_weights(slot, adapter.adapter, warm_start(self.engine, adapter))
+            except ConfigError as exc:
+                return self.finish(progress, "; ".join(problem if problem.startswith("adapter.init_from") else
+                                                       f"adapter.init_from: {problem}" for problem in exc.problems))
         try:
             progress.tasks = self.tasks_for(adapter)
         except Exception as exc:  # bad data for this adapter must not stop the others

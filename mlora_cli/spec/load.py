@@ -26,7 +26,7 @@ from mlora_cli.spec.models import BUILTIN_MODELS, PRETRAINED_WEIGHTS, read_check
 from mlora_cli.spec.plan import gpu_device_nodes_present, missing_cuda_devices
 from mlora_cli.spec.schema import EvalConfig, SweepConfig, SweepSpec, TaskConfig
 from mlora_cli.spec.sweep import check_sweep, expand
-from mlora_cli.spec.tasks import check_choice_metric, check_task
+from mlora_cli.spec.tasks import check_choice_metric, check_task, first_line
 
 
 def _nest_dotted(mapping: Any) -> Any:
@@ -250,9 +250,27 @@ def check_init_from(spec: SweepSpec) -> list[str]:
                 elif (rank, alpha) != (adapter.adapter.rank, adapter.adapter.alpha):
                     problem = (f"{where}: {path} has r={rank}, lora_alpha={alpha:g}; the adapter has rank "
                                f"{adapter.adapter.rank}, alpha {adapter.adapter.alpha:g}: set them to match")
+                else:
+                    problem = _safetensors_problem(Path(path) / "adapter_model.safetensors", where)
         if problem and problem not in problems:
             problems.append(problem)
     return problems
+
+
+def _safetensors_problem(file: Path, where: str) -> str | None:
+    """Why `file` is not a readable safetensors file, from its header alone (8-byte length, then JSON), or None."""
+    try:
+        with file.open("rb") as stream:
+            size = file.stat().st_size
+            length = int.from_bytes(stream.read(8), "little")
+            if not 2 <= length <= size - 8:
+                return f"{where}: {file}: not a safetensors file (damaged or truncated)"
+            header = json.loads(stream.read(length))
+    except FileNotFoundError:
+        return f"{where}: {file.parent} has no adapter_model.safetensors"
+    except (OSError, ValueError) as exc:
+        return f"{where}: {file}: unreadable ({type(exc).__name__}: {first_line(exc)})"
+    return None if isinstance(header, dict) else f"{where}: {file}: not a safetensors file (damaged)"
 
 
 def absolute_paths(data: dict[str, Any], base_dir: Path) -> None:
