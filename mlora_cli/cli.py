@@ -7,6 +7,7 @@ notes go nowhere, status to stderr, and user errors become `{"ok": false, "probl
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -186,6 +187,13 @@ def run(
         raise typer.Exit(1)
 
 
+def torch_cuda_count() -> int:
+    """CUDA devices torch sees (imports torch: only for a command that will load a model anyway)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
 @app.command("eval")
 def eval_command(
     run_dir: Annotated[
@@ -233,6 +241,14 @@ def eval_command(
     for path in adapter or []:
         if not (path / "adapter_config.json").is_file():
             problems.append(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", device):
+        problems.append(f"--device: expected cpu or cuda:N, got '{device}'")
+    else:
+        from mlora_cli.spec.plan import missing_cuda_devices
+
+        visible = torch_cuda_count() if device.startswith("cuda") else 0
+        problems += [line.replace("devices", "--device", 1).replace("use devices: auto, or cpu", "use --device cpu")
+                     for line in missing_cuda_devices(device, visible)]
     if problems:
         fail(problems, as_json)
     try:
@@ -323,6 +339,10 @@ def bench(
         from mlora_cli.bench.bench import run_bench
 
         out = output / f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file where a folder must be, no permission
+            fail([f"--output: cannot make {out}: {exc.strerror or exc}"], as_json)
         with (errors if as_json else console).status("benchmarking") as status:
             report = run_bench(sweep, spec, resolved, adapters, list(overrides or []), out, sequential_baseline,
                                list(mode or []), levels, progress=lambda text: status.update(text))

@@ -48,6 +48,20 @@ def test_bench_rejects_strategies_the_baseline_cannot_run(tmp_path: Path) -> Non
     assert "naive fine-tuning" in result.output and "Traceback" not in result.output
 
 
+def test_bad_input_found_in_a_modes_process_is_its_lines_and_exit_2(tmp_path: Path) -> None:
+    """A problem only the loaded model shows (a target that matches no layer) surfaces in the bench's first mode's
+    `mlora run` process: the bench prints that process's lines and exits 2, as `mlora run` would."""
+    sweep = write_sweep(tmp_path, SWEEP)
+    result = mlora("bench", sweep, "adapter.target_modules=[nope]", "--output", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "failed; see" not in result.output
+    assert "adapter.target_modules: 'nope' matches no linear layer of builtin:micro" in result.stderr
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    result = mlora("bench", sweep, "--output", taken)
+    assert result.exit_code == 2 and "--output: cannot make" in result.stderr
+
+
 def test_agreement_needs_the_early_steps_to_match_and_the_finals_to_be_close() -> None:
     from mlora_cli.bench.bench import agreement
 

@@ -265,6 +265,9 @@ CASES: dict[str, Case] = {
     "override-wrong-type": bad(
         MINIMAL_SWEEP, "adapter.rank: expected an integer, got 'abc'", overrides=("adapter.rank=abc",)
     ),
+    "devices-empty": bad(
+        MINIMAL_SWEEP, "devices: an empty list (give auto, cpu, cpu:K or a list of cuda:N)", overrides=("devices=[]",)
+    ),
     "missing-interpolation": bad(
         with_extra("adapter:\n  alpha: ${adapter.nope}\n"), "adapter.alpha: Interpolation key 'adapter.nope'"
     ),
@@ -379,3 +382,20 @@ def test_bad_task_does_not_hide_other_tasks_problems(tmp_path: Path) -> None:
             "sweep.grid.train.bs: unknown key 'train.bs'",
         ],
     )
+
+
+def test_an_output_dir_that_cannot_hold_a_run_is_one_line(tmp_path: Path) -> None:
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    result = mlora("run", write_sweep(tmp_path, MINIMAL_SWEEP), f"output_dir={taken}", "--no-plots")
+    assert problems_of(result) == [f"output_dir: cannot make the run folder in {taken}: Not a directory"]
+
+
+def test_eval_on_a_device_this_machine_lacks_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlora_cli.cli
+
+    monkeypatch.setattr(mlora_cli.cli, "torch_cuda_count", lambda: 0)
+    result = mlora("eval", str(tmp_path), "--device", "cuda:1")
+    assert problems_of(result) == ["--device: cuda:1 requested, but this machine has no CUDA device (use --device cpu)"]
+    result = mlora("eval", str(tmp_path), "--device", "gpu")
+    assert problems_of(result) == ["--device: expected cpu or cuda:N, got 'gpu'"]

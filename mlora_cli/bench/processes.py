@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mlora_cli.errors import ConfigError
 from mlora_cli.spec.sweep import AdapterSpec
 
 
@@ -19,13 +20,22 @@ class ModeFailed(Exception):
 
 
 def timed(command: list[str], log: Path) -> tuple[float, float]:
-    """Run `command` to completion; (wall seconds, peak RSS MiB of that process)."""
+    """Run `command` to completion; (wall seconds, peak RSS MiB of that process). Its output goes to `log`; an exit
+    of 2 (bad input found in the process, one line per problem on stderr) is raised as those lines."""
     start = time.perf_counter()
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
+    errors = log.with_suffix(".stderr")
+    with log.open("w") as out, errors.open("w") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, env={**os.environ, "COLUMNS": "200"})
         _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
+    code = os.waitstatus_to_exitcode(status)
+    with log.open("a") as out:  # the log keeps everything, stderr after stdout
+        out.write(errors.read_text())
+    problems = [line for line in errors.read_text().splitlines() if line.strip()]
+    errors.unlink()
+    if code == 2 and problems and not any(line.startswith("Traceback") for line in problems):
+        raise ConfigError(problems[-20:])
+    if code != 0:
         raise ModeFailed(f"{' '.join(command[:4])} ... failed; see {log}")
     return wall, usage.ru_maxrss / 1024
 

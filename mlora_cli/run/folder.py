@@ -28,7 +28,10 @@ from mlora_cli.spec.sweep import AdapterSpec
 def new_run_dir(spec: SweepSpec, base: Path) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     root = base / spec.output_dir if not Path(spec.output_dir).is_absolute() else Path(spec.output_dir)
-    return new_folder(root / f"{spec.name}-{stamp}")
+    try:
+        return new_folder(root / f"{spec.name}-{stamp}")
+    except OSError as exc:  # a file where a folder must be, no permission, a path under /proc
+        raise ConfigError([f"output_dir: cannot make the run folder in {root}: {exc.strerror or exc}"]) from None
 
 
 def saved_steps(run_dir: Path, adapters: list[AdapterSpec]) -> dict[str, float]:

@@ -189,6 +189,8 @@ def parse_spec(data: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
     if isinstance(data.get("name"), str) and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", data["name"]):
         errors.append("name: use letters, digits, '-', '_' and '.' only (it names the run folder)")
     devices = data.get("devices", "auto")
+    if isinstance(devices, list) and not devices:
+        errors.append("devices: an empty list (give auto, cpu, cpu:K or a list of cuda:N)")
     for i, device in enumerate(devices if isinstance(devices, list) else [devices]):
         path = f"devices[{i}]" if isinstance(devices, list) else "devices"
         if isinstance(device, str) and not re.fullmatch(r"auto|cpu|cpu:[1-9][0-9]*|cuda(:[0-9]+)?", device):
