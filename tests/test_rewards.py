@@ -56,6 +56,10 @@ def test_score_checks_what_a_reward_returns() -> None:
         score(lambda *a, **k: [1.0, float("nan")], ["", ""], ["a", "b"], ["a", "b"], "t")
     with pytest.raises(ValueError, match="not a list of numbers"):
         score(lambda *a, **k: None, ["", ""], ["a", "b"], ["a", "b"], "t")
+    with pytest.raises(ValueError, match="returned a list whose item 1 is str 'x', not a number"):
+        score(lambda *a, **k: [0.5, "x"], ["", ""], ["a", "b"], ["a", "b"], "t")
+    with pytest.raises(ValueError, match="item 0 is NoneType None"):
+        score(lambda *a, **k: [None, None], ["", ""], ["a", "b"], ["a", "b"], "t")
 
 
 def test_validate_checks_rewards(tmp_path: Path) -> None:

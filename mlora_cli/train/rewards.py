@@ -137,9 +137,16 @@ def score(reward: Reward, prompts: list[str], completions: list[str], references
     """The reward's values, checked: one finite number per completion; ValueError naming what is wrong."""
     values = reward(prompts, completions, references, task=task)
     try:
-        numbers = [float(v) for v in values]
-    except (TypeError, ValueError) as exc:
+        items = list(values)
+    except TypeError as exc:
         raise ValueError(f"returned {type(values).__name__}, not a list of numbers") from exc
+    numbers = []
+    for index, value in enumerate(items):
+        try:
+            numbers.append(float(value))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"returned a list whose item {index} is {type(value).__name__} {value!r:.40}, not a "
+                             "number") from exc
     if len(numbers) != len(completions):
         raise ValueError(f"returned {len(numbers)} values for {len(completions)} completions")
     if not all(math.isfinite(v) for v in numbers):
