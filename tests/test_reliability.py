@@ -222,3 +222,17 @@ def test_resume_removes_leftovers_and_names_a_corrupt_state(tmp_path: Path) -> N
     result = mlora("eval", run_dir)
     assert result.exit_code == 2
     assert one_line(result).startswith(f"{run_dir / 'results.json'}: cannot be read (JSONDecodeError: ")
+
+
+def test_a_max_seq_len_that_cuts_every_completion_fails_its_adapter_with_one_line(tmp_path: Path) -> None:
+    """Prompts are cut to keep the completion, but at max_seq_len 1 nothing of it is left: that adapter fails with
+    one line naming the task and the key (it trained on nothing, loss 0, before); its neighbour trains."""
+    sweep = micro_sweep(tasks=builtin_tasks("copy", steps=2), sweep={"list": [
+        {"name": "cut", "train.max_seq_len": 1}, {"name": "whole"}]})
+    result = mlora("run", write_sweep(tmp_path, sweep), "--no-plots")
+    assert result.exit_code == 1, result.output
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    adapters = json.loads((run_dir / "results.json").read_text())["adapters"]
+    assert adapters["whole"]["status"] == "done"
+    assert adapters["cut"]["failure"] == ("tasks[0]: no training example keeps a token of its completion within "
+                                          "train.max_seq_len=1: raise it")

@@ -143,8 +143,12 @@ def tokenize_task(task: TaskData, tokenizer: Any, max_seq_len: int) -> Tokenized
                 raise ConfigError([f"{task.path}.format: {split} example {number}: {exc}"]) from None
         return tuple(tokenized)
 
-    return TokenizedTask(name=task.name, train=rows(task.train, "train", trained_history=True),
-                         eval=rows(task.eval, "eval", with_choices=True), reward=task.reward)
+    train = rows(task.train, "train", trained_history=True)
+    if train and not any(row.tokens > row.prompt_len or row.trained for row in train):
+        raise ConfigError([f"{task.path}: no training example keeps a token of its completion within "
+                           f"train.max_seq_len={max_seq_len}: raise it"])
+    return TokenizedTask(name=task.name, train=train, eval=rows(task.eval, "eval", with_choices=True),
+                         reward=task.reward)
 
 
 class BatchSampler:

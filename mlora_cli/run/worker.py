@@ -132,7 +132,9 @@ class Worker:
                                                        f"adapter.init_from: {problem}" for problem in exc.problems))
         try:
             progress.tasks = self.tasks_for(adapter)
-        except Exception as exc:  # bad data for this adapter must not stop the others
+        except ConfigError as exc:  # bad data for this adapter must not stop the others
+            return self.finish(progress, "; ".join(exc.problems))
+        except Exception as exc:
             return self.finish(progress, f"data: {type(exc).__name__}: {exc}")
         progress.sampler = BatchSampler(len(progress.tasks[0].train), adapter.seed, 0)
         saved = state_path(self.run_dir, adapter.name) if self.run_dir is not None else None
