@@ -127,8 +127,11 @@ def run(
 
         if importlib.util.find_spec("ray") is None:
             fail(["--backend ray needs Ray: pip install 'mlora-sweep[ray]'"], as_json)
+    if resume is not None and sweep is not None and "=" in str(sweep):  # `--resume RUN adapter.rank=8`
+        fail(["--resume continues a run as it was: no overrides"], as_json)
     if (sweep is None) == (resume is None):
-        fail(["give a sweep file, or --resume RUN_DIR (not both)"], as_json)
+        fail(["give a sweep file, or --resume RUN_DIR (not both)" if sweep is not None else
+              "give a sweep file, or --resume RUN_DIR"], as_json)
     if resume is not None and overrides:
         fail(["--resume continues a run as it was: no overrides"], as_json)
     try:

@@ -399,3 +399,9 @@ def test_eval_on_a_device_this_machine_lacks_is_one_line(tmp_path: Path, monkeyp
     assert problems_of(result) == ["--device: cuda:1 requested, but this machine has no CUDA device (use --device cpu)"]
     result = mlora("eval", str(tmp_path), "--device", "gpu")
     assert problems_of(result) == ["--device: expected cpu or cuda:N, got 'gpu'"]
+
+
+def test_resume_with_overrides_says_so(tmp_path: Path) -> None:
+    result = mlora("run", "--resume", str(tmp_path), "adapter.rank=8")
+    assert problems_of(result) == ["--resume continues a run as it was: no overrides"]
+    assert problems_of(mlora("run")) == ["give a sweep file, or --resume RUN_DIR"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import builtin_tasks, micro_sweep
+from helpers import builtin_tasks, micro_sweep, mlora, write_sweep
 
 from mlora_cli.run.launcher import run_sweep
 from mlora_cli.spec.load import parse_spec
@@ -56,3 +56,9 @@ def test_ray_workers_write_the_same_run_folder_on_the_driver(local_ray: None, tm
     lines = (outcome.run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 * 3 and {json.loads(line)["adapter"] for line in lines} == set(local.results["adapters"])
     assert sum(e["event"] == "worker_ready" for e in events) == 2
+
+
+def test_an_address_with_no_ray_cluster_is_one_line(tmp_path: Path) -> None:
+    result = mlora("run", write_sweep(tmp_path, SWEEP), "--backend", "ray", "--address", "bogus://x", "--no-plots")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "--address bogus://x: cannot connect to a Ray cluster" in result.stderr

@@ -22,6 +22,7 @@ from mlora_cli.data.sources import TaskData
 from mlora_cli.errors import ConfigError, StorageError
 from mlora_cli.spec.plan import WorkerPlan
 from mlora_cli.spec.schema import SweepSpec
+from mlora_cli.spec.tasks import first_line
 
 
 def files_under(path: Path, root: Path) -> dict[str, bytes]:
@@ -70,7 +71,10 @@ def run_ray_workers(
     from ray.util.queue import Queue
 
     if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        try:
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:  # no cluster there, a malformed address
+            raise ConfigError([f"--address {address}: cannot connect to a Ray cluster ({first_line(exc)})"]) from None
     events = Queue()
     remote_actor = ray.remote(WorkerActor)
     running, calls = set(), {}
