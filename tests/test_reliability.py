@@ -98,6 +98,23 @@ def test_validate_names_the_line_where_a_data_file_stops_parsing(tmp_path: Path)
     ]
 
 
+def test_validate_names_a_row_without_a_field_an_open_quote_and_a_header_alone(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "c"}\n')
+    (tmp_path / "b.csv").write_text('prompt,completion\na,b\n"c,d\ne,f\ng,h\n')
+    (tmp_path / "c.csv").write_text("prompt,completion\n")
+    tasks = [{"name": n, "source": s} for n, s in (("a", "jsonl:a.jsonl"), ("b", "csv:b.csv"), ("c", "csv:c.csv"))]
+    tasks[2]["eval_source"] = "jsonl:a.jsonl"
+    result = mlora("validate", write_sweep(tmp_path, SWEEP, tasks=tasks))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines() == [
+        "tasks[0].source: a.jsonl line 3: no 'completion' field",
+        "tasks[1].source: b.csv line 3: 1 fields, the header has 2 (a quoted field runs from line 3 to 5: a quote "
+        "left open?)",
+        "tasks[2].source: c.csv has a header but no rows",
+        "tasks[2].eval_source: a.jsonl line 3: no 'completion' field",
+    ]
+
+
 def test_a_hub_id_that_cannot_be_loaded_is_one_line_from_the_worker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -84,11 +84,15 @@ def first_bad_row(scheme: str, path: Path) -> str | None:
     with path.open(newline="", encoding="utf-8") as f:
         if scheme == "csv":
             reader = csv.reader(f)
-            width = len(next(reader, []))
+            width, rows, ended = len(next(reader, [])), 0, reader.line_num
             for row in reader:
+                start, ended = ended + 1, reader.line_num  # a quoted field may span lines
                 if row and len(row) != width:
-                    return f"line {reader.line_num}: {len(row)} fields, the header has {width}"
-            return None
+                    spans = f" (a quoted field runs from line {start} to {ended}: a quote left open?)" \
+                        if ended > start else ""
+                    return f"line {start}: {len(row)} fields, the header has {width}{spans}"
+                rows += bool(row)
+            return None if rows else "has a header but no rows"
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -150,6 +154,12 @@ def first_bad_example(task: TaskConfig, scheme: str, path: Path) -> tuple[str, s
     checked when loaded (`data.sources`), and so is a row missing a field."""
     if scheme not in ("jsonl", "csv"):
         return None
+    if scheme == "jsonl":  # a CSV row has every column of the header (or first_bad_row said so)
+        fields = [value for _, value in source_fields(task)]
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip() and (missing := [name for name in fields if name not in json.loads(line)]):
+                    return "source", f"line {number}: no '{missing[0]}' field"
     with_choices = task.choices is not None or task.choices_field is not None
     if task.format not in CONVERSATIONS and not with_choices:
         return None
@@ -224,8 +234,8 @@ def _check_data_source(task: TaskConfig, source: str, key: str, path: str, base_
     problems = missing_fields(task, path, rest, fields)
     if not problems:
         bad = first_bad_example(task, scheme, file)
-        if bad:
-            problems.append(f"{path}.{bad[0]}: {rest} {bad[1]}")
+        if bad:  # "source" problems are of this very file, which may be the eval_source
+            problems.append(f"{key if bad[0] == 'source' else f'{path}.{bad[0]}'}: {rest} {bad[1]}")
     return problems
 
 
