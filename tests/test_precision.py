@@ -92,9 +92,14 @@ def test_dropout_of_a_half_precision_input_rounds_once_as_peft(dtype: torch.dtyp
     layer = MultiLoraLinear(nn.Linear(64, 16), 2, 4, routing)
     routing.set([0, 1], [3, 2], [4, 4], torch.device("cpu"), dropout=[0.05, 0.3],
                 generators=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
-    x = torch.randn(5, 7, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
-    out = layer._dropout(x)
+    x = torch.randn(5, 7, 64, generator=torch.Generator().manual_seed(2)).to(dtype).requires_grad_(True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer._dropout(x)
     assert out.dtype == dtype
+    # Kept for backward: the 0/1 mask in x's dtype (2 bytes an entry) and the per-row scales, no fp32 mask.
+    assert [t.dtype for t in saved if t.numel() == x.numel()] == [dtype]
+    x, out = x.detach(), out.detach()
     for rows, p in ((slice(0, 3), 0.05), (slice(3, 5), 0.3)):
         keep = (out[rows] != 0).float()
         expected = (x[rows].float() * keep * torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)).to(dtype)

@@ -163,23 +163,30 @@ class MultiLoraLinear(nn.Module):
         """x * keep / (1 - p), as nn.Dropout scales, each adapter's rows with its own mask and p: the scaled masks
         are written into one tensor, then one multiply (no product and copy per adapter).
 
-        The scaled masks are fp32 whatever x's dtype, so a bf16 x (under autocast) is multiplied by 1 / (1 - p)
-        in fp32 and rounded once, as PEFT does it (it casts x to its fp32 weights' dtype before dropout; the
-        matmul's autocast rounds the product); a bf16 mask would round the scale itself first (1 / 0.95 ->
-        1.0547, 0.2% off for every kept entry)."""
+        A bf16 / fp16 x (under autocast) is multiplied by its 0/1 mask in its own dtype (exact), then by
+        1 / (1 - p) in fp32 and rounded once, as PEFT does it (it casts x to its fp32 weights' dtype before
+        dropout; the matmul's autocast rounds the product). A scaled mask in bf16 would round the scale itself
+        first (1 / 0.95 -> 1.0547, 0.2% off for every kept entry), and one in fp32 would be kept for backward at
+        4 bytes an entry: the 0/1 mask is kept at x's 2."""
         routing = self.routing
         if not any(p > 0 for p in routing.dropout):  # only training steps set dropout
             return x
-        mask_dtype = torch.promote_types(x.dtype, torch.float32)
-        scaled_masks, start = torch.empty(x.shape, device=x.device, dtype=mask_dtype), 0
+        half = x.element_size() < 4
+        masks, start = torch.empty_like(x), 0
         for rows, p, generator in zip(routing.rows, routing.dropout, routing.generators):
-            part = scaled_masks[start : start + rows]
-            if p > 0:
-                torch.mul(_keep_mask(part, p, generator), 1.0 / (1.0 - p), out=part)
-            else:
+            part = masks[start : start + rows]
+            if p == 0:
                 part.fill_(1.0)
+            elif half:
+                part.copy_(_keep_mask(part, p, generator))
+            else:
+                torch.mul(_keep_mask(part, p, generator), 1.0 / (1.0 - p), out=part)
             start += rows
-        return (x * scaled_masks).to(x.dtype)
+        if not half:
+            return x * masks
+        assert routing.dropout_scales is not None  # set with the routing when any p > 0
+        scales = routing.dropout_scales.view(-1, *([1] * (x.dim() - 1)))
+        return ((x * masks).float() * scales).to(x.dtype)
 
 
 def _keep_mask(piece: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:

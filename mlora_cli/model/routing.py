@@ -41,6 +41,8 @@ class Routing:
     # empty on the batched path.
     runs: list[tuple[int, int]] = field(default_factory=list)
     row_slots: torch.Tensor | None = None  # the per-adapter path: each row's slot (CPU), for one scale multiply
+    # With dropout: each row's 1 / (1 - p) (1 where p = 0), fp32 on the device, for half-precision inputs.
+    dropout_scales: torch.Tensor | None = None
     _offsets: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)  # see `run_offsets`
 
     def set(
@@ -62,6 +64,10 @@ class Routing:
         padded = bool(self.rows) and not uniform and _paddable(self.rows)
         self.batched = not self.per_adapter and (uniform or padded)
         self.padded_rows, self.runs, self.row_slots, self._offsets = None, [], None, {}
+        self.dropout_scales = None
+        if any(p > 0 for p in self.dropout):
+            self.dropout_scales = on_device([1.0 / (1.0 - p) for p, count in zip(self.dropout, self.rows)
+                                             for _ in range(count)], self.device, torch.float32)
         if self.per_adapter and self.slots:
             self.runs = _equal_rank_runs(self.ranks)
             self.row_slots = torch.tensor([slot for slot, count in zip(self.slots, self.rows) for _ in range(count)])
@@ -111,12 +117,13 @@ class Routing:
 
     def _snapshot(self) -> tuple[Any, ...]:
         return (self.slots, self.rows, self.ranks, self.dropout, self.generators, self.slot_index, self.in_slot_order,
-                self.device, self._by_rank, self.batched, self.padded_rows, self.runs, self.row_slots, self._offsets)
+                self.device, self._by_rank, self.batched, self.padded_rows, self.runs, self.row_slots, self._offsets,
+                self.dropout_scales)
 
     def _restore(self, snapshot: tuple[Any, ...]) -> None:
         (self.slots, self.rows, self.ranks, self.dropout, self.generators, self.slot_index,
          self.in_slot_order, self.device, self._by_rank, self.batched, self.padded_rows, self.runs, self.row_slots,
-         self._offsets) = snapshot
+         self._offsets, self.dropout_scales) = snapshot
 
     def _generator_states(self) -> list[tuple[torch.Generator, torch.Tensor]]:
         return [(g, g.get_state()) for g, p in zip(self.generators, self.dropout) if g is not None and p > 0]

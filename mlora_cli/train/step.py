@@ -88,12 +88,14 @@ def _pass_losses(engine: MultiLoraModel, inputs: list[StepInput], pad_id: int, s
     (objective, task loss, tokens)."""
     slots = [part.slot for part in inputs]
     counts = [len(part.rows) for part in inputs]
-    batch = None
+    batch = None if share else collate([row for part in inputs for row in part.rows], pad_id, engine.device)
+    # The KL reference pass first: its logits are gone before the student's (kept for backward) are made.
+    base_log_probs = _base_log_probs(engine, inputs, batch, pad_id)
     if share:
         logits, targets = suffix_logits(engine, shared_rows([part.rows for part in inputs]), slots, pad_id)
         tokens_per_row = on_device([row.tokens for part in inputs for row in part.rows], engine.device)
     else:
-        batch = collate([row for part in inputs for row in part.rows], pad_id, engine.device)
+        assert batch is not None
         with engine.routed(slots, counts, [p.dropout for p in inputs], [p.generator for p in inputs]):
             full_logits = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         logits, targets, tokens_per_row = full_logits[:, :-1], batch.labels[:, 1:], batch.tokens_per_row
@@ -110,7 +112,6 @@ def _pass_losses(engine: MultiLoraModel, inputs: list[StepInput], pad_id: int, s
     task_loss = loss_sum / completion_tokens.clamp(min=1)
     objective = task_loss
     if any(part.advantages is not None for part in inputs):
-        base_log_probs = _base_log_probs(engine, inputs, batch, pad_id)
         objective = _with_rl_losses(inputs, counts, logits, targets, objective, base_log_probs)
     if strategies is not None and batch is not None:  # teachers take the full rows (see _shares_prompts)
         distillation = strategies.distillation(full_logits, batch.input_ids, batch.attention_mask, slots, counts)
