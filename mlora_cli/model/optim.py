@@ -32,6 +32,8 @@ from mlora_cli.model.blocks import Block
 from mlora_cli.model.routing import on_device
 from mlora_cli.model.slots import SlotRanks
 
+FLAT_CHUNK_ELEMENTS = 2**22  # entries per chunk of the masked update over the flat buffers (16 MiB in fp32)
+
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
     """Multiplier of the peak lr at optimizer step `step` (0-based), as LambdaLR would use."""
@@ -303,7 +305,12 @@ class SlotAdamW:
             if any_frozen:  # O-LoRA only
                 flat_mask = torch.cat([mask.expand(p.shape).reshape(p.size(0), -1)
                                        for p, mask in zip(self.params, trainable)], dim=1)
-            stacks = [(self.flat.params, self.flat.grads, self.flat.exp_avg, self.flat.exp_avg_sq, flat_mask)]
+            # In column chunks: the update makes ~8 temporaries the size of what it updates, which over the whole
+            # (S, total) buffers would be several times the optimizer state. Elementwise: the same numbers.
+            flat = (self.flat.params, self.flat.grads, self.flat.exp_avg, self.flat.exp_avg_sq, flat_mask)
+            width = max(1, FLAT_CHUNK_ELEMENTS // self.num_slots)
+            stacks = [tuple(t[:, start : start + width] if t is not None else None for t in flat)
+                      for start in range(0, self.flat.params.size(1), width)]
         else:
             stacks = [(p, p.grad, m, v, unfrozen) for p, m, v, unfrozen in
                       zip(self.params, self.exp_avg, self.exp_avg_sq, trainable)]
