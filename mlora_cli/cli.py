@@ -7,7 +7,6 @@ notes go nowhere, status to stderr, and user errors become `{"ok": false, "probl
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -190,13 +189,6 @@ def run(
         raise typer.Exit(1)
 
 
-def torch_cuda_count() -> int:
-    """CUDA devices torch sees (imports torch: only for a command that will load a model anyway)."""
-    import torch
-
-    return torch.cuda.device_count()
-
-
 @app.command("eval")
 def eval_command(
     run_dir: Annotated[
@@ -222,36 +214,13 @@ def eval_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate saved adapters: a run's per-task checkpoints, or any PEFT LoRA adapters, in batched passes."""
+    from mlora_cli.eval.options import option_problems
     from mlora_cli.report.tables import adapters_eval_table, harness_table, print_cl_report
     from mlora_cli.spec.load import load_task_suite
 
-    problems = []
-    if run_dir is None and not adapter:
-        problems.append("give a RUN_DIR, or --base MODEL --adapter PATH ... --tasks FILE")
-    if run_dir is not None and (adapter or base):
-        problems.append("--base/--adapter evaluate adapters without a run folder; drop RUN_DIR or them")
     harness_list = [t.strip() for t in (harness_tasks or "").split(",") if t.strip()] or None
-    if adapter and (base is None or (tasks is None and harness_list is None)):
-        problems.append("--adapter needs --base MODEL and --tasks FILE (or --harness-tasks)")
-    if harness_include is not None and not harness_include.is_dir():
-        problems.append(f"--harness-include {harness_include}: no such folder")
-    if harness_include is not None and harness_list is None:
-        problems.append("--harness-include needs --harness-tasks")
-    if harness_every_task and (harness_list is None or run_dir is None):
-        problems.append("--harness-every-task needs RUN_DIR and --harness-tasks")
-    if run_dir is not None and not run_dir.is_dir():
-        problems.append(f"{run_dir}: no such run folder")
-    for path in adapter or []:
-        if not (path / "adapter_config.json").is_file():
-            problems.append(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
-    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", device):
-        problems.append(f"--device: expected cpu or cuda:N, got '{device}'")
-    else:
-        from mlora_cli.spec.plan import missing_cuda_devices
-
-        visible = torch_cuda_count() if device.startswith("cuda") else 0
-        problems += [line.replace("devices", "--device", 1).replace("use devices: auto, or cpu", "use --device cpu")
-                     for line in missing_cuda_devices(device, visible)]
+    problems = option_problems(run_dir, tasks, base, adapter or [], device, harness_list, harness_include,
+                               harness_every_task)
     if problems:
         fail(problems, as_json)
     try:

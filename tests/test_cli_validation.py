@@ -392,9 +392,9 @@ def test_an_output_dir_that_cannot_hold_a_run_is_one_line(tmp_path: Path) -> Non
 
 
 def test_eval_on_a_device_this_machine_lacks_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mlora_cli.cli
+    import mlora_cli.eval.options
 
-    monkeypatch.setattr(mlora_cli.cli, "torch_cuda_count", lambda: 0)
+    monkeypatch.setattr(mlora_cli.eval.options, "visible_cuda_devices", lambda: 0)
     result = mlora("eval", str(tmp_path), "--device", "cuda:1")
     assert problems_of(result) == ["--device: cuda:1 requested, but this machine has no CUDA device (use --device cpu)"]
     result = mlora("eval", str(tmp_path), "--device", "gpu")

@@ -44,10 +44,10 @@ from mlora_cli.spec.convert import to_plain
 from mlora_cli.spec.plan import (
     WorkerPlan,
     assign,
-    gpu_device_nodes_present,
     missing_cuda_devices,
     resolve_devices,
     sweep_work,
+    visible_cuda_devices,
 )
 from mlora_cli.spec.schema import SweepSpec
 from mlora_cli.spec.sweep import AdapterSpec, expand
@@ -97,16 +97,6 @@ def visible_device_for(index: int, parent_visible: str | None) -> str:
         return str(index)
     entries = [entry.strip() for entry in parent_visible.split(",") if entry.strip()]
     return entries[index]
-
-
-def visible_cuda_devices() -> int:
-    # Without any GPU device node there is nothing torch could find, and not importing it
-    # here (a second or two) lets the workers start that much sooner.
-    if not gpu_device_nodes_present():
-        return 0
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def peak_memory() -> dict[str, float]:

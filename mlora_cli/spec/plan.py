@@ -118,3 +118,14 @@ def assign(adapters: list[AdapterSpec], spec: SweepSpec, workers: list[tuple[str
         if indices:
             plans.append(WorkerPlan(device, tuple(adapters[i] for i in sorted(indices)), threads, spec.max_concurrent))
     return plans
+
+
+def visible_cuda_devices() -> int:
+    """CUDA devices torch can use here; torch is imported only where a GPU device node exists."""
+    # Without any GPU device node there is nothing torch could find, and not importing it
+    # here (a second or two) lets the workers start that much sooner.
+    if not gpu_device_nodes_present():
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
