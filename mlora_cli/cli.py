@@ -266,7 +266,8 @@ def bench(
         bool, typer.Option("--sequential-baseline", help="also run every adapter as its own plain-PEFT process")
     ] = False,
     mode: Annotated[list[str] | None, typer.Option(
-        "--mode", help="extra mode: engine-serial, or trl (TRL's GRPOTrainer per experiment; RL sweeps, needs [trl])"
+        "--mode", help="extra mode: engine-serial, or trl (TRL's GRPOTrainer per experiment; RL sweeps; "
+        "pip install 'mlora-sweep\\[trl]')"
     )] = None,
     concurrency: Annotated[str, typer.Option("--concurrency", help="max_concurrent values, e.g. 1,2,4,8")] = "",
     output: Annotated[
