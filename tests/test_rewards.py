@@ -75,6 +75,21 @@ def test_validate_checks_rewards(tmp_path: Path) -> None:
     ]
 
 
+def test_validate_reads_a_reward_file_without_running_it(tmp_path: Path) -> None:
+    (tmp_path / "broken.py").write_text("def score(prompts:\n")
+    (tmp_path / "other.py").write_text("import sys\nsys.exit(3)  # never runs at validate\ndef scored(p, c, r, **k):\n"
+                                       "    return [0.0] * len(c)\n")
+    tasks = builtin_tasks("copy", "reverse", "sort")
+    tasks[0]["reward"] = "python:broken.py:score"
+    tasks[1]["reward"] = "python:other.py:score"
+    tasks[2]["reward"] = "python:other.py:scored"
+    result = mlora("validate", write_sweep(tmp_path, micro_sweep(tasks=tasks)))
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("tasks[0].reward: broken.py line 1: ")
+    assert lines[1:] == ["tasks[1].reward: other.py defines no 'score' (did you mean 'scored'?)"]
+
+
 def test_a_reward_that_cannot_be_imported_stops_the_run_before_training(tmp_path: Path) -> None:
     """Validate checks a reward's form and file only; the worker imports it before training: one line, exit 2."""
     tasks = builtin_tasks("copy", "reverse")

@@ -286,9 +286,36 @@ def check_reward(reward: str, key: str, base_dir: Path | None) -> list[str]:
         hint = did_you_mean(reward, BUILTIN_REWARDS)
         return [f"{key}: expected one of {', '.join(BUILTIN_REWARDS)}, python:MODULE:FUNCTION or "
                 f"python:PATH.py:FUNCTION, got '{reward}'{hint}"]
-    if target.endswith(".py") and not resolve_path(target, base_dir).is_file():
-        return [f"{key}: no such file: {target}"]
+    if target.endswith(".py"):
+        file = resolve_path(target, base_dir)
+        if not file.is_file():
+            return [f"{key}: no such file: {target}"]
+        return _defined_in(file, name, key, target)
     return []
+
+
+def _defined_in(file: Path, name: str, key: str, target: str) -> list[str]:
+    """Whether `file` parses and defines `name` at its top level, read as source (nothing of it runs)."""
+    import ast
+
+    try:
+        tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
+    except SyntaxError as exc:
+        return [f"{key}: {target} line {exc.lineno}: {exc.msg}"]
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return [f"{key}: cannot read {target}: {first_line(exc)}"]
+    defined = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            defined.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+    if name in defined or any(isinstance(node, (ast.If, ast.Try, ast.With)) for node in tree.body):
+        return []  # defined, or perhaps defined under a condition: the import at start decides
+    return [f"{key}: {target} defines no '{name}'{did_you_mean(name, sorted(defined))}"]
 
 
 def check_choice_metric(tasks: list[tuple[int, TaskConfig]], metrics: tuple[str, ...]) -> list[str]:
