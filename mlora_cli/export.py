@@ -61,6 +61,8 @@ def load_run(run_dir: Path) -> ExportRun:
     if not run_dir.is_dir():
         raise ConfigError([f"{run_dir}: no such run folder"])
     if not (run_dir / RESULTS).is_file():
+        if not (run_dir / RESOLVED_SWEEP).is_file():  # nothing of a run here
+            raise ConfigError([f"{run_dir}: not a run folder (no {RESOLVED_SWEEP})"])
         raise ConfigError([f"{run_dir}: no {RESULTS}, not a finished run (continue it: mlora run --resume {run_dir})"])
     resolved = read_yaml(run_dir / RESOLVED_SWEEP)
     errors: list[str] = []

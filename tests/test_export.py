@@ -215,3 +215,6 @@ def test_an_unknown_adapter_is_one_line_and_exit_2(run_dir: Path, tmp_path: Path
     assert missing.exit_code == 2 and missing.output.splitlines() == [
         f"r16: no final adapter in {copy / 'adapters'} (status done)"]
     assert mlora("export", tmp_path / "nowhere").output.splitlines() == [f"{tmp_path / 'nowhere'}: no such run folder"]
+    (tmp_path / "empty").mkdir()
+    assert mlora("export", tmp_path / "empty").output.splitlines() == [
+        f"{tmp_path / 'empty'}: not a run folder (no sweep.resolved.yaml)"]
