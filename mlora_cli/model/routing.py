@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from mlora_cli.data.batches import to_device
+
 
 @dataclass
 class Routing:
@@ -146,7 +148,6 @@ class Routing:
                 generator.set_state(state)
 
 
-
 def _equal_rank_runs(ranks: list[int]) -> list[tuple[int, int]]:
     """Maximal stretches of consecutive groups with one rank, as (first group, end group)."""
     runs: list[tuple[int, int]] = []
@@ -167,7 +168,4 @@ def _paddable(rows: list[int]) -> bool:
 def on_device(values: list[int] | list[float], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
     """A tensor of `values` on `device`; to a GPU through pinned memory without waiting for it (a copy
     from pageable memory would wait for every kernel queued before it)."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+    return to_device(torch.tensor(values, dtype=dtype), device)
