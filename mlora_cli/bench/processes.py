@@ -29,10 +29,11 @@ def timed(command: list[str], log: Path) -> tuple[float, float]:
         _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
-    with log.open("a") as out:  # the log keeps everything, stderr after stdout
-        out.write(errors.read_text())
-    problems = [line for line in errors.read_text().splitlines() if line.strip()]
+    stderr = errors.read_text()
     errors.unlink()
+    with log.open("a") as out:  # the log keeps everything, stderr after stdout
+        out.write(stderr)
+    problems = [line for line in stderr.splitlines() if line.strip()]
     if code == 2 and problems and not any(line.startswith("Traceback") for line in problems):
         raise ConfigError(problems[-20:])
     if code != 0:

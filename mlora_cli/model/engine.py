@@ -204,23 +204,18 @@ class MultiLoraModel:
     def set_slot_weights(self, slot: int, config: AdapterConfig, weights: dict[str, torch.Tensor]) -> None:
         """Load a saved adapter's weights (PEFT key names) into `slot`; ConfigError if they are shaped for
         another base or rank (checked before anything is written)."""
-        problems = []
         for name in self.targeted_layers(config):
             layer = self.layers[name]
             lora_a, lora_b = (weights.get(f"base_model.model.{name}.lora_{part}.weight") for part in "AB")
             if lora_a is None or lora_b is None:
-                problems.append(f"{name}: no saved weights for this targeted layer")
-                break
+                raise ConfigError([f"{name}: no saved weights for this targeted layer"])
             rank = lora_a.size(0)
-            fits = (lora_a.dim() == lora_b.dim() == 2 and rank <= layer.lora_A.size(1)
+            if not (lora_a.dim() == lora_b.dim() == 2 and rank <= layer.lora_A.size(1)
                     and tuple(lora_a.shape) == (rank, layer.in_features)
-                    and tuple(lora_b.shape) == (layer.out_features, rank))
-            if not fits and not problems:
-                problems.append(f"{name}: lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)} do not fit "
-                                f"the base's layer ({layer.in_features} -> {layer.out_features}) at rank <= "
-                                f"{layer.lora_A.size(1)}: saved for another base model or rank")
-        if problems:
-            raise ConfigError(problems)
+                    and tuple(lora_b.shape) == (layer.out_features, rank)):
+                raise ConfigError([f"{name}: lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)} do not "
+                                   f"fit the base's layer ({layer.in_features} -> {layer.out_features}) at rank <= "
+                                   f"{layer.lora_A.size(1)}: saved for another base model or rank"])
         for layer in self.layers.values():
             layer.lora_A[slot].zero_()
             layer.lora_B[slot].zero_()
