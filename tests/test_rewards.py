@@ -79,10 +79,12 @@ def test_validate_reads_a_reward_file_without_running_it(tmp_path: Path) -> None
     (tmp_path / "broken.py").write_text("def score(prompts:\n")
     (tmp_path / "other.py").write_text("import sys\nsys.exit(3)  # never runs at validate\ndef scored(p, c, r, **k):\n"
                                        "    return [0.0] * len(c)\n")
-    tasks = builtin_tasks("copy", "reverse", "sort")
+    (tmp_path / "star.py").write_text("from mlora_cli.train.rewards import *\n")  # may define anything
+    tasks = builtin_tasks("copy", "reverse", "sort", "caesar")
     tasks[0]["reward"] = "python:broken.py:score"
     tasks[1]["reward"] = "python:other.py:score"
     tasks[2]["reward"] = "python:other.py:scored"
+    tasks[3]["reward"] = "python:star.py:anything"
     result = mlora("validate", write_sweep(tmp_path, micro_sweep(tasks=tasks)))
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()

@@ -149,19 +149,15 @@ def example_choices(task: TaskConfig, row: dict[str, object]) -> tuple[str, ...]
 
 
 def first_bad_example(task: TaskConfig, scheme: str, path: Path) -> tuple[str, str] | None:
-    """The first JSONL/CSV row that cannot be an example of `task`, as (task key, "line 7: ..."): a malformed
-    conversation (`source`), or choices that cannot score it; None when there is none. Parquet and hf rows are
-    checked when loaded (`data.sources`), and so is a row missing a field."""
+    """The first JSONL/CSV row that cannot be an example of `task`, as (task key, "line 7: ..."): a JSONL row
+    without a field the task reads, a malformed conversation (`source`), or choices that cannot score it; None when
+    there is none. A CSV row has every column of the header (or `first_bad_row` said so); parquet and hf rows are
+    checked when loaded (`data.sources`)."""
     if scheme not in ("jsonl", "csv"):
         return None
-    if scheme == "jsonl":  # a CSV row has every column of the header (or first_bad_row said so)
-        fields = [value for _, value in source_fields(task)]
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip() and (missing := [name for name in fields if name not in json.loads(line)]):
-                    return "source", f"line {number}: no '{missing[0]}' field"
     with_choices = task.choices is not None or task.choices_field is not None
-    if task.format not in CONVERSATIONS and not with_choices:
+    checks_rows = task.format in CONVERSATIONS or with_choices
+    if scheme == "csv" and not checks_rows:
         return None
     with path.open(newline="", encoding="utf-8") as f:
         if scheme == "csv":
@@ -169,6 +165,13 @@ def first_bad_example(task: TaskConfig, scheme: str, path: Path) -> tuple[str, s
             numbered: list[tuple[int, dict]] = [(reader.line_num, row) for row in reader]
         else:
             numbered = [(n, json.loads(line)) for n, line in enumerate(f, 1) if line.strip()]
+    if scheme == "jsonl":
+        fields = [value for _, value in source_fields(task)]
+        for number, row in numbered:
+            if missing := [name for name in fields if name not in row]:
+                return "source", f"line {number}: no '{missing[0]}' field"
+    if not checks_rows:
+        return None
     for number, row in numbered:
         try:
             _, reference, _ = row_example(task.format, row, task.prompt_field, task.completion_field,
@@ -313,8 +316,11 @@ def _defined_in(file: Path, name: str, key: str, target: str) -> list[str]:
             defined.update(t.id for t in targets if isinstance(t, ast.Name))
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             defined.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
-    if name in defined or any(isinstance(node, (ast.If, ast.Try, ast.With)) for node in tree.body):
-        return []  # defined, or perhaps defined under a condition: the import at start decides
+    # Defined; or perhaps defined where reading cannot tell (a star import, under a condition, in a loop):
+    # importing it at the start of the run decides.
+    unknowable = (ast.If, ast.Try, ast.With, ast.For, ast.While)
+    if name in defined or "*" in defined or any(isinstance(node, unknowable) for node in tree.body):
+        return []
     return [f"{key}: {target} defines no '{name}'{did_you_mean(name, sorted(defined))}"]
 
 
