@@ -6,12 +6,14 @@ per-adapter matmuls and fused AdamW kernel (the CPU's path) and the batched matm
 masked AdamW over all slots (the GPU's path, run here on CPU).
 
 When adapters share their rows (same seed in a sweep), the fused batch is padded exactly as
-each adapter's own batch, and on the CPU every adapter is then bit-identical to PEFT alone.
+each adapter's own batch, and on the CPU every adapter is then bit-identical to PEFT alone; also
+when all have one rank, so that their matmuls are batched (`exact_bmm`) forward and backward.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 
 import pytest
@@ -20,6 +22,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 
 from mlora_cli.data.batches import collate, token_losses, tokenize_task
 from mlora_cli.data.sources import load_task
+from mlora_cli.model import per_adapter
 from mlora_cli.model.base import build_builtin
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.model.optim import lr_factor
@@ -48,16 +51,27 @@ def absent(slot: int, step: int) -> bool:
     return slot == 1 and step in (4, 5, 11)  # adapter 1 sits some steps out
 
 
+def adapters_for(mode: str) -> list[tuple[AdapterConfig, TrainConfig]]:
+    """ADAPTERS, or (mode "equal-ranks") all of rank 4 on every projection: one run of groups per layer."""
+    if mode != "equal-ranks":
+        return ADAPTERS
+    return [(dataclasses.replace(config, rank=4, target_modules=TARGETS), train) for config, train in ADAPTERS]
+
+
 def batches(mode: str) -> list[list[list[int]]]:
     rng = random.Random(0)
-    if mode == "shared":
+    if mode in ("shared", "equal-ranks"):
         return [[rows] * len(ADAPTERS) for rows in (rng.sample(range(64), 3) for _ in range(STEPS))]
     sizes = [t.batch_size for _, t in ADAPTERS] if mode == "unequal" else [3, 3, 3]
     return [[rng.sample(range(64), sizes[slot]) for slot in range(len(ADAPTERS))] for _ in range(STEPS)]
 
 
-@pytest.mark.parametrize("mode", ["uniform", "unequal", "batched", "shared"])
-def test_cotrained_weights_equal_peft_trained_alone(mode: str) -> None:
+@pytest.mark.parametrize("mode", ["uniform", "unequal", "batched", "shared", "equal-ranks"])
+def test_cotrained_weights_equal_peft_trained_alone(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    ADAPTERS = adapters_for(mode)  # noqa: N806 (the module's list, or its equal-rank variant)
+    batched_runs: list[int] = []
+    run_grads = per_adapter._run_grads
+    monkeypatch.setattr(per_adapter, "_run_grads", lambda *args: batched_runs.append(1) or run_grads(*args))
     model, tokenizer, rows = rows_for_test()
     reference = copy.deepcopy(model)
     engine = MultiLoraModel(model, TARGETS, len(ADAPTERS), 8)
@@ -118,9 +132,10 @@ def test_cotrained_weights_equal_peft_trained_alone(mode: str) -> None:
         got = engine.slot_weights(slot, config)
         assert set(expected) == set(got)
         for key in expected:
-            if mode == "shared":
+            if mode in ("shared", "equal-ranks"):
                 assert torch.equal(got[key], expected[key]), f"adapter {slot} {key}"
             else:
                 torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=f"adapter {slot} {key}")
         # Training moved the weights: the comparison is not of two untouched tensors.
         assert any(not torch.allclose(got[k], initial[slot][k]) for k in got if "lora_B" in k)
+    assert bool(batched_runs) == (mode == "equal-ranks")  # the batched backward ran where it applies

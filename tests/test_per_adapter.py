@@ -1,5 +1,6 @@
-"""Without gradients the per-adapter (CPU) LoRA term makes runs of equal-rank groups as `grouped_mm` calls: bit
-for bit the group-by-group `mm`s of the autograd path, whatever the slots' order and ranks."""
+"""Without gradients the per-adapter (CPU) LoRA term makes runs of equal-rank groups as `bmm` calls (equal rows,
+where bmm rounds as mm: `exact_bmm`) or `grouped_mm` calls: bit for bit the group-by-group `mm`s of the autograd
+path, whatever the slots' order, ranks and rows."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mlora_cli.model import per_adapter
+from mlora_cli.model import exact_bmm, per_adapter
 from mlora_cli.model.multi_lora import MultiLoraLinear
 from mlora_cli.model.routing import Routing
 
@@ -29,18 +30,63 @@ def layer_with_slots(ranks: list[int]) -> MultiLoraLinear:
     ([0, 1, 2, 3, 4, 5], [8] * 6, [3, 1, 4, 2, 2, 5]),             # one run, the stack's blocks as they lie
     ([5, 2, 0, 3, 2], [8] * 6, [2, 3, 1, 4, 2]),                   # out of order, a slot twice: blocks gathered
     ([0, 1, 2, 3, 4, 5], [4, 4, 8, 8, 8, 2], [2, 2, 3, 1, 2, 2]),  # runs per rank; rank 2 group by group
-], ids=["in-order", "gathered", "mixed-ranks"])
+    ([0, 1, 2, 3, 4, 5], [8] * 6, [3] * 6),                        # equal rows: one batched run
+    ([5, 2, 0, 3, 2], [6] * 6, [2] * 5),                           # batched, gathered, a rank grouped_mm refuses
+    ([0, 1, 2, 3, 4, 5], [4, 4, 8, 8, 8, 2], [2, 2, 3, 1, 3, 2]),  # a batched run, a grouped one, a single
+], ids=["in-order", "gathered", "mixed-ranks", "equal-rows", "equal-rows-gathered", "mixed-units"])
 @pytest.mark.parametrize("tokens", [1, 5], ids=["decode", "sequence"])
-def test_grouped_runs_equal_the_group_by_group_matmuls(slots: list[int], ranks: list[int], rows: list[int],
-                                                       tokens: int) -> None:
+def test_runs_equal_the_group_by_group_matmuls(slots: list[int], ranks: list[int], rows: list[int],
+                                               tokens: int) -> None:
     layer = layer_with_slots(ranks)
-    layer.routing.set(slots, rows, [ranks[s] for s in slots], torch.device("cpu"))
+    routed_ranks = [ranks[s] for s in slots]
+    layer.routing.set(slots, rows, routed_ranks, torch.device("cpu"))
     x = torch.randn(sum(rows), tokens, D_IN, generator=torch.Generator().manual_seed(2))
-    grouped = per_adapter._units(x.reshape(-1, D_IN), layer.lora_A, layer.lora_B, layer.scale, layer.routing,
-                                 tokens, grouping=True)
-    assert sum(unit.grouped for unit in grouped) == (1 if len(set(ranks)) == 1 else 2)
+    units = per_adapter._units(x.reshape(-1, D_IN), layer.lora_A, layer.lora_B, layer.scale, layer.routing,
+                               tokens, training=False)
+    runs = [(first, end) for first, end in layer.routing.runs if end - first > 1]
+    assert [(unit.first, unit.end) for unit in units if not unit.single] == runs
+    assert [unit.batched for unit in units if not unit.single] == [len(set(rows[f:e])) == 1 for f, e in runs]
     by_group = layer(x.clone().requires_grad_(True))  # the autograd path: group by group
     with torch.no_grad():
         assert torch.equal(layer(x), by_group)
         layer.routing.runs = []
         assert torch.equal(layer(x), by_group)
+
+
+def test_bmm_is_used_only_where_it_rounds_as_the_groups_mm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bmm that rounds differently (here: one ulp off) is found by the check and not used: each group gets its mm's
+    bits; one that rounds alike is used, and the check runs once per shape class."""
+    generator = torch.Generator().manual_seed(3)
+    left, right = torch.randn(4, 6, 32, generator=generator), torch.randn(4, 8, 32, generator=generator).transpose(1, 2)
+    expected = torch.stack([left[g].mm(right[g]) for g in range(4)])
+    calls: list[int] = []
+    true_bmm = torch.bmm
+
+    def counted(a: torch.Tensor, b: torch.Tensor, ulp_off: bool = False) -> torch.Tensor:
+        calls.append(1)
+        result = true_bmm(a, b)
+        return torch.nextafter(result, torch.full_like(result, float("inf"))) if ulp_off else result
+
+    monkeypatch.setattr(exact_bmm, "_EXACT", {})
+    monkeypatch.setattr(exact_bmm.torch, "bmm", lambda a, b: counted(a, b, ulp_off=True))
+    assert not exact_bmm.bmm_is_exact(left, right)
+    assert torch.equal(exact_bmm.bmm_or_loop(left, right), expected)
+    assert len(calls) == 1  # the check's; the product itself was the loop
+
+    monkeypatch.setattr(exact_bmm, "_EXACT", {})
+    monkeypatch.setattr(exact_bmm.torch, "bmm", counted)
+    calls.clear()
+    for _ in range(3):
+        assert torch.equal(exact_bmm.bmm_or_loop(left, right), expected)
+    assert len(calls) == 4  # one check, three products
+    assert len(exact_bmm._EXACT) == 1
+    assert torch.equal(exact_bmm.bmm_or_loop(left[:, :5], right), expected[:, :5])  # another shape: checked anew
+    assert len(exact_bmm._EXACT) == 2
+
+
+def test_the_check_leaves_the_global_generator_alone() -> None:
+    left, right = torch.randn(3, 7, 16)[:, 1:], torch.randn(3, 16, 5)  # a view not on the allocator's alignment
+    state = torch.get_rng_state()
+    exact_bmm._EXACT.clear()
+    exact_bmm.bmm_is_exact(left, right)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -38,9 +38,10 @@ compute the LoRA term, same math:
   adapter's forward and gradients are bit-identical to training it alone with PEFT
   (the padded bmm rounds differently). That makes co-trained and single-tenant runs agree
   even where training is chaotic enough to amplify the last bit. All groups are one autograd
-  node (`PerAdapterLora`) whose backward makes autograd's own matmuls: the loop then costs
-  no more than the union batch does. Without gradients, consecutive groups of one rank make those
-  matmuls as one `grouped_mm` call each, on the CPU a loop of the same `mm`s in C++ (`model.per_adapter`).
+  node (`PerAdapterLora`) whose backward makes autograd's own matmuls. Consecutive groups of one
+  rank and equal rows make each of those matmuls as one `bmm` where it was checked to round as the
+  groups' own `mm`s (`model.exact_bmm`), which costs about what the union batch's one matmul does;
+  without gradients, unequal ones as one `grouped_mm` (a loop of the same `mm`s in C++).
 
 The base may be an `nn.Linear` (weight (d_out, d_in)) or GPT-2's `Conv1D` (weight
 (d_in, d_out), y = x W + b); the LoRA term is the same for both. A and B are stored in fp32.

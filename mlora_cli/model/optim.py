@@ -256,13 +256,19 @@ class SlotAdamW:
             return total.sqrt()
         grads = self._gradients()
         blocks = {}
-        norms = []
         for slot, owned in in_use:
             indices = [i for i, (grad, mine) in enumerate(zip(grads, owned)) if mine and grad is not None]
-            views = self._flat_blocks(grads, indices, slot, self.ranks.in_use[slot])  # type: ignore[arg-type]
-            blocks[slot] = (indices, views)
-            if views:  # clip_grad_norm_: the norm of the per-tensor norms
-                norms.append((slot, torch.linalg.vector_norm(torch.stack(torch._foreach_norm(views, 2.0)), 2.0)))
+            blocks[slot] = (indices, self._flat_blocks(grads, indices, slot, self.ranks.in_use[slot]))  # type: ignore[arg-type]
+        # clip_grad_norm_: the norm of the per-tensor norms. Each tensor's norm is its own reduction, so one call
+        # for every slot's blocks gives each the numbers of a call for its slot alone.
+        every_view = [view for _, views in blocks.values() for view in views]
+        tensor_norms = torch._foreach_norm(every_view, 2.0) if every_view else []
+        norms, start = [], 0
+        for slot, (_, views) in blocks.items():
+            if views:
+                own = tensor_norms[start : start + len(views)]
+                norms.append((slot, torch.linalg.vector_norm(torch.stack(own), 2.0)))
+            start += len(views)
         if norms:
             total[[slot for slot, _ in norms]] = torch.stack([norm for _, norm in norms])
         self._grad_blocks = GradBlocks(grads, blocks)

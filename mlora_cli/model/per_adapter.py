@@ -1,15 +1,18 @@
 """The LoRA term group by group, PEFT's way: the CPU path of the fused layer (`model.multi_lora`).
 
 Each group g of a routing (slot k, rows x_g) gets `linear(linear(x_g, A_k), B_k) * s_k` with the
-very calls PEFT makes, on its slot's blocks laid out as PEFT's tensors, so an adapter's output and
-gradients are bit-identical to training it alone with PEFT. The calls are the cost on a CPU (each
-tiny matmul is mostly dispatch), so they are made as few as that allows:
+very matmuls PEFT makes (forward, and autograd's in backward), on its slot's blocks laid out as
+PEFT's tensors, so an adapter's output and gradients are bit-identical to training it alone with
+PEFT. On a CPU each of those matmuls is tiny and most of its cost is the call, so they are made
+in as few calls as keeps those numbers:
 
 - all groups are one autograd node (`PerAdapterLora`) whose backward makes autograd's own matmuls;
-- without gradients (sampling, evaluation) no autograd node is built, and a run of consecutive groups of
-  one rank (`Routing.runs`) is one `grouped_mm` per matmul, which torch computes on the CPU as a loop of
-  `mm` over the same operands: each group's numbers are its own `mm`'s, with one Python call per run
-  instead of one per group (~9% of a sampling pass here; the training step's backward gained nothing).
+- a run of consecutive groups of one rank and equal rows (`Routing.runs`; every decode step, and the
+  training step of adapters of one batch and group size) makes each matmul, forward and backward, as
+  one `bmm` over the groups where that rounds as the groups' own `mm`s, checked once per shape class
+  (`exact_bmm`); where it does not (some shapes, e.g. an inner dimension of 1024 here), the loop;
+- without gradients (sampling, evaluation) a run of unequal rows makes them as one `grouped_mm` call,
+  which torch computes on the CPU as a loop of the same `mm`s, and no autograd node is built.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from mlora_cli.model.blocks import Block
+from mlora_cli.model.exact_bmm import bmm_is_exact, bmm_or_loop
 from mlora_cli.model.routing import Routing
 
 # Profiler range (only entered while torch.profiler records): the per-adapter backward.
@@ -31,38 +35,60 @@ LORA_BACKWARD = "mlora: LoRA term backward"
 
 @dataclass(frozen=True)
 class Unit:
-    """Groups first..end-1 of a routing, computed together: one group with two `mm`s, or (without gradients) a run
-    of groups of one rank with two `grouped_mm`s (`offsets`: each group's end in flat rows; `row_scales`: each
-    row's s_k)."""
+    """Groups first..end-1 of a routing, computed together: one group with two `mm`s; a run of groups of one rank
+    and equal rows (`batched`) with two `bmm`s where they round as the groups' `mm`s (`exact_bmm`), else their
+    loop; or (without gradients) a run of one rank with two `grouped_mm`s. `offsets`: each group's end in flat
+    rows, where `grouped_mm` applies; `row_scales`: each row's s_k."""
 
     first: int
     end: int
     offsets: torch.Tensor | None = None
     row_scales: torch.Tensor | None = None
+    batched: bool = False
 
     @property
-    def grouped(self) -> bool:
-        return self.offsets is not None
+    def single(self) -> bool:
+        return self.end - self.first == 1
 
 
 def _units(x_flat: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor, routing: Routing,
-           tokens_per_row: int, grouping: bool) -> list[Unit]:
-    """How to compute the groups: if `grouping`, runs of equal rank (`Routing.runs`) as one `grouped_mm` each where
-    torch's checks allow it (fp32, 16-byte aligned rows and blocks); the rest one group at a time."""
-    singles = [Unit(group, group + 1) for group in range(len(routing.slots))]
+           tokens_per_row: int, training: bool) -> list[Unit]:
+    """How to compute the groups (fp32 without autocast; else one at a time): runs of equal rank (`Routing.runs`)
+    together, as `bmm`s when the run's groups have equal rows, else (without gradients) as `grouped_mm`s where
+    torch's checks allow it (16-byte aligned rows and blocks, rank a multiple of 4); the rest one group at a time.
+    With gradients only where every slot has one group (its gradient blocks are then written, not summed)."""
     tensors = (x_flat, lora_a, lora_b)
-    if (not grouping or not routing.runs or x_flat.device.type != "cpu" or not x_flat.is_contiguous()
-            or any(t.dtype != torch.float32 or t.data_ptr() % 16 for t in tensors)
-            or any(t.stride(0) % 4 for t in tensors)):
-        return singles
+    if (not routing.runs or x_flat.device.type != "cpu" or not x_flat.is_contiguous()
+            or any(t.dtype != torch.float32 for t in tensors) or torch.is_autocast_enabled("cpu")
+            or (training and len(set(routing.slots)) < len(routing.slots))):
+        return [Unit(group, group + 1) for group in range(len(routing.slots))]
+    aligned = not training and not any(t.data_ptr() % 16 or t.stride(0) % 4 for t in tensors)
     units: list[Unit] = []
     for first, end in routing.runs:
-        if end - first < 2 or routing.ranks[first] % 4:
-            units += singles[first:end]
+        # With gradients, a group of one token row and rank 1 would make autograd take its column-major matmul
+        # (see `_linear_grads`): those keep the loop, which makes it.
+        equal_rows = len(set(routing.rows[first:end])) == 1 and not (
+            training and routing.rows[first] * tokens_per_row == 1 and routing.ranks[first] == 1)
+        groupable = aligned and routing.ranks[first] % 4 == 0
+        if end - first < 2 or not (equal_rows or groupable):
+            units += [Unit(group, group + 1) for group in range(first, end)]
             continue
         rows = routing.row_slots[sum(routing.rows[:first]) : sum(routing.rows[:end])]
-        units.append(Unit(first, end, routing.run_offsets(first, end, tokens_per_row), scale.index_select(0, rows)))
+        offsets = routing.run_offsets(first, end, tokens_per_row) if groupable else None
+        units.append(Unit(first, end, offsets, scale.index_select(0, rows), batched=equal_rows))
     return units
+
+
+def _run_matmul(flat: torch.Tensor, blocks: torch.Tensor, unit: Unit) -> torch.Tensor:
+    """(rows, n): each group's rows of `flat` (rows, k) times its block of `blocks` (G, k, n), with each group's
+    numbers those of its own `mm`: one `bmm` where it rounds as they do, else one `grouped_mm`, else the loop."""
+    if unit.batched:
+        batch = flat.view(unit.end - unit.first, -1, flat.size(1))
+        if bmm_is_exact(batch, blocks):
+            return torch.bmm(batch, blocks).view(-1, blocks.size(2))
+        if unit.offsets is None:
+            return bmm_or_loop(batch, blocks, loop=True).view(-1, blocks.size(2))
+    return nn.functional.grouped_mm(flat, blocks, offs=unit.offsets)
 
 
 def _run_blocks(stack: torch.Tensor, layout: Block, slots: list[int], rank: int) -> torch.Tensor:
@@ -78,40 +104,39 @@ def _run_blocks(stack: torch.Tensor, layout: Block, slots: list[int], rank: int)
 
 def per_adapter_terms(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
                       routing: Routing, layouts: tuple[Block, Block],
-                      saved: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, Any]:
+                      saved: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, Any, list[Unit]]:
     """Each group's `linear(linear(x_g, A_k), B_k) * s_k`, PEFT's calls on its slot's blocks, written into its rows
-    of one output; returns it and the scales used. `saved` collects (x_g, A_k^T, B_k^T, hidden) per group for
-    the backward; without it (no gradient: sampling, evaluation) this is the whole LoRA term, without an autograd
-    node to build (about 3% of a sampling pass here), and runs of groups are `grouped_mm` calls (module doc)."""
+    of one output; returns it, the scales used and the units computed (`_units`). `saved` collects (x_g, A_k^T,
+    B_k^T, hidden) per unit for the backward (a run's as (G, ...) blocks and flat rows); without it (no gradient:
+    sampling, evaluation) this is the whole LoRA term, without an autograd node to build (about 3% of a sampling
+    pass here)."""
     # Times a Python float, as PEFT's `* scaling` is; on a GPU the 0-dim tensor (reading
     # the values out would be a host sync).
     scales = scale.tolist() if scale.device.type == "cpu" else scale
     tokens_per_row = math.prod(x.shape[1:-1])
     x_flat = x.reshape(-1, x.size(-1))
-    # Runs only without gradients: measured here, grouping sped sampling up by ~9% but not the training step,
-    # whose backward would need copies into the gradient blocks that `mm(out=...)` avoids.
-    units = _units(x_flat, lora_a, lora_b, scale, routing, tokens_per_row, grouping=saved is None)
+    units = _units(x_flat, lora_a, lora_b, scale, routing, tokens_per_row, training=saved is not None)
     bounds = [0, *itertools.accumulate(rows * tokens_per_row for rows in routing.rows)]
     delta = None
     for unit in units:
         flat = x_flat[bounds[unit.first] : bounds[unit.end]]
         slots, rank = routing.slots[unit.first : unit.end], routing.ranks[unit.first]
-        if unit.grouped:
-            a_t, b_t = (_run_blocks(lora_a, layouts[0], slots, rank), _run_blocks(lora_b, layouts[1], slots, rank))
-            hidden = nn.functional.grouped_mm(flat, a_t, offs=unit.offsets)
-            product = nn.functional.grouped_mm(hidden, b_t, offs=unit.offsets)
-        else:
+        if unit.single:
             # A_k^T and B_k^T exactly as PEFT's `weight.t()` of its contiguous (r, d_in) and
             # (d_out, r) weights: one view each, made directly (a slot's blocks, see Block).
             a_t = layouts[0].view(lora_a, slots[0], rank, transposed=True)
             b_t = layouts[1].view(lora_b, slots[0], rank, transposed=True)
             hidden = flat.mm(a_t)
             product = hidden.mm(b_t)
+        else:
+            a_t, b_t = (_run_blocks(lora_a, layouts[0], slots, rank), _run_blocks(lora_b, layouts[1], slots, rank))
+            hidden = _run_matmul(flat, a_t, unit)
+            product = _run_matmul(hidden, b_t, unit)
         if delta is None:  # in the matmul's dtype (bf16 under autocast)
             # Each unit's term is written straight into its rows of the output (no concatenation).
             delta = product.new_empty(x_flat.size(0), product.size(1))
         into = delta[bounds[unit.first] : bounds[unit.end]]
-        if unit.grouped:  # each row times its slot's scale: the same float32 products as one multiply per group
+        if not unit.single:  # each row times its slot's scale: the same float32 products as one multiply per group
             torch.mul(product.view(-1, tokens_per_row, product.size(1)), unit.row_scales.view(-1, 1, 1),
                       out=into.view(-1, tokens_per_row, into.size(1)))
         else:
@@ -119,7 +144,7 @@ def per_adapter_terms(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tenso
         if saved is not None:
             saved += [flat, a_t, b_t, hidden]
     assert delta is not None  # routing has at least one group
-    return delta.view(*x.shape[:-1], -1), scales
+    return delta.view(*x.shape[:-1], -1), scales, units
 
 
 class PerAdapterLora(torch.autograd.Function):
@@ -135,10 +160,10 @@ class PerAdapterLora(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
                 routing: Routing, layouts: tuple[Block, Block]) -> torch.Tensor:
         tensors: list[torch.Tensor] = []
-        delta, scales = per_adapter_terms(x, lora_a, lora_b, scale, routing, layouts, tensors)
+        delta, scales, units = per_adapter_terms(x, lora_a, lora_b, scale, routing, layouts, tensors)
         # Saved the official way, so that activation checkpointing can drop and recompute them.
         ctx.save_for_backward(*tensors)
-        ctx.groups = list(zip(routing.slots, routing.ranks))
+        ctx.units = [(routing.slots[unit.first : unit.end], routing.ranks[unit.first]) for unit in units]
         ctx.scales, ctx.shapes, ctx.layouts = scales, (lora_a.shape, lora_b.shape), layouts
         ctx.input_shape = x.shape
         # The backward runs under the forward's autocast (bf16 on a GPU), as autograd's own
@@ -172,8 +197,13 @@ class PerAdapterLora(torch.autograd.Function):
         into_parts = into.split([flat.size(0) for flat in flats]) if into is not None else [None] * len(flats)
         grad_x_parts = []
         written: set[int] = set()
-        for index, (grad_part, (slot, rank)) in enumerate(zip(grad_parts, ctx.groups)):
+        for index, (grad_part, (slots, rank)) in enumerate(zip(grad_parts, ctx.units)):
             flat, a_t, b_t, hidden = tensors[4 * index : 4 * index + 4]
+            if len(slots) > 1:  # a run (every slot in it has no other group: its blocks are written)
+                grad_x_parts.append(_run_grads(grad_part, flat, a_t, b_t, hidden, slots, rank, ctx, grad_a, grad_b,
+                                               into_parts[index]))
+                continue
+            slot = slots[0]
             # A slot met twice in one batch gets its gradients summed.
             first = direct and slot not in written
             written.add(slot)
@@ -187,6 +217,37 @@ class PerAdapterLora(torch.autograd.Function):
             return None, grad_a, grad_b, None, None, None
         grad_x = into if into is not None else torch.cat(grad_x_parts)
         return grad_x.view(ctx.input_shape), grad_a, grad_b, None, None, None
+
+
+def _run_grads(grad: torch.Tensor, flat: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor, hidden: torch.Tensor,
+               slots: list[int], rank: int, ctx: Any, grad_a: torch.Tensor, grad_b: torch.Tensor,
+               into: torch.Tensor | None) -> torch.Tensor | None:
+    """`_linear_grads` of both matmuls for a run of G groups of equal rows (no autocast): the same per-group
+    matmuls, on the same operands and layouts, each as one `bmm` over the groups where it rounds as they do
+    (`exact_bmm.bmm_or_loop`). Writes the slots' blocks of `grad_a` and `grad_b`; returns the input's gradient
+    (into `into` if given) or None if the input needs none."""
+    groups = len(slots)
+    grad_delta = grad.view(groups, -1, grad.size(-1)) * grad.new_tensor([ctx.scales[s] for s in slots]).view(-1, 1, 1)
+    hidden, flat = hidden.view(groups, -1, hidden.size(-1)), flat.view(groups, -1, flat.size(-1))
+    _write_blocks(bmm_or_loop(grad_delta.transpose(1, 2), hidden), grad_b, ctx.layouts[1], slots, rank)
+    grad_hidden = bmm_or_loop(grad_delta, b_t.transpose(1, 2))
+    _write_blocks(bmm_or_loop(grad_hidden.transpose(1, 2), flat), grad_a, ctx.layouts[0], slots, rank)
+    if not ctx.needs_input_grad[0]:
+        return None
+    out = into.view(groups, -1, into.size(-1)) if into is not None else None
+    return bmm_or_loop(grad_hidden, a_t.transpose(1, 2), out=out).view(-1, flat.size(-1))
+
+
+def _write_blocks(values: torch.Tensor, stack: torch.Tensor, layout: Block, slots: list[int], rank: int) -> None:
+    """Each slot's block of a gradient stack := its (rows, columns) of `values` (G, rows, columns): one copy into a
+    view of the stack when the slots are consecutive."""
+    if slots == list(range(slots[0], slots[0] + len(slots))):
+        rows, columns = values.shape[1:]
+        stack.as_strided(values.shape, (stack.stride(0), columns, 1),
+                         stack.storage_offset() + slots[0] * stack.stride(0)).copy_(values)
+        return
+    for slot, value in zip(slots, values):
+        layout.view(stack, slot, rank).copy_(value)
 
 
 def _linear_grads(grad: torch.Tensor, inputs: torch.Tensor, weight_t: torch.Tensor, weight_grad: torch.Tensor,
