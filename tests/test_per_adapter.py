@@ -41,7 +41,7 @@ def test_runs_equal_the_group_by_group_matmuls(slots: list[int], ranks: list[int
     routed_ranks = [ranks[s] for s in slots]
     layer.routing.set(slots, rows, routed_ranks, torch.device("cpu"))
     x = torch.randn(sum(rows), tokens, D_IN, generator=torch.Generator().manual_seed(2))
-    units = per_adapter._units(x.reshape(-1, D_IN), layer.lora_A, layer.lora_B, layer.scale, layer.routing,
+    units = per_adapter._units(x.reshape(-1, D_IN), layer.lora_A, layer.lora_B, layer.routing,
                                tokens, training=False)
     runs = [(first, end) for first, end in layer.routing.runs if end - first > 1]
     assert [(unit.first, unit.end) for unit in units if not unit.single] == runs

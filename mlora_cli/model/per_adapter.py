@@ -38,12 +38,12 @@ class Unit:
     """Groups first..end-1 of a routing, computed together: one group with two `mm`s; a run of groups of one rank
     and equal rows (`batched`) with two `bmm`s where they round as the groups' `mm`s (`exact_bmm`), else their
     loop; or (without gradients) a run of one rank with two `grouped_mm`s. `offsets`: each group's end in flat
-    rows, where `grouped_mm` applies; `row_scales`: each row's s_k."""
+    rows, where `grouped_mm` applies; `rows`: the run's rows of the batch."""
 
     first: int
     end: int
     offsets: torch.Tensor | None = None
-    row_scales: torch.Tensor | None = None
+    rows: slice | None = None
     batched: bool = False
 
     @property
@@ -51,18 +51,26 @@ class Unit:
         return self.end - self.first == 1
 
 
-def _units(x_flat: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor, routing: Routing,
+def _units(x_flat: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, routing: Routing,
            tokens_per_row: int, training: bool) -> list[Unit]:
     """How to compute the groups (fp32 without autocast; else one at a time): runs of equal rank (`Routing.runs`)
     together, as `bmm`s when the run's groups have equal rows, else (without gradients) as `grouped_mm`s where
     torch's checks allow it (16-byte aligned rows and blocks, rank a multiple of 4); the rest one group at a time.
-    With gradients only where every slot has one group (its gradient blocks are then written, not summed)."""
+    With gradients only where every slot has one group (its gradient blocks are then written, not summed).
+    Made once per routing for all its layers (`Routing.plans`)."""
     tensors = (x_flat, lora_a, lora_b)
     if (not routing.runs or x_flat.device.type != "cpu" or not x_flat.is_contiguous()
             or any(t.dtype != torch.float32 for t in tensors) or torch.is_autocast_enabled("cpu")
             or (training and len(set(routing.slots)) < len(routing.slots))):
         return [Unit(group, group + 1) for group in range(len(routing.slots))]
     aligned = not training and not any(t.data_ptr() % 16 or t.stride(0) % 4 for t in tensors)
+    key = (tokens_per_row, training, aligned)
+    if key not in routing.plans:
+        routing.plans[key] = _plan(routing, tokens_per_row, training, aligned)
+    return routing.plans[key]
+
+
+def _plan(routing: Routing, tokens_per_row: int, training: bool, aligned: bool) -> list[Unit]:
     units: list[Unit] = []
     for first, end in routing.runs:
         # With gradients, a group of one token row and rank 1 would make autograd take its column-major matmul
@@ -73,10 +81,23 @@ def _units(x_flat: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, sca
         if end - first < 2 or not (equal_rows or groupable):
             units += [Unit(group, group + 1) for group in range(first, end)]
             continue
-        rows = routing.row_slots[sum(routing.rows[:first]) : sum(routing.rows[:end])]
+        rows = slice(sum(routing.rows[:first]), sum(routing.rows[:end]))
         offsets = routing.run_offsets(first, end, tokens_per_row) if groupable else None
-        units.append(Unit(first, end, offsets, scale.index_select(0, rows), batched=equal_rows))
+        units.append(Unit(first, end, offsets, rows, batched=equal_rows))
     return units
+
+
+def _run_scales(scale: torch.Tensor, routing: Routing, unit: Unit) -> torch.Tensor:
+    """s_k of a run, to multiply its product viewed as (groups, rows x tokens, d_out) if batched (a view of `scale`
+    for consecutive slots), else as (rows, tokens, d_out): the same float32 products as one multiply per group."""
+    if not unit.batched:
+        assert routing.row_slots is not None and unit.rows is not None  # set with a per-adapter routing's runs
+        return scale.index_select(0, routing.row_slots[unit.rows]).view(-1, 1, 1)
+    slots = routing.slots[unit.first : unit.end]
+    if slots == list(range(slots[0], slots[0] + len(slots))):
+        return scale[slots[0] : slots[0] + len(slots)].view(-1, 1, 1)
+    assert routing.slot_index is not None
+    return scale.index_select(0, routing.slot_index[unit.first : unit.end]).view(-1, 1, 1)
 
 
 def _run_matmul(flat: torch.Tensor, blocks: torch.Tensor, unit: Unit) -> torch.Tensor:
@@ -115,7 +136,7 @@ def per_adapter_terms(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tenso
     scales = scale.tolist() if scale.device.type == "cpu" else scale
     tokens_per_row = math.prod(x.shape[1:-1])
     x_flat = x.reshape(-1, x.size(-1))
-    units = _units(x_flat, lora_a, lora_b, scale, routing, tokens_per_row, training=saved is not None)
+    units = _units(x_flat, lora_a, lora_b, routing, tokens_per_row, training=saved is not None)
     bounds = [0, *itertools.accumulate(rows * tokens_per_row for rows in routing.rows)]
     delta = None
     for unit in units:
@@ -136,9 +157,10 @@ def per_adapter_terms(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tenso
             # Each unit's term is written straight into its rows of the output (no concatenation).
             delta = product.new_empty(x_flat.size(0), product.size(1))
         into = delta[bounds[unit.first] : bounds[unit.end]]
-        if not unit.single:  # each row times its slot's scale: the same float32 products as one multiply per group
-            torch.mul(product.view(-1, tokens_per_row, product.size(1)), unit.row_scales.view(-1, 1, 1),
-                      out=into.view(-1, tokens_per_row, into.size(1)))
+        if not unit.single:
+            shape = (unit.end - unit.first, -1, product.size(1)) if unit.batched else (-1, tokens_per_row,
+                                                                                      product.size(1))
+            torch.mul(product.view(shape), _run_scales(scale, routing, unit), out=into.view(shape))
         else:
             torch.mul(product, scales[slots[0]], out=into)
         if saved is not None:

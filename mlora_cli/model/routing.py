@@ -46,6 +46,8 @@ class Routing:
     # With dropout: each row's 1 / (1 - p) (1 where p = 0), fp32 on the device, for half-precision inputs.
     dropout_scales: torch.Tensor | None = None
     _offsets: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)  # see `run_offsets`
+    # The per-adapter path's plan of how to compute the groups, made once for every layer (`per_adapter._units`).
+    plans: dict[tuple[int, bool, bool], Any] = field(default_factory=dict)
 
     def set(
         self,
@@ -65,7 +67,7 @@ class Routing:
         uniform = len(set(self.rows)) == 1
         padded = bool(self.rows) and not uniform and _paddable(self.rows)
         self.batched = not self.per_adapter and (uniform or padded)
-        self.padded_rows, self.runs, self.row_slots, self._offsets = None, [], None, {}
+        self.padded_rows, self.runs, self.row_slots, self._offsets, self.plans = None, [], None, {}, {}
         self.dropout_scales = None
         if any(p > 0 for p in self.dropout):
             self.dropout_scales = on_device([1.0 / (1.0 - p) for p, count in zip(self.dropout, self.rows)
@@ -120,12 +122,12 @@ class Routing:
     def _snapshot(self) -> tuple[Any, ...]:
         return (self.slots, self.rows, self.ranks, self.dropout, self.generators, self.slot_index, self.in_slot_order,
                 self.device, self._by_rank, self.batched, self.padded_rows, self.runs, self.row_slots, self._offsets,
-                self.dropout_scales)
+                self.plans, self.dropout_scales)
 
     def _restore(self, snapshot: tuple[Any, ...]) -> None:
         (self.slots, self.rows, self.ranks, self.dropout, self.generators, self.slot_index,
          self.in_slot_order, self.device, self._by_rank, self.batched, self.padded_rows, self.runs, self.row_slots,
-         self._offsets, self.dropout_scales) = snapshot
+         self._offsets, self.plans, self.dropout_scales) = snapshot
 
     def _generator_states(self) -> list[tuple[torch.Generator, torch.Tensor]]:
         return [(g, g.get_state()) for g, p in zip(self.generators, self.dropout) if g is not None and p > 0]
