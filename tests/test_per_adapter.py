@@ -90,3 +90,17 @@ def test_the_check_leaves_the_global_generator_alone() -> None:
     exact_bmm._EXACT.clear()
     exact_bmm.bmm_is_exact(left, right)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_new_routing_gets_a_new_plan() -> None:
+    """The plan of units is kept per routing for all its layers: setting another routing (here unequal rows after
+    equal ones, as when a decode step's rows end) must not reuse it."""
+    layer = layer_with_slots([8] * 6)
+    for rows in ([3] * 6, [3, 1, 3, 2, 3, 3]):
+        layer.routing.set(list(range(6)), rows, [8] * 6, torch.device("cpu"))
+        x = torch.randn(sum(rows), 2, D_IN, generator=torch.Generator().manual_seed(4))
+        by_group = layer(x.clone().requires_grad_(True))
+        with torch.no_grad():
+            assert torch.equal(layer(x), by_group)
+        (unit,) = layer.routing.plans[(2, False, True)]
+        assert unit.batched == (len(set(rows)) == 1)
