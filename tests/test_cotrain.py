@@ -22,7 +22,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 
 from mlora_cli.data.batches import collate, token_losses, tokenize_task
 from mlora_cli.data.sources import load_task
-from mlora_cli.model import per_adapter
+from mlora_cli.model import exact_bmm, per_adapter
 from mlora_cli.model.base import build_builtin
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.model.optim import lr_factor
@@ -72,6 +72,7 @@ def test_cotrained_weights_equal_peft_trained_alone(mode: str, monkeypatch: pyte
     batched_runs: list[int] = []
     run_grads = per_adapter._run_grads
     monkeypatch.setattr(per_adapter, "_run_grads", lambda *args: batched_runs.append(1) or run_grads(*args))
+    monkeypatch.setattr(exact_bmm, "_EXACT", {})  # the shape classes this test checks, and what was found
     model, tokenizer, rows = rows_for_test()
     reference = copy.deepcopy(model)
     engine = MultiLoraModel(model, TARGETS, len(ADAPTERS), 8)
@@ -139,3 +140,5 @@ def test_cotrained_weights_equal_peft_trained_alone(mode: str, monkeypatch: pyte
         # Training moved the weights: the comparison is not of two untouched tensors.
         assert any(not torch.allclose(got[k], initial[slot][k]) for k in got if "lora_B" in k)
     assert bool(batched_runs) == (mode == "equal-ranks")  # the batched backward ran where it applies
+    if mode == "equal-ranks":  # and made some matmuls as one bmm (the shapes this machine rounds as mm)
+        assert any(exact_bmm._EXACT.values())

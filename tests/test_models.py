@@ -248,14 +248,14 @@ def test_model_section_is_validated() -> None:
 # -- precision and memory --------------------------------------------------------------------------
 
 
-def dropout_sweep(**changes: Any) -> dict[str, Any]:
+def dropout_sweep(ranks: tuple[int, int] = (2, 4), **changes: Any) -> dict[str, Any]:
     # One adapter with LoRA dropout: checkpointing must replay its masks exactly.
     sweep = sweep_on(
         "builtin:micro",
         ["q_proj", "v_proj", "down_proj"],
         train={"steps_per_task": 3, "batch_size": 2, "max_seq_len": 32, "checkpoint_every": None},
     )
-    sweep["sweep"] = {"list": [{"adapter.rank": 2}, {"adapter.rank": 4, "adapter.dropout": 0.2}]}
+    sweep["sweep"] = {"list": [{"adapter.rank": ranks[0]}, {"adapter.rank": ranks[1], "adapter.dropout": 0.2}]}
     sweep["adapter"] = {"alpha": 8, "lr": 1e-2, "target_modules": ["q_proj", "v_proj", "down_proj"]}
     sweep.update(changes)
     return sweep
@@ -265,10 +265,11 @@ def saved_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {p.name: load_file(str(p / "adapter_model.safetensors")) for p in sorted((run_dir / "adapters").iterdir())}
 
 
-def test_gradient_checkpointing_gives_the_same_weights(tmp_path: Path) -> None:
-    plain_dir, plain = run(tmp_path / "plain", dropout_sweep())
+@pytest.mark.parametrize("ranks", [(2, 4), (4, 4)], ids=["mixed-ranks", "equal-ranks"])  # equal: batched matmuls
+def test_gradient_checkpointing_gives_the_same_weights(tmp_path: Path, ranks: tuple[int, int]) -> None:
+    plain_dir, plain = run(tmp_path / "plain", dropout_sweep(ranks))
     checkpointed_dir, checkpointed = run(
-        tmp_path / "checkpointed", dropout_sweep(model={"gradient_checkpointing": True})
+        tmp_path / "checkpointed", dropout_sweep(ranks, model={"gradient_checkpointing": True})
     )
     assert json.loads((checkpointed_dir / "base.json").read_text())["model_options"]["gradient_checkpointing"]
     expected, got = saved_weights(plain_dir), saved_weights(checkpointed_dir)

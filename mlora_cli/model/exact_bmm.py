@@ -8,12 +8,13 @@ the time of their 8 `mm` calls here. But the per-group `mm` is what an adapter t
 with 24 or more rows, where `mm` splits the sum between threads), and which ones depends on the
 machine, the library build and the thread count, so it cannot be listed in advance.
 
-So `bmm_or_loop` checks, once per shape class, that `bmm` gives exactly the per-group `mm`s' bits on
-random operands laid out as the real ones (same shapes, strides and alignment, same thread count;
-rounding depends on the order of the sums, which depends on those and not on the values), and uses
-`bmm` for that class from then on, or the per-group loop where it differs. A check costs one `bmm`
-and one loop of the same size, once per process and class (a decode step's classes repeat every
-step).
+So `bmm_or_loop` checks, once per shape class, that `bmm` gives exactly the bits of each group's `mm`
+on its own operands (as the adapter alone has them: its own tensors, at the allocator's alignment, in
+the same layout), on random operands laid out as the real ones (same shapes, strides and alignment,
+same thread count and matmul settings; rounding depends on the order of the sums, which depends on
+those and not on the values), and uses `bmm` for that class from then on, or the per-group loop where
+it differs. A check costs one `bmm` and one loop of the same size, once per process and class (a
+decode step's classes repeat every step; a training step makes one per padded length).
 """
 
 from __future__ import annotations
@@ -27,29 +28,44 @@ _ALIGNMENT = 64  # bytes: torch's CPU allocator's alignment, the widest a kernel
 
 def bmm_or_loop(left: torch.Tensor, right: torch.Tensor, loop: bool = False,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """(G, m, n) = left (G, m, k) @ right (G, k, n) per group, with each group's result bit-identical to
-    `left[g].mm(right[g])`: one `bmm` where that was checked to hold for this shape class, else (or with
+    """(G, m, n) = left (G, m, k) @ right (G, k, n) per group, with each group's result bit-identical to the `mm` of
+    its own operands (`_own`): one `bmm` where that was checked to hold for this shape class, else (or with
     `loop`) those `mm` calls. Written into `out` (contiguous, (G, m, n)) if given."""
-    if not loop and bmm_is_exact(left, right):
+    if not loop and bmm_is_exact(left, right, out):
         return torch.bmm(left, right) if out is None else torch.bmm(left, right, out=out)
     result = left.new_empty(left.size(0), left.size(1), right.size(2)) if out is None else out
     for group in range(left.size(0)):
-        torch.mm(left[group], right[group], out=result[group])
+        result[group] = _own(left[group]).mm(_own(right[group]))
     return result
 
 
-def bmm_is_exact(left: torch.Tensor, right: torch.Tensor) -> bool:
-    """Whether `bmm(left, right)` gives each group the bits of `left[g].mm(right[g])` (module doc)."""
-    key = (left.dtype, right.dtype, torch.get_num_threads(), left.shape, left.stride(), left.data_ptr() % _ALIGNMENT,
-           right.shape, right.stride(), right.data_ptr() % _ALIGNMENT)
+def bmm_is_exact(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor | None = None) -> bool:
+    """Whether `bmm(left, right)` (into `out` if given) gives each group the bits of the `mm` of its own operands
+    (module doc)."""
+    key = (left.dtype, right.dtype, torch.get_num_threads(), torch.get_float32_matmul_precision(),
+           torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled, *_layout(left), *_layout(right),
+           None if out is None else out.data_ptr() % _ALIGNMENT)
     exact = _EXACT.get(key)
     if exact is None:
         with torch.no_grad():
             sample_left, sample_right = _random_like(left), _random_like(right)
-            batched = torch.bmm(sample_left, sample_right)
-            exact = all(torch.equal(batched[g], sample_left[g].mm(sample_right[g])) for g in range(left.size(0)))
+            batched = torch.bmm(sample_left, sample_right, out=None if out is None else _random_like(out))
+            exact = all(torch.equal(batched[g], _own(sample_left[g]).mm(_own(sample_right[g])))
+                        for g in range(left.size(0)))
         _EXACT[key] = exact
     return exact
+
+
+def _layout(tensor: torch.Tensor) -> tuple[object, ...]:
+    return tensor.shape, tensor.stride(), tensor.data_ptr() % _ALIGNMENT
+
+
+def _own(operand: torch.Tensor) -> torch.Tensor:
+    """One group's operand as the adapter alone has it (PEFT's weight, activation or gradient: its own tensor, so
+    at the allocator's alignment), in the same layout: itself if it lies so, else a copy that does."""
+    if operand.data_ptr() % _ALIGNMENT == 0:
+        return operand
+    return operand.clone(memory_format=torch.preserve_format)
 
 
 def _random_like(tensor: torch.Tensor) -> torch.Tensor:
