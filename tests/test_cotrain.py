@@ -7,7 +7,7 @@ masked AdamW over all slots (the GPU's path, run here on CPU).
 
 When adapters share their rows (same seed in a sweep), the fused batch is padded exactly as
 each adapter's own batch, and on the CPU every adapter is then bit-identical to PEFT alone; also
-when all have one rank, so that their matmuls are batched (`exact_bmm`) forward and backward.
+when all have one rank, so that their matmuls are batched (`exact_batch`) forward and backward.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 
 from mlora_cli.data.batches import collate, token_losses, tokenize_task
 from mlora_cli.data.sources import load_task
-from mlora_cli.model import exact_bmm, per_adapter
+from mlora_cli.model import clip_norms, exact_batch, per_adapter
 from mlora_cli.model.base import build_builtin
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.model.optim import lr_factor
@@ -72,7 +72,17 @@ def test_cotrained_weights_equal_peft_trained_alone(mode: str, monkeypatch: pyte
     batched_runs: list[int] = []
     run_grads = per_adapter._run_grads
     monkeypatch.setattr(per_adapter, "_run_grads", lambda *args: batched_runs.append(1) or run_grads(*args))
-    monkeypatch.setattr(exact_bmm, "_EXACT", {})  # the shape classes this test checks, and what was found
+    monkeypatch.setattr(exact_batch, "_EXACT", {})  # the shape classes this test checks, and what was found
+    monkeypatch.setattr(exact_batch, "_EXACT_NORMS", {})
+    by_parameter: list[bool] = []  # whether each step's norms were row reductions
+    norms = clip_norms.by_parameter
+
+    def spied(*args: object) -> object:
+        result = norms(*args)  # type: ignore[arg-type]
+        by_parameter.append(result is not None)
+        return result
+
+    monkeypatch.setattr(clip_norms, "by_parameter", spied)
     model, tokenizer, rows = rows_for_test()
     reference = copy.deepcopy(model)
     engine = MultiLoraModel(model, TARGETS, len(ADAPTERS), 8)
@@ -141,4 +151,5 @@ def test_cotrained_weights_equal_peft_trained_alone(mode: str, monkeypatch: pyte
         assert any(not torch.allclose(got[k], initial[slot][k]) for k in got if "lora_B" in k)
     assert bool(batched_runs) == (mode == "equal-ranks")  # the batched backward ran where it applies
     if mode == "equal-ranks":  # and made some matmuls as one bmm (the shapes this machine rounds as mm)
-        assert any(exact_bmm._EXACT.values())
+        assert any(exact_batch._EXACT.values())
+        assert any(by_parameter)  # and took the norms as row reductions

@@ -1,5 +1,5 @@
 """Without gradients the per-adapter (CPU) LoRA term makes runs of equal-rank groups as `bmm` calls (equal rows,
-where bmm rounds as mm: `exact_bmm`) or `grouped_mm` calls: bit for bit the group-by-group `mm`s of the autograd
+where bmm rounds as mm: `exact_batch`) or `grouped_mm` calls: bit for bit the group-by-group `mm`s of the autograd
 path, whatever the slots' order, ranks and rows."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mlora_cli.model import exact_bmm, per_adapter
+from mlora_cli.model import exact_batch, per_adapter
 from mlora_cli.model.multi_lora import MultiLoraLinear
 from mlora_cli.model.routing import Routing
 
@@ -69,28 +69,28 @@ def test_bmm_is_used_only_where_it_rounds_as_the_groups_mm(monkeypatch: pytest.M
         result = torch.stack([a[g].clone().mm(b[g].clone()) for g in range(a.size(0))])
         return torch.nextafter(result, torch.full_like(result, float("inf"))) if ulp_off else result
 
-    monkeypatch.setattr(exact_bmm, "_EXACT", {})
-    monkeypatch.setattr(exact_bmm.torch, "bmm", lambda a, b, out=None: counted(a, b, ulp_off=True))
-    assert not exact_bmm.bmm_is_exact(left, right)
-    assert torch.equal(exact_bmm.bmm_or_loop(left, right), expected)
+    monkeypatch.setattr(exact_batch, "_EXACT", {})
+    monkeypatch.setattr(exact_batch.torch, "bmm", lambda a, b, out=None: counted(a, b, ulp_off=True))
+    assert not exact_batch.bmm_is_exact(left, right)
+    assert torch.equal(exact_batch.bmm_or_loop(left, right), expected)
     assert len(calls) == 1  # the check's; the product itself was the loop
 
-    monkeypatch.setattr(exact_bmm, "_EXACT", {})
-    monkeypatch.setattr(exact_bmm.torch, "bmm", lambda a, b, out=None: counted(a, b))
+    monkeypatch.setattr(exact_batch, "_EXACT", {})
+    monkeypatch.setattr(exact_batch.torch, "bmm", lambda a, b, out=None: counted(a, b))
     calls.clear()
     for _ in range(3):
-        assert torch.equal(exact_bmm.bmm_or_loop(left, right), expected)
+        assert torch.equal(exact_batch.bmm_or_loop(left, right), expected)
     assert len(calls) == 4  # one check, three products
-    assert len(exact_bmm._EXACT) == 1
-    assert torch.equal(exact_bmm.bmm_or_loop(left[:, :5], right), expected[:, :5])  # another shape: checked anew
-    assert len(exact_bmm._EXACT) == 2
+    assert len(exact_batch._EXACT) == 1
+    assert torch.equal(exact_batch.bmm_or_loop(left[:, :5], right), expected[:, :5])  # another shape: checked anew
+    assert len(exact_batch._EXACT) == 2
 
 
 def test_the_check_leaves_the_global_generator_alone() -> None:
     left, right = torch.randn(3, 7, 16)[:, 1:], torch.randn(3, 16, 5)  # a view not on the allocator's alignment
     state = torch.get_rng_state()
-    exact_bmm._EXACT.clear()
-    exact_bmm.bmm_is_exact(left, right)
+    exact_batch._EXACT.clear()
+    exact_batch.bmm_is_exact(left, right)
     assert torch.equal(torch.get_rng_state(), state)
 
 

@@ -29,6 +29,7 @@ import torch
 
 from mlora_cli.data.batches import to_device
 from mlora_cli.model.blocks import Block
+from mlora_cli.model.clip_norms import slot_norms
 from mlora_cli.model.routing import on_device
 from mlora_cli.model.slots import SlotRanks
 
@@ -255,22 +256,18 @@ class SlotAdamW:
                     total += p.grad.float().pow(2).flatten(1).sum(1)
             return total.sqrt()
         grads = self._gradients()
+        rows = [grad.view(grad.size(0), -1).unbind(0) if grad is not None else () for grad in grads]
         blocks = {}
         for slot, owned in in_use:
+            rank = self.ranks.in_use[slot]
             indices = [i for i, (grad, mine) in enumerate(zip(grads, owned)) if mine and grad is not None]
-            blocks[slot] = (indices, self._flat_blocks(grads, indices, slot, self.ranks.in_use[slot]))  # type: ignore[arg-type]
-        # clip_grad_norm_: the norm of the per-tensor norms. Each tensor's norm is its own reduction, so one call
-        # for every slot's blocks gives each the numbers of a call for its slot alone.
-        every_view = [view for _, views in blocks.values() for view in views]
-        tensor_norms = torch._foreach_norm(every_view, 2.0) if every_view else []
-        norms, start = [], 0
-        for slot, (_, views) in blocks.items():
-            if views:
-                own = tensor_norms[start : start + len(views)]
-                norms.append((slot, torch.linalg.vector_norm(torch.stack(own), 2.0)))
-            start += len(views)
+            # A slot's block is the start of its row (Block): the row itself where the slot has the largest rank.
+            blocks[slot] = (indices, [rows[i][slot] if rank * self.layouts[i].width == rows[i][slot].numel()
+                                      else rows[i][slot][: rank * self.layouts[i].width] for i in indices])
+        # clip_grad_norm_: the norm of the per-tensor norms, per slot.
+        norms = slot_norms(grads, blocks, self.ranks.in_use, self.layouts)
         if norms:
-            total[[slot for slot, _ in norms]] = torch.stack([norm for _, norm in norms])
+            total[list(norms)] = torch.stack(list(norms.values()))
         self._grad_blocks = GradBlocks(grads, blocks)
         return total
 
@@ -356,7 +353,15 @@ class SlotAdamW:
         reusable = grad_blocks is not None and all(a is b for a, b in zip(grad_blocks.grads, grads))
         made = grad_blocks.by_slot if reusable else {}
         scales = clip.tolist()
-        for slot in active.nonzero().flatten().tolist():
+        slots = active.nonzero().flatten().tolist()
+        # As clip_grad_norm_ scales the gradients: where several slots clip, one multiply per stacked gradient by
+        # each slot's coefficient (1.0 where it does not clip: no change; the same products as per block).
+        by_stack = sum(scales[slot] < 1.0 for slot in slots) > 1
+        if by_stack:
+            for grad in grads:
+                if grad is not None:
+                    grad.mul_(clip.view(-1, *([1] * (grad.dim() - 1))))
+        for slot in slots:
             rank = self.ranks.in_use[slot]
             if slot in made:
                 indices, grad_views = made[slot]
@@ -378,7 +383,7 @@ class SlotAdamW:
                         block = self.block(i, tensors[i], slot)
                         view = block.narrow(0 if self.layouts[i].rank_first else 1, 0, frozen)
                         kept.append((view, view.clone()))
-            if scales[slot] < 1.0:  # as clip_grad_norm_ scales the gradients (by 1.0: no change)
+            if scales[slot] < 1.0 and not by_stack:
                 torch._foreach_mul_(grad_views, clip[slot])
             step = torch.tensor(float(self.steps[slot]))
             torch._fused_adamw_(

@@ -10,7 +10,7 @@ in as few calls as keeps those numbers:
 - a run of consecutive groups of one rank and equal rows (`Routing.runs`; every decode step, and the
   training step of adapters of one batch and group size) makes each matmul, forward and backward, as
   one `bmm` over the groups where that rounds as the groups' own `mm`s, checked once per shape class
-  (`exact_bmm`); where it does not (some shapes, e.g. an inner dimension of 1024 here), the loop;
+  (`exact_batch`); where it does not (some shapes, e.g. an inner dimension of 1024 here), the loop;
 - without gradients (sampling, evaluation) a run of unequal rows makes them as one `grouped_mm` call,
   which torch computes on the CPU as a loop of the same `mm`s, and no autograd node is built.
 """
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from mlora_cli.model.blocks import Block
-from mlora_cli.model.exact_bmm import bmm_is_exact, bmm_or_loop
+from mlora_cli.model.exact_batch import bmm_is_exact, bmm_or_loop
 from mlora_cli.model.routing import Routing
 
 # Profiler range (only entered while torch.profiler records): the per-adapter backward.
@@ -36,7 +36,7 @@ LORA_BACKWARD = "mlora: LoRA term backward"
 @dataclass(frozen=True)
 class Unit:
     """Groups first..end-1 of a routing, computed together: one group with two `mm`s; a run of groups of one rank
-    and equal rows (`batched`) with two `bmm`s where they round as the groups' `mm`s (`exact_bmm`), else their
+    and equal rows (`batched`) with two `bmm`s where they round as the groups' `mm`s (`exact_batch`), else their
     loop; or (without gradients) a run of one rank with two `grouped_mm`s. `offsets`: each group's end in flat
     rows, where `grouped_mm` applies; `rows`: the run's rows of the batch."""
 
@@ -246,7 +246,7 @@ def _run_grads(grad: torch.Tensor, flat: torch.Tensor, a_t: torch.Tensor, b_t: t
                into: torch.Tensor | None) -> torch.Tensor | None:
     """`_linear_grads` of both matmuls for a run of G groups of equal rows (no autocast): the same per-group
     matmuls, on the same operands and layouts, each as one `bmm` over the groups where it rounds as they do
-    (`exact_bmm.bmm_or_loop`). Writes the slots' blocks of `grad_a` and `grad_b`; returns the input's gradient
+    (`exact_batch.bmm_or_loop`). Writes the slots' blocks of `grad_a` and `grad_b`; returns the input's gradient
     (into `into` if given) or None if the input needs none."""
     groups = len(slots)
     grad_delta = grad.view(groups, -1, grad.size(-1)) * grad.new_tensor([ctx.scales[s] for s in slots]).view(-1, 1, 1)

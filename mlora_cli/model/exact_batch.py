@@ -1,4 +1,4 @@
-"""One batched matmul where it rounds as the per-group matmuls do: the CPU path's batched LoRA term.
+"""Batched ops where they round as the per-adapter ones: the CPU path's batched LoRA term and norms.
 
 On the CPU a LoRA matmul of one adapter's rows is tiny (24 x 256 x 8 in a decode step), and most of
 what it costs is the call, not the arithmetic: `torch.bmm` over 8 adapters' groups takes 0.2-0.5 of
@@ -15,6 +15,10 @@ same thread count and matmul settings; rounding depends on the order of the sums
 those and not on the values), and uses `bmm` for that class from then on, or the per-group loop where
 it differs. A check costs one `bmm` and one loop of the same size, once per process and class (a
 decode step's classes repeat every step; a training step makes one per padded length).
+
+`row_norms_are_exact` does the same for the gradient norms of clipping: one `vector_norm(dim=1)` over
+every slot's block of a stacked gradient, where it gives each row the bits of `clip_grad_norm_`'s
+norm of that block as its own tensor.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 # (shape class) -> whether bmm rounds as the per-group mm there; filled on first use in each process.
 _EXACT: dict[tuple[object, ...], bool] = {}
+_EXACT_NORMS: dict[tuple[object, ...], bool] = {}  # the same for row norms
 _ALIGNMENT = 64  # bytes: torch's CPU allocator's alignment, the widest a kernel could care about
 
 
@@ -53,6 +58,21 @@ def bmm_is_exact(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor | No
             exact = all(torch.equal(batched[g], _own(sample_left[g]).mm(_own(sample_right[g])))
                         for g in range(left.size(0)))
         _EXACT[key] = exact
+    return exact
+
+
+def row_norms_are_exact(rows: torch.Tensor) -> bool:
+    """Whether `torch.linalg.vector_norm(rows, 2.0, dim=1)` gives each row of `rows` (G, n) the bits of
+    `torch._foreach_norm` (what `clip_grad_norm_` uses) on that row as its own tensor."""
+    key = (rows.dtype, torch.get_num_threads(), *_layout(rows))
+    exact = _EXACT_NORMS.get(key)
+    if exact is None:
+        with torch.no_grad():
+            sample = _random_like(rows)
+            together = torch.linalg.vector_norm(sample, 2.0, dim=1)
+            alone = torch._foreach_norm([_own(row) for row in sample], 2.0)
+            exact = all(torch.equal(together[g], norm) for g, norm in enumerate(alone))
+        _EXACT_NORMS[key] = exact
     return exact
 
 
