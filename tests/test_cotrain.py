@@ -85,7 +85,7 @@ def test_cotrained_weights_equal_peft_trained_alone(mode: str, monkeypatch: pyte
     monkeypatch.setattr(clip_norms, "by_parameter", spied)
     model, tokenizer, rows = rows_for_test()
     reference = copy.deepcopy(model)
-    engine = MultiLoraModel(model, TARGETS, len(ADAPTERS), 8)
+    engine = MultiLoraModel(model, TARGETS, len(ADAPTERS), max(config.rank for config, _ in ADAPTERS))
     assert engine.routing.per_adapter  # the CPU default
     engine.routing.per_adapter = mode != "batched"
     assert engine.optimizer.per_slot_fused  # the CPU default

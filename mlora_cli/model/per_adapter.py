@@ -186,6 +186,10 @@ class PerAdapterLora(torch.autograd.Function):
         # Saved the official way, so that activation checkpointing can drop and recompute them.
         ctx.save_for_backward(*tensors)
         ctx.units = [(routing.slots[unit.first : unit.end], routing.ranks[unit.first]) for unit in units]
+        # Whether the backward writes every entry of the gradient stacks (every slot routed, at the stacks' rank):
+        # then they need no zeros first.
+        ctx.covering = (sorted(set(routing.slots)) == list(range(lora_a.size(0)))
+                        and all(rank == lora_a.size(1) for rank in routing.ranks))
         ctx.scales, ctx.shapes, ctx.layouts = scales, (lora_a.shape, lora_b.shape), layouts
         ctx.input_shape = x.shape
         # The backward runs under the forward's autocast (bf16 on a GPU), as autograd's own
@@ -206,13 +210,14 @@ class PerAdapterLora(torch.autograd.Function):
     @staticmethod
     def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         tensors = ctx.saved_tensors
-        grad_a, grad_b = (grad_output.new_zeros(shape) for shape in ctx.shapes)
-        flats = tensors[0::4]
-        grad_parts = grad_output.reshape(-1, grad_output.size(-1)).split([flat.size(0) for flat in flats])
         # Without autocast, each matmul writes its result where it belongs: the input gradient
         # into its rows, the weight gradients into the slot's blocks (an `out=` matmul would
         # skip autocast's cast, so under it results are added in and joined instead).
         direct = not torch.is_autocast_enabled(grad_output.device.type)
+        allocate = grad_output.new_empty if direct and ctx.covering else grad_output.new_zeros
+        grad_a, grad_b = (allocate(shape) for shape in ctx.shapes)
+        flats = tensors[0::4]
+        grad_parts = grad_output.reshape(-1, grad_output.size(-1)).split([flat.size(0) for flat in flats])
         into = None
         if ctx.needs_input_grad[0] and direct:
             into = grad_output.new_empty(sum(flat.size(0) for flat in flats), ctx.input_shape[-1])
@@ -251,24 +256,31 @@ def _run_grads(grad: torch.Tensor, flat: torch.Tensor, a_t: torch.Tensor, b_t: t
     groups = len(slots)
     grad_delta = grad.view(groups, -1, grad.size(-1)) * grad.new_tensor([ctx.scales[s] for s in slots]).view(-1, 1, 1)
     hidden, flat = hidden.view(groups, -1, hidden.size(-1)), flat.view(groups, -1, flat.size(-1))
-    _write_blocks(bmm_or_loop(grad_delta.transpose(1, 2), hidden), grad_b, ctx.layouts[1], slots, rank)
+    _write_blocks(grad_delta.transpose(1, 2), hidden, grad_b, ctx.layouts[1], slots, rank)
     grad_hidden = bmm_or_loop(grad_delta, b_t.transpose(1, 2))
-    _write_blocks(bmm_or_loop(grad_hidden.transpose(1, 2), flat), grad_a, ctx.layouts[0], slots, rank)
+    _write_blocks(grad_hidden.transpose(1, 2), flat, grad_a, ctx.layouts[0], slots, rank)
     if not ctx.needs_input_grad[0]:
         return None
     out = into.view(groups, -1, into.size(-1)) if into is not None else None
     return bmm_or_loop(grad_hidden, a_t.transpose(1, 2), out=out).view(-1, flat.size(-1))
 
 
-def _write_blocks(values: torch.Tensor, stack: torch.Tensor, layout: Block, slots: list[int], rank: int) -> None:
-    """Each slot's block of a gradient stack := its (rows, columns) of `values` (G, rows, columns): one copy into a
-    view of the stack when the slots are consecutive."""
-    if slots == list(range(slots[0], slots[0] + len(slots))):
-        rows, columns = values.shape[1:]
-        stack.as_strided(values.shape, (stack.stride(0), columns, 1),
-                         stack.storage_offset() + slots[0] * stack.stride(0)).copy_(values)
+def _write_blocks(left: torch.Tensor, right: torch.Tensor, stack: torch.Tensor, layout: Block, slots: list[int],
+                  rank: int) -> None:
+    """Each slot's block of a gradient stack := its group's `left @ right` (`bmm_or_loop`): made in place when the
+    slots are consecutive and their blocks fill their rows (the view of the stack is then contiguous), else copied
+    in, one copy for consecutive slots."""
+    products_shape = (len(slots), left.size(1), right.size(2))
+    consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+    if consecutive:
+        view = stack.as_strided(products_shape, (stack.stride(0), products_shape[2], 1),
+                                stack.storage_offset() + slots[0] * stack.stride(0))
+        if view.is_contiguous():
+            bmm_or_loop(left, right, out=view)
+        else:
+            view.copy_(bmm_or_loop(left, right))
         return
-    for slot, value in zip(slots, values):
+    for slot, value in zip(slots, bmm_or_loop(left, right)):
         layout.view(stack, slot, rank).copy_(value)
 
 
