@@ -22,7 +22,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 
 from mlora_cli.data.batches import collate, token_losses, tokenize_task
 from mlora_cli.data.sources import load_task
-from mlora_cli.model import clip_norms, exact_batch, per_adapter
+from mlora_cli.model import clip_norms, exact_batch, optim, per_adapter
 from mlora_cli.model.base import build_builtin
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.model.optim import lr_factor
@@ -51,22 +51,28 @@ def absent(slot: int, step: int) -> bool:
     return slot == 1 and step in (4, 5, 11)  # adapter 1 sits some steps out
 
 
+EQUAL_RANKS = ("equal-ranks", "equal-ranks-padded")  # the engine at the adapters' rank, or above it
+
+
 def adapters_for(mode: str) -> list[tuple[AdapterConfig, TrainConfig]]:
-    """ADAPTERS, or (mode "equal-ranks") all of rank 4 on every projection: one run of groups per layer."""
-    if mode != "equal-ranks":
+    """ADAPTERS, or (the equal-rank modes) all of rank 4 on every projection: one run of groups per layer; and two
+    of them clipping hard, so that several slots clip in a step."""
+    if mode not in EQUAL_RANKS:
         return ADAPTERS
-    return [(dataclasses.replace(config, rank=4, target_modules=TARGETS), train) for config, train in ADAPTERS]
+    return [(dataclasses.replace(config, rank=4, target_modules=TARGETS),
+             dataclasses.replace(train, max_grad_norm=0.05 if train.max_grad_norm is not None else None))
+            for config, train in ADAPTERS]
 
 
 def batches(mode: str) -> list[list[list[int]]]:
     rng = random.Random(0)
-    if mode in ("shared", "equal-ranks"):
+    if mode in ("shared", *EQUAL_RANKS):
         return [[rows] * len(ADAPTERS) for rows in (rng.sample(range(64), 3) for _ in range(STEPS))]
     sizes = [t.batch_size for _, t in ADAPTERS] if mode == "unequal" else [3, 3, 3]
     return [[rng.sample(range(64), sizes[slot]) for slot in range(len(ADAPTERS))] for _ in range(STEPS)]
 
 
-@pytest.mark.parametrize("mode", ["uniform", "unequal", "batched", "shared", "equal-ranks"])
+@pytest.mark.parametrize("mode", ["uniform", "unequal", "batched", "shared", *EQUAL_RANKS])
 def test_cotrained_weights_equal_peft_trained_alone(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     ADAPTERS = adapters_for(mode)  # noqa: N806 (the module's list, or its equal-rank variant)
     batched_runs: list[int] = []
@@ -83,9 +89,15 @@ def test_cotrained_weights_equal_peft_trained_alone(mode: str, monkeypatch: pyte
         return result
 
     monkeypatch.setattr(clip_norms, "by_parameter", spied)
+    stack_clips: list[int] = []
+    clip_stacks = optim.clip_stacks
+    monkeypatch.setattr(optim, "clip_stacks", lambda *args: stack_clips.append(1) or clip_stacks(*args))
+    # Gradient stacks the backward should write entirely start as NaN: an entry it missed would show.
+    monkeypatch.setattr(per_adapter, "unfilled", lambda like, shape: like.new_full(shape, float("nan")))
     model, tokenizer, rows = rows_for_test()
     reference = copy.deepcopy(model)
-    engine = MultiLoraModel(model, TARGETS, len(ADAPTERS), max(config.rank for config, _ in ADAPTERS))
+    engine = MultiLoraModel(model, TARGETS, len(ADAPTERS), 8 if mode == "equal-ranks-padded" else
+                            max(config.rank for config, _ in ADAPTERS))
     assert engine.routing.per_adapter  # the CPU default
     engine.routing.per_adapter = mode != "batched"
     assert engine.optimizer.per_slot_fused  # the CPU default
@@ -143,13 +155,14 @@ def test_cotrained_weights_equal_peft_trained_alone(mode: str, monkeypatch: pyte
         got = engine.slot_weights(slot, config)
         assert set(expected) == set(got)
         for key in expected:
-            if mode in ("shared", "equal-ranks"):
+            if mode in ("shared", *EQUAL_RANKS):
                 assert torch.equal(got[key], expected[key]), f"adapter {slot} {key}"
             else:
                 torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=f"adapter {slot} {key}")
         # Training moved the weights: the comparison is not of two untouched tensors.
         assert any(not torch.allclose(got[k], initial[slot][k]) for k in got if "lora_B" in k)
-    assert bool(batched_runs) == (mode == "equal-ranks")  # the batched backward ran where it applies
-    if mode == "equal-ranks":  # and made some matmuls as one bmm (the shapes this machine rounds as mm)
+    assert bool(batched_runs) == (mode in EQUAL_RANKS)  # the batched backward ran where it applies
+    if mode in EQUAL_RANKS:  # and made some matmuls as one bmm (the shapes this machine rounds as mm)
         assert any(exact_batch._EXACT.values())
         assert any(by_parameter)  # and took the norms as row reductions
+        assert stack_clips  # and clipped several slots with one multiply per stacked gradient

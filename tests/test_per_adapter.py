@@ -106,3 +106,26 @@ def test_a_new_routing_gets_a_new_plan() -> None:
             assert torch.equal(layer(x), by_group)
         (unit,) = layer.routing.plans[(2, False, True)]
         assert unit.batched == (len(set(rows)) == 1)
+
+
+@pytest.mark.parametrize(("slots", "rank"), [
+    (list(range(SLOTS)), MAX_RANK),      # every slot at the stacks' rank: written entirely, not zeroed first
+    (list(range(SLOTS - 1)), MAX_RANK),  # a slot not routed: its rows stay zero
+    (list(range(SLOTS)), 4),             # below the stacks' rank: the rest of each row stays zero
+], ids=["covering", "slot-not-routed", "padded-rank"])
+def test_gradient_stacks_are_written_entirely_or_zeroed(monkeypatch: pytest.MonkeyPatch, slots: list[int],
+                                                        rank: int) -> None:
+    """Where the backward leaves gradient stacks unzeroed it must write every entry (they start as NaN here);
+    elsewhere every entry that is not a routed slot's block is exactly zero."""
+    monkeypatch.setattr(per_adapter, "unfilled", lambda like, shape: like.new_full(shape, float("nan")))
+    layer = layer_with_slots([rank] * SLOTS)
+    layer.routing.set(slots, [2] * len(slots), [rank] * len(slots), torch.device("cpu"))
+    x = torch.randn(2 * len(slots), 3, D_IN, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    layer(x).square().sum().backward()
+    for stack, layout in ((layer.lora_A.grad, layer.a_layout), (layer.lora_B.grad, layer.b_layout)):
+        assert stack is not None and torch.isfinite(stack).all()
+        outside = torch.ones_like(stack, dtype=torch.bool)
+        for slot in slots:
+            layout.view(outside, slot, rank).fill_(False)
+        assert stack[outside].abs().sum() == 0
+        assert all(layout.view(stack, slot, rank).abs().sum() > 0 for slot in slots)

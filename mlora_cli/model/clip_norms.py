@@ -56,5 +56,6 @@ def by_parameter(grads: Sequence[torch.Tensor | None], blocks: Blocks, ranks: Se
         if not row_norms_are_exact(rows):
             return None
         per_parameter.append(torch.linalg.vector_norm(rows, 2.0, dim=1))
-    by_slot = torch.stack(per_parameter, dim=1)  # row g: slot g's per-tensor norms, contiguous
-    return {slot: torch.linalg.vector_norm(by_slot[g], 2.0) for g, slot in enumerate(slots)}
+    by_slot = torch.stack(per_parameter, dim=1)  # row g: slot g's per-tensor norms
+    # Each row as its own tensor, as clip_grad_norm_'s stack of the norms is (a few dozen entries a slot).
+    return {slot: torch.linalg.vector_norm(by_slot[g].clone(), 2.0) for g, slot in enumerate(slots)}

@@ -51,6 +51,13 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
+def clip_stacks(grads: list[torch.Tensor | None], coefficients: torch.Tensor) -> None:
+    """Each stacked gradient's slot rows times the slot's coefficient, in place."""
+    for grad in grads:
+        if grad is not None:
+            grad.mul_(coefficients.view(-1, *([1] * (grad.dim() - 1))))
+
+
 class GradBlocks(NamedTuple):
     """What `grad_norms` made for the `step` that follows it."""
 
@@ -355,12 +362,11 @@ class SlotAdamW:
         scales = clip.tolist()
         slots = active.nonzero().flatten().tolist()
         # As clip_grad_norm_ scales the gradients: where several slots clip, one multiply per stacked gradient by
-        # each slot's coefficient (1.0 where it does not clip: no change; the same products as per block).
+        # each slot's coefficient (the same products as per block; 1.0, no change, where a slot does not clip or
+        # does not step).
         by_stack = sum(scales[slot] < 1.0 for slot in slots) > 1
         if by_stack:
-            for grad in grads:
-                if grad is not None:
-                    grad.mul_(clip.view(-1, *([1] * (grad.dim() - 1))))
+            clip_stacks(grads, torch.where(active, clip, 1.0))
         for slot in slots:
             rank = self.ranks.in_use[slot]
             if slot in made:

@@ -214,8 +214,9 @@ class PerAdapterLora(torch.autograd.Function):
         # into its rows, the weight gradients into the slot's blocks (an `out=` matmul would
         # skip autocast's cast, so under it results are added in and joined instead).
         direct = not torch.is_autocast_enabled(grad_output.device.type)
-        allocate = grad_output.new_empty if direct and ctx.covering else grad_output.new_zeros
-        grad_a, grad_b = (allocate(shape) for shape in ctx.shapes)
+        filled = direct and ctx.covering
+        grad_a, grad_b = (unfilled(grad_output, shape) if filled else grad_output.new_zeros(shape)
+                          for shape in ctx.shapes)
         flats = tensors[0::4]
         grad_parts = grad_output.reshape(-1, grad_output.size(-1)).split([flat.size(0) for flat in flats])
         into = None
@@ -244,6 +245,11 @@ class PerAdapterLora(torch.autograd.Function):
             return None, grad_a, grad_b, None, None, None
         grad_x = into if into is not None else torch.cat(grad_x_parts)
         return grad_x.view(ctx.input_shape), grad_a, grad_b, None, None, None
+
+
+def unfilled(like: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A gradient stack the backward writes entirely (its entries are not zeroed first)."""
+    return like.new_empty(shape)
 
 
 def _run_grads(grad: torch.Tensor, flat: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor, hidden: torch.Tensor,
