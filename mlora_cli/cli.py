@@ -126,13 +126,12 @@ def run(
 
         if importlib.util.find_spec("ray") is None:
             fail(["--backend ray needs Ray: pip install 'mlora-sweep[ray]'"], as_json)
-    if resume is not None and sweep is not None and "=" in str(sweep):  # `--resume RUN adapter.rank=8`
+    # `--resume RUN adapter.rank=8` takes the override for the sweep argument.
+    if resume is not None and (overrides or (sweep is not None and "=" in str(sweep))):
         fail(["--resume continues a run as it was: no overrides"], as_json)
     if (sweep is None) == (resume is None):
         fail(["give a sweep file, or --resume RUN_DIR (not both)" if sweep is not None else
               "give a sweep file, or --resume RUN_DIR"], as_json)
-    if resume is not None and overrides:
-        fail(["--resume continues a run as it was: no overrides"], as_json)
     try:
         if resume is not None:
             from mlora_cli.run.folder import load_run

@@ -46,13 +46,14 @@ def by_parameter(grads: Sequence[torch.Tensor | None], blocks: Blocks, ranks: Se
     rank, indices = ranks[slots[0]], blocks[slots[0]][0]
     if not indices or any(ranks[s] != rank or blocks[s][0] != indices for s in slots):
         return None
+    chosen = None if slots == list(range(len(ranks))) else torch.tensor(slots)  # the slots in use, if not all
     per_parameter = []
     for i in indices:
         grad = grads[i]
         assert grad is not None  # indices hold only parameters with a gradient
         rows = grad.view(grad.size(0), -1)[:, : rank * layouts[i].width]
-        if slots != list(range(grad.size(0))):
-            rows = rows.index_select(0, torch.tensor(slots))
+        if chosen is not None:
+            rows = rows.index_select(0, chosen)
         if not row_norms_are_exact(rows):
             return None
         per_parameter.append(torch.linalg.vector_norm(rows, 2.0, dim=1))

@@ -94,7 +94,7 @@ def _run_scales(scale: torch.Tensor, routing: Routing, unit: Unit) -> torch.Tens
         assert routing.row_slots is not None and unit.rows is not None  # set with a per-adapter routing's runs
         return scale.index_select(0, routing.row_slots[unit.rows]).view(-1, 1, 1)
     slots = routing.slots[unit.first : unit.end]
-    if slots == list(range(slots[0], slots[0] + len(slots))):
+    if _consecutive(slots):
         return scale[slots[0] : slots[0] + len(slots)].view(-1, 1, 1)
     assert routing.slot_index is not None
     return scale.index_select(0, routing.slot_index[unit.first : unit.end]).view(-1, 1, 1)
@@ -112,11 +112,16 @@ def _run_matmul(flat: torch.Tensor, blocks: torch.Tensor, unit: Unit) -> torch.T
     return nn.functional.grouped_mm(flat, blocks, offs=unit.offsets)
 
 
+def _consecutive(slots: list[int]) -> bool:
+    """Whether `slots` are k, k+1, ...: their rows of a stack are then one strided view, no gather."""
+    return slots == list(range(slots[0], slots[0] + len(slots)))
+
+
 def _run_blocks(stack: torch.Tensor, layout: Block, slots: list[int], rank: int) -> torch.Tensor:
     """(G, rows, columns): the slots' blocks (see Block) transposed as `Block.view(transposed=True)` makes them, for
     `grouped_mm`; a view of the stack when the slots are consecutive, else gathered (a copy, same values)."""
     rows, columns = (rank, layout.width) if layout.rank_first else (layout.width, rank)
-    if slots == list(range(slots[0], slots[0] + len(slots))):
+    if _consecutive(slots):
         return stack.as_strided((len(slots), columns, rows), (stack.stride(0), 1, columns),
                                 stack.storage_offset() + slots[0] * stack.stride(0))
     flat = stack.reshape(stack.size(0), -1)[:, : rows * columns]
@@ -277,8 +282,7 @@ def _write_blocks(left: torch.Tensor, right: torch.Tensor, stack: torch.Tensor, 
     slots are consecutive and their blocks fill their rows (the view of the stack is then contiguous), else copied
     in, one copy for consecutive slots."""
     products_shape = (len(slots), left.size(1), right.size(2))
-    consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
-    if consecutive:
+    if _consecutive(slots):
         view = stack.as_strided(products_shape, (stack.stride(0), products_shape[2], 1),
                                 stack.storage_offset() + slots[0] * stack.stride(0))
         if view.is_contiguous():
