@@ -58,6 +58,7 @@ def test_runs_equal_the_group_by_group_matmuls(slots: list[int], ranks: list[int
 def test_bmm_is_used_only_where_it_rounds_as_the_groups_mm(monkeypatch: pytest.MonkeyPatch) -> None:
     """A bmm that rounds differently (here: one ulp off) is found by the check and not used: each group gets its mm's
     bits; one that rounds alike is used, and the check runs once per shape class."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # only the plain bmm is tried
     generator = torch.Generator().manual_seed(3)
     left, right = torch.randn(4, 6, 32, generator=generator), torch.randn(4, 8, 32, generator=generator).transpose(1, 2)
     expected = torch.stack([left[g].mm(right[g]) for g in range(4)])
@@ -71,7 +72,7 @@ def test_bmm_is_used_only_where_it_rounds_as_the_groups_mm(monkeypatch: pytest.M
 
     monkeypatch.setattr(exact_batch, "_EXACT", {})
     monkeypatch.setattr(exact_batch.torch, "bmm", lambda a, b, out=None: counted(a, b, ulp_off=True))
-    assert not exact_batch.bmm_is_exact(left, right)
+    assert exact_batch.exact_way(left, right) is None
     assert torch.equal(exact_batch.bmm_or_loop(left, right), expected)
     assert len(calls) == 1  # the check's; the product itself was the loop
 
@@ -86,11 +87,51 @@ def test_bmm_is_used_only_where_it_rounds_as_the_groups_mm(monkeypatch: pytest.M
     assert len(exact_batch._EXACT) == 2
 
 
+@pytest.mark.parametrize("into", [False, True], ids=["new", "out"])
+def test_a_split_of_the_inner_dimension_is_used_where_the_whole_bmm_rounds_otherwise(
+        monkeypatch: pytest.MonkeyPatch, into: bool) -> None:
+    """Where `mm` splits its sum between threads, a bmm over the whole inner dimension rounds otherwise (here: one
+    ulp off whenever it gets all of it) but one bmm per thread's part, added, rounds as the groups' mm: the check
+    finds it. The operands (the check's too) are small integers, so every order of the sums gives the same bits and
+    only the fault decides."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    random_like = exact_batch._random_like
+    monkeypatch.setattr(exact_batch, "_random_like", lambda tensor: random_like(tensor).mul_(2).round_())
+    generator = torch.Generator().manual_seed(5)
+    left = torch.randint(-4, 5, (3, 6, 32), generator=generator).float()
+    right = torch.randint(-4, 5, (3, 8, 32), generator=generator).float().transpose(1, 2)
+    expected = torch.stack([left[g].mm(right[g]) for g in range(3)])
+    real_bmm, inner = torch.bmm, []
+
+    def whole_is_off(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        inner.append(a.size(2))
+        result = real_bmm(a, b)
+        if a.size(2) == 32:
+            result = torch.nextafter(result, torch.full_like(result, float("inf")))
+        return result if out is None else out.copy_(result)
+
+    monkeypatch.setattr(exact_batch, "_EXACT", {})
+    monkeypatch.setattr(exact_batch.torch, "bmm", whole_is_off)
+    out = torch.full_like(expected, float("nan")) if into else None
+    assert exact_batch.exact_way(left, right, out) == "split"
+    inner.clear()
+    product = exact_batch.bmm_or_loop(left, right, out=out)
+    assert torch.equal(product, expected) and inner == [16, 16]
+    if into:
+        assert product.data_ptr() == out.data_ptr()
+    # Where no part rounds alike either, the loop.
+    monkeypatch.setattr(exact_batch, "_EXACT", {})
+    monkeypatch.setattr(exact_batch.torch, "bmm", lambda a, b, out=None: torch.nextafter(
+        real_bmm(a, b), torch.full((1,), float("inf"))))
+    assert exact_batch.exact_way(left, right) is None
+    assert torch.equal(exact_batch.bmm_or_loop(left, right), expected)
+
+
 def test_the_check_leaves_the_global_generator_alone() -> None:
     left, right = torch.randn(3, 7, 16)[:, 1:], torch.randn(3, 16, 5)  # a view not on the allocator's alignment
     state = torch.get_rng_state()
     exact_batch._EXACT.clear()
-    exact_batch.bmm_is_exact(left, right)
+    exact_batch.exact_way(left, right)
     assert torch.equal(torch.get_rng_state(), state)
 
 

@@ -2,8 +2,9 @@
 
 For each kind of pass, fusion efficiency = time of one adapter's pass over the union batch
 (the N adapters' rows together), on an engine holding only that adapter, / time of the fused
-N-adapter pass over the same rows; the two are timed alternately (medians), so drift in the
-machine's speed hits both alike. 1.0 means co-training costs no more than the union batch.
+N-adapter pass over the same rows; the two are timed alternately, in pairs, and the figure is the
+median over the pairs of their ratio (`bench.alternating`), so drift in the machine's speed hits
+both alike. 1.0 means co-training costs no more than the union batch.
 
 - train: one training step (forward, backward, clipping, AdamW);
 - eval: one batched evaluation pass over a task;
@@ -25,18 +26,18 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mlora_cli.bench.alternating import Alternated, timed_alternately
 from mlora_cli.spec.schema import SweepSpec
 from mlora_cli.spec.sweep import AdapterSpec
 
 
 def fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, repeats: int = 7,
                       threads: int | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Union-batch time / fused time per kind of pass (medians; see the module doc).
+    """Union-batch time / fused time per kind of pass (see the module doc).
 
     `threads`: torch threads while measuring, those of one of the concurrent run's CPU workers
     (None: torch's default), so the steps are timed as the run ran them.
@@ -99,46 +100,33 @@ def _fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: P
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
-    def seconds(step: Callable[[], Any]) -> float:
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        return time.perf_counter() - start
-
-    def medians(union_run: Callable[[], Any], fused_run: Callable[[], Any], times: int) -> tuple[float, float]:
-        """Medians of the two, timed alternately so that drift in the machine's speed hits both alike."""
-        union_run(), fused_run()  # warm up
-        union_times, fused_times = [], []
-        for _ in range(times):
-            union_times.append(seconds(union_run))
-            fused_times.append(seconds(fused_run))
-        return statistics.median(union_times), statistics.median(fused_times)
+    def medians(union_run: Callable[[], Any], fused_run: Callable[[], Any], times: int) -> Alternated:
+        return timed_alternately(union_run, fused_run, times, sync)
 
     # A training step is short: more repeats for the same time.
-    union_train, fused_train = medians(lambda: fused_step(union_engine, union, pad),
-                                       lambda: fused_step(fused_engine, fused, pad), 3 * repeats)
-    union_eval, fused_eval = medians(lambda: evaluate(union_engine, union_request, spec.eval, tokenizer),
-                                     lambda: evaluate(fused_engine, fused_requests, spec.eval, tokenizer), repeats)
+    train = medians(lambda: fused_step(union_engine, union, pad), lambda: fused_step(fused_engine, fused, pad),
+                    3 * repeats)
+    evaluation = medians(lambda: evaluate(union_engine, union_request, spec.eval, tokenizer),
+                         lambda: evaluate(fused_engine, fused_requests, spec.eval, tokenizer), repeats)
     rl_figures = _rl_fusion(spec, adapters, data_dir, fused_engine, union_engine, tokenizer, medians, repeats)
     return {
         **rl_figures,
         "adapters": len(adapters),
         "rows_per_adapter": size,
         "union_rank": union_rank,
-        "fused_step_seconds": fused_train,
-        "union_step_seconds": union_train,
-        "fusion_efficiency_train": union_train / fused_train,
-        "fused_eval_seconds": fused_eval,
-        "union_eval_seconds": union_eval,
-        "fusion_efficiency_eval": union_eval / fused_eval,
+        "fused_step_seconds": train.second_seconds,
+        "union_step_seconds": train.first_seconds,
+        "fusion_efficiency_train": train.ratio,
+        "fused_eval_seconds": evaluation.second_seconds,
+        "union_eval_seconds": evaluation.first_seconds,
+        "fusion_efficiency_eval": evaluation.ratio,
     }
 
 
 
 
 def _rl_fusion(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, fused_engine: Any, union_engine: Any,
-               tokenizer: Any, medians: Callable[..., tuple[float, float]], repeats: int) -> dict[str, Any]:
+               tokenizer: Any, medians: Callable[..., Alternated], repeats: int) -> dict[str, Any]:
     """Sampling and RL-step fusion on the sweep's first `grpo` task; nothing on a sweep without one."""
     from mlora_cli.data.batches import tokenize_task
     from mlora_cli.data.sources import load_task
@@ -160,16 +148,16 @@ def _rl_fusion(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, fus
                                     rl.temperature, rl.top_p, rl.max_new_tokens,
                                     [seed for r in fused_requests for seed in r.seeds])]
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    union_sample, fused_sample = medians(lambda: sample(union_engine, union_request, pad, eos),
-                                         lambda: sample(fused_engine, fused_requests, pad, eos), repeats)
+    sampling = medians(lambda: sample(union_engine, union_request, pad, eos),
+                       lambda: sample(fused_engine, fused_requests, pad, eos), repeats)
     rollouts = sample(fused_engine, fused_requests, pad, eos)
     batches = [scored_batch(job, rollout, tokenizer, 0.0) for job, rollout in zip(jobs, rollouts)]
     fused = [StepInput(slot, b.rows, 1e-9, 0.0, None, b.advantages, job.config)
              for slot, (job, b) in enumerate(zip(jobs, batches))]
     union = [StepInput(0, [r for b in batches for r in b.rows], 1e-9, 0.0, None,
                        [a for b in batches for a in b.advantages], rl)]
-    union_step, fused_step_seconds = medians(lambda: fused_step(union_engine, union, pad),
-                                             lambda: fused_step(fused_engine, fused, pad), 3 * repeats)
+    rl_step = medians(lambda: fused_step(union_engine, union, pad), lambda: fused_step(fused_engine, fused, pad),
+                      3 * repeats)
     sharing = {}
     if fused_engine.share_prompts:  # what running each group's prompt once gives: the same passes with full rows
 
@@ -182,20 +170,21 @@ def _rl_fusion(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, fus
                     fused_engine.share_prompts = True
             return unshared
 
-        full_sample, _ = medians(full_rows(lambda: sample(fused_engine, fused_requests, pad, eos)),
-                                 lambda: sample(fused_engine, fused_requests, pad, eos), repeats)
-        full_step, _ = medians(full_rows(lambda: fused_step(fused_engine, fused, pad)),
-                               lambda: fused_step(fused_engine, fused, pad), repeats)
-        sharing = {"full_rows_sample_seconds": full_sample, "prompt_sharing_speedup_sample": full_sample / fused_sample,
-                   "full_rows_rl_step_seconds": full_step,
-                   "prompt_sharing_speedup_rl_train": full_step / fused_step_seconds}
+        full_sample = medians(full_rows(lambda: sample(fused_engine, fused_requests, pad, eos)),
+                              lambda: sample(fused_engine, fused_requests, pad, eos), repeats)
+        full_step = medians(full_rows(lambda: fused_step(fused_engine, fused, pad)),
+                            lambda: fused_step(fused_engine, fused, pad), repeats)
+        sharing = {"full_rows_sample_seconds": full_sample.first_seconds,
+                   "prompt_sharing_speedup_sample": full_sample.ratio,
+                   "full_rows_rl_step_seconds": full_step.first_seconds,
+                   "prompt_sharing_speedup_rl_train": full_step.ratio}
     return {
         **sharing,
         "rl_rows_per_adapter": size * rl.group_size,
-        "fused_sample_seconds": fused_sample,
-        "union_sample_seconds": union_sample,
-        "fusion_efficiency_sample": union_sample / fused_sample,
-        "fused_rl_step_seconds": fused_step_seconds,
-        "union_rl_step_seconds": union_step,
-        "fusion_efficiency_rl_train": union_step / fused_step_seconds,
+        "fused_sample_seconds": sampling.second_seconds,
+        "union_sample_seconds": sampling.first_seconds,
+        "fusion_efficiency_sample": sampling.ratio,
+        "fused_rl_step_seconds": rl_step.second_seconds,
+        "union_rl_step_seconds": rl_step.first_seconds,
+        "fusion_efficiency_rl_train": rl_step.ratio,
     }

@@ -3,7 +3,8 @@
 For each cell (torch threads x target modules x ranks x dropout) on the sweep's first task and
 batch size: the fused N-adapter step, the same rows as one adapter's union batch on mlora's
 engine (the reference of `fusion.py`), and the union batch as plain PEFT (LoRA of the mean rank,
-the cell's dropout, `AdamW(fused=True)` after `clip_grad_norm_`), timed alternately (medians).
+the cell's dropout, `AdamW(fused=True)` after `clip_grad_norm_`), timed alternately in pairs
+(`bench.alternating`: ratios are medians over the pairs, times medians).
 
 - efficiency = union step on mlora's engine / fused step (1.0: co-training costs what the union
   batch costs); `vs_peft` = PEFT's union step / fused step;
@@ -21,22 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mlora_cli.bench.alternating import timed_alternately
 from mlora_cli.spec.schema import SweepSpec
 from mlora_cli.spec.sweep import AdapterSpec
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGET_SETS = {"q,v": ("q_proj", "v_proj"), "all-linear": ALL_LINEAR}
-
-
-def _median_pair(first: Callable[[], Any], second: Callable[[], Any], times: int) -> tuple[float, float]:
-    first(), second()  # warm up
-    a, b = [], []
-    for _ in range(times):
-        for run, into in ((first, a), (second, b)):
-            start = time.perf_counter()
-            run()
-            into.append(time.perf_counter() - start)
-    return statistics.median(a), statistics.median(b)
 
 
 @dataclasses.dataclass
@@ -107,11 +98,11 @@ def _cell_steps(spec: SweepSpec, adapters: list[AdapterSpec], rows: list[list[An
 def _cell(spec: SweepSpec, adapters: list[AdapterSpec], rows: list[list[Any]], targets: tuple[str, ...],
           dropout: float, repeats: int) -> dict[str, float]:
     steps = _cell_steps(spec, adapters, rows, targets, dropout)
-    union_seconds, fused_seconds = _median_pair(steps.union, steps.fused, repeats)
-    peft_seconds, fused_again = _median_pair(steps.peft, steps.fused, repeats)
-    fused_seconds = statistics.median([fused_seconds, fused_again])
-    return {"fused_ms": fused_seconds * 1e3, "union_ms": union_seconds * 1e3, "peft_union_ms": peft_seconds * 1e3,
-            "efficiency": union_seconds / fused_seconds, "vs_peft": peft_seconds / fused_seconds}
+    union = timed_alternately(steps.union, steps.fused, repeats)
+    peft = timed_alternately(steps.peft, steps.fused, repeats)
+    fused_seconds = statistics.median([union.second_seconds, peft.second_seconds])
+    return {"fused_ms": fused_seconds * 1e3, "union_ms": union.first_seconds * 1e3,
+            "peft_union_ms": peft.first_seconds * 1e3, "efficiency": union.ratio, "vs_peft": peft.ratio}
 
 
 def profile_cell(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, threads: int, targets: str,

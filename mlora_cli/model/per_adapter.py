@@ -9,8 +9,8 @@ in as few calls as keeps those numbers:
 - all groups are one autograd node (`PerAdapterLora`) whose backward makes autograd's own matmuls;
 - a run of consecutive groups of one rank and equal rows (`Routing.runs`; every decode step, and the
   training step of adapters of one batch and group size) makes each matmul, forward and backward, as
-  one `bmm` over the groups where that rounds as the groups' own `mm`s, checked once per shape class
-  (`exact_batch`); where it does not (some shapes, e.g. an inner dimension of 1024 here), the loop;
+  one `bmm` over the groups (or one per part of the inner dimension, as `mm` splits it between threads) where
+  that rounds as the groups' own `mm`s, checked once per shape class (`exact_batch`); where none does, the loop;
 - without gradients (sampling, evaluation) a run of unequal rows makes them as one `grouped_mm` call,
   which torch computes on the CPU as a loop of the same `mm`s, and no autograd node is built.
 """
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from mlora_cli.model.blocks import Block
-from mlora_cli.model.exact_batch import bmm_is_exact, bmm_or_loop
+from mlora_cli.model.exact_batch import bmm_or_loop, exact_way
 from mlora_cli.model.routing import Routing
 
 # Profiler range (only entered while torch.profiler records): the per-adapter backward.
@@ -102,13 +102,12 @@ def _run_scales(scale: torch.Tensor, routing: Routing, unit: Unit) -> torch.Tens
 
 def _run_matmul(flat: torch.Tensor, blocks: torch.Tensor, unit: Unit) -> torch.Tensor:
     """(rows, n): each group's rows of `flat` (rows, k) times its block of `blocks` (G, k, n), with each group's
-    numbers those of its own `mm`: one `bmm` where it rounds as they do, else one `grouped_mm`, else the loop."""
+    numbers those of its own `mm`: batched (`exact_batch`) where that rounds as they do, else one `grouped_mm`, else
+    the loop."""
     if unit.batched:
         batch = flat.view(unit.end - unit.first, -1, flat.size(1))
-        if bmm_is_exact(batch, blocks):
-            return torch.bmm(batch, blocks).view(-1, blocks.size(2))
-        if unit.offsets is None:
-            return bmm_or_loop(batch, blocks, loop=True).view(-1, blocks.size(2))
+        if unit.offsets is None or exact_way(batch, blocks) is not None:
+            return bmm_or_loop(batch, blocks).view(-1, blocks.size(2))
     return nn.functional.grouped_mm(flat, blocks, offs=unit.offsets)
 
 
