@@ -39,8 +39,9 @@ compute the LoRA term, same math:
   (the padded bmm rounds differently). That makes co-trained and single-tenant runs agree
   even where training is chaotic enough to amplify the last bit. All groups are one autograd
   node (`PerAdapterLora`) whose backward makes autograd's own matmuls. Consecutive groups of one
-  rank and equal rows make each of those matmuls as one `bmm` where it was checked to round as the
-  groups' own `mm`s (`model.exact_batch`), which costs about what the union batch's one matmul does;
+  rank and equal rows make each of those matmuls batched (one `bmm`, or one per part of the inner
+  dimension where `mm` splits it between threads) where that was checked to round as the groups' own
+  `mm`s (`model.exact_batch`), which costs about what the union batch's one matmul does;
   without gradients, unequal ones as one `grouped_mm` (a loop of the same `mm`s in C++).
 
 The base may be an `nn.Linear` (weight (d_out, d_in)) or GPT-2's `Conv1D` (weight
