@@ -170,3 +170,30 @@ def test_gradient_stacks_are_written_entirely_or_zeroed(monkeypatch: pytest.Monk
             layout.view(outside, slot, rank).fill_(False)
         assert stack[outside].abs().sum() == 0
         assert all(layout.view(stack, slot, rank).abs().sum() > 0 for slot in slots)
+
+
+def test_a_layers_views_of_its_runs_are_kept_across_routings_and_follow_its_weights() -> None:
+    """A layer keeps its views of a run's blocks and scales from one routing to the next (a decode step routes anew
+    every step); they must follow the weights updated in place and be made again when a stack's storage is
+    replaced, giving the group-by-group numbers every time."""
+    layer = layer_with_slots([8] * 6)
+    x = torch.randn(12, 1, D_IN, generator=torch.Generator().manual_seed(6))
+
+    def by_group() -> torch.Tensor:
+        layer.routing.runs = []  # every group by itself: the matmuls PEFT makes
+        try:
+            return layer(x)
+        finally:
+            layer.routing.set(list(range(6)), [2] * 6, [8] * 6, torch.device("cpu"))
+
+    with torch.no_grad():
+        layer.routing.set(list(range(6)), [2] * 6, [8] * 6, torch.device("cpu"))
+        assert torch.equal(layer(x), by_group())
+        assert len(layer.unit_views) == 1
+        layer.lora_A.mul_(2.0)  # as the optimizer updates it: in place
+        layer.scale[3] = 0.5
+        assert torch.equal(layer(x), by_group())
+        assert len(layer.unit_views) == 1  # a new routing of the same run: the same views
+        layer.lora_B.data = layer.lora_B.data * 3.0  # a new storage: the views are made anew
+        assert torch.equal(layer(x), by_group())
+        assert len(layer.unit_views) == 2

@@ -45,13 +45,20 @@ def bmm_or_loop(left: torch.Tensor, right: torch.Tensor, loop: bool = False,
     its own operands (`_own`): one batched way where one was checked to give that for this shape class (module
     doc), else (or with `loop`) those `mm` calls. Written into `out` (contiguous, (G, m, n)) if given."""
     if not loop:
-        way = exact_way(left, right, out)
-        if way is not None:
-            return _batched(way, left, right, out)
+        batched = exact_bmm(left, right, out)
+        if batched is not None:
+            return batched
     result = left.new_empty(left.size(0), left.size(1), right.size(2)) if out is None else out
     for group in range(left.size(0)):
         result[group] = _own(left[group]).mm(_own(right[group]))
     return result
+
+
+def exact_bmm(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`left @ right` per group by the batched way that rounds as each group's own `mm` (into `out` if given), or
+    None where none does (the caller then makes the groups' products its own way)."""
+    way = exact_way(left, right, out)
+    return None if way is None else _batched(way, left, right, out)
 
 
 def exact_way(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor | None = None) -> str | None:

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from mlora_cli.model.blocks import Block
-from mlora_cli.model.per_adapter import PerAdapterLora, per_adapter_terms
+from mlora_cli.model.per_adapter import PerAdapterLora, UnitViews, per_adapter_terms
 from mlora_cli.model.routing import Routing
 
 # Profiler range (only entered while torch.profiler records): the LoRA term's forward (per_adapter has the backward's).
@@ -91,6 +91,7 @@ class MultiLoraLinear(nn.Module):
         # alpha / rank per slot; 0 where the slot is empty or its adapter does not target this layer.
         self.register_buffer("scale", torch.zeros(num_slots, **factory), persistent=False)
         self.routing = routing
+        self.unit_views: UnitViews = {}  # the CPU path's views of this layer's runs, kept across routings
 
     @property
     def weight(self) -> torch.Tensor:  # some model code reads .weight (dtype/device checks)
@@ -136,8 +137,9 @@ class MultiLoraLinear(nn.Module):
             return delta.reshape(*shape[:-1], -1)
         layouts = (self.a_layout, self.b_layout)
         if not torch.is_grad_enabled():  # sampling, evaluation: the same matmuls, no autograd node
-            return per_adapter_terms(lora_input, self.lora_A, self.lora_B, self.scale, routing, layouts)[0]
-        return PerAdapterLora.apply(lora_input, self.lora_A, self.lora_B, self.scale, routing, layouts)
+            return per_adapter_terms(lora_input, self.lora_A, self.lora_B, self.scale, routing, layouts,
+                                     views=self.unit_views)[0]
+        return PerAdapterLora.apply(lora_input, self.lora_A, self.lora_B, self.scale, routing, layouts, self.unit_views)
 
     def _grouped(self, x: torch.Tensor, groups: int) -> torch.Tensor:
         """x as (groups, rows of a group x tokens, d_in); unequal groups zero-padded to the longest (one copy)."""

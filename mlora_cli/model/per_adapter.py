@@ -17,7 +17,6 @@ in as few calls as keeps those numbers:
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from mlora_cli.model.blocks import Block
-from mlora_cli.model.exact_batch import bmm_or_loop, exact_way
+from mlora_cli.model.exact_batch import bmm_or_loop, exact_bmm
 from mlora_cli.model.routing import Routing
 
 # Profiler range (only entered while torch.profiler records): the per-adapter backward.
@@ -38,10 +37,18 @@ class Unit:
     """Groups first..end-1 of a routing, computed together: one group with two `mm`s; a run of groups of one rank
     and equal rows (`batched`) with two `bmm`s where they round as the groups' `mm`s (`exact_batch`), else their
     loop; or (without gradients) a run of one rank with two `grouped_mm`s. `offsets`: each group's end in flat
-    rows, where `grouped_mm` applies; `rows`: the run's rows of the batch."""
+    rows, where `grouped_mm` applies; `rows`: the run's rows of the batch. Everything a layer reads of it is worked
+    out once, when the unit is made (a decode step's layer costs tens of microseconds: recomputing these per
+    layer was a third of it)."""
 
     first: int
     end: int
+    start: int  # the unit's rows of the flattened batch (rows x tokens): start..stop-1
+    stop: int
+    slots: list[int]
+    rank: int
+    consecutive: bool  # the slots are k, k+1, ...: their rows of a stack are one strided view, no gather
+    key: tuple[int, ...]  # the slots, and the rank last: what a layer's views of the unit depend on (`_unit_views`)
     offsets: torch.Tensor | None = None
     rows: slice | None = None
     batched: bool = False
@@ -51,6 +58,15 @@ class Unit:
         return self.end - self.first == 1
 
 
+def _unit(routing: Routing, first: int, end: int, tokens_per_row: int, **kind: Any) -> Unit:
+    """Groups first..end-1 of `routing` as a unit (`kind`: Unit's offsets, rows, batched)."""
+    start = sum(routing.rows[:first]) * tokens_per_row
+    stop = start + sum(routing.rows[first:end]) * tokens_per_row
+    slots = routing.slots[first:end]
+    rank = routing.ranks[first]
+    return Unit(first, end, start, stop, slots, rank, _consecutive(slots), (*slots, rank), **kind)
+
+
 def _units(x_flat: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, routing: Routing,
            tokens_per_row: int, training: bool) -> list[Unit]:
     """How to compute the groups (fp32 without autocast; else one at a time): runs of equal rank (`Routing.runs`)
@@ -58,12 +74,16 @@ def _units(x_flat: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, rou
     torch's checks allow it (16-byte aligned rows and blocks, rank a multiple of 4); the rest one group at a time.
     With gradients only where every slot has one group (its gradient blocks are then written, not summed).
     Made once per routing for all its layers (`Routing.plans`)."""
-    tensors = (x_flat, lora_a, lora_b)
+    float32 = torch.float32
     if (not routing.runs or x_flat.device.type != "cpu" or not x_flat.is_contiguous()
-            or any(t.dtype != torch.float32 for t in tensors) or torch.is_autocast_enabled("cpu")
-            or (training and len(set(routing.slots)) < len(routing.slots))):
-        return [Unit(group, group + 1) for group in range(len(routing.slots))]
-    aligned = not training and not any(t.data_ptr() % 16 or t.stride(0) % 4 for t in tensors)
+            or x_flat.dtype != float32 or lora_a.dtype != float32 or lora_b.dtype != float32
+            or torch.is_autocast_enabled("cpu") or (training and not routing.distinct_slots)):
+        key: tuple[int, bool, bool | None] = (tokens_per_row, training, None)
+        if key not in routing.plans:  # (the same every call: made once per routing too)
+            routing.plans[key] = [_unit(routing, g, g + 1, tokens_per_row) for g in range(len(routing.slots))]
+        return routing.plans[key]
+    aligned = not training and not (x_flat.data_ptr() % 16 or x_flat.stride(0) % 4 or lora_a.data_ptr() % 16
+                                    or lora_a.stride(0) % 4 or lora_b.data_ptr() % 16 or lora_b.stride(0) % 4)
     key = (tokens_per_row, training, aligned)
     if key not in routing.plans:
         routing.plans[key] = _plan(routing, tokens_per_row, training, aligned)
@@ -79,11 +99,11 @@ def _plan(routing: Routing, tokens_per_row: int, training: bool, aligned: bool) 
             training and routing.rows[first] * tokens_per_row == 1 and routing.ranks[first] == 1)
         groupable = aligned and routing.ranks[first] % 4 == 0
         if end - first < 2 or not (equal_rows or groupable):
-            units += [Unit(group, group + 1) for group in range(first, end)]
+            units += [_unit(routing, group, group + 1, tokens_per_row) for group in range(first, end)]
             continue
         rows = slice(sum(routing.rows[:first]), sum(routing.rows[:end]))
         offsets = routing.run_offsets(first, end, tokens_per_row) if groupable else None
-        units.append(Unit(first, end, offsets, rows, batched=equal_rows))
+        units.append(_unit(routing, first, end, tokens_per_row, offsets=offsets, rows=rows, batched=equal_rows))
     return units
 
 
@@ -93,9 +113,8 @@ def _run_scales(scale: torch.Tensor, routing: Routing, unit: Unit) -> torch.Tens
     if not unit.batched:
         assert routing.row_slots is not None and unit.rows is not None  # set with a per-adapter routing's runs
         return scale.index_select(0, routing.row_slots[unit.rows]).view(-1, 1, 1)
-    slots = routing.slots[unit.first : unit.end]
-    if _consecutive(slots):
-        return scale[slots[0] : slots[0] + len(slots)].view(-1, 1, 1)
+    if unit.consecutive:
+        return scale[unit.slots[0] : unit.slots[0] + len(unit.slots)].view(-1, 1, 1)
     assert routing.slot_index is not None
     return scale.index_select(0, routing.slot_index[unit.first : unit.end]).view(-1, 1, 1)
 
@@ -106,8 +125,11 @@ def _run_matmul(flat: torch.Tensor, blocks: torch.Tensor, unit: Unit) -> torch.T
     the loop."""
     if unit.batched:
         batch = flat.view(unit.end - unit.first, -1, flat.size(1))
-        if unit.offsets is None or exact_way(batch, blocks) is not None:
-            return bmm_or_loop(batch, blocks).view(-1, blocks.size(2))
+        product = exact_bmm(batch, blocks)
+        if product is None and unit.offsets is None:
+            product = bmm_or_loop(batch, blocks, loop=True)
+        if product is not None:
+            return product.view(-1, blocks.size(2))
     return nn.functional.grouped_mm(flat, blocks, offs=unit.offsets)
 
 
@@ -116,36 +138,60 @@ def _consecutive(slots: list[int]) -> bool:
     return slots == list(range(slots[0], slots[0] + len(slots)))
 
 
-def _run_blocks(stack: torch.Tensor, layout: Block, slots: list[int], rank: int) -> torch.Tensor:
-    """(G, rows, columns): the slots' blocks (see Block) transposed as `Block.view(transposed=True)` makes them, for
-    `grouped_mm`; a view of the stack when the slots are consecutive, else gathered (a copy, same values)."""
+def _run_blocks(stack: torch.Tensor, layout: Block, unit: Unit) -> torch.Tensor:
+    """(G, rows, columns): the unit's slots' blocks (see Block) transposed as `Block.view(transposed=True)` makes
+    them, for `grouped_mm`; a view of the stack when the slots are consecutive, else gathered (a copy, same
+    values)."""
+    slots, rank = unit.slots, unit.rank
     rows, columns = (rank, layout.width) if layout.rank_first else (layout.width, rank)
-    if _consecutive(slots):
+    if unit.consecutive:
         return stack.as_strided((len(slots), columns, rows), (stack.stride(0), 1, columns),
                                 stack.storage_offset() + slots[0] * stack.stride(0))
     flat = stack.reshape(stack.size(0), -1)[:, : rows * columns]
     return flat[slots].view(len(slots), rows, columns).transpose(1, 2)
 
 
+UnitViews = dict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+_MAX_UNIT_VIEWS = 256  # per layer: past it the views are made again (routings with ever new slot sets)
+
+
+def _unit_views(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor, layouts: tuple[Block, Block],
+                routing: Routing, unit: Unit, views: UnitViews | None) -> tuple[torch.Tensor, ...]:
+    """A run's A^T and B^T blocks (`_run_blocks`) and, batched, its scales (`_run_scales`). Views of consecutive
+    slots depend on the layer's stacks and the unit's slots and rank only, so `views` (the layer's own dict) keeps
+    them across routings: a decode step routes anew every step, and making them again in every layer was about a
+    seventh of a decode step's LoRA term here. Keyed by the stacks' storage too, in case it is replaced."""
+    cacheable = views is not None and unit.consecutive
+    key = (unit.key, unit.batched, lora_a.data_ptr(), lora_b.data_ptr(), scale.data_ptr()) if cacheable else None
+    if views is not None and key in views:
+        return views[key]
+    made = (_run_blocks(lora_a, layouts[0], unit), _run_blocks(lora_b, layouts[1], unit),
+            _run_scales(scale, routing, unit) if unit.batched else None)
+    if views is not None and cacheable:
+        if len(views) >= _MAX_UNIT_VIEWS:
+            views.clear()
+        views[key] = made
+    return made
+
+
 def per_adapter_terms(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
-                      routing: Routing, layouts: tuple[Block, Block],
-                      saved: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, Any, list[Unit]]:
+                      routing: Routing, layouts: tuple[Block, Block], saved: list[torch.Tensor] | None = None,
+                      views: UnitViews | None = None) -> tuple[torch.Tensor, Any, list[Unit]]:
     """Each group's `linear(linear(x_g, A_k), B_k) * s_k`, PEFT's calls on its slot's blocks, written into its rows
     of one output; returns it, the scales used and the units computed (`_units`). `saved` collects (x_g, A_k^T,
     B_k^T, hidden) per unit for the backward (a run's as (G, ...) blocks and flat rows); without it (no gradient:
     sampling, evaluation) this is the whole LoRA term, without an autograd node to build (about 3% of a sampling
-    pass here)."""
+    pass here). `views`: the layer's views of its runs' blocks, kept across calls (`_unit_views`)."""
     # Times a Python float, as PEFT's `* scaling` is; on a GPU the 0-dim tensor (reading
     # the values out would be a host sync).
     scales = scale.tolist() if scale.device.type == "cpu" else scale
     tokens_per_row = math.prod(x.shape[1:-1])
     x_flat = x.reshape(-1, x.size(-1))
     units = _units(x_flat, lora_a, lora_b, routing, tokens_per_row, training=saved is not None)
-    bounds = [0, *itertools.accumulate(rows * tokens_per_row for rows in routing.rows)]
     delta = None
     for unit in units:
-        flat = x_flat[bounds[unit.first] : bounds[unit.end]]
-        slots, rank = routing.slots[unit.first : unit.end], routing.ranks[unit.first]
+        flat = x_flat[unit.start : unit.stop]
+        slots, rank = unit.slots, unit.rank
         if unit.single:
             # A_k^T and B_k^T exactly as PEFT's `weight.t()` of its contiguous (r, d_in) and
             # (d_out, r) weights: one view each, made directly (a slot's blocks, see Block).
@@ -154,17 +200,22 @@ def per_adapter_terms(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tenso
             hidden = flat.mm(a_t)
             product = hidden.mm(b_t)
         else:
-            a_t, b_t = (_run_blocks(lora_a, layouts[0], slots, rank), _run_blocks(lora_b, layouts[1], slots, rank))
+            a_t, b_t, run_scales = _unit_views(lora_a, lora_b, scale, layouts, routing, unit, views)
             hidden = _run_matmul(flat, a_t, unit)
             product = _run_matmul(hidden, b_t, unit)
-        if delta is None:  # in the matmul's dtype (bf16 under autocast)
-            # Each unit's term is written straight into its rows of the output (no concatenation).
-            delta = product.new_empty(x_flat.size(0), product.size(1))
-        into = delta[bounds[unit.first] : bounds[unit.end]]
+        if len(units) == 1:  # the product is the whole term (a fresh tensor): scaled where it lies
+            delta = into = product
+        else:
+            if delta is None:  # in the matmul's dtype (bf16 under autocast)
+                # Each unit's term is written straight into its rows of the output (no concatenation).
+                delta = product.new_empty(x_flat.size(0), product.size(1))
+            into = delta[unit.start : unit.stop]
         if not unit.single:
             shape = (unit.end - unit.first, -1, product.size(1)) if unit.batched else (-1, tokens_per_row,
                                                                                       product.size(1))
-            torch.mul(product.view(shape), _run_scales(scale, routing, unit), out=into.view(shape))
+            if run_scales is None:  # a grouped run: one scale per row
+                run_scales = _run_scales(scale, routing, unit)
+            torch.mul(product.view(shape), run_scales, out=into.view(shape))
         else:
             torch.mul(product, scales[slots[0]], out=into)
         if saved is not None:
@@ -184,12 +235,12 @@ class PerAdapterLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
-                routing: Routing, layouts: tuple[Block, Block]) -> torch.Tensor:
+                routing: Routing, layouts: tuple[Block, Block], views: UnitViews | None = None) -> torch.Tensor:
         tensors: list[torch.Tensor] = []
-        delta, scales, units = per_adapter_terms(x, lora_a, lora_b, scale, routing, layouts, tensors)
+        delta, scales, units = per_adapter_terms(x, lora_a, lora_b, scale, routing, layouts, tensors, views)
         # Saved the official way, so that activation checkpointing can drop and recompute them.
         ctx.save_for_backward(*tensors)
-        ctx.units = [(routing.slots[unit.first : unit.end], routing.ranks[unit.first]) for unit in units]
+        ctx.units = [(unit.slots, unit.rank) for unit in units]
         # Whether the backward writes every entry of the gradient stacks (every slot routed, at the stacks' rank):
         # then they need no zeros first.
         ctx.covering = (sorted(set(routing.slots)) == list(range(lora_a.size(0)))
@@ -246,9 +297,9 @@ class PerAdapterLora(torch.autograd.Function):
             grad_x_parts.append(_linear_grads(grad_hidden, flat, a_t, grad_a_block, first, into_parts[index],
                                               inputs_grad=ctx.needs_input_grad[0]))
         if not ctx.needs_input_grad[0]:
-            return None, grad_a, grad_b, None, None, None
+            return None, grad_a, grad_b, None, None, None, None
         grad_x = into if into is not None else torch.cat(grad_x_parts)
-        return grad_x.view(ctx.input_shape), grad_a, grad_b, None, None, None
+        return grad_x.view(ctx.input_shape), grad_a, grad_b, None, None, None, None
 
 
 def unfilled(like: torch.Tensor, shape: torch.Size) -> torch.Tensor:

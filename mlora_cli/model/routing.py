@@ -29,6 +29,7 @@ class Routing:
     slot_index: torch.Tensor | None = None  # `slots` as a tensor on the model's device
     in_slot_order: bool = False  # slots == 0, 1, ..., G-1
     ranks: list[int] = field(default_factory=list)  # rank in use by each group's slot
+    distinct_slots: bool = True  # no slot has two groups
     per_adapter: bool = False  # always compute the LoRA term group by group, PEFT's way (set on the CPU)
     device: torch.device = torch.device("cpu")
     _by_rank: tuple[list[tuple[int, torch.Tensor]], torch.Tensor | None] | None = None  # see `by_rank`
@@ -47,7 +48,7 @@ class Routing:
     dropout_scales: torch.Tensor | None = None
     _offsets: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)  # see `run_offsets`
     # The per-adapter path's plan of how to compute the groups, made once for every layer (`per_adapter._units`).
-    plans: dict[tuple[int, bool, bool], Any] = field(default_factory=dict)
+    plans: dict[tuple[int, bool, bool | None], Any] = field(default_factory=dict)
 
     def set(
         self,
@@ -64,6 +65,7 @@ class Routing:
         self.device, self._by_rank = torch.device(device), None
         self.slot_index = on_device(self.slots, self.device)
         self.in_slot_order = self.slots == list(range(len(self.slots)))
+        self.distinct_slots = len(set(self.slots)) == len(self.slots)
         uniform = len(set(self.rows)) == 1
         padded = bool(self.rows) and not uniform and _paddable(self.rows)
         self.batched = not self.per_adapter and (uniform or padded)
@@ -122,12 +124,12 @@ class Routing:
     def _snapshot(self) -> tuple[Any, ...]:
         return (self.slots, self.rows, self.ranks, self.dropout, self.generators, self.slot_index, self.in_slot_order,
                 self.device, self._by_rank, self.batched, self.padded_rows, self.runs, self.row_slots, self._offsets,
-                self.plans, self.dropout_scales)
+                self.plans, self.dropout_scales, self.distinct_slots)
 
     def _restore(self, snapshot: tuple[Any, ...]) -> None:
         (self.slots, self.rows, self.ranks, self.dropout, self.generators, self.slot_index,
          self.in_slot_order, self.device, self._by_rank, self.batched, self.padded_rows, self.runs, self.row_slots,
-         self._offsets, self.plans, self.dropout_scales) = snapshot
+         self._offsets, self.plans, self.dropout_scales, self.distinct_slots) = snapshot
 
     def _generator_states(self) -> list[tuple[torch.Generator, torch.Tensor]]:
         return [(g, g.get_state()) for g, p in zip(self.generators, self.dropout) if g is not None and p > 0]
