@@ -165,7 +165,9 @@ def _unit_views(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
     key = (unit.key, unit.batched, lora_a.data_ptr(), lora_b.data_ptr(), scale.data_ptr()) if cacheable else None
     if views is not None and key in views:
         return views[key]
-    made = (_run_blocks(lora_a, layouts[0], unit), _run_blocks(lora_b, layouts[1], unit),
+    # Of the stacks' data (detached: the same memory and version counter), not autograd views of the parameters,
+    # which autograd forbids using once the parameter was changed in place with gradients on (as loading does).
+    made = (_run_blocks(lora_a.detach(), layouts[0], unit), _run_blocks(lora_b.detach(), layouts[1], unit),
             _run_scales(scale, routing, unit) if unit.batched else None)
     if views is not None and cacheable:
         if len(views) >= _MAX_UNIT_VIEWS:
