@@ -119,18 +119,19 @@ def _run_scales(scale: torch.Tensor, routing: Routing, unit: Unit) -> torch.Tens
     return scale.index_select(0, routing.slot_index[unit.first : unit.end]).view(-1, 1, 1)
 
 
-def _run_matmul(flat: torch.Tensor, blocks: torch.Tensor, unit: Unit) -> torch.Tensor:
-    """(rows, n): each group's rows of `flat` (rows, k) times its block of `blocks` (G, k, n), with each group's
-    numbers those of its own `mm`: batched (`exact_batch`) where that rounds as they do, else one `grouped_mm`, else
-    the loop."""
+def _run_matmul(left: torch.Tensor, blocks: torch.Tensor, unit: Unit) -> torch.Tensor:
+    """Each group's rows of `left` times its block of `blocks` (G, k, n), with each group's numbers those of its own
+    `mm`: batched (`exact_batch`) where that rounds as they do, as (G, rows of a group, n); else one `grouped_mm`,
+    or the loop, as (rows, n). `left` is (rows, k), or (G, rows of a group, k) as a batched product comes (kept so:
+    a view costs ~3 us, a tenth of a decode step's LoRA matmul)."""
     if unit.batched:
-        batch = flat.view(unit.end - unit.first, -1, flat.size(1))
+        batch = left if left.dim() == 3 else left.view(unit.end - unit.first, -1, left.size(1))
         product = exact_bmm(batch, blocks)
         if product is None and unit.offsets is None:
             product = bmm_or_loop(batch, blocks, loop=True)
         if product is not None:
-            return product.view(-1, blocks.size(2))
-    return nn.functional.grouped_mm(flat, blocks, offs=unit.offsets)
+            return product
+    return nn.functional.grouped_mm(left.view(-1, left.size(-1)), blocks, offs=unit.offsets)
 
 
 def _consecutive(slots: list[int]) -> bool:
@@ -184,15 +185,17 @@ def per_adapter_terms(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tenso
     B_k^T, hidden) per unit for the backward (a run's as (G, ...) blocks and flat rows); without it (no gradient:
     sampling, evaluation) this is the whole LoRA term, without an autograd node to build (about 3% of a sampling
     pass here). `views`: the layer's views of its runs' blocks, kept across calls (`_unit_views`)."""
-    # Times a Python float, as PEFT's `* scaling` is; on a GPU the 0-dim tensor (reading
-    # the values out would be a host sync).
-    scales = scale.tolist() if scale.device.type == "cpu" else scale
     tokens_per_row = math.prod(x.shape[1:-1])
     x_flat = x.reshape(-1, x.size(-1))
     units = _units(x_flat, lora_a, lora_b, routing, tokens_per_row, training=saved is not None)
+    # Times a Python float, as PEFT's `* scaling` is; on a GPU the 0-dim tensor (reading the values out would be a
+    # host sync). Read where a group is computed by itself, or for the backward (runs scale by the tensor).
+    scales: Any = scale
+    if scale.device.type == "cpu" and (saved is not None or any(unit.single for unit in units)):
+        scales = scale.tolist()
     delta = None
     for unit in units:
-        flat = x_flat[unit.start : unit.stop]
+        flat = x_flat if unit.start == 0 and unit.stop == x_flat.size(0) else x_flat[unit.start : unit.stop]
         slots, rank = unit.slots, unit.rank
         if unit.single:
             # A_k^T and B_k^T exactly as PEFT's `weight.t()` of its contiguous (r, d_in) and
@@ -205,21 +208,24 @@ def per_adapter_terms(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tenso
             a_t, b_t, run_scales = _unit_views(lora_a, lora_b, scale, layouts, routing, unit, views)
             hidden = _run_matmul(flat, a_t, unit)
             product = _run_matmul(hidden, b_t, unit)
-        if len(units) == 1:  # the product is the whole term (a fresh tensor): scaled where it lies
+        whole = len(units) == 1
+        if whole:  # the product is the whole term (a fresh tensor): scaled where it lies
             delta = into = product
         else:
             if delta is None:  # in the matmul's dtype (bf16 under autocast)
                 # Each unit's term is written straight into its rows of the output (no concatenation).
-                delta = product.new_empty(x_flat.size(0), product.size(1))
+                delta = product.new_empty(x_flat.size(0), product.size(-1))
             into = delta[unit.start : unit.stop]
-        if not unit.single:
-            shape = (unit.end - unit.first, -1, product.size(1)) if unit.batched else (-1, tokens_per_row,
-                                                                                      product.size(1))
+        if unit.single:
+            torch.mul(product, scales[slots[0]], out=into)
+        else:
+            # As (groups, rows x tokens, d_out) if batched, else (rows, tokens, d_out): one scale per group or row.
+            shape = (unit.end - unit.first, -1, product.size(-1)) if unit.batched else (-1, tokens_per_row,
+                                                                                       product.size(-1))
+            product = product if product.dim() == 3 and unit.batched else product.view(shape)
             if run_scales is None:  # a grouped run: one scale per row
                 run_scales = _run_scales(scale, routing, unit)
-            torch.mul(product.view(shape), run_scales, out=into.view(shape))
-        else:
-            torch.mul(product, scales[slots[0]], out=into)
+            torch.mul(product, run_scales, out=product if whole else into.view(shape))
         if saved is not None:
             saved += [flat, a_t, b_t, hidden]
     assert delta is not None  # routing has at least one group
