@@ -100,15 +100,15 @@ def _fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: P
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
-    def medians(union_run: Callable[[], Any], fused_run: Callable[[], Any], times: int) -> Alternated:
+    def alternated(union_run: Callable[[], Any], fused_run: Callable[[], Any], times: int) -> Alternated:
         return timed_alternately(union_run, fused_run, times, sync)
 
     # A training step is short: more repeats for the same time.
-    train = medians(lambda: fused_step(union_engine, union, pad), lambda: fused_step(fused_engine, fused, pad),
-                    3 * repeats)
-    evaluation = medians(lambda: evaluate(union_engine, union_request, spec.eval, tokenizer),
-                         lambda: evaluate(fused_engine, fused_requests, spec.eval, tokenizer), repeats)
-    rl_figures = _rl_fusion(spec, adapters, data_dir, fused_engine, union_engine, tokenizer, medians, repeats)
+    train = alternated(lambda: fused_step(union_engine, union, pad), lambda: fused_step(fused_engine, fused, pad),
+                       3 * repeats)
+    evaluation = alternated(lambda: evaluate(union_engine, union_request, spec.eval, tokenizer),
+                            lambda: evaluate(fused_engine, fused_requests, spec.eval, tokenizer), repeats)
+    rl_figures = _rl_fusion(spec, adapters, data_dir, fused_engine, union_engine, tokenizer, alternated, repeats)
     return {
         **rl_figures,
         "adapters": len(adapters),
@@ -126,7 +126,7 @@ def _fusion_efficiency(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: P
 
 
 def _rl_fusion(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, fused_engine: Any, union_engine: Any,
-               tokenizer: Any, medians: Callable[..., Alternated], repeats: int) -> dict[str, Any]:
+               tokenizer: Any, alternated: Callable[..., Alternated], repeats: int) -> dict[str, Any]:
     """Sampling and RL-step fusion on the sweep's first `grpo` task; nothing on a sweep without one."""
     from mlora_cli.data.batches import tokenize_task
     from mlora_cli.data.sources import load_task
@@ -148,16 +148,16 @@ def _rl_fusion(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, fus
                                     rl.temperature, rl.top_p, rl.max_new_tokens,
                                     [seed for r in fused_requests for seed in r.seeds])]
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    sampling = medians(lambda: sample(union_engine, union_request, pad, eos),
-                       lambda: sample(fused_engine, fused_requests, pad, eos), repeats)
+    sampling = alternated(lambda: sample(union_engine, union_request, pad, eos),
+                          lambda: sample(fused_engine, fused_requests, pad, eos), repeats)
     rollouts = sample(fused_engine, fused_requests, pad, eos)
     batches = [scored_batch(job, rollout, tokenizer, 0.0) for job, rollout in zip(jobs, rollouts)]
     fused = [StepInput(slot, b.rows, 1e-9, 0.0, None, b.advantages, job.config)
              for slot, (job, b) in enumerate(zip(jobs, batches))]
     union = [StepInput(0, [r for b in batches for r in b.rows], 1e-9, 0.0, None,
                        [a for b in batches for a in b.advantages], rl)]
-    rl_step = medians(lambda: fused_step(union_engine, union, pad), lambda: fused_step(fused_engine, fused, pad),
-                      3 * repeats)
+    rl_step = alternated(lambda: fused_step(union_engine, union, pad), lambda: fused_step(fused_engine, fused, pad),
+                         3 * repeats)
     sharing = {}
     if fused_engine.share_prompts:  # what running each group's prompt once gives: the same passes with full rows
 
@@ -170,10 +170,10 @@ def _rl_fusion(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, fus
                     fused_engine.share_prompts = True
             return unshared
 
-        full_sample = medians(full_rows(lambda: sample(fused_engine, fused_requests, pad, eos)),
-                              lambda: sample(fused_engine, fused_requests, pad, eos), repeats)
-        full_step = medians(full_rows(lambda: fused_step(fused_engine, fused, pad)),
-                            lambda: fused_step(fused_engine, fused, pad), repeats)
+        full_sample = alternated(full_rows(lambda: sample(fused_engine, fused_requests, pad, eos)),
+                                 lambda: sample(fused_engine, fused_requests, pad, eos), repeats)
+        full_step = alternated(full_rows(lambda: fused_step(fused_engine, fused, pad)),
+                               lambda: fused_step(fused_engine, fused, pad), repeats)
         sharing = {"full_rows_sample_seconds": full_sample.first_seconds,
                    "prompt_sharing_speedup_sample": full_sample.ratio,
                    "full_rows_rl_step_seconds": full_step.first_seconds,

@@ -162,15 +162,16 @@ def _unit_views(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
     slots depend on the layer's stacks and the unit's slots and rank only, so `views` (the layer's own dict) keeps
     them across routings: a decode step routes anew every step, and making them again in every layer was about a
     seventh of a decode step's LoRA term here. Keyed by the stacks' storage too, in case it is replaced."""
-    cacheable = views is not None and unit.consecutive
-    key = (unit.key, unit.batched, lora_a.data_ptr(), lora_b.data_ptr(), scale.data_ptr()) if cacheable else None
-    if views is not None and key in views:
+    # Only consecutive slots' blocks are views; a gather is a copy, which would not follow the weights.
+    keep = views is not None and unit.consecutive
+    key = (unit.key, unit.batched, lora_a.data_ptr(), lora_b.data_ptr(), scale.data_ptr()) if keep else None
+    if key is not None and key in views:
         return views[key]
     # Of the stacks' data (detached: the same memory and version counter), not autograd views of the parameters,
     # which autograd forbids using once the parameter was changed in place with gradients on (as loading does).
     made = (_run_blocks(lora_a.detach(), layouts[0], unit), _run_blocks(lora_b.detach(), layouts[1], unit),
             _run_scales(scale, routing, unit) if unit.batched else None)
-    if views is not None and cacheable:
+    if key is not None:
         if len(views) >= _MAX_UNIT_VIEWS:
             views.clear()
         views[key] = made
@@ -222,7 +223,8 @@ def per_adapter_terms(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tenso
             # As (groups, rows x tokens, d_out) if batched, else (rows, tokens, d_out): one scale per group or row.
             shape = (unit.end - unit.first, -1, product.size(-1)) if unit.batched else (-1, tokens_per_row,
                                                                                        product.size(-1))
-            product = product if product.dim() == 3 and unit.batched else product.view(shape)
+            if product.dim() == 2:  # from `grouped_mm`: a batched `_run_matmul` gives (groups, rows, d_out)
+                product = product.view(shape)
             if run_scales is None:  # a grouped run: one scale per row
                 run_scales = _run_scales(scale, routing, unit)
             torch.mul(product, run_scales, out=product if whole else into.view(shape))
