@@ -6,7 +6,9 @@
 Run it on an idle machine: each cell times the fused step, the union batch on mlora's engine and
 the union batch in plain PEFT alternately (see mlora_cli/bench/fusion_matrix.py). `--profile
 THREADS,TARGETS,RANKS,DROPOUT` (targets q,v is written qv) splits each of the three steps of one cell
-into forward, backward (each with its LoRA term) and clipping + AdamW, from torch.profiler's ranges.
+into forward, backward (each with its LoRA term) and clipping + AdamW, from torch.profiler's ranges; for
+mixed ranks it also times each module's LoRA term fused, as the union batch at the mean rank, and as the
+rows split by rank (one adapter per rank: `lora_term_by_rank_class`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mlora_cli.bench.fusion_matrix import fusion_matrix, profile_cell
+from mlora_cli.bench.fusion_matrix import fusion_matrix, lora_term_by_rank_class, profile_cell
 from mlora_cli.spec.load import load_sweep
 from mlora_cli.spec.sweep import expand
 
@@ -56,9 +58,22 @@ def profile(cell: str, sweep: str = "sweeps/bench.yaml") -> None:
     for phase in parts["fused"]:
         table.add_row(phase, *(f"{parts[label][phase]:.1f}" if parts[label][phase] else "-" for label in parts))
     Console().print(table)
+    report: dict = {"phases": parts}
+    if ranks == "mixed":  # whether the gap is fusing's or the ranks' own: the LoRA term against one call per rank
+        by_module = lora_term_by_rank_class(spec, expand(spec), Path(sweep).parent.resolve(), int(threads),
+                                            "q,v" if targets == "qv" else targets)
+        table = Table(title="the LoRA term alone (forward + backward), first decoder layer, us: fused, the union "
+                            "batch at the mean rank, and the rows split by rank (one adapter per rank)")
+        for header in ("module", "fused", "union", "rank classes", "union / fused", "rank classes / fused"):
+            table.add_column(header, justify="right")
+        for module, m in by_module.items():
+            table.add_row(module, f"{m['fused_us']:.0f}", f"{m['union_us']:.0f}", f"{m['rank_classes_us']:.0f}",
+                          f"{m['efficiency']:.2f}", f"{m['vs_rank_classes']:.2f}")
+        Console().print(table)
+        report["lora_term_by_rank_class"] = by_module
     out = Path("bench") / f"fusion-profile-{cell.replace(',', '-')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(parts, indent=2))
+    out.write_text(json.dumps(report, indent=2))
     Console().print(f"written to {out}")
 
 

@@ -330,9 +330,9 @@ def test_the_batched_lora_term_under_bf16_keeps_the_exact_scale() -> None:
     assert layer.routing.batched
     x = torch.randn(8, 16, 64, generator=generator)
     with torch.no_grad():
-        exact = layer._lora_term(x)  # fp32
+        exact = layer.lora_term(x)  # fp32
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            rounded = layer._lora_term(x.bfloat16()).float()
+            rounded = layer.lora_term(x.bfloat16()).float()
     for rows in (slice(0, 4), slice(4, 8)):
         ratio = (rounded[rows] * exact[rows]).sum() / (exact[rows] * exact[rows]).sum()
         assert abs(float(ratio) - 1.0) < 5e-4, float(ratio)

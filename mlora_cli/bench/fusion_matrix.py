@@ -48,23 +48,14 @@ def _cell_steps(spec: SweepSpec, adapters: list[AdapterSpec], rows: list[list[An
 
     from mlora_cli.data.batches import collate, token_losses
     from mlora_cli.model.base import load_base
-    from mlora_cli.model.engine import MultiLoraModel
     from mlora_cli.train.step import STEP_PHASES, StepInput, fused_step
 
     union_rank = max(1, round(statistics.mean(a.adapter.rank for a in adapters)))
     configs = [dataclasses.replace(a.adapter, target_modules=targets, dropout=dropout) for a in adapters]
     union_config = dataclasses.replace(configs[0], rank=union_rank)
 
-    def engine_for(slot_configs: list[Any]) -> tuple[MultiLoraModel, Any]:
-        base = load_base(spec.base_model, "cpu", spec.model)
-        engine = MultiLoraModel(base.model, targets, len(slot_configs), max(c.rank for c in slot_configs),
-                                base.autocast)
-        for slot, config in enumerate(slot_configs):
-            engine.load_slot(slot, config, 1.0, seed=slot)
-        return engine, base.tokenizer
-
-    fused_engine, tokenizer = engine_for(configs)
-    union_engine, _ = engine_for([union_config])
+    fused_engine, tokenizer = _engine_for(spec, targets, configs)
+    union_engine, _ = _engine_for(spec, targets, [union_config])
     pad = tokenizer.pad_token_id
     generators = [torch.Generator().manual_seed(slot) for slot in range(len(configs))]
     fused = [StepInput(slot, rows[slot], 1e-9, dropout, generators[slot]) for slot in range(len(configs))]
@@ -93,6 +84,18 @@ def _cell_steps(spec: SweepSpec, adapters: list[AdapterSpec], rows: list[list[An
     return CellSteps(fused=lambda: fused_step(fused_engine, fused, pad),
                      union=lambda: fused_step(union_engine, union, pad), peft=peft_step,
                      ranks={c.rank for c in configs} | {union_rank})
+
+
+def _engine_for(spec: SweepSpec, targets: tuple[str, ...], slot_configs: list[Any]) -> tuple[Any, Any]:
+    """A fresh base under an engine of one slot per config (loaded with seeds 0, 1, ...), and its tokenizer."""
+    from mlora_cli.model.base import load_base
+    from mlora_cli.model.engine import MultiLoraModel
+
+    base = load_base(spec.base_model, "cpu", spec.model)
+    engine = MultiLoraModel(base.model, targets, len(slot_configs), max(c.rank for c in slot_configs), base.autocast)
+    for slot, config in enumerate(slot_configs):
+        engine.load_slot(slot, config, 1.0, seed=slot)
+    return engine, base.tokenizer
 
 
 def _cell(spec: SweepSpec, adapters: list[AdapterSpec], rows: list[list[Any]], targets: tuple[str, ...],
@@ -144,6 +147,85 @@ def profile_cell(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, t
         return parts
     finally:
         torch.set_num_threads(default_threads)
+
+
+def lora_term_by_rank_class(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, threads: int,
+                            targets: str, rounds: int = 100) -> dict[str, dict[str, Any]]:
+    """Where a mixed-rank cell's gap lies: each target module's LoRA term (forward and backward, the input's
+    gradient included) in the first decoder layer, on the cell's rows, timed three ways in rotating order:
+
+    - fused: every adapter's group at its own rank, as the fused step computes it;
+    - union: the union batch through one adapter of the mean rank (the cells' reference);
+    - rank classes: the same rows split by rank, each rank's rows through one adapter of that rank (the fewest
+      LoRA computations these ranks can take: PEFT's matmuls at each rank, one call per rank).
+
+    Returns {module: {fused_us, union_us, rank_classes_us, efficiency (union / fused), vs_rank_classes
+    (rank classes / fused), rows (each side's rows)}}, ratios as medians over the rounds. If fused costs more
+    than the union but less than the rank classes, the gap is what the ranks themselves cost (small ranks run
+    the matmul library's narrow kernels at a worse rate per entry), not what fusing them costs."""
+    import torch
+
+    from mlora_cli.data.batches import collate
+
+    rows, _, equal_rank = _cell_inputs(spec, adapters, data_dir)
+    ranks = [a.adapter.rank for a in adapters]
+    modules = TARGET_SETS[targets]
+    configs = [dataclasses.replace(a.adapter, target_modules=modules, dropout=0.0) for a in adapters]
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused, tokenizer = _engine_for(spec, modules, configs)
+        tokens = collate([r for part in rows for r in part], tokenizer.pad_token_id).input_ids.size(1)
+        size = len(rows[0])
+        classes = sorted(set(ranks))
+        sides = {"fused": (fused, list(range(len(configs))), [size] * len(configs)),
+                 "union": (_engine_for(spec, modules, [dataclasses.replace(configs[0], rank=equal_rank)])[0], [0],
+                           [size * len(configs)])}
+        for rank in classes:
+            sides[f"rank {rank}"] = (_engine_for(spec, modules, [dataclasses.replace(configs[0], rank=rank)])[0], [0],
+                                     [size * ranks.count(rank)])
+        noise = torch.Generator().manual_seed(0)
+        report: dict[str, dict[str, Any]] = {}
+        for module in modules:
+            runs = {}
+            for label, (engine, slots, counts) in sides.items():
+                layer = next(layer for name, layer in engine.layers.items() if name.endswith(f".{module}"))
+                x = torch.randn(sum(counts), tokens, layer.in_features, generator=noise, requires_grad=True)
+                grad = torch.randn(sum(counts), tokens, layer.out_features, generator=noise)
+                runs[label] = _lora_term_step(engine, layer, x, grad, slots, counts)
+            labels = list(runs)
+            for label in labels:  # warm up (the first call checks which batched matmuls are exact)
+                runs[label]()
+            seconds: dict[str, list[float]] = {label: [] for label in labels}
+            for turn in range(rounds):
+                for label in labels[turn % len(labels):] + labels[: turn % len(labels)]:
+                    started = time.perf_counter()
+                    runs[label]()
+                    seconds[label].append(time.perf_counter() - started)
+            per_round = [sum(seconds[f"rank {rank}"][i] for rank in classes) for i in range(rounds)]
+            report[module] = {
+                "fused_us": statistics.median(seconds["fused"]) * 1e6,
+                "union_us": statistics.median(seconds["union"]) * 1e6,
+                "rank_classes_us": statistics.median(per_round) * 1e6,
+                "efficiency": statistics.median(u / f for u, f in zip(seconds["union"], seconds["fused"])),
+                "vs_rank_classes": statistics.median(c / f for c, f in zip(per_round, seconds["fused"])),
+                "rows": {label: sum(counts) for label, (_, _, counts) in sides.items()}}
+        return report
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def _lora_term_step(engine: Any, layer: Any, x: Any, grad: Any, slots: list[int],
+                    counts: list[int]) -> Callable[[], None]:
+    """One forward and backward of `layer`'s LoRA term on `x` routed as `slots` x `counts` rows."""
+
+    def run() -> None:
+        with engine.routed(slots, counts):
+            layer.lora_term(x).backward(grad)
+        x.grad = None
+        engine.zero_grad()
+
+    return run
 
 
 def _cell_inputs(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path) -> tuple[list[list[Any]], dict, int]:

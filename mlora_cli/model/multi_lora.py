@@ -110,11 +110,11 @@ class MultiLoraLinear(nn.Module):
         if not self.routing.slots:
             return result
         if not torch.autograd.profiler._is_profiler_enabled:
-            return result + self._lora_term(x).to(result.dtype)
+            return result + self.lora_term(x).to(result.dtype)
         with torch.profiler.record_function(LORA_FORWARD):  # what a profile of a step counts as the LoRA term
-            return result + self._lora_term(x).to(result.dtype)
+            return result + self.lora_term(x).to(result.dtype)
 
-    def _lora_term(self, x: torch.Tensor) -> torch.Tensor:
+    def lora_term(self, x: torch.Tensor) -> torch.Tensor:
         """The LoRA term of every routed group (module doc), in the matmuls' dtype."""
         routing = self.routing
         # Under autocast the matmuls cast their inputs to the autocast dtype anyway: an fp32 copy would be wasted.
