@@ -269,6 +269,10 @@ def bench(
         "pip install 'mlora-sweep\\[trl]')"
     )] = None,
     concurrency: Annotated[str, typer.Option("--concurrency", help="max_concurrent values, e.g. 1,2,4,8")] = "",
+    fusion_matrix: Annotated[bool, typer.Option(
+        "--fusion-matrix", help="instead of the modes: the training step's fusion efficiency on the CPU for 1 and "
+        "all threads x q,v / all-linear x equal / the sweep's ranks x dropout 0 / 0.05 (docs/benchmark.md)"
+    )] = False,
     output: Annotated[
         Path, typer.Option("--output", help="folder for bench.json and every mode's runs")
     ] = Path("bench"),
@@ -290,6 +294,9 @@ def bench(
         levels = []
     if any(c < 1 for c in levels):
         problems.append("--concurrency: values must be >= 1")
+    if fusion_matrix and (sequential_baseline or mode or levels):
+        problems.append("--fusion-matrix: times the training step alone; run it without --sequential-baseline, "
+                        "--mode and --concurrency")
     if problems:
         fail(problems, as_json)
     try:
@@ -315,6 +322,9 @@ def bench(
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a file where a folder must be, no permission
             fail([f"--output: cannot make {out}: {exc.strerror or exc}"], as_json)
+        if fusion_matrix:
+            _fusion_matrix(sweep, spec, adapters, out, as_json)
+            return
         with (errors if as_json else console).status("benchmarking") as status:
             report = run_bench(sweep, spec, resolved, adapters, list(overrides or []), out, sequential_baseline,
                                list(mode or []), levels, progress=lambda text: status.update(text))
@@ -334,6 +344,22 @@ def bench(
     console.print(f"bench.json: {out / 'bench.json'}")
     if sequential_baseline and not report["agree"]:
         raise typer.Exit(1)
+
+
+def _fusion_matrix(sweep: Path, spec: Any, adapters: list[Any], out: Path, as_json: bool) -> None:
+    """`mlora bench --fusion-matrix`: every cell timed in this process, written to OUT/fusion-matrix.json."""
+    from mlora_cli.bench.fusion_matrix import fusion_matrix
+    from mlora_cli.files import write_json
+    from mlora_cli.report.benchmark import fusion_matrix_table
+
+    with (errors if as_json else console).status("fusion matrix") as status:
+        report = fusion_matrix(spec, adapters, sweep.parent.resolve(), progress=lambda text: status.update(text))
+    write_json(out / "fusion-matrix.json", report)
+    if as_json:
+        print_json(report)
+        return
+    console.print(fusion_matrix_table(report))
+    console.print(f"fusion-matrix.json: {out / 'fusion-matrix.json'}")
 
 
 @app.command()

@@ -1,6 +1,7 @@
 """The training-step fusion matrix of docs/benchmark.md: threads x targets x ranks x dropout, on CPU.
 
     python scripts/fusion_matrix.py [SWEEP] [OUT.json]     # default sweeps/bench.yaml, bench/fusion-matrix.json
+                                                           # (= mlora bench SWEEP --fusion-matrix)
     python scripts/fusion_matrix.py --profile 2,all-linear,equal,0 [SWEEP]   # where one cell's step time goes
 
 Run it on an idle machine: each cell times the fused step, the union batch on mlora's engine and
@@ -21,27 +22,19 @@ from rich.console import Console
 from rich.table import Table
 
 from mlora_cli.bench.fusion_matrix import fusion_matrix, lora_term_by_rank_class, profile_cell
+from mlora_cli.report.benchmark import fusion_matrix_table
 from mlora_cli.spec.load import load_sweep
 from mlora_cli.spec.sweep import expand
 
 
 def main(sweep: str = "sweeps/bench.yaml", out: str = "bench/fusion-matrix.json") -> None:
+    """What `mlora bench SWEEP --fusion-matrix` does, written to OUT."""
     spec, _ = load_sweep(sweep)
     console = Console()
     report = fusion_matrix(spec, expand(spec), Path(sweep).parent.resolve(), progress=console.log)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(report, indent=2))
-    table = Table(title=f"training-step fusion, {report['adapters']} adapters x {report['rows_per_adapter']} rows "
-                        f"(ranks {report['ranks']}; equal: all {report['equal_rank']})")
-    for header in ("threads", "targets", "ranks", "dropout", "fused ms", "union ms", "PEFT union ms",
-                   "efficiency", "vs PEFT", "dropout cost (PEFT)"):
-        table.add_column(header, justify="right")
-    for c in report["cells"]:
-        cost = f"{c['dropout_cost']:.2f} ({c['peft_dropout_cost']:.2f})" if "dropout_cost" in c else "-"
-        table.add_row(str(c["threads"]), c["targets"], c["ranks"], f"{c['dropout']:g}", f"{c['fused_ms']:.0f}",
-                      f"{c['union_ms']:.0f}", f"{c['peft_union_ms']:.0f}", f"{c['efficiency']:.2f}",
-                      f"{c['vs_peft']:.2f}", cost)
-    console.print(table)
+    console.print(fusion_matrix_table(report))
     console.print(f"written to {out}")
 
 

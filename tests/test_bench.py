@@ -112,3 +112,29 @@ def test_rl_bench_samples_what_mlora_samples_and_reports_rewards(tmp_path: Path)
         theirs = json.loads((folder / "sequential" / f"{name}.json").read_text())
         assert ours[name]["matrix"]["pass_at_k"][0] == theirs["matrix"]["pass_at_k"][0]  # the base, same seeds
     assert "RL learning" in result.output and "RL sampling" in result.output and "each prompt once" in result.output
+
+
+def test_bench_fusion_matrix_times_every_cell_and_writes_it(tmp_path: Path) -> None:
+    import os
+
+    sweep = write_sweep(tmp_path, SWEEP)
+    result = mlora("bench", sweep, "--fusion-matrix", "--output", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    (folder,) = (tmp_path / "out").iterdir()
+    report = json.loads((folder / "fusion-matrix.json").read_text())
+    assert report["ranks"] == [2, 4] and report["equal_rank"] == 3
+    cells = {(c["threads"], c["targets"], c["ranks"], c["dropout"]) for c in report["cells"]}
+    assert cells == {(t, targets, ranks, p) for t in {1, os.cpu_count() or 1} for targets in ("q,v", "all-linear")
+                     for ranks in ("equal", "mixed") for p in (0.0, 0.05)}
+    for cell in report["cells"]:
+        assert cell["fused_ms"] > 0 and cell["union_ms"] > 0 and cell["peft_union_ms"] > 0
+        assert ("dropout_cost" in cell) == (cell["dropout"] > 0)
+    assert "training-step fusion on the CPU" in result.output
+
+
+def test_bench_fusion_matrix_is_not_combined_with_the_modes(tmp_path: Path) -> None:
+    sweep = write_sweep(tmp_path, SWEEP)
+    result = mlora("bench", sweep, "--fusion-matrix", "--sequential-baseline", "--output", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "--fusion-matrix: times the training step alone" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

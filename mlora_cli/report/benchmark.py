@@ -134,3 +134,31 @@ def reward_table(report: dict[str, Any]) -> Table:
        caption="sampled reward: mean reward of the completions each RL step trained on (bench.json: rl_rewards, "
                "per step and adapter); final greedy reward: the task reward of greedy generations after the last "
                "task, mean over tasks")
+
+
+def fusion_matrix_table(report: dict[str, Any], width: int | None = None) -> Table:
+    """`mlora bench --fusion-matrix`: each cell's fused step against the union batch on mlora's engine and in PEFT."""
+    budget = width_budget(width)
+    cells = report["cells"]
+    columns = [
+        Col("threads", [str(c["threads"]) for c in cells]),
+        Col("targets", [c["targets"] for c in cells], justify="left"),
+        Col("ranks", [c["ranks"] for c in cells], justify="left"),
+        Col("dropout", [f"{c['dropout']:g}" for c in cells]),
+        Col("fused\nms", [f"{c['fused_ms']:.0f}" for c in cells]),
+        Col("union\nms", [f"{c['union_ms']:.0f}" for c in cells]),
+        Col("PEFT\nunion ms", [f"{c['peft_union_ms']:.0f}" for c in cells], drop=2),
+        Col("effi-\nciency", [f"{c['efficiency']:.2f}" for c in cells]),
+        Col("vs\nPEFT", [f"{c['vs_peft']:.2f}" for c in cells], drop=3),
+        Col("dropout cost\n(PEFT)", [f"{c['dropout_cost']:.2f} ({c['peft_dropout_cost']:.2f})"
+                                      if "dropout_cost" in c else "-" for c in cells], drop=1),
+    ]
+    shown, dropped = drop_to_fit(columns, budget)
+    legend = ("efficiency: the union batch (every adapter's rows) through one adapter of the mean rank on mlora's "
+              "engine / the fused step (1.0: co-training costs what the union batch costs); vs PEFT: that union "
+              "batch in plain PEFT / the fused step; dropout cost: the step at that dropout / at 0, for mlora and "
+              "(in brackets) PEFT; ratios are medians over alternating pairs (docs/benchmark.md)")
+    return fitted_table(shown, title=f"training-step fusion on the CPU, {report['adapters']} adapters x "
+                                     f"{report['rows_per_adapter']} rows (ranks {report['ranks']}; equal: all "
+                                     f"{report['equal_rank']})",
+                        caption=caption_text(legend, *left_out_notes(dropped, budget)))
