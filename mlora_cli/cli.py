@@ -282,7 +282,7 @@ def bench(
     from datetime import datetime
 
     from mlora_cli.bench.processes import ModeFailed
-    from mlora_cli.report.benchmark import bench_tables
+    from mlora_cli.report.benchmark import bench_tables, fusion_matrix_table
     from mlora_cli.spec.sweep import expand
 
     problems = [f"--mode: unknown mode '{m}' (known: engine-serial, trl)" for m in mode or []
@@ -322,12 +322,14 @@ def bench(
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a file where a folder must be, no permission
             fail([f"--output: cannot make {out}: {exc.strerror or exc}"], as_json)
-        if fusion_matrix:
-            _fusion_matrix(sweep, spec, adapters, out, as_json)
-            return
         with (errors if as_json else console).status("benchmarking") as status:
-            report = run_bench(sweep, spec, resolved, adapters, list(overrides or []), out, sequential_baseline,
-                               list(mode or []), levels, progress=lambda text: status.update(text))
+            if fusion_matrix:
+                from mlora_cli.bench.fusion_matrix import fusion_matrix_report
+
+                report = fusion_matrix_report(sweep, spec, adapters, out, progress=lambda text: status.update(text))
+            else:
+                report = run_bench(sweep, spec, resolved, adapters, list(overrides or []), out, sequential_baseline,
+                                   list(mode or []), levels, progress=lambda text: status.update(text))
     except ConfigError as exc:
         fail(exc.problems, as_json)
     except ModeFailed as exc:  # a mode's process failed: its log says why
@@ -337,29 +339,14 @@ def bench(
             errors.print(str(exc))
         raise typer.Exit(1) from None
     if as_json:
-        print_json(report)  # as written to bench.json
+        print_json(report)  # as written to bench.json (fusion-matrix.json)
         raise typer.Exit(1 if sequential_baseline and not report["agree"] else 0)
-    for table in bench_tables(report):
+    for table in [fusion_matrix_table(report)] if fusion_matrix else bench_tables(report):
         console.print(table)
-    console.print(f"bench.json: {out / 'bench.json'}")
+    written = "fusion-matrix.json" if fusion_matrix else "bench.json"
+    console.print(f"{written}: {out / written}")
     if sequential_baseline and not report["agree"]:
         raise typer.Exit(1)
-
-
-def _fusion_matrix(sweep: Path, spec: Any, adapters: list[Any], out: Path, as_json: bool) -> None:
-    """`mlora bench --fusion-matrix`: every cell timed in this process, written to OUT/fusion-matrix.json."""
-    from mlora_cli.bench.fusion_matrix import fusion_matrix
-    from mlora_cli.files import write_json
-    from mlora_cli.report.benchmark import fusion_matrix_table
-
-    with (errors if as_json else console).status("fusion matrix") as status:
-        report = fusion_matrix(spec, adapters, sweep.parent.resolve(), progress=lambda text: status.update(text))
-    write_json(out / "fusion-matrix.json", report)
-    if as_json:
-        print_json(report)
-        return
-    console.print(fusion_matrix_table(report))
-    console.print(f"fusion-matrix.json: {out / 'fusion-matrix.json'}")
 
 
 @app.command()

@@ -275,3 +275,13 @@ def fusion_matrix(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path, 
             cell["peft_dropout_cost"] = cell["peft_union_ms"] / twin["peft_union_ms"]
     return {"adapters": len(adapters), "rows_per_adapter": size, "equal_rank": equal_rank,
             "ranks": [a.adapter.rank for a in adapters], "cells": cells}
+
+
+def fusion_matrix_report(sweep: Path, spec: SweepSpec, adapters: list[AdapterSpec], out: Path,
+                         progress: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
+    """`mlora bench --fusion-matrix`: `fusion_matrix` for the sweep at `sweep`, written to OUT/fusion-matrix.json."""
+    from mlora_cli.files import write_json
+
+    report = fusion_matrix(spec, adapters, sweep.parent.resolve(), progress=progress)
+    write_json(out / "fusion-matrix.json", report)
+    return report
