@@ -274,7 +274,7 @@ def bench(
         "all threads x q,v / all-linear x equal / the sweep's ranks x dropout 0 / 0.05 (docs/benchmark.md)"
     )] = False,
     output: Annotated[
-        Path, typer.Option("--output", help="folder for bench.json and every mode's runs")
+        Path, typer.Option("--output", help="folder for bench.json and every mode's runs (or fusion-matrix.json)")
     ] = Path("bench"),
     as_json: JsonOpt = False,
 ) -> None:

@@ -401,3 +401,15 @@ def test_smollm2_loads_with_a_chat_template_and_cotrains(tmp_path: Path) -> None
     run_dir, results = run(tmp_path, sweep)
     for entry in results["adapters"].values():
         assert entry["steps"] == 1 and entry["final"]["reverse"]["loss"] > 0
+
+
+def test_the_fusion_matrix_refuses_a_base_without_llama_projections(folders: dict[str, Path],
+                                                                      tmp_path: Path) -> None:
+    """The matrix's cells target q_proj ... down_proj by name: GPT-2 has none, one line each, exit 2."""
+    gpt2 = folders["gpt2"]
+    result = mlora("bench", write_sweep(tmp_path, sweep_on(str(gpt2), TARGETS["gpt2"])), "--fusion-matrix",
+                   "--output", tmp_path / "out")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines() == [
+        f"--fusion-matrix: '{name}' matches no linear layer of {gpt2} (its linear layers: c_attn, c_proj, c_fc, "
+        "lm_head)" for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")]

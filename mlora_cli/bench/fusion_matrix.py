@@ -234,8 +234,12 @@ def _cell_inputs(spec: SweepSpec, adapters: list[AdapterSpec], data_dir: Path) -
     from mlora_cli.data.batches import tokenize_task
     from mlora_cli.data.sources import load_task
     from mlora_cli.model.base import load_base
+    from mlora_cli.model.engine import check_targets
 
-    tokenizer = load_base(spec.base_model, "cpu", spec.model).tokenizer
+    base = load_base(spec.base_model, "cpu", spec.model)
+    # The cells target a Llama's projections by name: a base without them is one line per name, not a traceback.
+    check_targets(base.model, ALL_LINEAR, spec.base_model, key="--fusion-matrix")
+    tokenizer = base.tokenizer
     first = adapters[0]
     task = tokenize_task(load_task(spec.tasks[0], first.seed, data_dir), tokenizer, first.train.max_seq_len)
     size = first.train.batch_size

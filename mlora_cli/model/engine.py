@@ -52,13 +52,15 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if is_linear(module)]
 
 
-def check_targets(model: nn.Module, targets: Sequence[str], model_name: str) -> None:
-    """ConfigError for each target name that matches no linear layer (the model is known only now)."""
+def check_targets(model: nn.Module, targets: Sequence[str], model_name: str,
+                  key: str = "adapter.target_modules") -> None:
+    """ConfigError for each target name that matches no linear layer (the model is known only now); `key`: what
+    the lines name as the targets' source."""
     names = linear_layer_names(model)
     missing = [t for t in targets if t != "all-linear" and not any(matches_target(n, [t], None) for n in names)]
     if missing:
         short = ", ".join(dict.fromkeys(name.rpartition(".")[2] for name in names))
-        raise ConfigError([f"adapter.target_modules: '{t}' matches no linear layer of {model_name} "
+        raise ConfigError([f"{key}: '{t}' matches no linear layer of {model_name} "
                            f"(its linear layers: {short})" for t in missing])
 
 
