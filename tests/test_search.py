@@ -408,6 +408,26 @@ def test_a_repeated_suggestion_is_told_the_earlier_outcome_not_trained_again(tmp
     assert len(trials) == 4 + len(repeats)
 
 
+def test_when_the_space_is_used_up_the_repeat_is_trained_and_reports_to_its_pruner(tmp_path: Path) -> None:
+    """3 trials over a space of 2 configurations, one at a time, with ASHA: the third trial's suggestions are all
+    repeats of finished trials; after MAX_REPEATS of them the last is trained, as a live trial its pruner judges
+    (it used to be one already told, and its first report raised Optuna's UpdateFinishedTrialError)."""
+    sweep = sweep_with(search={"method": "random", "trials": 3, "space": {"adapter.rank": {"choice": [2, 4]}}},
+                       prune={"method": "asha", "min_steps": 2, "reduction_factor": 2})
+    sweep = {**sweep, "max_concurrent": 1, "train": {**sweep["train"], "steps_per_task": 2}}
+    outcome = run(tmp_path, sweep)
+    results = outcome.results["adapters"]
+    assert len(results) == 3 and {e["status"] for e in results.values()} <= {"done", "pruned"}
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{outcome.run_dir / 'search.db'}")
+    trials = study.get_trials()
+    trained = [t for t in trials if "adapter" in t.user_attrs]
+    assert len(trained) == 3 and len({t.params["adapter.rank"] for t in trained}) == 2
+    assert len(trials) >= 3 + search.MAX_REPEATS  # the repeats before it were told, not trained
+    last = max(trained, key=lambda t: t.number)
+    assert "repeat_of" not in last.user_attrs and 2 in last.intermediate_values  # reported at its rung
+    assert all(t.state.is_finished() for t in trials)
+
+
 def test_a_search_refuses_the_ray_backend_before_anything_starts(tmp_path: Path) -> None:
     from mlora_cli.errors import ConfigError
 

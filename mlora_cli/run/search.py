@@ -192,17 +192,18 @@ class Search:
         (`close`), and the sampler is asked again; after MAX_REPEATS repeats in a row the repeat is trained after all.
         """
         states = self.optuna.trial.TrialState
-        for _ in range(MAX_REPEATS):
+        repeats = 0
+        while True:
             trial = self.study.ask(self.distributions)
             earlier = [t for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get("seed") == seed
                        and "adapter" in t.user_attrs and t.params == trial.params]
-            if not earlier:
+            if not earlier or repeats == MAX_REPEATS:  # this one is trained (left running): the space is used up
                 return trial
             original = min(earlier, key=lambda t: t.number)
             trial.set_user_attr("repeat_of", original.number)
             if original.state != states.RUNNING:  # else it stays RUNNING, told when the original ends (`close`)
                 self._tell_as(trial, original.state, original.value)
-        return trial
+            repeats += 1
 
     def _tell_as(self, trial: Any, state: Any, value: float | None) -> None:
         states = self.optuna.trial.TrialState
