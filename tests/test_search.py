@@ -428,6 +428,28 @@ def test_when_the_space_is_used_up_the_repeat_is_trained_and_reports_to_its_prun
     assert all(t.state.is_finished() for t in trials)
 
 
+@pytest.mark.slow
+def test_the_replay_of_a_search_on_its_grids_values_asks_and_prunes_what_the_search_did(tmp_path: Path) -> None:
+    """scripts/search-replay.py's premise: the full grid's values are every value a search of the same space is told,
+    so replaying mlora's Search on them with the run's own sampler seed ends every trial as the real search did."""
+    from mlora_cli.bench.search_replay import replay_report
+
+    sweep = sweep_with(search={"method": "tpe", "trials": 6, "space": {}},
+                       grid={"adapter.rank": [2, 4, 8], "adapter.lr": [1e-3, 3e-3, 1e-2]})  # as sweeps/search.yaml
+    path = write_sweep(tmp_path, sweep, max_concurrent=2)
+    searched = launcher.run_sweep(*load_sweep(path), path.parent, plots=False)
+    grid_spec, grid_resolved = load_sweep(path, ["sweep.search.method=grid", "sweep.search.trials=null",
+                                                 "sweep.prune.method=none", "eval.every_steps=2"])  # at the rungs
+    grid = launcher.run_sweep(grid_spec, grid_resolved, path.parent, plots=False)
+    assert len(grid.results["adapters"]) == 9
+    statuses = {e["status"] for e in searched.results["adapters"].values()}
+    assert statuses == {"done", "pruned"}, "no trial was pruned: pick another seed for this test"
+    said: list[str] = []
+    summary = replay_report(path, grid.run_dir, searched.run_dir, seeds=2, process_trial_seconds=1.0, say=said.append)
+    assert summary["seed_0"]["agree"] == summary["seed_0"]["trials"] == 6, said
+    assert len(summary["variants"]["as written"]) == 2 and len(summary["process_per_trial"]) == 2
+
+
 def test_a_search_refuses_the_ray_backend_before_anything_starts(tmp_path: Path) -> None:
     from mlora_cli.errors import ConfigError
 

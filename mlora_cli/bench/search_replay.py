@@ -1,0 +1,278 @@
+"""Replay adaptive searches against a co-trained grid's results: the time to target over many sampler seeds.
+
+`scripts/search-replay.py` runs it (docs/search.md). One run of `scripts/bench-search.py` is one draw: when TPE
+happens to ask the best configuration decides its time to target. An adapter's results depend only on its settings
+and seed, so the full grid's run (every configuration of the space trained to the end, evaluated at the search's
+measuring steps) holds every value any search of that space would be told. This replays, for many sampler seeds:
+
+- mlora's own search: `run.search.Search` as a worker drives it (Optuna's sampler through ask-and-tell, the
+  sweep's pruner, a repeated suggestion told and not trained), slots refilled as in `run.worker`, time advanced
+  by a cost model measured on SEARCH_RUN (a real run of the same sweep): a fused step with n adapters costs
+  a + b x n seconds (least squares over its metrics.jsonl), an adapter's evaluation its mean eval seconds, and
+  the process start the part of SEARCH_RUN's wall the steps and evaluations do not explain;
+- Optuna driving one fresh process per trial: TPE asked one trial after another (the same space, repeats told
+  their earlier value), each trial costing `--process-trial-seconds` (bench-search.json's mean trial wall).
+
+Sampler seed 0 is the search as `mlora run` draws it: the replay must ask the trials SEARCH_RUN asked, prune the
+ones it pruned, and its modelled times should sit near the measured ones (both are printed: check them first).
+Every other seed k draws the sampler from (run seed, k, configuration). What it prints are distributions (median,
+quartiles, how often 3x / 8x), for the search as written and for the variants given (`--variant` overrides of
+the sweep such as max_concurrent or the pruner's, TPE's `n_startup_trials`, `--promoted-first`). Times are
+modelled, not measured: the real benchmark stays bench-search.py. `--cost` replaces the measured cost model by
+another machine's (a model, not a measurement), the grid's wall then modelled too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlora_cli.run.search as search_module
+from mlora_cli.spec.load import load_sweep
+from mlora_cli.spec.schema import SweepSpec
+from mlora_cli.spec.space import measuring_steps
+from mlora_cli.spec.sweep import expand, search_space
+
+
+def label_key(varied: dict[str, Any]) -> tuple:
+    """A configuration's identity: its varied keys and their values (lists as Optuna's labels)."""
+    return tuple(sorted((k, "+".join(map(str, v)) if isinstance(v, list) else v) for k, v in varied.items()))
+
+
+class Landscape:
+    """Every configuration's objective at every step it was evaluated, read from the grid run."""
+
+    def __init__(self, spec: SweepSpec, grid_run: Path):
+        results = json.loads((grid_run / "results.json").read_text())["adapters"]
+        self.spec = spec
+        self.values: dict[tuple, dict[int, float]] = {}
+        last = len(spec.tasks) - 1
+        for entry in results.values():
+            if entry["status"] != "done":
+                continue
+            by_step = {point["step"]: search_module.objective(spec, point["scores"], point["task_index"])
+                       for point in entry["curve"] if point["step"]}
+            by_step[entry["steps"]] = search_module.objective(spec, entry["final"], last)
+            self.values[label_key(entry["varied"])] = by_step
+        self.total_steps = max(max(v) for v in self.values.values())
+        self.grid_wall = json.loads((grid_run / "results.json").read_text())["run"]["wall_seconds"]
+        sign = 1 if search_module.minimize(spec) else -1
+        self.best = min(v[self.total_steps] * sign for v in self.values.values()) * sign
+
+    def value(self, varied: dict[str, Any], step: int) -> float:
+        found = self.values.get(label_key(varied))
+        if found is None:
+            raise ValueError(f"the grid run has no configuration {varied}: give the grid of the same space")
+        if step not in found:
+            raise ValueError(f"the grid run did not evaluate {varied} at step {step}: run it with eval.every_steps "
+                             "dividing the search's measuring steps")
+        return found[step]
+
+
+class CostModel:
+    """Seconds of the search engine, fitted on a real run of the searched sweep (see the module doc)."""
+
+    def __init__(self, search_run: Path):
+        steps: list[tuple[int, float]] = []
+        previous, count = None, 0
+        for line in (search_run / "metrics.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            if "seconds" not in record or "loss" not in record:
+                continue
+            if record["seconds"] == previous:
+                count += 1
+            else:
+                if previous is not None:
+                    steps.append((count, previous))
+                previous, count = record["seconds"], 1
+        steps.append((count, previous))
+        mean_n = statistics.fmean(n for n, _ in steps)
+        mean_s = statistics.fmean(s for _, s in steps)
+        spread = sum((n - mean_n) ** 2 for n, _ in steps)
+        self.per_adapter = sum((n - mean_n) * (s - mean_s) for n, s in steps) / spread if spread else mean_s / mean_n
+        self.fixed = mean_s - self.per_adapter * mean_n
+        results = json.loads((search_run / "results.json").read_text())
+        entries = results["adapters"].values()
+        evaluations = sum(len(e["curve"]) for e in entries)
+        self.per_eval = sum(e["eval_seconds"] for e in entries) / evaluations
+        explained = sum(s for _, s in steps) + sum(e["eval_seconds"] for e in entries)
+        self.start = max(0.0, results["run"]["wall_seconds"] - explained)
+        self.measured = {e["name"]: (e["status"], e["finished_after_s"]) for e in entries}
+
+    def step(self, adapters: int) -> float:
+        return self.fixed + self.per_adapter * adapters
+
+
+@contextlib.contextmanager
+def sampler_variant(replay_seed: int, startup: int | None) -> Iterator[None]:
+    """mlora's sampler for seed 0 and the default; else its seeds mixed with `replay_seed`, TPE's startup set."""
+    import optuna
+
+    original_seed, original_make = search_module.sampler_seed, search_module.make_sampler
+
+    def seeded(seed: int, configuration: int) -> int:
+        return original_seed(seed if not replay_seed else seed * 7919 + replay_seed * 104729, configuration)
+
+    def make(optuna_module: Any, spec: SweepSpec, seed: int) -> Any:
+        if spec.sweep.search.method != "tpe" or startup is None:
+            return original_make(optuna_module, spec, seed)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+
+    search_module.sampler_seed, search_module.make_sampler = seeded, make
+    try:
+        yield
+    finally:
+        search_module.sampler_seed, search_module.make_sampler = original_seed, original_make
+
+
+def replay_search(spec: SweepSpec, land: Landscape, cost: CostModel, slots: int, target: float,
+                  promoted_first: bool = False) -> dict[str, Any]:
+    """One search as a worker runs it, on the grid's values and the cost model: when the target was first reached.
+
+    promoted_first (a scheduler mlora does not have, modelled to see what it would give): while any trial has
+    passed a rung, only such trials step; the others wait in their slots.
+    """
+    search = search_module.Search(spec, None)
+    queue = list(expand(spec))
+    total = land.total_steps
+    measure = set(measuring_steps(spec, total))
+    task_ends = {sum(task_steps(spec)[:k + 1]) for k in range(len(spec.tasks))}
+    clock, active, trials, reached = cost.start, [], [], None
+    better = (lambda v: v <= target) if search_module.minimize(spec) else (lambda v: v >= target)
+    while queue or active:
+        fresh = 0
+        while queue and len(active) < slots:
+            slot = queue.pop(0)
+            adapter = search.begin(slot)
+            active.append({"name": slot.name, "varied": adapter.varied, "step": 0})
+            fresh += 1
+        clock += cost.per_eval if fresh else 0.0  # the base, evaluated once for every adapter before its first step
+        promoted = [t for t in active if any(t["step"] >= m for m in measure)]
+        stepping = promoted if promoted_first and promoted else list(active)
+        clock += cost.step(len(stepping))
+        for trial in stepping:
+            trial["step"] += 1
+            step = trial["step"]
+            if step not in measure and step not in task_ends:
+                continue
+            clock += cost.per_eval
+            value = land.value(trial["varied"], step)
+            pruned = search.judge(trial["name"], step, value) if step in measure and step < total else None
+            if pruned or step == total:
+                status = "pruned" if pruned else "done"
+                search.close(trial["name"], status, value)
+                active.remove(trial)
+                trials.append({"name": trial["name"], "status": status, "step": step, "value": value, "at": clock,
+                               "params": trial["varied"]})
+                if status == "done" and reached is None and better(value):
+                    reached = clock
+    return {"time_to_target": reached, "wall": clock, "trials": trials}
+
+
+def modelled_grid(spec: SweepSpec, land: Landscape, cost: CostModel, slots: int) -> float:
+    """The full grid's wall in the cost model: rounds of `slots` configurations trained to the end together."""
+    rounds = -(-len(land.values) // slots)
+    width = min(slots, len(land.values))
+    return cost.start + rounds * (land.total_steps * cost.step(width) + (1 + len(spec.tasks) * width) * cost.per_eval)
+
+
+def task_steps(spec: SweepSpec) -> list[int]:
+    return [task.steps or spec.train.steps_per_task for task in spec.tasks]
+
+
+def replay_process_per_trial(spec: SweepSpec, land: Landscape, seconds: float, target: float, seed: int) -> float:
+    """Optuna's TPE asking one trial after another, each a fresh process of `seconds`: the time to target."""
+    import optuna
+
+    grid = {key: search_module.distribution(optuna, d) for key, d in search_space(spec).items()}
+    study = optuna.create_study(direction="minimize" if search_module.minimize(spec) else "maximize",
+                                sampler=optuna.samplers.TPESampler(seed=seed))
+    tried: dict[tuple, float] = {}
+    better = (lambda v: v <= target) if search_module.minimize(spec) else (lambda v: v >= target)
+    for number in range(1, 10 * len(land.values)):
+        trial, repeats = study.ask(grid), 0
+        while label_key(trial.params) in tried and repeats < 100:
+            study.tell(trial, tried[label_key(trial.params)])
+            trial, repeats = study.ask(grid), repeats + 1
+        value = land.value(trial.params, land.total_steps)
+        tried[label_key(trial.params)] = value
+        study.tell(trial, value)
+        if better(value):
+            return number * seconds
+    raise ValueError("the per-process replay never reached the target")
+
+
+def quartiles(values: list[float]) -> str:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return f"median {statistics.median(values):6.1f} (quartiles {q[0]:.1f}-{q[2]:.1f})"
+
+
+def replay_report(sweep: Path, grid_run: Path, search_run: Path, *, seeds: int = 20, target_pp: float = 1.0,
+                  process_trial_seconds: float | None = None, variants: tuple[str, ...] = (),
+                  startups: tuple[int, ...] = (), promoted_first: bool = False, cost_override: str = "",
+                  say: Any = print) -> dict[str, Any]:
+    """The replays the module doc describes, said line by line; returns every time to target by variant."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec, _ = load_sweep(sweep)
+    land = Landscape(spec, grid_run)
+    cost = CostModel(search_run)
+    if cost_override:
+        fixed_ms, per_adapter_ms, cost.per_eval, cost.start = map(float, cost_override.split(","))
+        cost.fixed, cost.per_adapter = fixed_ms / 1e3, per_adapter_ms / 1e3
+    target = land.best - target_pp / 100 * (-1 if search_module.minimize(spec) else 1)
+    bench = search_run.parent.parent / "bench-search.json"  # beside the runs when bench-search.py made them
+    report = json.loads(bench.read_text()) if bench.is_file() else None
+    if report is not None:  # the walls it measured around the processes, start-up included
+        land.grid_wall = report["grid"]["wall_s"]
+    per_trial = process_trial_seconds
+    if per_trial is None:
+        if report is None:
+            raise ValueError(f"no {bench}: give --process-trial-seconds")
+        per_trial = report["process_per_trial"]["mean_trial_wall_s"]
+    measured_grid = land.grid_wall
+    slots = spec.max_concurrent or 8
+    if cost_override:  # another machine: the grid's wall is modelled too
+        land.grid_wall = modelled_grid(spec, land, cost, slots)
+    say(f"grid: {len(land.values)} configurations, best {land.best:.4f}, target {target:.4f}, wall "
+        f"{land.grid_wall:.1f} s ({'modelled' if cost_override else 'measured'}; modelled with SEARCH_RUN's costs: "
+        f"{modelled_grid(spec, land, CostModel(search_run), slots):.1f} s, measured {measured_grid:.1f} s)")
+    say(f"cost model: a step {cost.fixed * 1e3:.1f} ms + {cost.per_adapter * 1e3:.1f} ms per adapter, an evaluation "
+        f"{cost.per_eval:.2f} s, start {cost.start:.1f} s; one process per trial {per_trial:.1f} s a trial")
+
+    with sampler_variant(0, None):
+        check = replay_search(spec, land, cost, slots, target)
+    agree = sum(cost.measured.get(t["name"], ("?",))[0] == t["status"] for t in check["trials"])
+    measured_wall = max(s for _, s in cost.measured.values() if s)
+    say(f"seed 0 replayed: {agree}/{len(check['trials'])} trials end as measured; modelled wall "
+        f"{check['wall']:.1f} s vs measured {measured_wall:.1f} s; time to target modelled "
+        f"{check['time_to_target'] or float('nan'):.1f} s")
+
+    runs = [("as written", spec, None, False)]
+    runs += [(overrides, load_sweep(sweep, overrides.split())[0], None, False) for overrides in variants]
+    runs += [(f"n_startup_trials {s}", spec, s, False) for s in startups]
+    if promoted_first:
+        runs.append(("promoted trials first", spec, None, True))
+    process = [replay_process_per_trial(spec, land, per_trial, target, seed) for seed in range(seeds)]
+    say(f"\none process per trial: {quartiles(process)} s to target")
+    summary: dict[str, Any] = {"seed_0": {"agree": agree, "trials": len(check["trials"]), "wall": check["wall"],
+                                          "measured_wall": measured_wall, "time_to_target": check["time_to_target"]},
+                               "process_per_trial": process, "grid_wall": land.grid_wall, "variants": {}}
+    for name, variant, startup, first in runs:
+        times = []
+        for seed in range(seeds):
+            with sampler_variant(seed, startup):
+                replayed = replay_search(variant, land, cost, variant.max_concurrent or 8, target, first)
+                times.append(replayed["time_to_target"] or float("inf"))
+        vs_grid = [land.grid_wall / t for t in times]
+        vs_process = [p / t for p, t in zip(process, times)]
+        say(f"{name:24s} {quartiles(times)} s to target; vs grid {quartiles(vs_grid)}x "
+            f"(>= 3x in {sum(r >= 3 for r in vs_grid)}/{len(times)}); vs one process per trial "
+            f"{quartiles(vs_process)}x (>= 8x in {sum(r >= 8 for r in vs_process)}/{len(times)})")
+        summary["variants"][name] = times
+    return summary

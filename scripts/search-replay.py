@@ -1,0 +1,53 @@
+"""Replay adaptive searches against a co-trained grid's results: the time to target over many sampler seeds.
+
+    python scripts/search-replay.py bench/search-X/grid/*/ bench/search-X/search/*/   # GRID_RUN SEARCH_RUN
+    python scripts/search-replay.py GRID_RUN SEARCH_RUN --seeds 30 --variant max_concurrent=4 --startup 4
+
+GRID_RUN and SEARCH_RUN are the run folders `scripts/bench-search.py` wrote (its full grid and its search) for the
+same sweep; what is replayed and how is in mlora_cli/bench/search_replay.py. Writes SEARCH_RUN/search-replay.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mlora_cli.bench.search_replay import replay_report
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("grid_run", type=Path)
+    parser.add_argument("search_run", type=Path)
+    parser.add_argument("--sweep", type=Path, default=REPO / "sweeps" / "search.yaml")
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--target-pp", type=float, default=1.0)
+    parser.add_argument("--process-trial-seconds", type=float, default=None,
+                        help="one process per trial: seconds a trial (default: bench-search.json's mean beside runs)")
+    parser.add_argument("--variant", action="append", default=[], metavar="OVERRIDES",
+                        help="a variant of the sweep: space-separated KEY=VALUE overrides, e.g. 'max_concurrent=4' or "
+                             "'sweep.prune.min_steps=30 sweep.prune.reduction_factor=2' (repeatable)")
+    parser.add_argument("--startup", default="", help="variants: TPE n_startup_trials values, e.g. 4,8")
+    parser.add_argument("--cost", default="", help="another machine's cost model instead of SEARCH_RUN's: "
+                        "FIXED_MS,PER_ADAPTER_MS,EVAL_S,START_S (a model, not a measurement)")
+    parser.add_argument("--promoted-first", action="store_true",
+                        help="variant: a scheduler stepping only trials past a rung while there are any")
+    args = parser.parse_args()
+    startups = tuple(int(s) for s in args.startup.split(",") if s)
+    try:
+        summary = replay_report(args.sweep, args.grid_run, args.search_run, seeds=args.seeds,
+                                target_pp=args.target_pp, process_trial_seconds=args.process_trial_seconds,
+                                variants=tuple(args.variant), startups=startups,
+                                promoted_first=args.promoted_first, cost_override=args.cost)
+    except ValueError as exc:  # runs that do not fit together: one line
+        raise SystemExit(f"search-replay: {exc}") from None
+    out = args.search_run / "search-replay.json"
+    out.write_text(json.dumps(summary, indent=2))
+    print(f"search-replay.json: {out}")
+
+
+if __name__ == "__main__":
+    main()
