@@ -2,6 +2,7 @@
 
     python scripts/bench-search.py                      # sweeps/search.yaml, results in bench/search-<time>/
     python scripts/bench-search.py --target-pp 1 --max-process-trials 32 --out bench/search
+    python scripts/bench-search.py --set devices=cuda:0 --set base_model=builtin:small   # overrides for all runs
 
 Three ways to find a good configuration among the 32 of sweeps/search.yaml (4 ranks x 8 learning rates):
 
@@ -55,7 +56,7 @@ def acc(entry: dict[str, Any], metric: str) -> float | None:
 
 
 def per_process_search(sweep: Path, out: Path, spec: dict[str, Any], target: float, max_trials: int,
-                       seed: int) -> dict[str, Any]:
+                       seed: int, overrides: list[str]) -> dict[str, Any]:
     """Optuna's TPE driving one `mlora run` of a one-adapter sweep per trial, until a trial reaches `target`."""
     import optuna
 
@@ -79,7 +80,7 @@ def per_process_search(sweep: Path, out: Path, spec: dict[str, Any], target: flo
         path = out / "process" / f"trial-{number}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(one, sort_keys=False))
-        wall, results = mlora_run(path, out / "process" / f"trial-{number}")
+        wall, results = mlora_run(path, out / "process" / f"trial-{number}", *overrides)
         value = acc(next(iter(results["adapters"].values())), metric)
         study.tell(trial, value)
         elapsed = time.perf_counter() - started
@@ -98,6 +99,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / f"search-{datetime.now():%Y%m%d-%H%M%S}")
     parser.add_argument("--target-pp", type=float, default=1.0, help="within this many points of the grid's best")
     parser.add_argument("--max-process-trials", type=int, default=32)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for every run (the grid, the search, each process), e.g. devices=cuda:0")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +110,7 @@ def main() -> None:
     metric = spec["sweep"]["search"]["metric"]
 
     print("1/3 the full grid, co-trained in one mlora run", flush=True)
-    grid_wall, grid = mlora_run(args.sweep, out / "grid", *GRID)
+    grid_wall, grid = mlora_run(args.sweep, out / "grid", *GRID, *args.set)
     scores = {name: acc(entry, metric) for name, entry in grid["adapters"].items()}
     best_name = max((n for n in scores if scores[n] is not None), key=lambda n: scores[n])
     best = scores[best_name]
@@ -116,7 +119,7 @@ def main() -> None:
           f"target >= {target:.4f}", flush=True)
 
     print("2/3 the search: TPE trials asked as slots free, ASHA pruning, one warm engine", flush=True)
-    search_wall, found = mlora_run(args.sweep, out / "search")
+    search_wall, found = mlora_run(args.sweep, out / "search", *args.set)
     entries = found["adapters"].values()
     reaching = [e for e in entries if (value := acc(e, metric)) is not None and value >= target]
     search_to_target = min((e["finished_after_s"] for e in reaching), default=None)
@@ -127,10 +130,12 @@ def main() -> None:
           flush=True)
 
     print("3/3 Optuna driving one fresh mlora process per trial", flush=True)
-    process = per_process_search(args.sweep, out, spec, target, args.max_process_trials, spec.get("seed", 0))
+    process = per_process_search(args.sweep, out, spec, target, args.max_process_trials, spec.get("seed", 0),
+                                 args.set)
 
     report = {
-        "sweep": str(args.sweep), "metric": metric, "target_pp": args.target_pp, "target": target,
+        "sweep": str(args.sweep), "overrides": args.set, "metric": metric, "target_pp": args.target_pp,
+        "target": target,
         "grid": {"wall_s": grid_wall, "best": best, "best_adapter": best_name, "acc": scores,
                  "steps": sum(e["steps"] for e in grid["adapters"].values())},
         "search": {"wall_s": search_wall, "time_to_target_s": search_to_target, "best": searched_best,
