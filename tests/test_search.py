@@ -165,7 +165,21 @@ def test_dry_run_shows_the_space_and_the_budget(tmp_path: Path, monkeypatch: pyt
                  "choice of 2, 4, 8", "8, asked from Optuna's tpe sampler as slots free", "loss over the seen tasks",
                  "asha at steps 2, 4, 8", "at most 96 steps (no trial pruned); about 36 if every rung keeps 1/2"):
         assert text in result.output, text
+    assert "the space holds" not in result.output  # a float range: no count of configurations
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("trials", "says"), [(6, "the space holds 6 configurations"),
+                                              (7, "the space holds only 6 configurations: a suggestion")])
+def test_dry_run_counts_a_space_of_choices_and_says_when_trials_would_use_it_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trials: int, says: str
+) -> None:
+    monkeypatch.setattr(launcher, "visible_cuda_devices", lambda: 0)
+    sweep = sweep_with(search={"trials": trials, "space": {"adapter.rank": {"choice": [2, 4]},
+                                                           "train.warmup_steps": {"int": [0, 2]}}})
+    result = mlora("run", write_sweep(tmp_path, sweep), "--dry-run", columns=200)
+    assert result.exit_code == 0, result.output
+    assert says in " ".join(result.output.split()), result.output
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ column first where the adapter names are long, and the caption says so.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich.markup import escape
@@ -14,7 +15,7 @@ from rich.table import Table
 from mlora_cli.report.fit import Col, best_marked, caption_text, drop_to_fit, fitted_table, left_out_notes, width_budget
 from mlora_cli.report.format import format_metric, metric_short
 from mlora_cli.spec.schema import SweepSpec
-from mlora_cli.spec.space import halving_estimate, measuring_steps
+from mlora_cli.spec.space import Dimension, halving_estimate, measuring_steps
 from mlora_cli.spec.sweep import NAME_ALIASES, AdapterSpec, format_value, search_space
 
 
@@ -33,6 +34,17 @@ def _steps_text(steps: list[int]) -> str:
     return ", ".join(map(str, steps)) or "(none before the last)"
 
 
+def _space_size_text(space: dict[str, Dimension], trials: int) -> str:
+    """How many configurations a space of choices and integer ranges holds, when trials may use it up."""
+    if any(d.kind not in ("choice", "int", "log_int") for d in space.values()):
+        return ""  # a float range: as many as the sampler draws
+    size = math.prod(len(d.choices) if d.kind == "choice" else int(d.high - d.low) + 1 for d in space.values())
+    if trials <= size:
+        return f"; the space holds {size:,} configurations"
+    return (f"; the space holds only {size:,} configurations: a suggestion already tried is told its result, not "
+            "trained, and once the sampler offers nothing new (100 in a row) a repeat is trained, with the same result")
+
+
 def search_table(spec: SweepSpec, adapters: list[AdapterSpec], width: int | None = None) -> Table:
     """`mlora run --dry-run` of a searched or pruned sweep: the space, the objective, pruning and the step budget."""
     search, prune = spec.sweep.search, spec.sweep.prune
@@ -41,12 +53,12 @@ def search_table(spec: SweepSpec, adapters: list[AdapterSpec], width: int | None
     measured = measuring_steps(spec, steps)
     direction = "minimized" if search.metric == "loss" else "maximized"
     seeds = len(spec.sweep.seeds or (spec.seed,))
-    rows = [(key, dimension.describe()) for key, dimension in search_space(spec).items()] \
-        if search.method != "grid" else []
+    space = search_space(spec) if search.method != "grid" else {}
+    rows = [(key, dimension.describe()) for key, dimension in space.items()]
     rows += [
         ("trials", (f"{search.trials} configurations x {seeds} seeds = {len(adapters)}" if seeds > 1 else
                     f"{len(adapters)}") + f", asked from Optuna's {search.method} sampler as slots free (the plan "
-         "above shows the defaults each slot holds until then)"
+         "above shows the defaults each slot holds until then)" + _space_size_text(space, search.trials or 0)
          if search.method != "grid" else f"{len(adapters)}: every adapter of grid / zip / list is one trial"),
         ("objective", f"{search.metric} over the {search.over} tasks, {direction}"),
         ("steps per trial", f"{steps}" + (" (the defaults'; the space varies them)" if any(
