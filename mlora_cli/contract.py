@@ -28,6 +28,8 @@ RESULTS = "results.json"
 TRACKERS_RECORD = "trackers.json"  # each experiment tracker's run ids, for --resume (report/trackers.py)
 SEARCH_DB = "search.db"  # the Optuna study of a searched or pruned sweep (SQLite): optuna.load_study opens it
 SEARCH_LOCK = "search.lock"  # held around every study operation, so the run's worker processes take turns
+# A search skips sampler suggestions of configurations already tried, up to this many in a row; then one is trained.
+MAX_REPEATS = 100
 
 
 def state_path(run_dir: Path, name: str) -> Path:

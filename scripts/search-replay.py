@@ -1,7 +1,7 @@
 """Replay adaptive searches against a co-trained grid's results: the time to target over many sampler seeds.
 
     python scripts/search-replay.py bench/search-X/grid/*/ bench/search-X/search/*/   # GRID_RUN SEARCH_RUN
-    python scripts/search-replay.py GRID_RUN SEARCH_RUN --seeds 30 --variant max_concurrent=4 --startup 4
+    python scripts/search-replay.py GRID_RUN SEARCH_RUN --seeds 30 --variant max_concurrent=4 --sampler gp
 
 GRID_RUN and SEARCH_RUN are the run folders `scripts/bench-search.py` wrote (its full grid and its search) for the
 same sweep; what is replayed and how is in mlora_cli/bench/search_replay.py. Writes SEARCH_RUN/search-replay.json.
@@ -24,24 +24,29 @@ def main() -> None:
     parser.add_argument("search_run", type=Path)
     parser.add_argument("--sweep", type=Path, default=REPO / "sweeps" / "search.yaml")
     parser.add_argument("--seeds", type=int, default=20)
-    parser.add_argument("--target-pp", type=float, default=1.0)
+    parser.add_argument("--target-pp", type=float, default=1.0,
+                        help="within this many points of the grid's best (loss: an absolute 0.01 x this)")
+    parser.add_argument("--grid-wall", type=float, default=None,
+                        help="the full grid's wall (default: bench-search.json's beside the runs, else GRID_RUN's own)")
     parser.add_argument("--process-trial-seconds", type=float, default=None,
                         help="one process per trial: seconds a trial (default: bench-search.json's mean beside runs)")
     parser.add_argument("--variant", action="append", default=[], metavar="OVERRIDES",
                         help="a variant of the sweep: space-separated KEY=VALUE overrides, e.g. 'max_concurrent=4' or "
                              "'sweep.prune.min_steps=30 sweep.prune.reduction_factor=2' (repeatable)")
-    parser.add_argument("--startup", default="", help="variants: TPE n_startup_trials values, e.g. 4,8")
+    parser.add_argument("--sampler", action="append", default=[], metavar="NAME[:OPTION=VALUE,...]",
+                        help="a variant drawing trials from another Optuna sampler: tpe, random, gp, qmc, with options "
+                             "(e.g. tpe:n_startup_trials=4, tpe:multivariate=false) (repeatable)")
     parser.add_argument("--cost", default="", help="another machine's cost model instead of SEARCH_RUN's: "
                         "FIXED_MS,PER_ADAPTER_MS,EVAL_S,START_S (a model, not a measurement)")
     parser.add_argument("--promoted-first", action="store_true",
                         help="variant: a scheduler stepping only trials past a rung while there are any")
     args = parser.parse_args()
-    startups = tuple(int(s) for s in args.startup.split(",") if s)
     try:
         summary = replay_report(args.sweep, args.grid_run, args.search_run, seeds=args.seeds,
                                 target_pp=args.target_pp, process_trial_seconds=args.process_trial_seconds,
-                                variants=tuple(args.variant), startups=startups,
-                                promoted_first=args.promoted_first, cost_override=args.cost)
+                                variants=tuple(args.variant), samplers=tuple(args.sampler),
+                                promoted_first=args.promoted_first, cost_override=args.cost,
+                                grid_wall=args.grid_wall)
     except ValueError as exc:  # runs that do not fit together: one line
         raise SystemExit(f"search-replay: {exc}") from None
     out = args.search_run / "search-replay.json"

@@ -459,7 +459,10 @@ def test_the_replay_of_a_search_on_its_grids_values_asks_and_prunes_what_the_sea
     statuses = {e["status"] for e in searched.results["adapters"].values()}
     assert statuses == {"done", "pruned"}, "no trial was pruned: pick another seed for this test"
     said: list[str] = []
-    summary = replay_report(path, grid.run_dir, searched.run_dir, seeds=2, process_trial_seconds=1.0, say=said.append)
+    with pytest.raises(ValueError, match="evaluated inside tasks"):  # its own wall is not the grid's
+        replay_report(path, grid.run_dir, searched.run_dir, seeds=2, process_trial_seconds=1.0, say=said.append)
+    summary = replay_report(path, grid.run_dir, searched.run_dir, seeds=2, process_trial_seconds=1.0, grid_wall=1.0,
+                            say=said.append)
     assert summary["seed_0"]["agree"] == summary["seed_0"]["trials"] == 6, said
     assert len(summary["variants"]["as written"]) == 2 and len(summary["process_per_trial"]) == 2
 

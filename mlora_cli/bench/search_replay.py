@@ -17,7 +17,8 @@ Sampler seed 0 is the search as `mlora run` draws it: the replay must ask the tr
 ones it pruned, and its modelled times should sit near the measured ones (both are printed: check them first).
 Every other seed k draws the sampler from (run seed, k, configuration). What it prints are distributions (median,
 quartiles, how often 3x / 8x), for the search as written and for the variants given (`--variant` overrides of
-the sweep such as max_concurrent or the pruner's, TPE's `n_startup_trials`, `--promoted-first`). Times are
+the sweep such as max_concurrent or the pruner's; `--sampler` another Optuna sampler or TPE's options;
+`--promoted-first`). Times are
 modelled, not measured: the real benchmark stays bench-search.py. `--cost` replaces the measured cost model by
 another machine's (a model, not a measurement), the grid's wall then modelled too.
 """
@@ -31,11 +32,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 import mlora_cli.run.search as search_module
 from mlora_cli.spec.load import load_sweep
+from mlora_cli.spec.plan import WorkerPlan
 from mlora_cli.spec.schema import SweepSpec
 from mlora_cli.spec.space import measuring_steps
 from mlora_cli.spec.sweep import expand, search_space
+
+SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "gp": "GPSampler", "qmc": "QMCSampler"}
 
 
 def label_key(varied: dict[str, Any]) -> tuple:
@@ -44,12 +50,13 @@ def label_key(varied: dict[str, Any]) -> tuple:
 
 
 class Landscape:
-    """Every configuration's objective at every step it was evaluated, read from the grid run."""
+    """Every configuration's objective (per seed) at every step it was evaluated, read from the grid run."""
 
     def __init__(self, spec: SweepSpec, grid_run: Path):
-        results = json.loads((grid_run / "results.json").read_text())["adapters"]
+        summary = json.loads((grid_run / "results.json").read_text())
+        results = summary["adapters"]
         self.spec = spec
-        self.values: dict[tuple, dict[int, float]] = {}
+        self.values: dict[tuple, dict[int, float]] = {}  # (seed, label_key) -> {step: objective}
         last = len(spec.tasks) - 1
         for entry in results.values():
             if entry["status"] != "done":
@@ -57,16 +64,20 @@ class Landscape:
             by_step = {point["step"]: search_module.objective(spec, point["scores"], point["task_index"])
                        for point in entry["curve"] if point["step"]}
             by_step[entry["steps"]] = search_module.objective(spec, entry["final"], last)
-            self.values[label_key(entry["varied"])] = by_step
+            self.values[(entry["seed"], label_key(entry["varied"]))] = by_step
         self.total_steps = max(max(v) for v in self.values.values())
-        self.grid_wall = json.loads((grid_run / "results.json").read_text())["run"]["wall_seconds"]
+        ends = {sum(task_steps(spec)[:k + 1]) for k in range(len(spec.tasks))}
+        # Its own wall is the grid's only when it evaluated at the task ends alone (as the grid runs it).
+        self.evaluated_inside_tasks = any(step not in ends for v in self.values.values() for step in v)
+        self.grid_wall = summary["run"]["wall_seconds"]
         sign = 1 if search_module.minimize(spec) else -1
         self.best = min(v[self.total_steps] * sign for v in self.values.values()) * sign
 
-    def value(self, varied: dict[str, Any], step: int) -> float:
-        found = self.values.get(label_key(varied))
+    def value(self, seed: int, varied: dict[str, Any], step: int) -> float:
+        found = self.values.get((seed, label_key(varied)))
         if found is None:
-            raise ValueError(f"the grid run has no configuration {varied}: give the grid of the same space")
+            raise ValueError(f"the grid run has no configuration {varied} with seed {seed}: give the grid of the "
+                             "same space and seeds")
         if step not in found:
             raise ValueError(f"the grid run did not evaluate {varied} at step {step}: run it with eval.every_steps "
                              "dividing the search's measuring steps")
@@ -77,19 +88,22 @@ class CostModel:
     """Seconds of the search engine, fitted on a real run of the searched sweep (see the module doc)."""
 
     def __init__(self, search_run: Path):
+        # One fused step is the run of consecutive records with the same `seconds` (the launcher writes a step's
+        # records together, with the step's unrounded seconds), no adapter twice (a resumed run drops lines).
         steps: list[tuple[int, float]] = []
-        previous, count = None, 0
+        previous, names = None, set()
         for line in (search_run / "metrics.jsonl").read_text().splitlines():
             record = json.loads(line)
             if "seconds" not in record or "loss" not in record:
                 continue
-            if record["seconds"] == previous:
-                count += 1
-            else:
+            if record["seconds"] != previous or record["adapter"] in names:
                 if previous is not None:
-                    steps.append((count, previous))
-                previous, count = record["seconds"], 1
-        steps.append((count, previous))
+                    steps.append((len(names), previous))
+                previous, names = record["seconds"], set()
+            names.add(record["adapter"])
+        if previous is None:
+            raise ValueError(f"{search_run / 'metrics.jsonl'} holds no training step")
+        steps.append((len(names), previous))
         mean_n = statistics.fmean(n for n, _ in steps)
         mean_s = statistics.fmean(s for _, s in steps)
         spread = sum((n - mean_n) ** 2 for n, _ in steps)
@@ -97,19 +111,28 @@ class CostModel:
         self.fixed = mean_s - self.per_adapter * mean_n
         results = json.loads((search_run / "results.json").read_text())
         entries = results["adapters"].values()
+        # An adapter's eval seconds are its shares of the batched passes it was in: per point of its curve (the
+        # base before its first step included), the mean share.
         evaluations = sum(len(e["curve"]) for e in entries)
         self.per_eval = sum(e["eval_seconds"] for e in entries) / evaluations
-        explained = sum(s for _, s in steps) + sum(e["eval_seconds"] for e in entries)
-        self.start = max(0.0, results["run"]["wall_seconds"] - explained)
-        self.measured = {e["name"]: (e["status"], e["finished_after_s"]) for e in entries}
+        self.explained = sum(s for _, s in steps) + sum(e["eval_seconds"] for e in entries)
+        self.wall = results["run"]["wall_seconds"]
+        self.start = max(0.0, self.wall - self.explained)
+        self.measured = {e["name"]: (e["status"], label_key(e["varied"]), e["finished_after_s"],
+                                     (e.get("trial") or {}).get("objective")) for e in entries}
+
+    def measured_wall(self, wall: float) -> None:
+        """The search's wall as measured around its process (bench-search.json): the start is what it adds."""
+        self.wall, self.start = wall, max(0.0, wall - self.explained)
 
     def step(self, adapters: int) -> float:
         return self.fixed + self.per_adapter * adapters
 
 
 @contextlib.contextmanager
-def sampler_variant(replay_seed: int, startup: int | None) -> Iterator[None]:
-    """mlora's sampler for seed 0 and the default; else its seeds mixed with `replay_seed`, TPE's startup set."""
+def sampler_variant(replay_seed: int, sampler: str | None) -> Iterator[None]:
+    """mlora's sampler seeds for seed 0, else mixed with `replay_seed`; the sweep's sampler, or `sampler`:
+    `NAME[:OPTION=VALUE,...]` with NAME one of SAMPLERS (`tpe:n_startup_trials=4`, `gp`)."""
     import optuna
 
     original_seed, original_make = search_module.sampler_seed, search_module.make_sampler
@@ -118,9 +141,11 @@ def sampler_variant(replay_seed: int, startup: int | None) -> Iterator[None]:
         return original_seed(seed if not replay_seed else seed * 7919 + replay_seed * 104729, configuration)
 
     def make(optuna_module: Any, spec: SweepSpec, seed: int) -> Any:
-        if spec.sweep.search.method != "tpe" or startup is None:
+        if sampler is None:
             return original_make(optuna_module, spec, seed)
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+        name, _, options = sampler.partition(":")
+        settings = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in options.split(",") if o)}
+        return getattr(optuna.samplers, SAMPLERS[name])(seed=seed, **settings)
 
     search_module.sampler_seed, search_module.make_sampler = seeded, make
     try:
@@ -148,9 +173,9 @@ def replay_search(spec: SweepSpec, land: Landscape, cost: CostModel, slots: int,
         while queue and len(active) < slots:
             slot = queue.pop(0)
             adapter = search.begin(slot)
-            active.append({"name": slot.name, "varied": adapter.varied, "step": 0})
+            active.append({"name": slot.name, "seed": slot.seed, "varied": adapter.varied, "step": 0})
             fresh += 1
-        clock += cost.per_eval if fresh else 0.0  # the base, evaluated once for every adapter before its first step
+        clock += cost.per_eval * fresh  # each new adapter's evaluation before its first step
         promoted = [t for t in active if any(t["step"] >= m for m in measure)]
         stepping = promoted if promoted_first and promoted else list(active)
         clock += cost.step(len(stepping))
@@ -160,7 +185,7 @@ def replay_search(spec: SweepSpec, land: Landscape, cost: CostModel, slots: int,
             if step not in measure and step not in task_ends:
                 continue
             clock += cost.per_eval
-            value = land.value(trial["varied"], step)
+            value = land.value(trial["seed"], trial["varied"], step)
             pruned = search.judge(trial["name"], step, value) if step in measure and step < total else None
             if pruned or step == total:
                 status = "pruned" if pruned else "done"
@@ -174,10 +199,20 @@ def replay_search(spec: SweepSpec, land: Landscape, cost: CostModel, slots: int,
 
 
 def modelled_grid(spec: SweepSpec, land: Landscape, cost: CostModel, slots: int) -> float:
-    """The full grid's wall in the cost model: rounds of `slots` configurations trained to the end together."""
+    """The full grid's wall in the cost model: rounds of `slots` configurations trained to the end together, each
+    evaluated before training and after every task."""
     rounds = -(-len(land.values) // slots)
     width = min(slots, len(land.values))
-    return cost.start + rounds * (land.total_steps * cost.step(width) + (1 + len(spec.tasks) * width) * cost.per_eval)
+    return cost.start + rounds * (land.total_steps * cost.step(width) + (1 + len(spec.tasks)) * width * cost.per_eval)
+
+
+def worker_slots(spec: SweepSpec) -> int:
+    """The slots of the one worker the replay models, as the run's plan gives them."""
+    devices = spec.devices
+    if not (devices in ("cpu", "cuda") or (isinstance(devices, str) and devices.startswith("cuda:"))
+            or (isinstance(devices, tuple) and len(devices) == 1)):
+        raise ValueError(f"devices: the replay models one worker (cpu, or one GPU); got {devices!r}")
+    return WorkerPlan("cpu", tuple(expand(spec)), None, spec.max_concurrent).slots
 
 
 def task_steps(spec: SweepSpec) -> list[int]:
@@ -198,7 +233,7 @@ def replay_process_per_trial(spec: SweepSpec, land: Landscape, seconds: float, t
         while label_key(trial.params) in tried and repeats < 100:
             study.tell(trial, tried[label_key(trial.params)])
             trial, repeats = study.ask(grid), repeats + 1
-        value = land.value(trial.params, land.total_steps)
+        value = land.value(spec.seed, trial.params, land.total_steps)
         tried[label_key(trial.params)] = value
         study.tell(trial, value)
         if better(value):
@@ -213,12 +248,17 @@ def quartiles(values: list[float]) -> str:
 
 def replay_report(sweep: Path, grid_run: Path, search_run: Path, *, seeds: int = 20, target_pp: float = 1.0,
                   process_trial_seconds: float | None = None, variants: tuple[str, ...] = (),
-                  startups: tuple[int, ...] = (), promoted_first: bool = False, cost_override: str = "",
-                  say: Any = print) -> dict[str, Any]:
-    """The replays the module doc describes, said line by line; returns every time to target by variant."""
+                  samplers: tuple[str, ...] = (), promoted_first: bool = False, cost_override: str = "",
+                  grid_wall: float | None = None, say: Any = print) -> dict[str, Any]:
+    """The replays the module doc describes, said line by line; returns every time to target by variant.
+
+    The target is the grid's best minus `target_pp` / 100 (plus, for loss: an absolute 0.01 x target_pp)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for sampler in samplers:
+        if sampler.partition(":")[0] not in SAMPLERS:
+            raise ValueError(f"--sampler {sampler}: one of {', '.join(SAMPLERS)}, with options NAME:KEY=VALUE,...")
     spec, _ = load_sweep(sweep)
     land = Landscape(spec, grid_run)
     cost = CostModel(search_run)
@@ -230,13 +270,20 @@ def replay_report(sweep: Path, grid_run: Path, search_run: Path, *, seeds: int =
     report = json.loads(bench.read_text()) if bench.is_file() else None
     if report is not None:  # the walls it measured around the processes, start-up included
         land.grid_wall = report["grid"]["wall_s"]
+        if not cost_override:
+            cost.measured_wall(report["search"]["wall_s"])
+    elif land.evaluated_inside_tasks and grid_wall is None:
+        raise ValueError(f"{grid_run} evaluated inside tasks (eval.every_steps), so its wall is not the grid's: "
+                         f"give --grid-wall, or runs of scripts/bench-search.py (no {bench})")
+    if grid_wall is not None:
+        land.grid_wall = grid_wall
     per_trial = process_trial_seconds
     if per_trial is None:
         if report is None:
             raise ValueError(f"no {bench}: give --process-trial-seconds")
         per_trial = report["process_per_trial"]["mean_trial_wall_s"]
     measured_grid = land.grid_wall
-    slots = spec.max_concurrent or 8
+    slots = worker_slots(spec)
     if cost_override:  # another machine: the grid's wall is modelled too
         land.grid_wall = modelled_grid(spec, land, cost, slots)
     say(f"grid: {len(land.values)} configurations, best {land.best:.4f}, target {target:.4f}, wall "
@@ -247,27 +294,31 @@ def replay_report(sweep: Path, grid_run: Path, search_run: Path, *, seeds: int =
 
     with sampler_variant(0, None):
         check = replay_search(spec, land, cost, slots, target)
-    agree = sum(cost.measured.get(t["name"], ("?",))[0] == t["status"] for t in check["trials"])
-    measured_wall = max(s for _, s in cost.measured.values() if s)
-    say(f"seed 0 replayed: {agree}/{len(check['trials'])} trials end as measured; modelled wall "
-        f"{check['wall']:.1f} s vs measured {measured_wall:.1f} s; time to target modelled "
-        f"{check['time_to_target'] or float('nan'):.1f} s")
+    agree = sum(cost.measured.get(t["name"], ("?", None))[:2] == (t["status"], label_key(t["params"]))
+                for t in check["trials"])
+    better = (lambda v: v <= target) if search_module.minimize(spec) else (lambda v: v >= target)
+    measured_to_target = min((at for status, _, at, value in cost.measured.values()
+                              if status == "done" and value is not None and better(value)), default=None)
+    say(f"seed 0 replayed: {agree}/{len(check['trials'])} trials end as measured, with the same parameters; time "
+        f"to target modelled {check['time_to_target'] or float('nan'):.1f} s, measured "
+        f"{measured_to_target or float('nan'):.1f} s")
 
     runs = [("as written", spec, None, False)]
     runs += [(overrides, load_sweep(sweep, overrides.split())[0], None, False) for overrides in variants]
-    runs += [(f"n_startup_trials {s}", spec, s, False) for s in startups]
+    runs += [(f"sampler {s}", spec, s, False) for s in samplers]
     if promoted_first:
         runs.append(("promoted trials first", spec, None, True))
     process = [replay_process_per_trial(spec, land, per_trial, target, seed) for seed in range(seeds)]
     say(f"\none process per trial: {quartiles(process)} s to target")
-    summary: dict[str, Any] = {"seed_0": {"agree": agree, "trials": len(check["trials"]), "wall": check["wall"],
-                                          "measured_wall": measured_wall, "time_to_target": check["time_to_target"]},
+    summary: dict[str, Any] = {"seed_0": {"agree": agree, "trials": len(check["trials"]),
+                                          "time_to_target": check["time_to_target"],
+                                          "measured_time_to_target": measured_to_target},
                                "process_per_trial": process, "grid_wall": land.grid_wall, "variants": {}}
-    for name, variant, startup, first in runs:
+    for name, variant, sampler, first in runs:
         times = []
         for seed in range(seeds):
-            with sampler_variant(seed, startup):
-                replayed = replay_search(variant, land, cost, variant.max_concurrent or 8, target, first)
+            with sampler_variant(seed, sampler):
+                replayed = replay_search(variant, land, cost, worker_slots(variant), target, first)
                 times.append(replayed["time_to_target"] or float("inf"))
         vs_grid = [land.grid_wall / t for t in times]
         vs_process = [p / t for p, t in zip(process, times)]

@@ -12,6 +12,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from mlora_cli.contract import MAX_REPEATS
 from mlora_cli.report.fit import Col, best_marked, caption_text, drop_to_fit, fitted_table, left_out_notes, width_budget
 from mlora_cli.report.format import format_metric, metric_short
 from mlora_cli.spec.schema import SweepSpec
@@ -41,8 +42,9 @@ def _space_size_text(space: dict[str, Dimension], trials: int) -> str:
     size = math.prod(len(d.choices) if d.kind == "choice" else int(d.high - d.low) + 1 for d in space.values())
     if trials <= size:
         return f"; the space holds {size:,} configurations"
-    return (f"; the space holds only {size:,} configurations: a suggestion already tried is told its result, not "
-            "trained, and once the sampler offers nothing new (100 in a row) a repeat is trained, with the same result")
+    return (f"; the space holds only {size:,} configurations: a suggestion already tried is told its result, "
+            f"not trained, and once the sampler offers nothing new ({MAX_REPEATS} in a row) a repeat is trained, "
+            "with the same result")
 
 
 def search_table(spec: SweepSpec, adapters: list[AdapterSpec], width: int | None = None) -> Table:

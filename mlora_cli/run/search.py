@@ -32,13 +32,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mlora_cli.contract import SEARCH_DB, SEARCH_LOCK, Scores, TrialRecord
+from mlora_cli.contract import MAX_REPEATS, SEARCH_DB, SEARCH_LOCK, Scores, TrialRecord
 from mlora_cli.errors import ConfigError
 from mlora_cli.spec.schema import SweepSpec
 from mlora_cli.spec.space import Dimension
 from mlora_cli.spec.sweep import AdapterSpec, expand, search_envelope, search_space, trial_adapter
-
-MAX_REPEATS = 100  # sampler suggestions of already-tried parameters skipped in a row (see Search._ask_unseen)
 
 
 def import_optuna() -> Any:
