@@ -1,7 +1,7 @@
 """The training-step fusion matrix of docs/benchmark.md: threads x targets x ranks x dropout, on CPU.
 
-    python scripts/fusion_matrix.py [SWEEP] [OUT.json]     # default sweeps/bench.yaml, bench/fusion-matrix.json
-                                                           # (= mlora bench SWEEP --fusion-matrix)
+    python scripts/fusion_matrix.py [SWEEP] [OUT]   # default sweeps/bench.yaml and bench/: OUT/fusion-matrix.json
+                                                    # (what mlora bench SWEEP --fusion-matrix measures)
     python scripts/fusion_matrix.py --profile 2,all-linear,equal,0 [SWEEP]   # where one cell's step time goes
 
 Run it on an idle machine: each cell times the fused step, the union batch on mlora's engine and
@@ -21,21 +21,20 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mlora_cli.bench.fusion_matrix import fusion_matrix, lora_term_by_rank_class, profile_cell
+from mlora_cli.bench.fusion_matrix import fusion_matrix_report, lora_term_by_rank_class, profile_cell
 from mlora_cli.report.benchmark import fusion_matrix_table
 from mlora_cli.spec.load import load_sweep
 from mlora_cli.spec.sweep import expand
 
 
-def main(sweep: str = "sweeps/bench.yaml", out: str = "bench/fusion-matrix.json") -> None:
-    """What `mlora bench SWEEP --fusion-matrix` does, written to OUT."""
+def main(sweep: str = "sweeps/bench.yaml", out: str = "bench") -> None:
+    """What `mlora bench SWEEP --fusion-matrix` does, written to OUT/fusion-matrix.json."""
     spec, _ = load_sweep(sweep)
     console = Console()
-    report = fusion_matrix(spec, expand(spec), Path(sweep).parent.resolve(), progress=console.log)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(report, indent=2))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    report = fusion_matrix_report(Path(sweep), spec, expand(spec), Path(out), progress=console.log)
     console.print(fusion_matrix_table(report))
-    console.print(f"written to {out}")
+    console.print(f"written to {Path(out) / 'fusion-matrix.json'}")
 
 
 def profile(cell: str, sweep: str = "sweeps/bench.yaml") -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from mlora_cli.bench.search_replay import replay_report
+from mlora_cli.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,8 +49,12 @@ def main() -> None:
                                 variants=tuple(args.variant), samplers=tuple(args.sampler),
                                 promoted_first=args.promoted_first, cost_override=args.cost,
                                 grid_wall=args.grid_wall)
-    except ValueError as exc:  # runs that do not fit together: one line
-        raise SystemExit(f"search-replay: {exc}") from None
+    except (ValueError, ConfigError, OSError) as exc:  # runs that do not fit, a bad option, override or folder
+        problems = exc.problems if isinstance(exc, ConfigError) else \
+            [f"{exc.filename}: {exc.strerror}"] if isinstance(exc, OSError) else [str(exc)]
+        for problem in problems:
+            print(f"search-replay: {problem}", file=sys.stderr)
+        raise SystemExit(2) from None
     out = args.search_run / "search-replay.json"
     out.write_text(json.dumps(summary, indent=2))
     print(f"search-replay.json: {out}")

@@ -26,27 +26,40 @@ another machine's (a model, not a measurement), the grid's wall then modelled to
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import statistics
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 import mlora_cli.run.search as search_module
+from mlora_cli.contract import MAX_REPEATS
 from mlora_cli.spec.load import load_sweep
 from mlora_cli.spec.plan import WorkerPlan
 from mlora_cli.spec.schema import SweepSpec
-from mlora_cli.spec.space import measuring_steps
+from mlora_cli.spec.space import Dimension, measuring_steps
 from mlora_cli.spec.sweep import expand, search_space
 
 SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "gp": "GPSampler", "qmc": "QMCSampler"}
 
 
 def label_key(varied: dict[str, Any]) -> tuple:
-    """A configuration's identity: its varied keys and their values (lists as Optuna's labels)."""
-    return tuple(sorted((k, "+".join(map(str, v)) if isinstance(v, list) else v) for k, v in varied.items()))
+    """A configuration's identity: its varied keys and their values as Optuna's labels."""
+    return tuple(sorted((k, Dimension("choice", choices=(v,)).labels[0]) for k, v in varied.items()))
+
+
+def task_ends(spec: SweepSpec) -> set[int]:
+    """The steps (over the sequence) at which the sweep's adapters end a task, its defaults' task lengths."""
+    lengths = expand(spec)[0].task_steps([t.steps for t in spec.tasks])
+    return {sum(lengths[:k + 1]) for k in range(len(lengths))}
+
+
+def reaches(spec: SweepSpec, target: float) -> Callable[[float], bool]:
+    """Whether an objective value reaches `target` in the search's direction."""
+    return (lambda v: v <= target) if search_module.minimize(spec) else (lambda v: v >= target)
 
 
 class Landscape:
@@ -66,7 +79,7 @@ class Landscape:
             by_step[entry["steps"]] = search_module.objective(spec, entry["final"], last)
             self.values[(entry["seed"], label_key(entry["varied"]))] = by_step
         self.total_steps = max(max(v) for v in self.values.values())
-        ends = {sum(task_steps(spec)[:k + 1]) for k in range(len(spec.tasks))}
+        ends = task_ends(spec)
         # Its own wall is the grid's only when it evaluated at the task ends alone (as the grid runs it).
         self.evaluated_inside_tasks = any(step not in ends for v in self.values.values() for step in v)
         self.grid_wall = summary["run"]["wall_seconds"]
@@ -165,9 +178,9 @@ def replay_search(spec: SweepSpec, land: Landscape, cost: CostModel, slots: int,
     queue = list(expand(spec))
     total = land.total_steps
     measure = set(measuring_steps(spec, total))
-    task_ends = {sum(task_steps(spec)[:k + 1]) for k in range(len(spec.tasks))}
+    ends = task_ends(spec)
     clock, active, trials, reached = cost.start, [], [], None
-    better = (lambda v: v <= target) if search_module.minimize(spec) else (lambda v: v >= target)
+    better = reaches(spec, target)
     while queue or active:
         fresh = 0
         while queue and len(active) < slots:
@@ -182,7 +195,7 @@ def replay_search(spec: SweepSpec, land: Landscape, cost: CostModel, slots: int,
         for trial in stepping:
             trial["step"] += 1
             step = trial["step"]
-            if step not in measure and step not in task_ends:
+            if step not in measure and step not in ends:
                 continue
             clock += cost.per_eval
             value = land.value(trial["seed"], trial["varied"], step)
@@ -215,10 +228,6 @@ def worker_slots(spec: SweepSpec) -> int:
     return WorkerPlan("cpu", tuple(expand(spec)), None, spec.max_concurrent).slots
 
 
-def task_steps(spec: SweepSpec) -> list[int]:
-    return [task.steps or spec.train.steps_per_task for task in spec.tasks]
-
-
 def replay_process_per_trial(spec: SweepSpec, land: Landscape, seconds: float, target: float, seed: int) -> float:
     """Optuna's TPE asking one trial after another, each a fresh process of `seconds`: the time to target."""
     import optuna
@@ -227,10 +236,10 @@ def replay_process_per_trial(spec: SweepSpec, land: Landscape, seconds: float, t
     study = optuna.create_study(direction="minimize" if search_module.minimize(spec) else "maximize",
                                 sampler=optuna.samplers.TPESampler(seed=seed))
     tried: dict[tuple, float] = {}
-    better = (lambda v: v <= target) if search_module.minimize(spec) else (lambda v: v >= target)
+    better = reaches(spec, target)
     for number in range(1, 10 * len(land.values)):
         trial, repeats = study.ask(grid), 0
-        while label_key(trial.params) in tried and repeats < 100:
+        while label_key(trial.params) in tried and repeats < MAX_REPEATS:
             study.tell(trial, tried[label_key(trial.params)])
             trial, repeats = study.ask(grid), repeats + 1
         value = land.value(spec.seed, trial.params, land.total_steps)
@@ -260,10 +269,20 @@ def replay_report(sweep: Path, grid_run: Path, search_run: Path, *, seeds: int =
         if sampler.partition(":")[0] not in SAMPLERS:
             raise ValueError(f"--sampler {sampler}: one of {', '.join(SAMPLERS)}, with options NAME:KEY=VALUE,...")
     spec, _ = load_sweep(sweep)
+    runs = [("as written", spec, None, False)]  # every variant read before anything is replayed
+    runs += [(overrides, load_sweep(sweep, overrides.split())[0], None, False) for overrides in variants]
+    runs += [(f"sampler {s}", spec, s, False) for s in samplers]
+    if promoted_first:
+        runs.append(("promoted trials first", spec, None, True))
     land = Landscape(spec, grid_run)
-    cost = CostModel(search_run)
+    measured_cost = CostModel(search_run)
+    cost = copy.copy(measured_cost)
     if cost_override:
-        fixed_ms, per_adapter_ms, cost.per_eval, cost.start = map(float, cost_override.split(","))
+        try:
+            fixed_ms, per_adapter_ms, cost.per_eval, cost.start = map(float, cost_override.split(","))
+        except ValueError:
+            raise ValueError(f"--cost: FIXED_MS,PER_ADAPTER_MS,EVAL_S,START_S (four numbers), got {cost_override!r}") \
+                from None
         cost.fixed, cost.per_adapter = fixed_ms / 1e3, per_adapter_ms / 1e3
     target = land.best - target_pp / 100 * (-1 if search_module.minimize(spec) else 1)
     bench = search_run.parent.parent / "bench-search.json"  # beside the runs when bench-search.py made them
@@ -288,7 +307,7 @@ def replay_report(sweep: Path, grid_run: Path, search_run: Path, *, seeds: int =
         land.grid_wall = modelled_grid(spec, land, cost, slots)
     say(f"grid: {len(land.values)} configurations, best {land.best:.4f}, target {target:.4f}, wall "
         f"{land.grid_wall:.1f} s ({'modelled' if cost_override else 'measured'}; modelled with SEARCH_RUN's costs: "
-        f"{modelled_grid(spec, land, CostModel(search_run), slots):.1f} s, measured {measured_grid:.1f} s)")
+        f"{modelled_grid(spec, land, measured_cost, slots):.1f} s, measured {measured_grid:.1f} s)")
     say(f"cost model: a step {cost.fixed * 1e3:.1f} ms + {cost.per_adapter * 1e3:.1f} ms per adapter, an evaluation "
         f"{cost.per_eval:.2f} s, start {cost.start:.1f} s; one process per trial {per_trial:.1f} s a trial")
 
@@ -296,18 +315,13 @@ def replay_report(sweep: Path, grid_run: Path, search_run: Path, *, seeds: int =
         check = replay_search(spec, land, cost, slots, target)
     agree = sum(cost.measured.get(t["name"], ("?", None))[:2] == (t["status"], label_key(t["params"]))
                 for t in check["trials"])
-    better = (lambda v: v <= target) if search_module.minimize(spec) else (lambda v: v >= target)
+    better = reaches(spec, target)
     measured_to_target = min((at for status, _, at, value in cost.measured.values()
                               if status == "done" and value is not None and better(value)), default=None)
     say(f"seed 0 replayed: {agree}/{len(check['trials'])} trials end as measured, with the same parameters; time "
         f"to target modelled {check['time_to_target'] or float('nan'):.1f} s, measured "
         f"{measured_to_target or float('nan'):.1f} s")
 
-    runs = [("as written", spec, None, False)]
-    runs += [(overrides, load_sweep(sweep, overrides.split())[0], None, False) for overrides in variants]
-    runs += [(f"sampler {s}", spec, s, False) for s in samplers]
-    if promoted_first:
-        runs.append(("promoted trials first", spec, None, True))
     process = [replay_process_per_trial(spec, land, per_trial, target, seed) for seed in range(seeds)]
     say(f"\none process per trial: {quartiles(process)} s to target")
     summary: dict[str, Any] = {"seed_0": {"agree": agree, "trials": len(check["trials"]),
