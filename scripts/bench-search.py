@@ -3,6 +3,7 @@
     python scripts/bench-search.py                      # sweeps/search.yaml, results in bench/search-<time>/
     python scripts/bench-search.py --target-pp 1 --max-process-trials 32 --out bench/search
     python scripts/bench-search.py --set devices=cuda:0 --set base_model=builtin:small   # overrides for all runs
+    python scripts/bench-search.py --sweep sweeps/search-bench.yaml --grid-set max_concurrent=8   # the benchmark
 
 Three ways to find a good configuration among the 32 of sweeps/search.yaml (4 ranks x 8 learning rates):
 
@@ -101,6 +102,9 @@ def main() -> None:
     parser.add_argument("--max-process-trials", type=int, default=32)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override for every run (the grid, the search, each process), e.g. devices=cuda:0")
+    parser.add_argument("--grid-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for the grid alone, after --set: run it at its fastest, e.g. "
+                             "max_concurrent=8 when the search runs fewer slots")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -110,7 +114,7 @@ def main() -> None:
     metric = spec["sweep"]["search"]["metric"]
 
     print("1/3 the full grid, co-trained in one mlora run", flush=True)
-    grid_wall, grid = mlora_run(args.sweep, out / "grid", *GRID, *args.set)
+    grid_wall, grid = mlora_run(args.sweep, out / "grid", *GRID, *args.set, *args.grid_set)
     scores = {name: acc(entry, metric) for name, entry in grid["adapters"].items()}
     best_name = max((n for n in scores if scores[n] is not None), key=lambda n: scores[n])
     best = scores[best_name]
@@ -134,7 +138,8 @@ def main() -> None:
                                  args.set)
 
     report = {
-        "sweep": str(args.sweep), "overrides": args.set, "metric": metric, "target_pp": args.target_pp,
+        "sweep": str(args.sweep), "overrides": args.set, "grid_overrides": args.grid_set, "metric": metric,
+        "target_pp": args.target_pp,
         "target": target,
         "grid": {"wall_s": grid_wall, "best": best, "best_adapter": best_name, "acc": scores,
                  "steps": sum(e["steps"] for e in grid["adapters"].values())},
