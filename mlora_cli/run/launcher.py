@@ -260,8 +260,6 @@ def _worker_main(plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[Ta
     signal.signal(signal.SIGTERM, stop_before_training)
     import multiprocessing
 
-    from mlora_cli.run import worker
-
     parent = multiprocessing.parent_process()
 
     def emit(event: dict[str, Any]) -> None:
@@ -272,8 +270,11 @@ def _worker_main(plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[Ta
         events.put(event)
 
     try:
+        # Imported here, inside the try: a stop can land while torch and transformers load (seconds).
+        from mlora_cli.run import worker
+
         worker.run(plan, spec, task_data, run_dir, emit, worker_id=worker_id, resume=resume)
-    except KeyboardInterrupt:  # the parent got Ctrl-C too; states are saved, leave quietly
+    except KeyboardInterrupt:  # Ctrl-C or a stop reached this worker too; states are saved, leave quietly
         return
     except (ConfigError, StorageError) as exc:  # a user error found once the model loaded; a failed write
         events.put({"event": "worker_error", "worker": worker_id, "error": exc})  # both pickle whole
