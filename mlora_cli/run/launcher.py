@@ -254,10 +254,9 @@ def _worker_main(plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[Ta
         plan = dataclasses.replace(plan, device="cuda:0")
     os.environ.update(plan.thread_environment())
 
-    def stop_before_training(signum: int, frame: Any) -> None:
-        raise Interrupted(signum)  # nothing trained yet, nothing to save; the worker loop installs its own
+    from mlora_cli.run.signals import defer_sigterm_while_starting
 
-    signal.signal(signal.SIGTERM, stop_before_training)
+    defer_sigterm_while_starting()  # the worker loop reads it first thing, then installs its own handler
     import multiprocessing
 
     parent = multiprocessing.parent_process()
@@ -270,8 +269,7 @@ def _worker_main(plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[Ta
         events.put(event)
 
     try:
-        # Imported here, inside the try: a stop can land while torch and transformers load (seconds).
-        from mlora_cli.run import worker
+        from mlora_cli.run import worker  # inside the try: a Ctrl-C can land while torch loads (seconds)
 
         worker.run(plan, spec, task_data, run_dir, emit, worker_id=worker_id, resume=resume)
     except KeyboardInterrupt:  # Ctrl-C or a stop reached this worker too; states are saved, leave quietly

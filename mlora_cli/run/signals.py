@@ -12,6 +12,24 @@ from mlora_cli.errors import Interrupted
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what schedulers and `timeout` send
 
+_sigterm_while_starting = 0  # a SIGTERM seen before the loop took over (defer_sigterm_while_starting)
+
+
+def defer_sigterm_while_starting() -> None:
+    """In a worker process, until the training loop takes over, SIGTERM is remembered, not raised.
+
+    A worker spends seconds importing torch and transformers and loading the base. An exception
+    raised from a signal handler there can land in a finalizer (`__del__`), where Python prints it
+    with a traceback and carries on, the stop lost. The loop reads the remembered stop first thing
+    (`ctrl_c_between_steps`) and leaves as it does between steps, with nothing started to save.
+    """
+
+    def remember(signum: int, frame: Any) -> None:
+        global _sigterm_while_starting
+        _sigterm_while_starting = signum
+
+    signal.signal(signal.SIGTERM, remember)
+
 
 @contextlib.contextmanager
 def ctrl_c_between_steps(worker: Any) -> Iterator[None]:
@@ -22,6 +40,7 @@ def ctrl_c_between_steps(worker: Any) -> Iterator[None]:
     that resumes wrong. A second Ctrl-C stops at once, without saving; a repeated SIGTERM
     (a scheduler may send it to every process, and the launcher forwards it too) does not.
     """
+    worker.interrupted = worker.interrupted or _sigterm_while_starting
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield
         return
