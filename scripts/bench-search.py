@@ -139,8 +139,7 @@ def main() -> None:
 
     report = {
         "sweep": str(args.sweep), "overrides": args.set, "grid_overrides": args.grid_set, "metric": metric,
-        "target_pp": args.target_pp,
-        "target": target,
+        "target_pp": args.target_pp, "target": target,
         "grid": {"wall_s": grid_wall, "best": best, "best_adapter": best_name, "acc": scores,
                  "steps": sum(e["steps"] for e in grid["adapters"].values())},
         "search": {"wall_s": search_wall, "time_to_target_s": search_to_target, "best": searched_best,

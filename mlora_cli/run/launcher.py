@@ -40,6 +40,7 @@ from mlora_cli.files import append_jsonl, exclusive_run_folder, write_bytes, wri
 from mlora_cli.report.outputs import write_reports
 from mlora_cli.report.trackers import Trackers, missing_trackers
 from mlora_cli.run.folder import keep_metrics_up_to_checkpoints, new_run_dir, remove_leftovers, saved_steps
+from mlora_cli.run.signals import defer_sigterm_while_starting
 from mlora_cli.spec.convert import to_plain
 from mlora_cli.spec.plan import (
     WorkerPlan,
@@ -254,9 +255,7 @@ def _worker_main(plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[Ta
         plan = dataclasses.replace(plan, device="cuda:0")
     os.environ.update(plan.thread_environment())
 
-    from mlora_cli.run.signals import defer_sigterm_while_starting
-
-    defer_sigterm_while_starting()  # the worker loop reads it first thing, then installs its own handler
+    defer_sigterm_while_starting()  # the worker loop installs its own handlers, then reads it before a step
     import multiprocessing
 
     parent = multiprocessing.parent_process()

@@ -40,17 +40,16 @@ def ctrl_c_between_steps(worker: Any) -> Iterator[None]:
     that resumes wrong. A second Ctrl-C stops at once, without saving; a repeated SIGTERM
     (a scheduler may send it to every process, and the launcher forwards it too) does not.
     """
-    worker.interrupted = worker.interrupted or _sigterm_while_starting
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield
-        return
 
     def on_stop(signum: int, frame: Any) -> None:
         if worker.interrupted and signum == signal.SIGINT:
             raise Interrupted(signum)
         worker.interrupted = worker.interrupted or signum
 
-    previous = {signum: signal.signal(signum, on_stop) for signum in STOP_SIGNALS}
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    previous = {signum: signal.signal(signum, on_stop) for signum in STOP_SIGNALS} if in_main_thread else {}
+    # Read once the handlers moved, so that no SIGTERM falls between the two.
+    worker.interrupted = worker.interrupted or _sigterm_while_starting
     try:
         yield
     finally:
