@@ -4,6 +4,8 @@
     python scripts/bench-search.py --target-pp 1 --max-process-trials 32 --out bench/search
     python scripts/bench-search.py --set devices=cuda:0 --set base_model=builtin:small   # overrides for all runs
     python scripts/bench-search.py --sweep sweeps/search-bench.yaml --grid-set max_concurrent=8   # the benchmark
+    python scripts/bench-search.py --sweep sweeps/search-bench.yaml --set devices=cuda:0 --set max_concurrent=8 \
+        --time-limit-s 240        # on a GPU within a time limit (scripts/gpu_check.sh): then the replay
 
 Three ways to find a good configuration among the 32 of sweeps/search.yaml (4 ranks x 8 learning rates):
 
@@ -57,8 +59,11 @@ def acc(entry: dict[str, Any], metric: str) -> float | None:
 
 
 def per_process_search(sweep: Path, out: Path, spec: dict[str, Any], target: float, max_trials: int,
-                       seed: int, overrides: list[str]) -> dict[str, Any]:
-    """Optuna's TPE driving one `mlora run` of a one-adapter sweep per trial, until a trial reaches `target`."""
+                       seed: int, overrides: list[str], deadline: float = float("inf")) -> dict[str, Any]:
+    """Optuna's TPE driving one `mlora run` of a one-adapter sweep per trial, until a trial reaches `target`.
+
+    With a `deadline` (a time.perf_counter() value), no trial is started that would end after it at the mean trial
+    wall so far (the first always runs): a bounded sample of trial walls for scripts/search-replay.py."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -68,6 +73,9 @@ def per_process_search(sweep: Path, out: Path, spec: dict[str, Any], target: flo
     metric = spec["sweep"]["search"]["metric"]
     started, trials, reached_at = time.perf_counter(), [], None
     for number in range(max_trials):
+        if trials and time.perf_counter() + sum(t["wall_s"] for t in trials) / len(trials) > deadline:
+            print(f"  stopped before trial {number}: the time limit", flush=True)
+            break
         trial, repeats = study.ask(distributions), 0
         while (earlier := next((t for t in trials if t["params"] == trial.params), None)) and repeats < 100:
             # a repeat is not trained again: told the earlier value (Optuna's FAQ way), as mlora does it
@@ -105,7 +113,11 @@ def main() -> None:
     parser.add_argument("--grid-set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override for the grid alone, after --set: run it at its fastest, e.g. "
                              "max_concurrent=8 when the search runs fewer slots")
+    parser.add_argument("--time-limit-s", type=float, default=None,
+                        help="stop asking process-per-trial trials that would end after this many seconds of the "
+                             "whole benchmark (at least one runs); the replay then uses their mean wall")
     args = parser.parse_args()
+    deadline = time.perf_counter() + args.time_limit_s if args.time_limit_s else float("inf")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     from mlora_cli.spec.load import read_yaml
@@ -122,6 +134,16 @@ def main() -> None:
     print(f"  {len(scores)} configurations in {grid_wall:.1f} s; best {best_name} ACC {best:.4f}; "
           f"target >= {target:.4f}", flush=True)
 
+    report: dict[str, Any] = {
+        "sweep": str(args.sweep), "overrides": args.set, "grid_overrides": args.grid_set, "metric": metric,
+        "target_pp": args.target_pp, "target": target,
+        "grid": {"wall_s": grid_wall, "best": best, "best_adapter": best_name, "acc": scores,
+                 "steps": sum(e["steps"] for e in grid["adapters"].values())},
+        "search": None, "process_per_trial": None,
+    }
+    # Written after each part: a run stopped by a time limit keeps what it measured.
+    (out / "bench-search.json").write_text(json.dumps(report, indent=2))
+
     print("2/3 the search: TPE trials asked as slots free, ASHA pruning, one warm engine", flush=True)
     search_wall, found = mlora_run(args.sweep, out / "search", *args.set)
     entries = found["adapters"].values()
@@ -133,21 +155,16 @@ def main() -> None:
           f"steps) in {search_wall:.1f} s; best ACC {searched_best}; target reached at {search_to_target} s",
           flush=True)
 
+    report["search"] = {"wall_s": search_wall, "time_to_target_s": search_to_target, "best": searched_best,
+                        "steps": steps, "pruned": sum(e["status"] == "pruned" for e in entries),
+                        "trials": {e["name"]: {**e["trial"], "status": e["status"], "finished_after_s":
+                                               e["finished_after_s"]} for e in entries}}
+    (out / "bench-search.json").write_text(json.dumps(report, indent=2))
+
     print("3/3 Optuna driving one fresh mlora process per trial", flush=True)
     process = per_process_search(args.sweep, out, spec, target, args.max_process_trials, spec.get("seed", 0),
-                                 args.set)
-
-    report = {
-        "sweep": str(args.sweep), "overrides": args.set, "grid_overrides": args.grid_set, "metric": metric,
-        "target_pp": args.target_pp, "target": target,
-        "grid": {"wall_s": grid_wall, "best": best, "best_adapter": best_name, "acc": scores,
-                 "steps": sum(e["steps"] for e in grid["adapters"].values())},
-        "search": {"wall_s": search_wall, "time_to_target_s": search_to_target, "best": searched_best,
-                   "steps": steps, "pruned": sum(e["status"] == "pruned" for e in entries),
-                   "trials": {e["name"]: {**e["trial"], "status": e["status"], "finished_after_s":
-                                          e["finished_after_s"]} for e in entries}},
-        "process_per_trial": process,
-    }
+                                 args.set, deadline)
+    report["process_per_trial"] = process
     if search_to_target:
         report["speedup_vs_grid"] = grid_wall / search_to_target
         reached = process["time_to_target_s"]

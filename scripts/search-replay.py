@@ -40,6 +40,9 @@ def main() -> None:
                              "(e.g. tpe:n_startup_trials=4, tpe:multivariate=false) (repeatable)")
     parser.add_argument("--cost", default="", help="another machine's cost model instead of SEARCH_RUN's: "
                         "FIXED_MS,PER_ADAPTER_MS,EVAL_S,START_S (a model, not a measurement)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override of the sweep as it ran, after bench-search.json's own --set (e.g. "
+                             "devices=cuda:0 for runs made without bench-search.py)")
     parser.add_argument("--promoted-first", action="store_true",
                         help="variant: a scheduler stepping only trials past a rung while there are any")
     args = parser.parse_args()
@@ -48,7 +51,7 @@ def main() -> None:
                                 target_pp=args.target_pp, process_trial_seconds=args.process_trial_seconds,
                                 variants=tuple(args.variant), samplers=tuple(args.sampler),
                                 promoted_first=args.promoted_first, cost_override=args.cost,
-                                grid_wall=args.grid_wall)
+                                grid_wall=args.grid_wall, overrides=tuple(args.set))
     except (ValueError, ConfigError, OSError) as exc:  # runs that do not fit, a bad option, override or folder
         problems = exc.problems if isinstance(exc, ConfigError) else \
             [f"{exc.filename}: {exc.strerror}"] if isinstance(exc, OSError) else [str(exc)]

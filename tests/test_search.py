@@ -450,8 +450,8 @@ def test_the_replay_of_a_search_on_its_grids_values_asks_and_prunes_what_the_sea
 
     sweep = sweep_with(search={"method": "tpe", "trials": 6, "space": {}},
                        grid={"adapter.rank": [2, 4, 8], "adapter.lr": [1e-3, 3e-3, 1e-2]})  # as sweeps/search.yaml
-    path = write_sweep(tmp_path, sweep, max_concurrent=2)
-    searched = launcher.run_sweep(*load_sweep(path), path.parent, plots=False)
+    path = write_sweep(tmp_path, sweep, max_concurrent=1)  # run with 2 slots: bench-search.py's --set below
+    searched = launcher.run_sweep(*load_sweep(path, ["max_concurrent=2"]), path.parent, plots=False)
     grid_spec, grid_resolved = load_sweep(path, ["sweep.search.method=grid", "sweep.search.trials=null",
                                                  "sweep.prune.method=none", "eval.every_steps=2"])  # at the rungs
     grid = launcher.run_sweep(grid_spec, grid_resolved, path.parent, plots=False)
@@ -461,10 +461,16 @@ def test_the_replay_of_a_search_on_its_grids_values_asks_and_prunes_what_the_sea
     said: list[str] = []
     with pytest.raises(ValueError, match="evaluated inside tasks"):  # its own wall is not the grid's
         replay_report(path, grid.run_dir, searched.run_dir, seeds=2, process_trial_seconds=1.0, say=said.append)
-    summary = replay_report(path, grid.run_dir, searched.run_dir, seeds=2, process_trial_seconds=1.0, grid_wall=1.0,
-                            say=said.append)
+    # As scripts/bench-search.py leaves it when stopped before its per-process baseline, beside the runs: the
+    # overrides the runs had (a GPU this machine lacks among them), the walls measured around the processes.
+    report = {"overrides": ["devices=cuda:0", "max_concurrent=2"], "grid": {"wall_s": 1.0},
+              "search": {"wall_s": searched.results["run"]["wall_seconds"]}, "process_per_trial": None}
+    (tmp_path / "bench-search.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="no process-per-trial walls"):
+        replay_report(path, grid.run_dir, searched.run_dir, seeds=2, say=said.append)
+    summary = replay_report(path, grid.run_dir, searched.run_dir, seeds=2, process_trial_seconds=1.0, say=said.append)
     assert summary["seed_0"]["agree"] == summary["seed_0"]["trials"] == 6, said
-    assert len(summary["variants"]["as written"]) == 2 and len(summary["process_per_trial"]) == 2
+    assert len(summary["variants"]["as written with max_concurrent=2"]) == 2 and len(summary["process_per_trial"]) == 2
 
 
 def test_a_search_refuses_the_ray_backend_before_anything_starts(tmp_path: Path) -> None:

@@ -258,19 +258,26 @@ def quartiles(values: list[float]) -> str:
 def replay_report(sweep: Path, grid_run: Path, search_run: Path, *, seeds: int = 20, target_pp: float = 1.0,
                   process_trial_seconds: float | None = None, variants: tuple[str, ...] = (),
                   samplers: tuple[str, ...] = (), promoted_first: bool = False, cost_override: str = "",
-                  grid_wall: float | None = None, say: Any = print) -> dict[str, Any]:
+                  grid_wall: float | None = None, overrides: tuple[str, ...] = (), say: Any = print) -> dict[str, Any]:
     """The replays the module doc describes, said line by line; returns every time to target by variant.
 
-    The target is the grid's best minus `target_pp` / 100 (plus, for loss: an absolute 0.01 x target_pp)."""
+    The sweep is read with the overrides bench-search.py ran it with (its bench-search.json's `--set`s, when
+    beside the runs), then `overrides`; variants apply theirs on top. The target is the grid's best minus
+    `target_pp` / 100 (plus, for loss: an absolute 0.01 x target_pp)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for sampler in samplers:
         if sampler.partition(":")[0] not in SAMPLERS:
             raise ValueError(f"--sampler {sampler}: one of {', '.join(SAMPLERS)}, with options NAME:KEY=VALUE,...")
-    spec, _ = load_sweep(sweep)
-    runs = [("as written", spec, None, False)]  # every variant read before anything is replayed
-    runs += [(overrides, load_sweep(sweep, overrides.split())[0], None, False) for overrides in variants]
+    bench = search_run.parent.parent / "bench-search.json"  # beside the runs when bench-search.py made them
+    report = json.loads(bench.read_text()) if bench.is_file() else None
+    # The replay models one worker wherever it ran: a run's devices (a GPU this machine may lack) are not read.
+    ran_with = [o for o in [*(report or {}).get("overrides", []), *overrides] if not o.startswith("devices=")]
+    spec, _ = load_sweep(sweep, ran_with)
+    runs = [("as written" + (f" with {' '.join(ran_with)}" if ran_with else ""), spec, None, False)]
+    # every variant read before anything is replayed
+    runs += [(variant, load_sweep(sweep, [*ran_with, *variant.split()])[0], None, False) for variant in variants]
     runs += [(f"sampler {s}", spec, s, False) for s in samplers]
     if promoted_first:
         runs.append(("promoted trials first", spec, None, True))
@@ -285,11 +292,9 @@ def replay_report(sweep: Path, grid_run: Path, search_run: Path, *, seeds: int =
                 from None
         cost.fixed, cost.per_adapter = fixed_ms / 1e3, per_adapter_ms / 1e3
     target = land.best - target_pp / 100 * (-1 if search_module.minimize(spec) else 1)
-    bench = search_run.parent.parent / "bench-search.json"  # beside the runs when bench-search.py made them
-    report = json.loads(bench.read_text()) if bench.is_file() else None
     if report is not None:  # the walls it measured around the processes, start-up included
         land.grid_wall = report["grid"]["wall_s"]
-        if not cost_override:
+        if not cost_override and report.get("search"):
             cost.measured_wall(report["search"]["wall_s"])
     elif land.evaluated_inside_tasks and grid_wall is None:
         raise ValueError(f"{grid_run} evaluated inside tasks (eval.every_steps), so its wall is not the grid's: "
@@ -298,9 +303,9 @@ def replay_report(sweep: Path, grid_run: Path, search_run: Path, *, seeds: int =
         land.grid_wall = grid_wall
     per_trial = process_trial_seconds
     if per_trial is None:
-        if report is None:
-            raise ValueError(f"no {bench}: give --process-trial-seconds")
-        per_trial = report["process_per_trial"]["mean_trial_wall_s"]
+        per_trial = ((report or {}).get("process_per_trial") or {}).get("mean_trial_wall_s")
+        if per_trial is None:
+            raise ValueError(f"{bench} has no process-per-trial walls (or is missing): give --process-trial-seconds")
     measured_grid = land.grid_wall
     slots = worker_slots(spec)
     if cost_override:  # another machine: the grid's wall is modelled too
