@@ -6,7 +6,6 @@ column first where the adapter names are long, and the caption says so.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from rich.markup import escape
@@ -16,7 +15,7 @@ from mlora_cli.contract import MAX_REPEATS
 from mlora_cli.report.fit import Col, best_marked, caption_text, drop_to_fit, fitted_table, left_out_notes, width_budget
 from mlora_cli.report.format import format_metric, metric_short
 from mlora_cli.spec.schema import SweepSpec
-from mlora_cli.spec.space import Dimension, halving_estimate, measuring_steps
+from mlora_cli.spec.space import Dimension, halving_estimate, measuring_steps, space_size
 from mlora_cli.spec.sweep import NAME_ALIASES, AdapterSpec, format_value, search_space
 
 
@@ -37,14 +36,14 @@ def _steps_text(steps: list[int]) -> str:
 
 def _space_size_text(space: dict[str, Dimension], trials: int) -> str:
     """How many configurations a space of choices and integer ranges holds, when trials may use it up."""
-    if any(d.kind not in ("choice", "int", "log_int") for d in space.values()):
+    size = space_size(space)
+    if size is None:
         return ""  # a float range: as many as the sampler draws
-    size = math.prod(len(d.choices) if d.kind == "choice" else int(d.high - d.low) + 1 for d in space.values())
     if trials <= size:
         return f"; the space holds {size:,} configurations"
     return (f"; the space holds only {size:,} configurations: a suggestion already tried is told its result, "
-            f"not trained, and once the sampler offers nothing new ({MAX_REPEATS} in a row) a repeat is trained, "
-            "with the same result")
+            f"not trained, and once every configuration has been tried (or the sampler offers nothing new "
+            f"{MAX_REPEATS} times in a row) a repeat is trained, with the same result")
 
 
 def search_table(spec: SweepSpec, adapters: list[AdapterSpec], width: int | None = None) -> Table:

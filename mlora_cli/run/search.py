@@ -35,7 +35,7 @@ from typing import Any
 from mlora_cli.contract import MAX_REPEATS, SEARCH_DB, SEARCH_LOCK, Scores, TrialRecord
 from mlora_cli.errors import ConfigError
 from mlora_cli.spec.schema import SweepSpec
-from mlora_cli.spec.space import Dimension
+from mlora_cli.spec.space import Dimension, space_size
 from mlora_cli.spec.sweep import AdapterSpec, expand, search_envelope, search_space, trial_adapter
 
 
@@ -116,8 +116,11 @@ class Search:
         self.optuna = optuna = import_optuna()
         self.spec, self.run_dir = spec, run_dir
         self.searched = spec.sweep.search.method != "grid"
+        self.space_size: int | None = None  # configurations a searched space holds; None: a float range in it
         if self.searched:
-            self.distributions = {key: distribution(optuna, d) for key, d in search_space(spec).items()}
+            space = search_space(spec)
+            self.distributions = {key: distribution(optuna, d) for key, d in space.items()}
+            self.space_size = space_size(space)
         else:
             self.distributions = grid_distributions(optuna, expand(spec))
         self.trials: dict[str, Any] = {}  # adapter name -> its running optuna.Trial
@@ -188,14 +191,20 @@ class Search:
         would give the same result (an adapter's results depend on its settings and seed only). So a repeat is told
         the earlier trial's outcome at once, as Optuna's FAQ does it, or when that trial ends if it is still running
         (`close`), and the sampler is asked again; after MAX_REPEATS repeats in a row the repeat is trained after all.
+        Once every configuration of a finite space has been tried, the first suggestion is trained at once: asking
+        MAX_REPEATS more would only add that many told trials to the study (and each ask costs more with every trial
+        the study holds).
         """
         states = self.optuna.trial.TrialState
+        tried = {tuple(sorted(t.params.items())) for t in self.study.get_trials(deepcopy=False)
+                 if t.user_attrs.get("seed") == seed and "adapter" in t.user_attrs}
+        used_up = self.space_size is not None and len(tried) >= self.space_size
         repeats = 0
         while True:
             trial = self.study.ask(self.distributions)
             earlier = [t for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get("seed") == seed
                        and "adapter" in t.user_attrs and t.params == trial.params]
-            if not earlier or repeats == MAX_REPEATS:  # this one is trained (left running): the space is used up
+            if not earlier or used_up or repeats == MAX_REPEATS:  # this one is trained (left running)
                 return trial
             original = min(earlier, key=lambda t: t.number)
             trial.set_user_attr("repeat_of", original.number)

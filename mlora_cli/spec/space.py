@@ -9,6 +9,7 @@ into Optuna's distribution; `spec.sweep` combines them with the grid / zip / lis
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,13 @@ class Dimension:
         if self.kind == "choice":
             return "choice of " + ", ".join(map(str, self.labels))
         return f"{self.kind} [{self.low:g}, {self.high:g}]"
+
+
+def space_size(space: dict[str, Dimension]) -> int | None:
+    """How many configurations a space of choices and integer ranges holds; None with a float range in it."""
+    if any(d.kind not in ("choice", "int", "log_int") for d in space.values()):
+        return None
+    return math.prod(len(d.choices) if d.kind == "choice" else int(d.high - d.low) + 1 for d in space.values())
 
 
 def flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
