@@ -18,6 +18,7 @@ from helpers import builtin_tasks, micro_sweep, mlora, run_cli, write_sweep
 from mlora_cli.data.batches import TokenizedTask, tokenize_task
 from mlora_cli.data.sources import load_task
 from mlora_cli.errors import ConfigError
+from mlora_cli.eval import base_rows
 from mlora_cli.eval import evaluate as evaluation
 from mlora_cli.eval.evaluate import completion_text, evaluate
 from mlora_cli.eval.passk import mean_pass_at_k, pass_at_k, passing_counts
@@ -157,6 +158,42 @@ def test_a_failing_reward_fails_only_its_adapter(engine_and_tasks: Any, monkeypa
     assert list(failures) == ["b"] and "RuntimeError: cannot score this" in failures["b"]
     assert math.isnan(scores["b"]["copy"]["pass_at_k"])
     assert pass_scores(scores, "a") == pass_scores(reference, "a")
+
+
+def test_a_workers_kept_base_scores_are_a_fresh_evaluations_per_data_and_seed_failure_included(
+    engine_and_tasks: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An adapter starting later takes the base's row of R from the worker (eval.base_rows): the scores a fresh
+    evaluation gives, kept per eval data and (pass_at_k's samples are seeded) per seed, a failed reward too."""
+    engine, tokenizer, tasks = engine_and_tasks
+    settings = config(metrics=("pass_at_k", "loss", "exact_match"))
+    evaluated: list[list[str]] = []  # the requests every real evaluation was given
+    real = base_rows.evaluate
+
+    def recording(engine: Any, requests: list[EvalRequest], *args: Any) -> Any:
+        evaluated.append([r.key for r in requests])
+        return real(engine, requests, *args)
+
+    monkeypatch.setattr(base_rows, "evaluate", recording)
+    kept, failures = base_rows.KeptBaseScores(), {}
+    first, _, reused = kept.evaluate(engine, [EvalRequest("x", None, tasks, seed=3), EvalRequest("a", 0, tasks)],
+                                     settings, tokenizer, failures)
+    later, seconds, reused_later = kept.evaluate(engine, [EvalRequest("y", None, tasks, seed=3)], settings, tokenizer,
+                                                 failures)
+    other_seed, _, _ = kept.evaluate(engine, [EvalRequest("z", None, tasks, seed=4)], settings, tokenizer, failures)
+    assert evaluated == [["x", "a"], ["z"]] and (reused, reused_later, seconds) == (set(), {"y"}, 0.0)
+    fresh, _ = evaluate(engine, [EvalRequest("y", None, tasks, seed=3)], settings, tokenizer)
+    fresh_other, _ = evaluate(engine, [EvalRequest("z", None, tasks, seed=4)], settings, tokenizer)
+    assert later["y"] == first["x"] == fresh["y"] and other_seed["z"] == fresh_other["z"] and not failures
+    later["y"]["copy"]["loss"] = -1.0  # each adapter's scores are its own copy
+    assert kept.evaluate(engine, [EvalRequest("w", None, tasks, seed=3)], settings, tokenizer, {})[0]["w"] == first["x"]
+
+    load_reward(tasks[0].reward).__globals__["calls"].clear()
+    monkeypatch.setenv("FAIL_ON", "1")  # the base's first reward call raises
+    failing, failures = base_rows.KeptBaseScores(), {}
+    failing.evaluate(engine, [EvalRequest("x", None, tasks[:1], seed=5)], settings, tokenizer, failures)
+    failing.evaluate(engine, [EvalRequest("y", None, tasks[:1], seed=5)], settings, tokenizer, failures)
+    assert list(failures) == ["x", "y"] and failures["y"] == failures["x"] and "cannot score this" in failures["y"]
 
 
 def test_samples_below_pass_k_is_one_line_at_validate(tmp_path: Path) -> None:

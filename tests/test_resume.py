@@ -19,6 +19,7 @@ import torch
 from helpers import builtin_tasks, micro_sweep, mlora, numbers, stop_mid_run, write_sweep
 from safetensors.torch import load_file
 
+from mlora_cli.eval import base_rows
 from mlora_cli.run import worker
 
 RTOL, ATOL = 1e-5, 1e-7
@@ -224,7 +225,7 @@ def test_resuming_a_finished_run_changes_and_trains_nothing(
         raise AssertionError("a finished run was trained or evaluated again")
 
     monkeypatch.setattr(worker, "fused_step", must_not_run)
-    monkeypatch.setattr(worker, "evaluate", must_not_run)
+    monkeypatch.setattr(base_rows, "evaluate", must_not_run)  # the worker's evaluations go through it
     result = mlora("run", "--resume", run_dir, "--no-plots")
 
     assert result.exit_code == 0, result.output

@@ -24,6 +24,7 @@ import pytest
 from helpers import builtin_tasks, micro_sweep, mlora, numbers, write_sweep
 from safetensors.torch import load_file
 
+from mlora_cli.eval import evaluate as evaluate_module
 from mlora_cli.run import launcher
 from mlora_cli.spec.load import load_sweep
 
@@ -118,10 +119,22 @@ def test_a_failing_adapter_leaves_the_others_unchanged(reference: Any, tmp_path:
         assert_same_adapter(run_dir, results["adapters"][name], outcome.run_dir, expected)
 
 
-def test_slots_refilled_from_the_queue_give_the_same_results(reference: Any, tmp_path: Path) -> None:
+def test_slots_refilled_from_the_queue_give_the_same_results(
+    reference: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base_passes: list[str] = []  # the task of every pass scoring the base alone
+    score_task = evaluate_module._score_task
+
+    def counted(engine: Any, slots: Any, groups: Any, config: Any, tokenizer: Any, task: Any) -> Any:
+        if slots is None:
+            base_passes.append(task.name)
+        return score_task(engine, slots, groups, config, tokenizer, task)
+
+    monkeypatch.setattr(evaluate_module, "_score_task", counted)
     outcome, events = run(tmp_path, max_concurrent=2)
 
-    assert [e["event"] for e in events].count("worker_ready") == 1  # the base was loaded once
+    assert [e["event"] for e in events].count("worker_ready") == 1  # the base was loaded once ...
+    assert base_passes == ["copy", "sort"]  # ... and evaluated once: the refills' rows before training kept it
     steps = [[r["adapter"] for r in e["records"]] for e in events if e["event"] == "step"]
     assert max(len(s) for s in steps) == 2  # never more than two adapters in a fused step ...
     assert {a for s in steps for a in s} == {a["name"] for a in ADAPTERS}  # ... yet all five trained

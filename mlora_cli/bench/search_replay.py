@@ -8,7 +8,8 @@ measuring steps) holds every value any search of that space would be told. This 
 - mlora's own search: `run.search.Search` as a worker drives it (Optuna's sampler through ask-and-tell, the
   sweep's pruner, a repeated suggestion told and not trained), slots refilled as in `run.worker`, time advanced
   by a cost model measured on SEARCH_RUN (a real run of the same sweep): a fused step with n adapters costs
-  a + b x n seconds (least squares over its metrics.jsonl), an adapter's evaluation its mean eval seconds, and
+  a + b x n seconds (least squares over its metrics.jsonl), an adapter's evaluation its mean eval seconds (the
+  base evaluated once, as a worker keeps its scores for every later adapter: eval.base_rows), and
   the process start the part of SEARCH_RUN's wall the steps and evaluations do not explain;
 - Optuna driving one fresh process per trial: TPE asked one trial after another (the same space, repeats told
   their earlier value), each trial costing `--process-trial-seconds` (bench-search.json's mean trial wall).
@@ -124,9 +125,10 @@ class CostModel:
         self.fixed = mean_s - self.per_adapter * mean_n
         results = json.loads((search_run / "results.json").read_text())
         entries = results["adapters"].values()
-        # An adapter's eval seconds are its shares of the batched passes it was in: per point of its curve (the
-        # base before its first step included), the mean share.
-        evaluations = sum(len(e["curve"]) for e in entries)
+        # An adapter's eval seconds are its shares of the batched passes it was in. Every point of its curve was
+        # evaluated but the first (the base before its first step), which a worker evaluates once for all
+        # (eval.base_rows): an evaluation is the mean over those.
+        evaluations = sum(len(e["curve"]) - 1 for e in entries) + 1
         self.per_eval = sum(e["eval_seconds"] for e in entries) / evaluations
         self.explained = sum(s for _, s in steps) + sum(e["eval_seconds"] for e in entries)
         self.wall = results["run"]["wall_seconds"]
@@ -179,16 +181,14 @@ def replay_search(spec: SweepSpec, land: Landscape, cost: CostModel, slots: int,
     total = land.total_steps
     measure = set(measuring_steps(spec, total))
     ends = task_ends(spec)
-    clock, active, trials, reached = cost.start, [], [], None
+    # The base is evaluated once, when the first adapters start: it is every later adapter's row before training.
+    clock, active, trials, reached = cost.start + cost.per_eval, [], [], None
     better = reaches(spec, target)
     while queue or active:
-        fresh = 0
         while queue and len(active) < slots:
             slot = queue.pop(0)
             adapter = search.begin(slot)
             active.append({"name": slot.name, "seed": slot.seed, "varied": adapter.varied, "step": 0})
-            fresh += 1
-        clock += cost.per_eval * fresh  # each new adapter's evaluation before its first step
         promoted = [t for t in active if any(t["step"] >= m for m in measure)]
         stepping = promoted if promoted_first and promoted else list(active)
         clock += cost.step(len(stepping))
@@ -213,10 +213,11 @@ def replay_search(spec: SweepSpec, land: Landscape, cost: CostModel, slots: int,
 
 def modelled_grid(spec: SweepSpec, land: Landscape, cost: CostModel, slots: int) -> float:
     """The full grid's wall in the cost model: rounds of `slots` configurations trained to the end together, each
-    evaluated before training and after every task."""
+    evaluated after every task, the base once before them all."""
     rounds = -(-len(land.values) // slots)
     width = min(slots, len(land.values))
-    return cost.start + rounds * (land.total_steps * cost.step(width) + (1 + len(spec.tasks)) * width * cost.per_eval)
+    return cost.start + cost.per_eval + rounds * (land.total_steps * cost.step(width)
+                                                  + len(spec.tasks) * width * cost.per_eval)
 
 
 def worker_slots(spec: SweepSpec) -> int:

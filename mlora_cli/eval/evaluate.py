@@ -18,7 +18,8 @@ Generation starts from the loss pass itself (see `greedy_generate`): no second p
 rows leave the batch as soon as they finish.
 
 An adapter with B = 0 equals the base, so "before training" is the base model alone,
-evaluated once per distinct eval data and shared (for pass_at_k, per distinct data and seed).
+evaluated once per distinct eval data and shared (for pass_at_k, per distinct data and seed);
+a worker keeps those scores for the adapters that start later (eval.base_rows).
 """
 
 from __future__ import annotations

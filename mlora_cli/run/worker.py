@@ -36,7 +36,7 @@ from mlora_cli.contract import (
 from mlora_cli.data.batches import BatchSampler, Row, TokenizedTask, check_formats, tokenize_task
 from mlora_cli.data.sources import TaskData
 from mlora_cli.errors import ConfigError, Interrupted, StorageError
-from mlora_cli.eval.evaluate import evaluate
+from mlora_cli.eval.base_rows import KeptBaseScores
 from mlora_cli.eval.harness_rows import HarnessRows
 from mlora_cli.eval.reeval import read_peft_adapter
 from mlora_cli.eval.request import EvalRequest
@@ -84,6 +84,7 @@ class Worker:
         self.strategies = Strategies(self.engine, plan.slots)
         # eval.harness_tasks: lm-evaluation-harness columns of R, scored for every due adapter together
         self.harness = HarnessRows(spec.eval, self.base.model, self.tokenizer) if spec.eval.harness_tasks else None
+        self.base_scores = KeptBaseScores()  # every adapter's R row before training: the base's, evaluated once
         self.queue = deque(plan.adapters)
         self.free_slots = list(range(plan.slots))[::-1]
         self.active: list[AdapterProgress] = []
@@ -237,14 +238,15 @@ class Worker:
         due = [p for p in self.active if p.needs_eval or p.needs_curve_eval]
         if not due:
             return False
-        # Before its first step an adapter is the base (B = 0), evaluated once for all; a warm start is not.
+        # Before its first step an adapter is the base (B = 0), evaluated once for the worker; a warm start is not.
         requests = [EvalRequest(p.spec.name, p.slot if p.step or p.spec.adapter.init_from else None, p.tasks,
                                 p.spec.seed) for p in due]
         failures: dict[str, str] = {}
-        scores, seconds = evaluate(self.engine, requests, self.spec.eval, self.tokenizer, failures)
+        scores, seconds, kept = self.base_scores.evaluate(self.engine, requests, self.spec.eval, self.tokenizer,
+                                                          failures)
         harness, harness_seconds = self.harness_rows([p for p in due if p.needs_eval and p.spec.name not in failures])
         for progress in due:
-            progress.eval_seconds += seconds / len(due)
+            progress.eval_seconds += 0.0 if progress.spec.name in kept else seconds / (len(due) - len(kept))
             if progress.spec.name in failures:  # its reward failed: it stops, the others go on
                 self.finish(progress, failures[progress.spec.name])
                 continue
