@@ -225,6 +225,8 @@ def evaluate_run(run_dir: Path, suite: TaskSuite | None = None, device: str = "c
         folder = run_dir / "checkpoints" / adapter["name"]
         checkpoints = sorted(folder.glob("after-task-*"), key=lambda p: int(p.name.rpartition("-")[2]))
         rows_of[adapter["name"]] = [c.name for c in checkpoints]
+        if not checkpoints:  # nothing to evaluate (run.not_evaluated); its data may not even tokenize
+            continue
         seed = suite.seed if suite.seed is not None else adapter["seed"]
         tasks = _tokenized_tasks(suite, seed, adapter["train"]["max_seq_len"], base.tokenizer, base_dir, cache)
         tasks_of[adapter["name"]] = tasks
@@ -267,12 +269,16 @@ def evaluate_run(run_dir: Path, suite: TaskSuite | None = None, device: str = "c
             **(harness_entry(harness, adapter["name"], rows_of[adapter["name"]], harness_every_task)
                if harness_tasks else {}),
         }
+    # Adapters that ended before their first task did (failed, pruned mid-task, or unfinished) saved no checkpoint.
+    left_out = {a["name"]: previous["adapters"].get(a["name"], {}).get("status", "unfinished")
+                for a in expanded if not rows_of[a["name"]]}
     results = {
         "adapters": adapters,
         "run": {"name": spec.name, "run_dir": str(run_dir), "base_model": spec.base_model, "tasks": task_names,
                 "trained_tasks": [t.name for t in spec.tasks], "eval_seconds": seconds,
                 "wall_seconds": time.perf_counter() - started,
-                **({"harness_tasks": harness_tasks} if harness_tasks else {})},
+                **({"harness_tasks": harness_tasks} if harness_tasks else {}),
+                **({"not_evaluated": left_out} if left_out else {})},
     }
     if [t.name for t in spec.tasks] == task_names:
         add_cl_metrics(results)  # only meaningful when rows and columns are the same tasks

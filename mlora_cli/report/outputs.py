@@ -44,14 +44,17 @@ def write_forgetting_csv(path: Path, results: dict[str, Any]) -> None:
 
 
 def write_reports(folder: Path, results: dict[str, Any], plots: bool = True) -> list[str]:
-    """forgetting.csv and PNG plots next to results.json; returns notes for the user."""
+    """forgetting.csv and PNG plots next to results.json; returns notes for the user (and the adapters that
+    `mlora eval` could not evaluate: run.not_evaluated, adapter -> its status in the run)."""
+    notes = [f"{name}: not evaluated, no per-task checkpoint (status {status}: it ended before its first task did)"
+             for name, status in results["run"].get("not_evaluated", {}).items()]
     write_forgetting_csv(folder / "forgetting.csv", results)
     if not plots:
-        return []
+        return notes
     try:
         from mlora_cli.report import plots as plotting
 
         plotting.write_all(folder, results, results["run"]["tasks"])
     except ImportError as exc:
-        return [str(exc)]
-    return []
+        return [*notes, str(exc)]
+    return notes
