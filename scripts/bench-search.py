@@ -30,6 +30,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -59,11 +60,13 @@ def acc(entry: dict[str, Any], metric: str) -> float | None:
 
 
 def per_process_search(sweep: Path, out: Path, spec: dict[str, Any], target: float, max_trials: int,
-                       seed: int, overrides: list[str], deadline: float = float("inf")) -> dict[str, Any]:
+                       seed: int, overrides: list[str], deadline: float = float("inf"),
+                       after_trial: Callable[[dict[str, Any]], None] = lambda so_far: None) -> dict[str, Any]:
     """Optuna's TPE driving one `mlora run` of a one-adapter sweep per trial, until a trial reaches `target`.
 
-    With a `deadline` (a time.perf_counter() value), no trial is started that would end after it at the mean trial
-    wall so far (the first always runs): a bounded sample of trial walls for scripts/search-replay.py."""
+    With a `deadline` (a time.perf_counter() value), no trial is started after it, nor one that would end after it
+    at the mean trial wall so far: a bounded sample of trial walls for scripts/search-replay.py. `after_trial` is
+    given the result so far after each trial (bench-search.json is rewritten with it: a kill loses no trial)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -72,8 +75,13 @@ def per_process_search(sweep: Path, out: Path, spec: dict[str, Any], target: flo
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
     metric = spec["sweep"]["search"]["metric"]
     started, trials, reached_at = time.perf_counter(), [], None
+    def so_far() -> dict[str, Any]:
+        return {"trials": trials, "time_to_target_s": reached_at, "wall_s": time.perf_counter() - started,
+                "mean_trial_wall_s": sum(t["wall_s"] for t in trials) / len(trials) if trials else None}
+
     for number in range(max_trials):
-        if trials and time.perf_counter() + sum(t["wall_s"] for t in trials) / len(trials) > deadline:
+        mean = sum(t["wall_s"] for t in trials) / len(trials) if trials else 0.0
+        if time.perf_counter() + mean > deadline:
             print(f"  stopped before trial {number}: the time limit", flush=True)
             break
         trial, repeats = study.ask(distributions), 0
@@ -97,9 +105,10 @@ def per_process_search(sweep: Path, out: Path, spec: dict[str, Any], target: flo
         print(f"  process trial {number}: {trial.params} ACC {value:.4f} in {wall:.1f} s", flush=True)
         if value is not None and value >= target:
             reached_at = elapsed
+        after_trial(so_far())
+        if reached_at is not None:
             break
-    return {"trials": trials, "time_to_target_s": reached_at, "wall_s": time.perf_counter() - started,
-            "mean_trial_wall_s": sum(t["wall_s"] for t in trials) / len(trials)}
+    return so_far()
 
 
 def main() -> None:
@@ -117,7 +126,7 @@ def main() -> None:
                         help="stop asking process-per-trial trials that would end after this many seconds of the "
                              "whole benchmark (at least one runs); the replay then uses their mean wall")
     args = parser.parse_args()
-    deadline = time.perf_counter() + args.time_limit_s if args.time_limit_s else float("inf")
+    deadline = time.perf_counter() + args.time_limit_s if args.time_limit_s is not None else float("inf")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     from mlora_cli.spec.load import read_yaml
@@ -162,27 +171,34 @@ def main() -> None:
     (out / "bench-search.json").write_text(json.dumps(report, indent=2))
 
     print("3/3 Optuna driving one fresh mlora process per trial", flush=True)
+    def save_trials(so_far: dict[str, Any]) -> None:
+        report["process_per_trial"] = so_far
+        (out / "bench-search.json").write_text(json.dumps(report, indent=2))
+
     process = per_process_search(args.sweep, out, spec, target, args.max_process_trials, spec.get("seed", 0),
-                                 args.set, deadline)
+                                 args.set, deadline, save_trials)
     report["process_per_trial"] = process
+    reached, ran = process["time_to_target_s"], bool(process["trials"])
     if search_to_target:
         report["speedup_vs_grid"] = grid_wall / search_to_target
-        reached = process["time_to_target_s"]
-        report["speedup_vs_process_per_trial"] = (reached or process["wall_s"]) / search_to_target
-        report["process_per_trial_reached_target"] = reached is not None
+        if ran:  # none ran when the grid and the search used the whole time limit
+            report["speedup_vs_process_per_trial"] = (reached or process["wall_s"]) / search_to_target
+            report["process_per_trial_reached_target"] = reached is not None
     (out / "bench-search.json").write_text(json.dumps(report, indent=2))
     print(f"\ntarget: {metric} ACC >= {target:.4f} (grid best {best:.4f} - {args.target_pp} pp)")
     print(f"full grid, co-trained:       {grid_wall:8.1f} s (all {len(scores)} configurations)")
     print(f"search, TPE + ASHA, mlora:   {search_to_target or float('nan'):8.1f} s to target "
           f"({search_wall:.1f} s for all {len(found['adapters'])} trials)")
-    reached = process["time_to_target_s"]
-    print(f"one process per trial:       {reached or process['wall_s']:8.1f} s "
-          + (f"to target ({len(process['trials'])} trials)" if reached else
-             f"without reaching it ({len(process['trials'])} trials)"))
+    if not ran:
+        print("one process per trial:       not run (the time limit)")
+    else:
+        print(f"one process per trial:       {reached or process['wall_s']:8.1f} s "
+              + (f"to target ({len(process['trials'])} trials)" if reached else
+                 f"without reaching it ({len(process['trials'])} trials)"))
     if search_to_target:
-        print(f"speedup: {report['speedup_vs_grid']:.2f}x vs the grid, "
-              f"{report['speedup_vs_process_per_trial']:.2f}x vs one process per trial"
-              + ("" if reached else " (at least: the baseline never reached the target)"))
+        print(f"speedup: {report['speedup_vs_grid']:.2f}x vs the grid"
+              + (f", {report['speedup_vs_process_per_trial']:.2f}x vs one process per trial" if ran else "")
+              + ("" if reached or not ran else " (at least: the baseline never reached the target)"))
     print(f"bench-search.json: {out / 'bench-search.json'}")
 
 

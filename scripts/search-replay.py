@@ -42,7 +42,7 @@ def main() -> None:
                         "FIXED_MS,PER_ADAPTER_MS,EVAL_S,START_S (a model, not a measurement)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override of the sweep as it ran, after bench-search.json's own --set (e.g. "
-                             "devices=cuda:0 for runs made without bench-search.py)")
+                             "max_concurrent=8 for runs made without bench-search.py; `devices` is not read)")
     parser.add_argument("--promoted-first", action="store_true",
                         help="variant: a scheduler stepping only trials past a rung while there are any")
     args = parser.parse_args()

@@ -164,7 +164,8 @@ def test_a_workers_kept_base_scores_are_a_fresh_evaluations_per_data_and_seed_fa
     engine_and_tasks: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An adapter starting later takes the base's row of R from the worker (eval.base_rows): the scores a fresh
-    evaluation gives, kept per eval data and (pass_at_k's samples are seeded) per seed, a failed reward too."""
+    evaluation gives, kept per eval data and (pass_at_k's samples are seeded) per seed; a reward that failed on the
+    base is not kept but tried again (it may have failed once: a service, a timeout)."""
     engine, tokenizer, tasks = engine_and_tasks
     settings = config(metrics=("pass_at_k", "loss", "exact_match"))
     evaluated: list[list[str]] = []  # the requests every real evaluation was given
@@ -189,11 +190,16 @@ def test_a_workers_kept_base_scores_are_a_fresh_evaluations_per_data_and_seed_fa
     assert kept.evaluate(engine, [EvalRequest("w", None, tasks, seed=3)], settings, tokenizer, {})[0]["w"] == first["x"]
 
     load_reward(tasks[0].reward).__globals__["calls"].clear()
-    monkeypatch.setenv("FAIL_ON", "1")  # the base's first reward call raises
-    failing, failures = base_rows.KeptBaseScores(), {}
+    monkeypatch.setenv("FAIL_ON", "1")  # the base's first reward call raises, the next ones do not
+    failing, failures, evaluated[:] = base_rows.KeptBaseScores(), {}, []
     failing.evaluate(engine, [EvalRequest("x", None, tasks[:1], seed=5)], settings, tokenizer, failures)
-    failing.evaluate(engine, [EvalRequest("y", None, tasks[:1], seed=5)], settings, tokenizer, failures)
-    assert list(failures) == ["x", "y"] and failures["y"] == failures["x"] and "cannot score this" in failures["y"]
+    retried, _, _ = failing.evaluate(engine, [EvalRequest("y", None, tasks[:1], seed=5)], settings, tokenizer,
+                                     failures)
+    failing.evaluate(engine, [EvalRequest("v", None, tasks[:1], seed=5)], settings, tokenizer, failures)
+    assert list(failures) == ["x"] and "cannot score this" in failures["x"]
+    assert evaluated == [["x"], ["y"]]  # y tried again (and passed): kept from then on
+    fresh, _ = evaluate(engine, [EvalRequest("y", None, tasks[:1], seed=5)], settings, tokenizer)
+    assert retried["y"] == fresh["y"]
 
 
 def test_samples_below_pass_k_is_one_line_at_validate(tmp_path: Path) -> None:

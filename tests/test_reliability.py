@@ -282,7 +282,7 @@ def test_a_max_seq_len_that_cuts_every_completion_fails_its_adapter_with_one_lin
     # `mlora eval` has no checkpoint of it to evaluate, and says so rather than leaving it out silently.
     evaluated = mlora("eval", run_dir)
     assert evaluated.exit_code == 0, evaluated.output
-    assert ("note cut: not evaluated, no per-task checkpoint (status failed: it ended before its first task did)"
+    assert ("note cut: not evaluated, it saved no per-task checkpoint (its status in the run: failed)"
             in " ".join(evaluated.output.split())), evaluated.output
     (out_dir,) = (run_dir / "evals").iterdir()
     written = json.loads((out_dir / "results.json").read_text())

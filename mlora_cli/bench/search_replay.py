@@ -126,9 +126,10 @@ class CostModel:
         results = json.loads((search_run / "results.json").read_text())
         entries = results["adapters"].values()
         # An adapter's eval seconds are its shares of the batched passes it was in. Every point of its curve was
-        # evaluated but the first (the base before its first step), which a worker evaluates once for all
-        # (eval.base_rows): an evaluation is the mean over those.
-        evaluations = sum(len(e["curve"]) - 1 for e in entries) + 1
+        # evaluated but the first (the base before its first step), which the worker evaluates once per distinct
+        # eval data, i.e. per seed and max_seq_len (eval.base_rows): an evaluation is the mean over those.
+        bases = {(e["seed"], e["config"]["train"]["max_seq_len"]) for e in entries if e["curve"]}
+        evaluations = sum(max(0, len(e["curve"]) - 1) for e in entries) + len(bases)
         self.per_eval = sum(e["eval_seconds"] for e in entries) / evaluations
         self.explained = sum(s for _, s in steps) + sum(e["eval_seconds"] for e in entries)
         self.wall = results["run"]["wall_seconds"]

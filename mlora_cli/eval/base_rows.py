@@ -5,8 +5,8 @@ Before its first step an adapter is the base (B = 0 gives the base's logits exac
 requests for the base alone in passes of their own, apart from the adapters' rows. So the base's scores depend
 only on the eval data, the eval settings and (for pass_at_k) the request's seed, never on when they are asked
 for. A worker keeps them: an adapter that starts later (a slot refill, a search's next trial) takes them instead
-of evaluating the base again, which cost a full evaluation per refill. `HarnessRows` keeps the base's harness
-columns the same way.
+of evaluating the base again, which cost a full evaluation per refill. A reward that failed on the base is not
+kept (the next adapter tries it again). `HarnessRows` keeps the base's harness columns the same way.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ class KeptBaseScores:
     """`evaluate` for one worker, with the base's scores kept per distinct eval data (and seed, for pass_at_k)."""
 
     def __init__(self) -> None:
-        # key -> (the tasks, held so their ids stay theirs; the scores; the reward's failure line or None)
-        self.kept: dict[tuple[Any, ...], tuple[Sequence[TokenizedTask], Scores, str | None]] = {}
+        # key -> (the tasks, held so their ids stay theirs; the scores)
+        self.kept: dict[tuple[Any, ...], tuple[Sequence[TokenizedTask], Scores]] = {}
 
     @staticmethod
     def _key(request: EvalRequest, config: EvalConfig) -> tuple[Any, ...]:
@@ -45,11 +45,14 @@ class KeptBaseScores:
         fresh = [r for r in requests if r.key not in kept]
         scores, seconds = evaluate(engine, fresh, config, tokenizer, failures) if fresh else ({}, 0.0)
         for request in fresh:
-            if request.slot is None:
-                self.kept.setdefault(self._key(request, config),
-                                     (request.tasks, scores[request.key], failures.get(request.key)))
-        for name, (_, base, failure) in kept.items():
-            scores[name] = {task: dict(values) for task, values in base.items()}
-            if failure is not None:
-                failures.setdefault(name, failure)
+            # A reward that failed on the base is not kept: the next adapter's evaluation tries it again.
+            if request.slot is None and request.key not in failures:
+                self.kept.setdefault(self._key(request, config), (request.tasks, _copy(scores[request.key])))
+        for name, (_, base) in kept.items():
+            scores[name] = _copy(base)
         return scores, seconds, set(kept)
+
+
+def _copy(scores: Scores) -> Scores:
+    """Scores of its own for each adapter (and for what is kept): nothing one holds changes another's."""
+    return {task: dict(values) for task, values in scores.items()}

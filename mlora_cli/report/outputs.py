@@ -46,7 +46,7 @@ def write_forgetting_csv(path: Path, results: dict[str, Any]) -> None:
 def write_reports(folder: Path, results: dict[str, Any], plots: bool = True) -> list[str]:
     """forgetting.csv and PNG plots next to results.json; returns notes for the user (and the adapters that
     `mlora eval` could not evaluate: run.not_evaluated, adapter -> its status in the run)."""
-    notes = [f"{name}: not evaluated, no per-task checkpoint (status {status}: it ended before its first task did)"
+    notes = [f"{name}: not evaluated, it saved no per-task checkpoint (its status in the run: {status})"
              for name, status in results["run"].get("not_evaluated", {}).items()]
     write_forgetting_csv(folder / "forgetting.csv", results)
     if not plots:
