@@ -206,6 +206,22 @@ sweep:
     ]
 
 
+def test_an_override_in_either_spelling_replaces_the_key_in_the_other(tmp_path: Path) -> None:
+    """`adapter.r=16` on the command line over a file's `rank` (or `rank=` over `r`) replaces it, in the adapter
+    section and in a grid: it is one key, not two spellings set at once."""
+    ours = write_sweep(tmp_path / "ours", MINIMAL_SWEEP + "adapter: {rank: 4, alpha: 8}\n"
+                                                          "sweep:\n  grid: {adapter.rank: [4, 8]}\n")
+    peft = write_sweep(tmp_path / "peft", MINIMAL_SWEEP + "adapter: {r: 4, lora_alpha: 8}\n"
+                                                          "sweep:\n  grid: {adapter.r: [4, 8]}\n")
+    for path, overrides in ((ours, ["adapter.r=16", "adapter.lora_alpha=32", "sweep.grid.adapter.r=[2,16]"]),
+                            (peft, ["adapter.rank=16", "adapter.alpha=32", "sweep.grid.adapter.rank=[2,16]"]),
+                            (peft, ["adapter.r=16", "adapter.lora_alpha=32", "sweep.grid.adapter.r=[2,16]"])):
+        spec, resolved = load_sweep(path, overrides)
+        assert (spec.adapter.rank, spec.adapter.alpha) == (16, 32.0), overrides
+        assert [a.adapter.rank for a in expand(spec)] == [2, 16] and resolved["sweep"]["grid"] == {
+            "adapter": {"rank": [2, 16]}}, overrides
+
+
 def test_peft_spelling_next_to_ours_and_regex_targets_are_errors(tmp_path: Path) -> None:
     path = write_sweep(tmp_path, MINIMAL_SWEEP + "adapter: {r: 4, rank: 8, target_modules: '.*proj'}\n")
     with pytest.raises(ConfigError) as error:

@@ -21,33 +21,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mlora_cli.errors import ConfigError
+from mlora_cli.spec.aliases import apply_aliases, canonical_override, nest_dotted
 from mlora_cli.spec.convert import _NO, build, did_you_mean
 from mlora_cli.spec.models import BUILTIN_MODELS, PRETRAINED_WEIGHTS, read_checked
 from mlora_cli.spec.plan import gpu_device_nodes_present, missing_cuda_devices
 from mlora_cli.spec.schema import EvalConfig, SweepConfig, SweepSpec, TaskConfig
 from mlora_cli.spec.sweep import check_sweep, expand
 from mlora_cli.spec.tasks import check_choice_metric, check_task, first_line
-
-
-def _nest_dotted(mapping: Any) -> Any:
-    """`{"adapter.rank": [4]}` -> `{"adapter": {"rank": [4]}}`, so both spellings merge."""
-    if not isinstance(mapping, dict):
-        return mapping
-    nested: dict[str, Any] = {}
-    for key, value in mapping.items():
-        parts = str(key).split(".")
-        node = nested
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                break
-        else:
-            value = _nest_dotted(value)
-            if isinstance(node.get(parts[-1]), dict) and isinstance(value, dict):
-                node[parts[-1]].update(value)
-            else:
-                node[parts[-1]] = value
-    return nested
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -98,7 +78,7 @@ def _apply_overrides(conf: Any, overrides: typing.Sequence[str]) -> None:
             problems.append(f"override '{item}': expected key=value, e.g. adapter.lr=3e-3")
             continue
         try:
-            conf.merge_with_dotlist([item])
+            conf.merge_with_dotlist([canonical_override(conf, item)])
         except _OMEGACONF_ERRORS as exc:  # bad YAML value, a list index out of range or not a number, ...
             problems.append(f"override '{item}': {_error_text(exc)}")
     if problems:
@@ -113,7 +93,7 @@ def resolve(data: dict[str, Any], overrides: typing.Sequence[str] = ()) -> dict[
         sweep = dict(sweep)
         for axis in ("grid", "zip"):
             if isinstance(sweep.get(axis), dict):
-                sweep[axis] = _nest_dotted(sweep[axis])
+                sweep[axis] = nest_dotted(sweep[axis])
         data["sweep"] = sweep
     try:
         conf = OmegaConf.create(data)
@@ -124,53 +104,7 @@ def resolve(data: dict[str, Any], overrides: typing.Sequence[str] = ()) -> dict[
         resolved = OmegaConf.to_container(conf, resolve=True)
     except _OMEGACONF_ERRORS as exc:
         raise ConfigError([_error_text(exc)]) from None
-    return _apply_aliases(resolved)  # type: ignore[arg-type]
-
-
-# PEFT's `LoraConfig` spellings of adapter keys, accepted wherever an adapter key is written.
-PEFT_ALIASES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
-
-
-def _rename_peft_keys(adapter: dict[str, Any], path: str, problems: list[str]) -> dict[str, Any]:
-    renamed = dict(adapter)
-    for alias, key in PEFT_ALIASES.items():
-        if alias in renamed:
-            if key in renamed:
-                problems.append(f"{path}.{alias}: PEFT's name for {path}.{key}, which is also set; keep one")
-            renamed[key] = renamed.pop(alias)
-    return renamed
-
-
-def _apply_aliases(data: dict[str, Any]) -> dict[str, Any]:
-    """Other spellings people reach for, rewritten to mlora's keys before validation.
-
-    `train.lr` is accepted for `adapter.lr` (it wins when both are set), and PEFT's `r`,
-    `lora_alpha`, `lora_dropout` for `rank`, `alpha`, `dropout`: in the adapter section and
-    in the sweep's grid, zip and list.
-    """
-    problems: list[str] = []
-    train, adapter = data.get("train"), data.get("adapter", {})
-    if isinstance(train, dict) and "lr" in train and isinstance(adapter, dict):
-        data["adapter"] = {**adapter, "lr": train["lr"]}
-        data["train"] = {k: v for k, v in train.items() if k != "lr"}
-    if isinstance(data.get("adapter"), dict):
-        data["adapter"] = _rename_peft_keys(data["adapter"], "adapter", problems)
-    sweep = data.get("sweep")
-    if isinstance(sweep, dict):
-        for axis in ("grid", "zip"):
-            section = sweep.get(axis)
-            if isinstance(section, dict) and isinstance(section.get("adapter"), dict):
-                section["adapter"] = _rename_peft_keys(section["adapter"], f"sweep.{axis}.adapter", problems)
-        entries = sweep.get("list")
-        for i, entry in enumerate(entries if isinstance(entries, list) else []):
-            if isinstance(entry, dict):
-                entries[i] = _nest_dotted(entry)
-                if isinstance(entries[i].get("adapter"), dict):
-                    entries[i]["adapter"] = _rename_peft_keys(entries[i]["adapter"], f"sweep.list[{i}].adapter",
-                                                              problems)
-    if problems:
-        raise ConfigError(problems)
-    return data
+    return apply_aliases(resolved)  # type: ignore[arg-type]
 
 
 def parse_spec(data: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
