@@ -75,13 +75,13 @@ def per_process_search(sweep: Path, out: Path, spec: dict[str, Any], target: flo
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
     metric = spec["sweep"]["search"]["metric"]
     started, trials, reached_at = time.perf_counter(), [], None
+
     def so_far() -> dict[str, Any]:
         return {"trials": trials, "time_to_target_s": reached_at, "wall_s": time.perf_counter() - started,
                 "mean_trial_wall_s": sum(t["wall_s"] for t in trials) / len(trials) if trials else None}
 
     for number in range(max_trials):
-        mean = sum(t["wall_s"] for t in trials) / len(trials) if trials else 0.0
-        if time.perf_counter() + mean > deadline:
+        if time.perf_counter() + (so_far()["mean_trial_wall_s"] or 0.0) > deadline:
             print(f"  stopped before trial {number}: the time limit", flush=True)
             break
         trial, repeats = study.ask(distributions), 0
@@ -123,8 +123,8 @@ def main() -> None:
                         help="an override for the grid alone, after --set: run it at its fastest, e.g. "
                              "max_concurrent=8 when the search runs fewer slots")
     parser.add_argument("--time-limit-s", type=float, default=None,
-                        help="stop asking process-per-trial trials that would end after this many seconds of the "
-                             "whole benchmark (at least one runs); the replay then uses their mean wall")
+                        help="start no process-per-trial trial after this many seconds of the whole benchmark, "
+                             "nor one that would end after them; the replay then uses their mean wall")
     args = parser.parse_args()
     deadline = time.perf_counter() + args.time_limit_s if args.time_limit_s is not None else float("inf")
     out = args.out.resolve()
@@ -171,6 +171,7 @@ def main() -> None:
     (out / "bench-search.json").write_text(json.dumps(report, indent=2))
 
     print("3/3 Optuna driving one fresh mlora process per trial", flush=True)
+
     def save_trials(so_far: dict[str, Any]) -> None:
         report["process_per_trial"] = so_far
         (out / "bench-search.json").write_text(json.dumps(report, indent=2))

@@ -9,11 +9,12 @@
 #   4. with the time left of 570 s less 200 s kept for 5 (at least 100 s), `mlora bench` of
 #      sweeps/rl-bench.yaml on builtin:small (5 SFT + 12 GRPO steps): RL throughput against the
 #      plain-PEFT RL baseline, sampling and RL-step fusion, what sharing prompts gives;
-#   5. with the time left (at least 120 s), the adaptive-search benchmark on the GPU: the full grid of
-#      sweeps/search-bench.yaml co-trained (all 32 at once), the search (8 slots), one process per trial for
-#      what time remains (scripts/bench-search.py --time-limit-s). Replay it afterwards on any
-#      machine: python scripts/search-replay.py OUT/search/grid/*/ OUT/search/search/*/
-#      --sweep sweeps/search-bench.yaml --seeds 30 --variant max_concurrent=4 (docs/search.md).
+#   5. with the time left (at least 120 s), the adaptive-search benchmark on the GPU: the full
+#      grid of sweeps/search-bench.yaml co-trained (all 32 at once), the search (8 slots), one
+#      process per trial for what time remains (scripts/bench-search.py --time-limit-s). Replay
+#      it afterwards on any machine: python scripts/search-replay.py OUT/search/grid/*/
+#      OUT/search/search/*/ --sweep sweeps/search-bench.yaml --seeds 30 --variant
+#      max_concurrent=4 (docs/search.md).
 #
 #   scripts/gpu_check.sh            # or: OUT=/some/folder scripts/gpu_check.sh
 #
@@ -41,8 +42,8 @@ fi
 left=$((570 - SECONDS))
 if [ "$left" -ge 120 ]; then
   timeout "$left" python scripts/bench-search.py --sweep sweeps/search-bench.yaml --set devices=cuda:0 \
-    --set max_concurrent=8 --grid-set max_concurrent=32 --max-process-trials 32 --time-limit-s $((left - 15)) --out "$out/search" \
-    2>&1 | tee "$out/search.log" || status=1
+    --set max_concurrent=8 --grid-set max_concurrent=32 --max-process-trials 32 \
+    --time-limit-s $((left - 15)) --out "$out/search" 2>&1 | tee "$out/search.log" || status=1
 else
   echo "search bench skipped: ${left} s left of 570" | tee "$out/search.log"
 fi

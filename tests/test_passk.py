@@ -160,7 +160,7 @@ def test_a_failing_reward_fails_only_its_adapter(engine_and_tasks: Any, monkeypa
     assert pass_scores(scores, "a") == pass_scores(reference, "a")
 
 
-def test_a_workers_kept_base_scores_are_a_fresh_evaluations_per_data_and_seed_failure_included(
+def test_a_workers_kept_base_scores_are_a_fresh_evaluations_per_data_and_seed_and_a_failed_reward_is_retried(
     engine_and_tasks: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An adapter starting later takes the base's row of R from the worker (eval.base_rows): the scores a fresh

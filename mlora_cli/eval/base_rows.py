@@ -14,13 +14,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from mlora_cli.contract import Scores
 from mlora_cli.data.batches import TokenizedTask
 from mlora_cli.eval.evaluate import evaluate
 from mlora_cli.eval.request import EvalRequest
 from mlora_cli.model.engine import MultiLoraModel
 from mlora_cli.spec.schema import EvalConfig
-
-Scores = dict[str, dict[str, float]]  # {task name: {metric: value}}
 
 
 class KeptBaseScores:
