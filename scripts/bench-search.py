@@ -160,9 +160,10 @@ def main() -> None:
     search_to_target = min((e["finished_after_s"] for e in reaching), default=None)
     steps = sum(e["steps"] for e in entries)
     searched_best = max((acc(e, metric) for e in entries if acc(e, metric) is not None), default=None)
+    reached = "not reached" if search_to_target is None else f"reached at {search_to_target:.1f} s"
+    searched = "none" if searched_best is None else f"{searched_best:.4f}"
     print(f"  {len(found['adapters'])} trials ({sum(e['status'] == 'pruned' for e in entries)} pruned, {steps} "
-          f"steps) in {search_wall:.1f} s; best ACC {searched_best}; target reached at {search_to_target} s",
-          flush=True)
+          f"steps) in {search_wall:.1f} s; best ACC {searched}; target {reached}", flush=True)
 
     report["search"] = {"wall_s": search_wall, "time_to_target_s": search_to_target, "best": searched_best,
                         "steps": steps, "pruned": sum(e["status"] == "pruned" for e in entries),
@@ -188,8 +189,9 @@ def main() -> None:
     (out / "bench-search.json").write_text(json.dumps(report, indent=2))
     print(f"\ntarget: {metric} ACC >= {target:.4f} (grid best {best:.4f} - {args.target_pp} pp)")
     print(f"full grid, co-trained:       {grid_wall:8.1f} s (all {len(scores)} configurations)")
-    print(f"search, TPE + ASHA, mlora:   {search_to_target or float('nan'):8.1f} s to target "
-          f"({search_wall:.1f} s for all {len(found['adapters'])} trials)")
+    print("search, TPE + ASHA, mlora:   "
+          + (f"{search_to_target:8.1f} s to target" if search_to_target else "     not reaching the target")
+          + f" ({search_wall:.1f} s for all {len(found['adapters'])} trials)")
     if not ran:
         print("one process per trial:       not run (the time limit)")
     else:
