@@ -132,6 +132,12 @@ class AdapterResult(_SearchedResult):
     finished_after_s: float | None  # from process start (imports and base load included) to this adapter's end
 
 
+def adapter_record(adapter: AdapterSpec) -> dict[str, Any]:
+    """An adapter's entry in adapters.json: its name, seed, what its sweep varied, and its settings."""
+    return {"name": adapter.name, "seed": adapter.seed, "varied": adapter.varied, "adapter": to_plain(adapter.adapter),
+            "train": to_plain(adapter.train)}
+
+
 def adapter_result(
     adapter: AdapterSpec, task_names: list[str], *, evals: list[Scores], curve: list[dict[str, Any]], steps: int,
     train_tokens: int, train_seconds: float, eval_seconds: float, failure: str | None,
@@ -204,6 +210,13 @@ class RLStepRecord(StepRecord, total=False):  # the line of an adapter on an `ob
     score_seconds: float  # this adapter's reward
 
 
+class Trial(TypedDict):
+    event: Literal["trial"]  # a searched trial slot was given its parameters (run.search): its settings from now
+    worker: int
+    adapter: str
+    spec: AdapterSpec
+
+
 class Step(TypedDict):
     event: Literal["step"]
     worker: int
@@ -267,6 +280,6 @@ class RunStart(TypedDict):  # the launcher tells its listener (progress bars), n
 
 
 # Every event, each spelled once above; `event` tells them apart.
-Event = (RunStart | WorkerReady | Step | Evaluated | Resumed | AdapterDone | WorkerDone | WorkerError
+Event = (RunStart | WorkerReady | Trial | Step | Evaluated | Resumed | AdapterDone | WorkerDone | WorkerError
          | WorkerFailed | Files)
 Emit = Callable[[Event], None]

@@ -143,6 +143,10 @@ BAD_SPECS = [
      "sweep.search.metric: required with prune.method asha"),
     ({"grid": {"adapter.rank": [2, 4]}},
      "sweep.search.space.adapter.rank: 'adapter.rank' is also varied by sweep.grid; vary each key in one place"),
+    ({"grid": {"adapter.init_from": ["/a", "/b"]}},
+     "sweep.grid.adapter.init_from: not searchable with method tpe (a warm start's rank and alpha must match it)"),
+    ({"list": [{"adapter.weight_decay": 0.0}, {"adapter.init_from": "/a"}]},
+     "sweep.list[1].adapter.init_from: not searchable with method tpe"),
     ({"prune": {"method": "hyperband"}}, "sweep.prune.method: must be one of none, asha, median, got 'hyperband'"),
     ({"prune": {"reduction_factor": 1}}, "sweep.prune.reduction_factor: must be >= 2"),
 ]
@@ -155,6 +159,15 @@ def test_a_bad_search_spec_is_one_line_at_validate(tmp_path: Path, change: dict[
     assert result.exit_code == 2, result.output
     lines = [text for text in result.output.splitlines() if text.strip()]
     assert len(lines) == 1 and line in lines[0], lines
+
+
+def test_a_warm_start_under_a_searched_rank_is_one_line_at_validate(tmp_path: Path) -> None:
+    """Trial slots hold the defaults, so the warm start's own check would pass them; every trial's rank varies."""
+    sweep = {**SEARCH, "adapter": {**SEARCH.get("adapter", {}), "init_from": str(tmp_path / "warm")}}
+    result = mlora("validate", write_sweep(tmp_path, sweep))
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == ("adapter.init_from: a warm start fixes the rank and alpha it was trained with; "
+                                     "method tpe searches adapter.rank"), result.output
 
 
 def test_dry_run_shows_the_space_and_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -228,6 +241,55 @@ class Recorder:
                 study.tell(trials[name], value if status == "done" else None,
                            state=state.get(status, optuna.trial.TrialState.FAIL))
         return decisions
+
+
+def test_the_median_pruners_startup_counts_trained_trials_not_told_repeats(tmp_path: Path) -> None:
+    """Over two ranks, trial-1's first suggestion repeats trial-0's and is told its value (a COMPLETE trial nothing
+    trained). With startup_trials 2 only one trained trial has completed when trial-1 reports, so it is not pruned,
+    as Optuna's MedianPruner decides on the trained trials' values alone (the repeat counted, it was)."""
+    sweep = sweep_with(search={"method": "random", "trials": 2, "metric": "loss",
+                               "space": {"adapter.rank": {"choice": [2, 4]}}},
+                       prune={"method": "median", "min_steps": 1, "startup_trials": 2})
+    spec = load_sweep_dict({**sweep, "seed": 0})
+    searching = search.Search(spec, tmp_path)
+    first, second = expand(spec)
+    searching.begin(first)
+    searching.judge(first.name, 1, 4.0)
+    searching.close(first.name, "done", 3.9)
+    searching.begin(second)
+    repeats = [t for t in searching.study.get_trials() if "repeat_of" in t.user_attrs]
+    assert repeats and repeats[0].state == optuna.trial.TrialState.COMPLETE  # else pick another seed
+    decided = searching.judge(second.name, 1, 5.0)
+
+    fresh = optuna.create_study(direction="minimize", pruner=optuna.pruners.MedianPruner(
+        n_startup_trials=2, n_warmup_steps=1))
+    trained = fresh.ask()
+    trained.report(4.0, 1)
+    fresh.tell(trained, 3.9)
+    judged = fresh.ask()
+    judged.report(5.0, 1)
+    assert not judged.should_prune()  # Optuna's own, on the trained trials' values
+    assert decided is None
+
+
+def test_the_trials_table_ranks_finished_trials_by_their_objective_whatever_their_steps() -> None:
+    """Steps order pruned trials (the furthest first); finished ones rank by the objective even when
+    train.steps_per_task is searched and the better trial trained fewer steps."""
+    from rich.console import Console
+
+    from mlora_cli.report.trials import trials_table
+
+    def entry(name: str, status: str, steps: int, loss: float) -> dict[str, Any]:
+        return {"name": name, "status": status, "steps": steps, "varied": {"train.steps_per_task": steps},
+                "trial": {"number": int(name[-1]), "direction": "minimize", "metric": "loss", "over": "seen",
+                          "objective": loss}}
+
+    entries = [entry("trial-0", "done", 4, 4.1), entry("trial-1", "done", 16, 4.6),
+               entry("trial-2", "pruned", 2, 3.0), entry("trial-3", "pruned", 8, 5.0)]
+    console = Console(width=120, record=True)
+    console.print(trials_table({"run": {"name": "t"}, "adapters": {e["name"]: e for e in entries}}, 120))
+    order = [line.split()[3] for line in console.export_text().splitlines() if "trial-" in line]
+    assert order == ["trial-0", "trial-1", "trial-3", "trial-2"], console.export_text()
 
 
 @pytest.mark.slow
@@ -397,6 +459,44 @@ def test_two_worker_processes_share_one_study(tmp_path: Path, monkeypatch: pytes
         entry = results[trial.user_attrs["adapter"]]
         assert entry["trial"]["number"] == trial.number and entry["trial"]["params"] == trial.params
         assert trial.state.is_finished() and entry["status"] in ("done", "pruned")
+
+
+@pytest.mark.slow
+def test_a_trials_settings_reach_adapters_json_mlora_eval_and_the_trackers(tmp_path: Path) -> None:
+    """Trial slots start with the defaults; once Optuna gives a trial its parameters, adapters.json holds them (so
+    `mlora eval` scores each checkpoint with the trial's own max_seq_len) and so do the trackers' run parameters."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    sweep = sweep_with(search={"method": "random", "trials": 3, "metric": "loss", "space": {
+        "train.max_seq_len": {"choice": [8, 24]}, "adapter.rank": {"choice": [2, 4]}}}, prune={"method": "none"})
+    sweep = {**sweep, "seed": 0, "tasks": sweep["tasks"][:1], "logging": {"trackers": ["tensorboard"]},
+             "train": {**sweep["train"], "steps_per_task": 3, "max_seq_len": 24}}
+    path = write_sweep(tmp_path, sweep)
+    assert mlora("run", path, "--no-plots").exit_code == 0
+    run_dir = only_run_in(tmp_path)
+    results = json.loads((run_dir / "results.json").read_text())["adapters"]
+    listed = {e["name"]: e for e in json.loads((run_dir / "adapters.json").read_text())}
+    assert {e["config"]["train"]["max_seq_len"] for e in results.values()} == {8, 24}  # else pick another seed
+    for name, entry in results.items():
+        assert listed[name]["varied"] == entry["varied"] == {"train.max_seq_len": entry["trial"]["params"][
+            "train.max_seq_len"], "adapter.rank": entry["trial"]["params"]["adapter.rank"]}
+        assert {"adapter": listed[name]["adapter"], "train": listed[name]["train"]} == entry["config"]
+        events = EventAccumulator(str(run_dir / "tensorboard" / name))
+        events.Reload()
+        start = plugin_data_pb2.HParamsPluginData.FromString(
+            events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+        assert start.hparams["adapter.rank"].number_value == entry["config"]["adapter"]["rank"]
+        assert start.hparams["train.max_seq_len"].number_value == entry["config"]["train"]["max_seq_len"]
+
+    evaluated = mlora("eval", run_dir)
+    assert evaluated.exit_code == 0, evaluated.output
+    (eval_dir,) = (run_dir / "evals").iterdir()
+    again = json.loads((eval_dir / "results.json").read_text())["adapters"]
+    for name, entry in results.items():
+        assert again[name]["config"] == entry["config"] and again[name]["varied"] == entry["varied"]
+        assert again[name]["final"]["copy"]["loss"] == pytest.approx(entry["final"]["copy"]["loss"], rel=1e-5)
 
 
 def test_a_repeated_suggestion_is_told_the_earlier_outcome_not_trained_again(tmp_path: Path) -> None:

@@ -316,6 +316,8 @@ class Trackers:
             for line in event["records"]:
                 self.step[line["adapter"]] = line["step"]
                 self.later(self.send, line["adapter"], "metrics", step_scalars(line), line["step"])
+        elif kind == "trial":  # a searched trial's own settings, not its slot's defaults, are its run's parameters
+            self.adapters[event["adapter"]] = event["spec"]
         elif kind == "resumed":
             self.step[event["adapter"]] = self.resumed[event["adapter"]] = event["step"]
         elif kind == "eval":

@@ -92,7 +92,10 @@ def trials_table(results: dict[str, Any], width: int | None = None) -> Table:
 
     def rank(entry: dict[str, Any]) -> tuple[int, int, float]:
         value = entry["trial"]["objective"]
-        return order.get(entry["status"], 2), -entry["steps"], sign * value if value is not None else float("inf")
+        # Steps order the pruned only: finished trials rank by their objective, whatever steps they were given
+        # (train.steps_per_task may be searched).
+        reached = -entry["steps"] if entry["status"] != "done" else 0
+        return order.get(entry["status"], 2), reached, sign * value if value is not None else float("inf")
 
     entries.sort(key=rank)
     metric = first["metric"]

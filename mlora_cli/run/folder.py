@@ -15,12 +15,13 @@ from mlora_cli.contract import (
     METRICS,
     RESOLVED_SWEEP,
     RUN_RECORD,
+    adapter_record,
     load_resolved_sweep,
     result_path,
     state_path,
 )
 from mlora_cli.errors import ConfigError, unreadable
-from mlora_cli.files import new_folder, read_json, write_text
+from mlora_cli.files import new_folder, read_json, write_json, write_text
 from mlora_cli.spec.schema import SweepSpec
 from mlora_cli.spec.sweep import AdapterSpec
 
@@ -94,6 +95,13 @@ def keep_metrics_up_to_checkpoints(run_dir: Path, last_step: dict[str, float]) -
         if record["step"] <= last_step.get(record["adapter"], 0):
             kept.append(line + "\n")
     write_text(metrics, "".join(kept))
+
+
+def record_trial(run_dir: Path, trial: AdapterSpec) -> None:
+    """A searched trial's settings replace its slot's defaults in adapters.json (what `mlora eval` reads), once
+    Optuna has given them."""
+    entries = read_json(run_dir / ADAPTERS)
+    write_json(run_dir / ADAPTERS, [adapter_record(trial) if e["name"] == trial.name else e for e in entries])
 
 
 def load_run(run_dir: Path) -> tuple[SweepSpec, dict[str, Any], Path]:

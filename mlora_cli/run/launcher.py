@@ -31,6 +31,7 @@ from mlora_cli.contract import (
     RUN_RECORD,
     Emit,
     Event,
+    adapter_record,
     failed_result,
 )
 from mlora_cli.data.sources import TaskData, load_task
@@ -39,9 +40,14 @@ from mlora_cli.eval.metrics import add_cl_metrics
 from mlora_cli.files import append_jsonl, exclusive_run_folder, write_bytes, write_json, write_text
 from mlora_cli.report.outputs import write_reports
 from mlora_cli.report.trackers import Trackers, missing_trackers
-from mlora_cli.run.folder import keep_metrics_up_to_checkpoints, new_run_dir, remove_leftovers, saved_steps
+from mlora_cli.run.folder import (
+    keep_metrics_up_to_checkpoints,
+    new_run_dir,
+    record_trial,
+    remove_leftovers,
+    saved_steps,
+)
 from mlora_cli.run.signals import defer_sigterm_while_starting
-from mlora_cli.spec.convert import to_plain
 from mlora_cli.spec.plan import (
     WorkerPlan,
     assign,
@@ -166,11 +172,7 @@ def run_sweep(
         run_dir = new_run_dir(spec, output_base or Path.cwd())
         write_text(run_dir / RESOLVED_SWEEP, yaml.safe_dump(resolved, sort_keys=False))
         write_json(run_dir / RUN_RECORD, {"sweep_dir": str(sweep_dir.resolve()), "started": datetime.now().isoformat()})
-        write_json(run_dir / ADAPTERS, [
-            {"name": a.name, "seed": a.seed, "varied": a.varied, "adapter": to_plain(a.adapter),
-             "train": to_plain(a.train)}
-            for a in adapters
-        ])
+        write_json(run_dir / ADAPTERS, [adapter_record(a) for a in adapters])
     else:
         run_dir = resume_dir
     try:
@@ -193,6 +195,8 @@ def run_sweep(
                     append_jsonl(metrics_path, event["records"])
                 elif event["event"] == "worker_ready" and not (run_dir / BASE_RECORD).exists():
                     write_json(run_dir / BASE_RECORD, event["base"])
+                elif event["event"] == "trial":
+                    record_trial(run_dir, event["spec"])
                 trackers.record(event)
                 emit(event)
 

@@ -90,8 +90,27 @@ def make_pruner(optuna: Any, spec: SweepSpec) -> Any:
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=prune.min_steps,
                                                       reduction_factor=prune.reduction_factor)
     if prune.method == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=prune.startup_trials, n_warmup_steps=prune.min_steps)
+        median = optuna.pruners.MedianPruner(n_startup_trials=0, n_warmup_steps=prune.min_steps)
+        return after_trained_trials(optuna, median, prune.startup_trials)
     return optuna.pruners.NopPruner()
+
+
+def after_trained_trials(optuna: Any, pruner: Any, startup: int) -> Any:
+    """`pruner`, deciding only once `startup` trained trials have completed (the median pruner's n_startup_trials).
+
+    Optuna's own n_startup_trials counts every COMPLETE trial, and a repeated suggestion told its earlier trial's
+    value (`Search._ask_unseen`) is one without being trained: counted, it would let pruning start early. In a study
+    without repeats this decides as `MedianPruner(n_startup_trials=startup)`; repeats carry no intermediate values,
+    so the medians themselves are over trained trials already.
+    """
+    complete = optuna.trial.TrialState.COMPLETE
+
+    class AfterTrainedTrials(optuna.pruners.BasePruner):  # type: ignore[misc]
+        def prune(self, study: Any, trial: Any) -> bool:
+            trained = sum("repeat_of" not in t.user_attrs for t in study.get_trials(deepcopy=False, states=(complete,)))
+            return trained >= startup and bool(pruner.prune(study, trial))
+
+    return AfterTrainedTrials()
 
 
 def make_sampler(optuna: Any, spec: SweepSpec, seed: int) -> Any:

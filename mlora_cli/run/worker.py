@@ -113,6 +113,7 @@ class Worker:
             return
         if self.search is not None:  # a trial slot gets its parameters, asked from Optuna now that a slot is free
             adapter = self.search.begin(adapter)
+            self.emit({"event": "trial", "worker": self.worker_id, "adapter": adapter.name, "spec": adapter})
         self.engine.load_slot(slot, adapter.adapter, adapter.train.max_grad_norm, adapter.seed)
         self.strategies.start(slot, adapter.adapter, adapter.seed)
         dropout = None

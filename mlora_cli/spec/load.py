@@ -26,7 +26,7 @@ from mlora_cli.spec.convert import _NO, build, did_you_mean
 from mlora_cli.spec.models import BUILTIN_MODELS, PRETRAINED_WEIGHTS, read_checked
 from mlora_cli.spec.plan import gpu_device_nodes_present, missing_cuda_devices
 from mlora_cli.spec.schema import EvalConfig, SweepConfig, SweepSpec, TaskConfig
-from mlora_cli.spec.sweep import check_sweep, expand
+from mlora_cli.spec.sweep import check_sweep, expand, searched_keys
 from mlora_cli.spec.tasks import check_choice_metric, check_task, first_line
 
 
@@ -164,6 +164,11 @@ def parse_spec(data: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
 def check_init_from(spec: SweepSpec) -> list[str]:
     """Every `adapter.init_from` names a PEFT LoRA folder of the adapter's rank and alpha (read without torch)."""
     problems: list[str] = []
+    method = spec.sweep.search.method
+    if method != "grid" and spec.adapter.init_from is not None:  # trial slots hold the defaults: check what varies
+        if varied := sorted(searched_keys(spec) & {"adapter.rank", "adapter.alpha"}):
+            return [f"adapter.init_from: a warm start fixes the rank and alpha it was trained with; method {method} "
+                    f"searches {' and '.join(varied)}"]
     for adapter in expand(spec):
         path = adapter.adapter.init_from
         if path is None:

@@ -314,7 +314,8 @@ class PruneConfig:
         "measure the objective every N steps; null: asha at its rungs, median every eval.every_steps (else "
         "min_steps)", optional_positive))
     startup_trials: int = field(default=4, metadata=doc(
-        "median: no pruning until this many trials completed (n_startup_trials)", non_negative))
+        "median: no pruning until this many trained trials completed (n_startup_trials; a repeated "
+        "suggestion told an earlier result does not count)", non_negative))
 
 
 @dataclass(frozen=True)

@@ -325,11 +325,22 @@ def _check_search(sweep: SweepConfig, axes: list[tuple[str, list[dict[str, Any]]
         if search.trials is None:
             errors.append(f"sweep.search.trials: required with method {search.method} (configurations to try)")
         _space(sweep, axes, errors)
+        for key, points in axes:  # each becomes a choice sampled apart from the rank and alpha a warm start fixes
+            if found := [i for i, point in enumerate(points) if "adapter.init_from" in point]:
+                where = {ZIP_PARAM: "sweep.zip.", LIST_PARAM: f"sweep.list[{found[0]}]."}.get(key, "sweep.grid.")
+                errors.append(f"{where}adapter.init_from: not searchable with method {search.method} (a warm "
+                              "start's rank and alpha must match it); use method grid")
         if not axes and not search.space:
             errors.append("sweep.search.space: nothing to search: give distributions (or grid / zip / list keys)")
     if search.metric is None and sweep.runs_a_study:
         needs = f"prune.method {prune.method}" if prune.method != "none" else f"method {search.method}"
         errors.append(f"sweep.search.metric: required with {needs} (the objective: one of eval.metrics)")
+
+
+def searched_keys(spec: SweepSpec) -> set[str]:
+    """Every key a random / tpe trial may set: the space's, and those of grid, zip rows and list entries."""
+    points = [point for _, axis in _axes(spec.sweep, []) for point in axis]
+    return {key for point in points for key in point if key != "name"} | set(flatten_space(spec.sweep.search.space))
 
 
 def search_space(spec: SweepSpec) -> dict[str, Dimension]:
