@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, NotRequired, TypedDict
 
-from mlora_cli import PROCESS_START
+import mlora_cli
 from mlora_cli.errors import ConfigError, unreadable
 from mlora_cli.spec.convert import to_plain
 from mlora_cli.spec.schema import SweepSpec
@@ -129,7 +129,8 @@ class AdapterResult(_SearchedResult):
     train_tokens_per_s: float
     steps_per_s: float
     eval_seconds: float
-    finished_after_s: float | None  # from process start (imports and base load included) to this adapter's end
+    finished_after_s: float | None  # from the start of the mlora process that launched the run (imports and base
+    # load included) to this adapter's end, whichever process trained it (mlora_cli.count_from)
 
 
 def adapter_record(adapter: AdapterSpec) -> dict[str, Any]:
@@ -166,7 +167,8 @@ def adapter_result(
         "train_tokens_per_s": train_tokens / train_seconds if train_seconds else 0.0,
         "steps_per_s": steps / train_seconds if train_seconds else 0.0,
         "eval_seconds": eval_seconds,
-        "finished_after_s": (time.perf_counter() - PROCESS_START) if finished_after_s is None else finished_after_s,
+        "finished_after_s": (time.perf_counter() - mlora_cli.PROCESS_START) if finished_after_s is None
+        else finished_after_s,
     }
 
 

@@ -38,7 +38,6 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-GRID = ["sweep.search.method=grid", "sweep.search.trials=null", "sweep.prune.method=none"]
 
 
 def mlora_run(sweep: Path, output_dir: Path, *overrides: str) -> tuple[float, dict[str, Any]]:
@@ -54,26 +53,45 @@ def mlora_run(sweep: Path, output_dir: Path, *overrides: str) -> tuple[float, di
     return wall, json.loads(runs[-1].read_text())
 
 
-def acc(entry: dict[str, Any], metric: str) -> float | None:
-    """ACC: the metric's mean over every task after the last one (final_mean), for a finished adapter."""
-    return entry["final_mean"].get(metric) if entry["status"] == "done" else None
+def final_objective(spec: Any, entry: dict[str, Any]) -> float | None:
+    """A finished adapter's final objective as its search reports it (the metric over the tasks `over` names: ACC
+    for seen and all, the last task for current); None for one that did not finish."""
+    from mlora_cli.run.search import objective
+
+    return objective(spec, entry["final"], len(spec.tasks) - 1) if entry["status"] == "done" else None
 
 
-def per_process_search(sweep: Path, out: Path, spec: dict[str, Any], target: float, max_trials: int,
-                       seed: int, overrides: list[str], deadline: float = float("inf"),
+def reaches(spec: Any, target: float) -> Callable[[float | None], bool]:
+    """Whether a final objective reaches `target`, in the search's direction (loss: lower is better)."""
+    from mlora_cli.run.search import minimize
+
+    lower = minimize(spec)
+    return lambda value: value is not None and (value <= target if lower else value >= target)
+
+
+def per_process_search(out: Path, spec: Any, data: dict[str, Any], target: float, max_trials: int,
+                       overrides: list[str], deadline: float = float("inf"),
                        after_trial: Callable[[dict[str, Any]], None] = lambda so_far: None) -> dict[str, Any]:
     """Optuna's TPE driving one `mlora run` of a one-adapter sweep per trial, until a trial reaches `target`.
 
-    With a `deadline` (a time.perf_counter() value), no trial is started after it, nor one that would end after it
-    at the mean trial wall so far: a bounded sample of trial walls for scripts/search-replay.py. `after_trial` is
-    given the result so far after each trial (bench-search.json is rewritten with it: a kill loses no trial)."""
+    `spec` is the sweep as the search ran it, `data` its resolved form: the same space (its grid, zip, list keys and
+    distributions, as mlora's search asks them), metric, direction and seed. With a `deadline` (a
+    time.perf_counter() value), no trial is started after it, nor one that would end after it at the mean trial
+    wall so far: a bounded sample of trial walls for scripts/search-replay.py. `after_trial` is given the result
+    so far after each trial (bench-search.json is rewritten with it: a kill loses no trial)."""
     import optuna
 
+    from mlora_cli.run.search import distribution, minimize
+    from mlora_cli.spec.convert import to_plain
+    from mlora_cli.spec.sweep import expand, search_space, trial_adapter
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    grid = spec["sweep"]["grid"]
-    distributions = {key: optuna.distributions.CategoricalDistribution(values) for key, values in grid.items()}
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-    metric = spec["sweep"]["search"]["metric"]
+    distributions = {key: distribution(optuna, d) for key, d in search_space(spec).items()}
+    study = optuna.create_study(direction="minimize" if minimize(spec) else "maximize",
+                                sampler=optuna.samplers.TPESampler(seed=spec.seed))
+    slot, better = expand(spec)[0], reaches(spec, target)
+    # The trial's sweep file holds its settings whole: the process runs get no sweep.* override.
+    overrides = [o for o in overrides if not o.startswith("sweep.")]
     started, trials, reached_at = time.perf_counter(), [], None
 
     def so_far() -> dict[str, Any]:
@@ -90,20 +108,22 @@ def per_process_search(sweep: Path, out: Path, spec: dict[str, Any], target: flo
             failed = optuna.trial.TrialState.FAIL if earlier["acc"] is None else None
             study.tell(trial, earlier["acc"], state=failed)
             trial, repeats = study.ask(distributions), repeats + 1
-        one = {**spec, "name": f"trial-{number}", "sweep": {}}
-        for key, value in trial.params.items():
-            section, _, name = key.partition(".")
-            one[section] = {**one.get(section, {}), name: value}
+        settings = trial_adapter(spec, slot, trial.params)
+        one = {**data, "name": f"trial-{number}", "sweep": {},
+               "adapter": to_plain(settings.adapter), "train": to_plain(settings.train)}
         path = out / "process" / f"trial-{number}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(one, sort_keys=False))
         wall, results = mlora_run(path, out / "process" / f"trial-{number}", *overrides)
-        value = acc(next(iter(results["adapters"].values())), metric)
-        study.tell(trial, value)
+        value = final_objective(spec, next(iter(results["adapters"].values())))
+        failed = optuna.trial.TrialState.FAIL if value is None else None
+        study.tell(trial, value, state=failed)
         elapsed = time.perf_counter() - started
         trials.append({"number": number, "params": trial.params, "acc": value, "wall_s": wall, "ended_s": elapsed})
-        print(f"  process trial {number}: {trial.params} ACC {value:.4f} in {wall:.1f} s", flush=True)
-        if value is not None and value >= target:
+        shown = "failed" if value is None else f"{value:.4f}"
+        print(f"  process trial {number}: {trial.params} {spec.sweep.search.metric} {shown} in {wall:.1f} s",
+              flush=True)
+        if better(value):
             reached_at = elapsed
         after_trial(so_far())
         if reached_at is not None:
@@ -129,19 +149,34 @@ def main() -> None:
     deadline = time.perf_counter() + args.time_limit_s if args.time_limit_s is not None else float("inf")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    from mlora_cli.spec.load import read_yaml
+    from mlora_cli.bench.search_replay import GRID_OVERRIDES
+    from mlora_cli.errors import ConfigError
+    from mlora_cli.run.search import minimize
+    from mlora_cli.spec.load import load_sweep
 
-    spec = read_yaml(args.sweep)  # as mlora reads it: 5e-4 is a number (plain YAML 1.1 would read text)
-    metric = spec["sweep"]["search"]["metric"]
+    try:  # the sweep as the search runs it: with the --set overrides (metric, space, seed and all)
+        spec, data = load_sweep(args.sweep, args.set)
+    except ConfigError as exc:
+        raise SystemExit("\n".join(f"bench-search.py: {problem}" for problem in exc.problems)) from None
+    if spec.sweep.search.method == "grid" or spec.sweep.seeds:
+        raise SystemExit("bench-search.py: the benchmark compares one run of each configuration of a random or tpe "
+                         "search (sweep.search.method random | tpe, no sweep.seeds)")
+    metric, lower = spec.sweep.search.metric, minimize(spec)
+    # A loss is better lower: its target is the best plus target_pp / 100 (as scripts/search-replay.py takes it).
+    direction = -1 if lower else 1
 
     print("1/3 the full grid, co-trained in one mlora run", flush=True)
-    grid_wall, grid = mlora_run(args.sweep, out / "grid", *GRID, *args.set, *args.grid_set)
-    scores = {name: acc(entry, metric) for name, entry in grid["adapters"].items()}
-    best_name = max((n for n in scores if scores[n] is not None), key=lambda n: scores[n])
+    grid_wall, grid = mlora_run(args.sweep, out / "grid", *GRID_OVERRIDES, *args.set, *args.grid_set)
+    scores = {name: final_objective(spec, entry) for name, entry in grid["adapters"].items()}
+    finished = [name for name in scores if scores[name] is not None]
+    if not finished:
+        raise SystemExit(f"bench-search.py: no configuration of the grid finished ({out / 'grid'}): no target")
+    best_name = max(finished, key=lambda name: direction * scores[name])  # type: ignore[operator]
     best = scores[best_name]
-    target = best - args.target_pp / 100
-    print(f"  {len(scores)} configurations in {grid_wall:.1f} s; best {best_name} ACC {best:.4f}; "
-          f"target >= {target:.4f}", flush=True)
+    target = best - direction * args.target_pp / 100
+    better = reaches(spec, target)
+    print(f"  {len(scores)} configurations in {grid_wall:.1f} s; best {best_name} {metric} {best:.4f}; "
+          f"target {'<=' if lower else '>='} {target:.4f}", flush=True)
 
     report: dict[str, Any] = {
         "sweep": str(args.sweep), "overrides": args.set, "grid_overrides": args.grid_set, "metric": metric,
@@ -156,14 +191,15 @@ def main() -> None:
     print("2/3 the search: TPE trials asked as slots free, ASHA pruning, one warm engine", flush=True)
     search_wall, found = mlora_run(args.sweep, out / "search", *args.set)
     entries = found["adapters"].values()
-    reaching = [e for e in entries if (value := acc(e, metric)) is not None and value >= target]
+    reaching = [e for e in entries if better(final_objective(spec, e))]
     search_to_target = min((e["finished_after_s"] for e in reaching), default=None)
     steps = sum(e["steps"] for e in entries)
-    searched_best = max((acc(e, metric) for e in entries if acc(e, metric) is not None), default=None)
+    values = [value for e in entries if (value := final_objective(spec, e)) is not None]
+    searched_best = max(values, key=lambda value: direction * value) if values else None
     reached = "not reached" if search_to_target is None else f"reached at {search_to_target:.1f} s"
     searched = "none" if searched_best is None else f"{searched_best:.4f}"
     print(f"  {len(found['adapters'])} trials ({sum(e['status'] == 'pruned' for e in entries)} pruned, {steps} "
-          f"steps) in {search_wall:.1f} s; best ACC {searched}; target {reached}", flush=True)
+          f"steps) in {search_wall:.1f} s; best {metric} {searched}; target {reached}", flush=True)
 
     report["search"] = {"wall_s": search_wall, "time_to_target_s": search_to_target, "best": searched_best,
                         "steps": steps, "pruned": sum(e["status"] == "pruned" for e in entries),
@@ -177,8 +213,7 @@ def main() -> None:
         report["process_per_trial"] = so_far
         (out / "bench-search.json").write_text(json.dumps(report, indent=2))
 
-    process = per_process_search(args.sweep, out, spec, target, args.max_process_trials, spec.get("seed", 0),
-                                 args.set, deadline, save_trials)
+    process = per_process_search(out, spec, data, target, args.max_process_trials, args.set, deadline, save_trials)
     report["process_per_trial"] = process
     reached, ran = process["time_to_target_s"], bool(process["trials"])
     if search_to_target:
@@ -187,7 +222,8 @@ def main() -> None:
             report["speedup_vs_process_per_trial"] = (reached or process["wall_s"]) / search_to_target
             report["process_per_trial_reached_target"] = reached is not None
     (out / "bench-search.json").write_text(json.dumps(report, indent=2))
-    print(f"\ntarget: {metric} ACC >= {target:.4f} (grid best {best:.4f} - {args.target_pp} pp)")
+    print(f"\ntarget: {metric} {'<=' if lower else '>='} {target:.4f} (grid best {best:.4f} "
+          f"{'+' if lower else '-'} {args.target_pp / 100:g})")
     print(f"full grid, co-trained:       {grid_wall:8.1f} s (all {len(scores)} configurations)")
     print("search, TPE + ASHA, mlora:   "
           + (f"{search_to_target:8.1f} s to target" if search_to_target else "     not reaching the target")

@@ -24,6 +24,7 @@ import pytest
 from helpers import builtin_tasks, micro_sweep, mlora, numbers, write_sweep
 from safetensors.torch import load_file
 
+import mlora_cli
 from mlora_cli.eval import evaluate as evaluate_module
 from mlora_cli.run import launcher
 from mlora_cli.spec.load import load_sweep
@@ -149,7 +150,11 @@ def test_two_worker_processes_give_the_same_results_and_run_folder(
 ) -> None:
     # cpu:2 splits the CPUs: with 2 of them, one torch thread per worker, as in the reference.
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    # Experiment times count from the launcher's start, here 1000 s ago, in the worker processes too.
+    monkeypatch.setattr(mlora_cli, "PROCESS_START", time.perf_counter() - 1000)
     outcome, events = run(tmp_path, devices="cpu:2")
+    ended = time.perf_counter() - mlora_cli.PROCESS_START
+    assert all(1000 < e["finished_after_s"] < ended for e in outcome.results["adapters"].values())
 
     workers = outcome.results["run"]["workers"]
     assert [(w["device"], w["threads"]) for w in workers] == [("cpu", 1), ("cpu", 1)]

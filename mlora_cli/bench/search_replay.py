@@ -1,9 +1,12 @@
 """Replay adaptive searches against a co-trained grid's results: the time to target over many sampler seeds.
 
 `scripts/search-replay.py` runs it (docs/search.md). One run of `scripts/bench-search.py` is one draw: when TPE
-happens to ask the best configuration decides its time to target. An adapter's results depend only on its settings
-and seed, so the full grid's run (every configuration of the space trained to the end, evaluated at the search's
-measuring steps) holds every value any search of that space would be told. This replays, for many sampler seeds:
+happens to ask the best configuration decides its time to target. An adapter's results depend on its settings and
+seed, so the full grid's run (every configuration of the space trained to the end, evaluated at the search's
+measuring steps) holds the values any search of that space would be told, up to rounding: a trial that starts
+beside neighbours at other steps gets other padded batches, which round differently in the last bit, and training
+amplifies that (docs/design.md#exactness; on sweeps/search-bench.yaml, 3 of the 9 configurations its search
+trained to the end ended up to 2 pp of final ACC away from the grid's). This replays, for many sampler seeds:
 
 - mlora's own search: `run.search.Search` as a worker drives it (Optuna's sampler through ask-and-tell, the
   sweep's pruner, a repeated suggestion told and not trained), slots refilled as in `run.worker`, time advanced
@@ -212,6 +215,10 @@ def replay_search(spec: SweepSpec, land: Landscape, cost: CostModel, slots: int,
     return {"time_to_target": reached, "wall": clock, "trials": trials}
 
 
+# What makes a search sweep its full grid (scripts/bench-search.py's GRID).
+GRID_OVERRIDES = ("sweep.search.method=grid", "sweep.search.trials=null", "sweep.prune.method=none")
+
+
 def modelled_grid(spec: SweepSpec, land: Landscape, cost: CostModel, slots: int) -> float:
     """The full grid's wall in the cost model: rounds of `slots` configurations trained to the end together, each
     evaluated after every task, the base once before them all."""
@@ -277,6 +284,11 @@ def replay_report(sweep: Path, grid_run: Path, search_run: Path, *, seeds: int =
     # The replay models one worker wherever it ran: a run's devices (a GPU this machine may lack) are not read.
     ran_with = [o for o in [*(report or {}).get("overrides", []), *overrides] if not o.startswith("devices=")]
     spec, _ = load_sweep(sweep, ran_with)
+    if spec.sweep.seeds:
+        raise ValueError("sweep.seeds: the replay compares one run of each configuration; run it without seeds")
+    # The grid as bench-search.py ran it: its own overrides (--grid-set max_concurrent=8) on top.
+    grid_spec, _ = load_sweep(sweep, [*ran_with, *(o for o in (report or {}).get("grid_overrides", [])
+                                                   if not o.startswith("devices=")), *GRID_OVERRIDES])
     runs = [("as written" + (f" with {' '.join(ran_with)}" if ran_with else ""), spec, None, False)]
     # every variant read before anything is replayed
     runs += [(variant, load_sweep(sweep, [*ran_with, *variant.split()])[0], None, False) for variant in variants]
@@ -309,12 +321,13 @@ def replay_report(sweep: Path, grid_run: Path, search_run: Path, *, seeds: int =
         if per_trial is None:
             raise ValueError(f"{bench} has no process-per-trial walls (or is missing): give --process-trial-seconds")
     measured_grid = land.grid_wall
-    slots = worker_slots(spec)
+    slots, grid_slots = worker_slots(spec), worker_slots(grid_spec)
     if cost_override:  # another machine: the grid's wall is modelled too
-        land.grid_wall = modelled_grid(spec, land, cost, slots)
+        land.grid_wall = modelled_grid(spec, land, cost, grid_slots)
     say(f"grid: {len(land.values)} configurations, best {land.best:.4f}, target {target:.4f}, wall "
         f"{land.grid_wall:.1f} s ({'modelled' if cost_override else 'measured'}; modelled with SEARCH_RUN's costs: "
-        f"{modelled_grid(spec, land, measured_cost, slots):.1f} s, measured {measured_grid:.1f} s)")
+        f"{modelled_grid(spec, land, measured_cost, grid_slots):.1f} s, measured {measured_grid:.1f} s; "
+        f"{grid_slots} at a time)")
     say(f"cost model: a step {cost.fixed * 1e3:.1f} ms + {cost.per_adapter * 1e3:.1f} ms per adapter, an evaluation "
         f"{cost.per_eval:.2f} s, start {cost.start:.1f} s; one process per trial {per_trial:.1f} s a trial")
 

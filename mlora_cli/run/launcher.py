@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from mlora_cli import __version__
+from mlora_cli import __version__, count_from, started_at
 from mlora_cli.contract import (
     ADAPTERS,
     BASE_RECORD,
@@ -250,8 +250,9 @@ def run_sweep(
 
 
 def _worker_main(plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[TaskData]], run_dir: Path,
-                 events: Any, worker_id: int, resume: bool) -> None:
+                 events: Any, worker_id: int, resume: bool, launcher_start: float) -> None:
     """Entry point of a spawned worker process: one device, its adapters, events to the parent."""
+    count_from(launcher_start)
     if plan.device.startswith("cuda:"):
         # Each GPU worker sees only its GPU, as cuda:0.
         index = int(plan.device.partition(":")[2])
@@ -302,7 +303,7 @@ def run_worker_processes(
     events = context.Queue()
     processes = {
         worker_id: context.Process(target=_worker_main,
-                                   args=(plan, spec, task_data, run_dir, events, worker_id, resume),
+                                   args=(plan, spec, task_data, run_dir, events, worker_id, resume, started_at()),
                                    name=f"mlora-worker-{worker_id}", daemon=True)
         for worker_id, plan in enumerate(plans)
     }

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mlora_cli import started_at
 from mlora_cli.data.sources import TaskData
 from mlora_cli.errors import ConfigError, StorageError
 from mlora_cli.spec.plan import WorkerPlan
@@ -35,10 +36,13 @@ class WorkerActor:
     """Runs one worker plan on whatever node Ray places it."""
 
     def run(self, plan: WorkerPlan, spec: SweepSpec, task_data: dict[int, list[TaskData]], worker_id: int,
-            resume: bool, saved_state: dict[str, bytes], events: Any) -> None:
+            resume: bool, saved_state: dict[str, bytes], events: Any, launcher_start: float) -> None:
         import os
 
+        from mlora_cli import count_from
         from mlora_cli.run import worker
+
+        count_from(launcher_start)  # the driver's start, on the wall clock (nodes' clocks agree to NTP's skew)
 
         if plan.device.startswith("cuda"):
             plan = WorkerPlan("cuda:0", plan.adapters, plan.threads, plan.max_concurrent)  # Ray sets the visible GPU
@@ -86,7 +90,7 @@ def run_ray_workers(
             for adapter in plan.adapters:
                 for path in (run_dir / "state").glob(f"{adapter.name}.*"):
                     saved.update(files_under(path, run_dir))
-        calls[worker_id] = actor.run.remote(plan, spec, task_data, worker_id, resume, saved, events)
+        calls[worker_id] = actor.run.remote(plan, spec, task_data, worker_id, resume, saved, events, started_at())
         running.add(worker_id)
     while running:
         try:
