@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import copy
 import json
+import multiprocessing
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -148,3 +151,24 @@ def stop_mid_run(folder: Path, sweep: Path, stop: int, ready: Callable[[], bool]
             process.kill()
         log.close()
     return subprocess.CompletedProcess(process.args, process.returncode, log_path.read_text())
+
+
+def kill_worker_zero_at(monkeypatch: Any, when: Callable[[dict[str, Any]], bool]) -> list[int]:
+    """SIGKILL the worker process `mlora-worker-0` at the first event its launcher records for which `when` holds;
+    the returned list gets its pid then."""
+    from mlora_cli.run import launcher
+
+    real_run_worker_processes, killed = launcher.run_worker_processes, []
+
+    def run_and_kill(plans: Any, spec: Any, task_data: Any, run_dir: Path, record: Any, *args: Any) -> Any:
+        def record_and_kill(event: dict[str, Any]) -> None:
+            record(event)
+            if when(event) and not killed:
+                (child,) = [p for p in multiprocessing.active_children() if p.name == "mlora-worker-0"]
+                os.kill(child.pid, signal.SIGKILL)
+                killed.append(child.pid)
+
+        return real_run_worker_processes(plans, spec, task_data, run_dir, record_and_kill, *args)
+
+    monkeypatch.setattr(launcher, "run_worker_processes", run_and_kill)
+    return killed

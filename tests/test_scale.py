@@ -11,7 +11,6 @@ matmuls of another shape. Everything runs on one torch thread so that rounding i
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import builtin_tasks, micro_sweep, mlora, numbers, write_sweep
+from helpers import builtin_tasks, kill_worker_zero_at, micro_sweep, mlora, numbers, write_sweep
 from safetensors.torch import load_file
 
 import mlora_cli
@@ -172,20 +171,7 @@ def test_two_worker_processes_give_the_same_results_and_run_folder(
 
 def test_a_dead_worker_fails_only_its_own_adapters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker process is SIGKILLed once its first adapter is done, while it trains the second."""
-    real_run_worker_processes = launcher.run_worker_processes
-    killed = []
-
-    def run_and_kill(plans: Any, spec: Any, task_data: Any, run_dir: Path, record: launcher.Emit, *args: Any) -> Any:
-        def record_and_kill(event: dict[str, Any]) -> None:
-            record(event)
-            if event["event"] == "adapter_done" and not killed:
-                (child,) = [p for p in multiprocessing.active_children() if p.name == "mlora-worker-0"]
-                os.kill(child.pid, signal.SIGKILL)
-                killed.append(child.pid)
-
-        return real_run_worker_processes(plans, spec, task_data, run_dir, record_and_kill, *args)
-
-    monkeypatch.setattr(launcher, "run_worker_processes", run_and_kill)
+    killed = kill_worker_zero_at(monkeypatch, lambda event: event["event"] == "adapter_done")
     monkeypatch.setattr(os, "cpu_count", lambda: 1)  # one torch thread: a second one only waits on a busy machine
     sweep = write_sweep(tmp_path, SWEEP, devices="cpu:1", max_concurrent=1, sweep={"list": [
         {"name": "short", "train.steps_per_task": 1},

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import builtin_tasks, micro_sweep, mlora, numbers, write_sweep
+from helpers import builtin_tasks, kill_worker_zero_at, micro_sweep, mlora, numbers, write_sweep
 
 from mlora_cli.run import launcher, search
 from mlora_cli.spec.load import load_sweep
@@ -426,6 +426,119 @@ def test_resume_continues_the_study_with_the_same_trials(tmp_path: Path, monkeyp
     trials = optuna.load_study(study_name=None, storage=search.storage_url(run_dir)).get_trials()
     reference_trials = optuna.load_study(study_name=None, storage=search.storage_url(reference.run_dir)).get_trials()
     assert [(t.number, t.state, t.params) for t in trials] == [(t.number, t.state, t.params) for t in reference_trials]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("rung", [2, 6], ids=["mid-task", "task-end"])
+def test_a_prune_decided_before_a_crash_is_kept_on_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rung: int
+) -> None:
+    """The run dies between a pruning decision and the pruned adapter's result (a kill, a full disk): `--resume`
+    prunes it where it was pruned, though asking ASHA again would not (it counts the rung as passed), and ends as a
+    run never stopped. At a task end the adapter's state was saved after the decision: it is not judged again."""
+    sweep = sweep_with(prune={"min_steps": rung})
+    reference = run(tmp_path / "reference", sweep)
+    assert any(e["status"] == "pruned" for e in reference.results["adapters"].values())
+
+    from mlora_cli.run import worker as worker_module
+
+    real_finish = worker_module.Worker.finish
+
+    def crash_at_the_first_prune(this: Any, progress: Any, failure: Any = None, pruned: Any = None) -> None:
+        if pruned is not None:
+            raise RuntimeError("killed")
+        real_finish(this, progress, failure, pruned)
+
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="killed"):
+        patch.setattr(worker_module.Worker, "finish", crash_at_the_first_prune)
+        run(tmp_path / "crashed", sweep)
+    run_dir = only_run_in(tmp_path / "crashed")
+    result = mlora("run", "--resume", run_dir, "--no-plots")
+
+    assert_ran(result, run_dir)
+    results = json.loads((run_dir / "results.json").read_text())["adapters"]
+    for name, want in reference.results["adapters"].items():
+        got = results[name]
+        assert (got["status"], got["steps"], got["trial"]["params"]) == (
+            want["status"], want["steps"], want["trial"]["params"]), name
+        assert got["trial"]["objective"] == pytest.approx(want["trial"]["objective"], rel=RTOL), name
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_damaged_or_missing_study_is_one_line_on_resume(tmp_path: Path) -> None:
+    """`--resume` of a search whose search.db is damaged, or gone (a new study would ask other trials for the saved
+    states), stops with one line naming the file, exit 2, before anything trains."""
+    outcome = run(tmp_path, sweep_with(search={"trials": 3}))
+    database = outcome.run_dir / "search.db"
+    database.write_bytes(database.read_bytes()[:3000])
+
+    def problems() -> list[str]:  # what it printed, but the progress view's header
+        result = mlora("run", "--resume", outcome.run_dir, "--no-plots")
+        assert result.exit_code == 2, result.output
+        return [line for line in result.output.splitlines() if line.strip() and not line.startswith("resuming ")]
+
+    (line,) = problems()
+    assert line.startswith(f"{database}: cannot be read (") and "the search's study is damaged" in line, line
+    database.unlink()
+    assert problems() == [f"{database}: missing; it holds the search's trials so far, which --resume continues: "
+                          "put it back, or start the sweep again"]
+
+
+def test_a_full_disk_under_the_study_is_mloras_storage_error(tmp_path: Path) -> None:
+    """SQLite's "disk is full", as SQLAlchemy raises it from inside Optuna, is the run's StorageError (one line, the
+    `--resume` hint), not a traceback; any other exception passes through as it is."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from mlora_cli.errors import StorageError
+
+    searching = search.Search(load_sweep_dict(SEARCH), tmp_path)
+    full = OperationalError("INSERT INTO trial_values ...", {}, sqlite3.OperationalError("database or disk is full"))
+    with pytest.raises(StorageError) as raised, searching.lock():
+        raise full
+    assert str(raised.value) == f"cannot write {tmp_path / 'search.db'}: database or disk is full"
+    with pytest.raises(KeyError), searching.lock():
+        raise KeyError("not the study's")
+
+
+def test_a_trial_asked_when_the_run_was_killed_is_failed_on_resume(tmp_path: Path) -> None:
+    """A kill inside an ask leaves a RUNNING trial no adapter names; the next Search of the run fails it, so no
+    trial stays RUNNING for ever (and TPE's constant liar, where used, does not count it)."""
+    spec = load_sweep_dict(sweep_with(search={"method": "random"}))
+    first = search.Search(spec, tmp_path)
+    first.study.ask(first.distributions)  # killed here: `begin` never named its adapter
+    named = first.begin(expand(spec)[0])
+    states = optuna.trial.TrialState
+    assert [t.state for t in first.study.get_trials()] == [states.RUNNING, states.RUNNING]
+
+    again = search.Search(spec, tmp_path, resume=True)
+    trials = again.study.get_trials()
+    assert [t.state for t in trials] == [states.FAIL, states.RUNNING]
+    assert trials[1].user_attrs["adapter"] == named.name
+
+
+@pytest.mark.slow
+def test_a_dead_workers_trials_fail_with_their_own_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker process killed while it trains a trial: the trial's failed entry in results.json holds the settings
+    Optuna gave it (not its slot's defaults), as adapters.json does; a trial never begun keeps the defaults."""
+    killed = kill_worker_zero_at(monkeypatch, lambda event: event["event"] == "step")
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    sweep = sweep_with(search={"method": "random", "trials": 2}, prune={"method": "none"})
+    sweep = {**sweep, "devices": "cpu:1", "max_concurrent": 1, "train": {**sweep["train"], "steps_per_task": 200}}
+    result = mlora("run", write_sweep(tmp_path, sweep), "--no-plots")
+
+    assert killed and result.exit_code == 1, result.output
+    run_dir = only_run_in(tmp_path)
+    results = json.loads((run_dir / "results.json").read_text())["adapters"]
+    listed = {e["name"]: e for e in json.loads((run_dir / "adapters.json").read_text())}
+    begun, never = results["trial-0"], results["trial-1"]
+    assert begun["status"] == never["status"] == "failed"
+    assert set(begun["varied"]) == {"adapter.lr", "adapter.rank"} and begun["varied"] == listed["trial-0"]["varied"]
+    assert begun["config"] == {"adapter": listed["trial-0"]["adapter"], "train": listed["trial-0"]["train"]}
+    assert never["varied"] == {} == listed["trial-1"]["varied"]
 
 
 @pytest.mark.slow

@@ -311,6 +311,12 @@ def run_worker_processes(
         process.start()
     results: dict[str, Any] = {}
     running = set(processes)
+    trials: dict[str, AdapterSpec] = {}  # a search's trials as Optuna set them: a dead worker's fail with theirs
+
+    def record_trials(event: Event) -> None:
+        if event["event"] == "trial":
+            trials[event["adapter"]] = event["spec"]
+        record(event)
 
     def forward_sigterm(signum: int, frame: Any) -> None:
         # SIGTERM (a scheduler, `timeout`) reaches this process alone: the workers save their
@@ -330,22 +336,23 @@ def run_worker_processes(
                 for worker_id in list(running):
                     process = processes[worker_id]
                     if not process.is_alive():
-                        _drain(events, results, record, running)
+                        _drain(events, results, record_trials, running)
                         if worker_id in running:  # died without saying it finished
                             running.discard(worker_id)
                             reason = (f"worker {worker_id} ({plans[worker_id].device}) died with exit code "
                                       f"{process.exitcode}")
                             for adapter in plans[worker_id].adapters:
-                                results.setdefault(adapter.name, failed_result(adapter, reason))
+                                results.setdefault(adapter.name, failed_result(trials.get(adapter.name, adapter),
+                                                                               reason))
                 continue
-            _handle(event, results, record, running)
+            _handle(event, results, record_trials, running)
     except KeyboardInterrupt:
         # The workers got Ctrl-C too and are saving their state between steps: keep
         # recording their last steps' metrics until they exit (bounded), then stop.
         deadline = time.monotonic() + 30
         while any(p.is_alive() for p in processes.values()) and time.monotonic() < deadline:
-            _drain(events, results, record, running)
-        _drain(events, results, record, running)
+            _drain(events, results, record_trials, running)
+        _drain(events, results, record_trials, running)
         raise
     finally:
         if in_main_thread:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mlora_cli.contract import MAX_REPEATS, SEARCH_DB, SEARCH_LOCK, Scores, TrialRecord
-from mlora_cli.errors import ConfigError
+from mlora_cli.errors import ConfigError, StorageError
 from mlora_cli.spec.schema import SweepSpec
 from mlora_cli.spec.space import Dimension, space_size
 from mlora_cli.spec.sweep import AdapterSpec, expand, search_envelope, search_space, trial_adapter
@@ -131,7 +131,11 @@ def grid_distributions(optuna: Any, adapters: list[AdapterSpec]) -> dict[str, An
 class Search:
     """One worker's handle on the run's study; see the module doc."""
 
-    def __init__(self, spec: SweepSpec, run_dir: Path | None):
+    def __init__(self, spec: SweepSpec, run_dir: Path | None, resume: bool = False):
+        if resume and run_dir is not None and not (run_dir / SEARCH_DB).is_file() and any(
+                (run_dir / "state").glob("*")):
+            raise ConfigError([f"{run_dir / SEARCH_DB}: missing; it holds the search's trials so far, which --resume "
+                               "continues: put it back, or start the sweep again"])
         self.optuna = optuna = import_optuna()
         self.spec, self.run_dir = spec, run_dir
         self.searched = spec.sweep.search.method != "grid"
@@ -149,6 +153,10 @@ class Search:
             self.study = optuna.create_study(
                 study_name=spec.name, storage=storage, load_if_exists=True, pruner=make_pruner(optuna, spec),
                 sampler=make_sampler(optuna, spec, spec.seed), direction="minimize" if minimize(spec) else "maximize")
+            # A trial asked when the run was killed, before `begin` named its adapter: no adapter will ever be it.
+            for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                if not {"adapter", "repeat_of"} & set(trial.user_attrs):
+                    self.study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -162,8 +170,29 @@ class Search:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
+            except Exception as exc:
+                problem = self.storage_problem(exc)
+                if problem is None:
+                    raise
+                raise problem from exc
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def storage_problem(self, exc: Exception) -> Exception | None:
+        """The study's file failing (a full disk, a damaged file) as mlora's one-line errors; None for anything else."""
+        import sqlite3
+
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if not isinstance(exc, (self.optuna.exceptions.StorageInternalError, SQLAlchemyError, sqlite3.Error)):
+            return None
+        cause = exc.__cause__ if isinstance(exc.__cause__, (SQLAlchemyError, sqlite3.Error)) else exc
+        reason = (str(getattr(cause, "orig", None) or cause).splitlines() or [""])[0][:160]
+        path = (self.run_dir or Path(".")) / SEARCH_DB
+        if "malformed" in reason or "not a database" in reason:
+            return ConfigError([f"{path}: cannot be read ({reason}); the search's study is damaged: restore it, or "
+                                "start the sweep again"])
+        return StorageError(path, reason)
 
     def shape(self) -> list[Any]:
         """Adapter configs the worker's engine must fit besides its adapters' own: every trial the search may ask."""
@@ -240,15 +269,30 @@ class Search:
                             skip_if_finished=True)
 
     def judge(self, name: str, step: int, value: float) -> dict[str, Any] | None:
-        """Report the objective at `step`; what the pruner compared (step, value, rung, its values) if it prunes."""
+        """Report the objective at `step`; what the pruner compared (step, value, rung, its values) if it prunes.
+
+        A decision to prune is kept in the study (user attribute `pruned`) before the adapter's result is written: a
+        run stopped in between (a kill, a full disk) decides the same on resume, where asking the pruner again would
+        not (ASHA counts the rung as passed once it has judged it)."""
         trial, reported = self.trials[name], self.reported.setdefault(name, set())
         with self.lock():
+            decided = trial.user_attrs.get("pruned")
+            if decided is not None and decided["step"] == step:
+                return dict(decided)
             if step not in reported:  # a state saved before this step's evaluation repeats it on resume
                 trial.report(value, step)
                 reported.add(step)
             if not trial.should_prune():
                 return None
-            return {"step": step, "value": value, **self._compared(trial, step, value)}
+            record = {"step": step, "value": value, **self._compared(trial, step, value)}
+            trial.set_user_attr("pruned", record)
+            return record
+
+    def decided(self, name: str) -> dict[str, Any] | None:
+        """What pruned the adapter's trial before a stop (its result unwritten), or None."""
+        with self.lock():
+            decided = self.trials[name].user_attrs.get("pruned") if name in self.trials else None
+        return dict(decided) if decided is not None else None
 
     def _compared(self, trial: Any, step: int, value: float) -> dict[str, Any]:
         """The values the pruner weighed the trial against: ASHA's rung (every trial that completed it, this one

@@ -66,7 +66,7 @@ class Worker:
         self.plan, self.spec, self.task_data, self.run_dir = plan, spec, task_data, run_dir
         self.emit, self.worker_id, self.resume = emit, worker_id, resume
         # The Optuna study (an adapter is a trial), for a searched or pruned sweep.
-        self.search = Search(spec, run_dir) if spec.sweep.runs_a_study else None
+        self.search = Search(spec, run_dir, resume) if spec.sweep.runs_a_study else None
         # Told of every file or folder written under run_dir (Ray ships them to the driver).
         self.written = written or (lambda path: None)
         started = time.perf_counter()
@@ -146,6 +146,9 @@ class Worker:
             except ValueError as exc:  # a state this engine cannot take: this adapter fails, the others go on
                 return self.finish(progress, f"resume: {saved}: {exc}")
             self.emit({"event": "resumed", "worker": self.worker_id, "adapter": adapter.name, "step": progress.step})
+            pruned = self.search.decided(adapter.name) if self.search is not None else None
+            if pruned is not None and progress.step >= pruned["step"]:  # pruned at a task's end, its result unwritten
+                self.finish(progress, pruned=pruned)
 
     def finish(self, progress: AdapterProgress, failure: str | None = None, pruned: dict | None = None) -> None:
         """The adapter ends (done, failed, or `pruned` with what the pruner compared); its slot is free at once."""
