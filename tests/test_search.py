@@ -148,6 +148,10 @@ BAD_SPECS = [
     ({"list": [{"adapter.weight_decay": 0.0}, {"adapter.init_from": "/a"}]},
      "sweep.list[1].adapter.init_from: not searchable with method tpe"),
     ({"prune": {"method": "hyperband"}}, "sweep.prune.method: must be one of none, asha, median, got 'hyperband'"),
+    ({"prune": {"min_steps": 12}}, "sweep.prune.min_steps: 12 is not below the 12 steps a trial trains: nothing "
+                                   "would be pruned (a trial is judged before its last step)"),
+    ({"prune": {"method": "median", "every_steps": 12}},
+     "sweep.prune.every_steps: 12 measures the objective no earlier than the last of the 12 steps a trial trains"),
     ({"prune": {"reduction_factor": 1}}, "sweep.prune.reduction_factor: must be >= 2"),
 ]
 

@@ -26,6 +26,7 @@ from mlora_cli.spec.convert import _NO, build, did_you_mean
 from mlora_cli.spec.models import BUILTIN_MODELS, PRETRAINED_WEIGHTS, read_checked
 from mlora_cli.spec.plan import gpu_device_nodes_present, missing_cuda_devices
 from mlora_cli.spec.schema import EvalConfig, SweepConfig, SweepSpec, TaskConfig
+from mlora_cli.spec.space import measuring_steps
 from mlora_cli.spec.sweep import check_sweep, expand, searched_keys
 from mlora_cli.spec.tasks import check_choice_metric, check_task, first_line
 
@@ -155,10 +156,31 @@ def parse_spec(data: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
         if sweep is not _NO:
             errors.extend(check_search(sweep, eval_config))
     if not errors:
-        errors.extend(check_init_from(spec))
+        errors.extend(check_init_from(spec) + check_prune_steps(spec))
     if errors:
         raise ConfigError(errors)
     return spec
+
+
+def check_prune_steps(spec: SweepSpec) -> list[str]:
+    """Pruning that could never act: not before the last step of the longest trial (the defaults' where a search
+    varies train.steps_per_task)."""
+    prune = spec.sweep.prune
+    if prune.method == "none":
+        return []
+    task_steps = [t.steps for t in spec.tasks]
+    longest = max(adapter.total_steps(task_steps) for adapter in expand(spec))
+    if spec.sweep.search.method != "grid" and "train.steps_per_task" in searched_keys(spec):
+        return []  # each trial's own
+    if prune.min_steps >= longest:
+        return [f"sweep.prune.min_steps: {prune.min_steps} is not below the {longest} steps a trial trains: nothing "
+                "would be pruned (a trial is judged before its last step)"]
+    if not measuring_steps(spec, longest):  # median's interval, or prune.every_steps, is the whole trial or more
+        key, every = ("sweep.prune.every_steps", prune.every_steps) if prune.every_steps else (
+            "eval.every_steps", spec.eval.every_steps)
+        return [f"{key}: {every} measures the objective no earlier than the last of the {longest} steps a trial "
+                "trains: nothing would be pruned"]
+    return []
 
 
 def check_init_from(spec: SweepSpec) -> list[str]:
