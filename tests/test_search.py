@@ -469,6 +469,30 @@ def test_a_prune_decided_before_a_crash_is_kept_on_resume(
         assert got["trial"]["objective"] == pytest.approx(want["trial"]["objective"], rel=RTOL), name
 
 
+def test_steps_judged_and_kept_before_a_stop_are_kept_again_on_resume(tmp_path: Path) -> None:
+    """Median pruning every step: trial-1 is kept at step 1 and pruned at step 2, and the run dies before its result
+    is written. Resumed from a state before step 1, it passes step 1 again: kept, as before the stop (the pruner,
+    asked again, would judge its latest report, step 2's, and prune it there), then pruned at step 2."""
+    sweep = sweep_with(search={"method": "random", "trials": 2},
+                       prune={"method": "median", "min_steps": 1, "every_steps": 1, "startup_trials": 1})
+    spec = load_sweep_dict(sweep)
+    first, second = expand(spec)
+    before = search.Search(spec, tmp_path)
+    before.begin(first)
+    assert before.judge(first.name, 1, 2.0) is None and before.judge(first.name, 2, 1.0) is None
+    before.close(first.name, "done", 1.0)
+    before.begin(second)
+    assert before.judge(second.name, 1, 1.5) is None  # better than trial-0's 2.0 at step 1
+    pruned = before.judge(second.name, 2, 1.6)  # its best, 1.5, is worse than trial-0's 1.0 at step 2
+    assert pruned is not None and pruned["step"] == 2
+    # the run dies here: trial-1's result is not written, its trial stays RUNNING
+
+    after = search.Search(spec, tmp_path, resume=True)
+    assert after.begin(second).name == second.name
+    assert after.judge(second.name, 1, 1.5) is None
+    assert after.judge(second.name, 2, 1.6) == pruned
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
 def test_a_damaged_or_missing_study_is_one_line_on_resume(tmp_path: Path) -> None:

@@ -279,6 +279,10 @@ class Search:
             decided = trial.user_attrs.get("pruned")
             if decided is not None and decided["step"] == step:
                 return dict(decided)
+            if any(later > step for later in reported):
+                # Judged before the stop, and kept (it reported on): the pruner, which reads the trial's latest
+                # report, would now judge that one.
+                return None
             if step not in reported:  # a state saved before this step's evaluation repeats it on resume
                 trial.report(value, step)
                 reported.add(step)
