@@ -68,7 +68,7 @@ def search_table(spec: SweepSpec, adapters: list[AdapterSpec], width: int | None
         ("pruning", "none" if prune.method == "none" else
          f"{prune.method} at steps {_steps_text(measured)}"
          + (f", each rung keeping 1/{prune.reduction_factor}" if prune.method == "asha" else
-            f", from step {prune.min_steps} after {prune.startup_trials} trials completed")),
+            f", from step {prune.min_steps} after {prune.startup_trials} trained trials completed")),
         ("budget", f"at most {len(adapters) * steps:,} steps (no trial pruned)" + (
             f"; about {halving_estimate(len(adapters), steps, measured, prune.reduction_factor):,.0f} if every rung "
             f"keeps 1/{prune.reduction_factor} (synchronous successive halving)"
