@@ -62,11 +62,11 @@ def final_objective(spec: Any, entry: dict[str, Any]) -> float | None:
 
 
 def reaches(spec: Any, target: float) -> Callable[[float | None], bool]:
-    """Whether a final objective reaches `target`, in the search's direction (loss: lower is better)."""
-    from mlora_cli.run.search import minimize
+    """Whether a final objective (None: the adapter did not finish) reaches `target`, in the search's direction."""
+    from mlora_cli.bench import search_replay
 
-    lower = minimize(spec)
-    return lambda value: value is not None and (value <= target if lower else value >= target)
+    better = search_replay.reaches(spec, target)
+    return lambda value: value is not None and better(value)
 
 
 def per_process_search(out: Path, spec: Any, data: dict[str, Any], target: float, max_trials: int,
@@ -149,7 +149,7 @@ def main() -> None:
     deadline = time.perf_counter() + args.time_limit_s if args.time_limit_s is not None else float("inf")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    from mlora_cli.bench.search_replay import GRID_OVERRIDES
+    from mlora_cli.bench.search_replay import GRID_OVERRIDES, target_of
     from mlora_cli.errors import ConfigError
     from mlora_cli.run.search import minimize
     from mlora_cli.spec.load import load_sweep
@@ -162,8 +162,7 @@ def main() -> None:
         raise SystemExit("bench-search.py: the benchmark compares one run of each configuration of a random or tpe "
                          "search (sweep.search.method random | tpe, no sweep.seeds)")
     metric, lower = spec.sweep.search.metric, minimize(spec)
-    # A loss is better lower: its target is the best plus target_pp / 100 (as scripts/search-replay.py takes it).
-    direction = -1 if lower else 1
+    direction = -1 if lower else 1  # a loss is better lower
 
     print("1/3 the full grid, co-trained in one mlora run", flush=True)
     grid_wall, grid = mlora_run(args.sweep, out / "grid", *GRID_OVERRIDES, *args.set, *args.grid_set)
@@ -173,7 +172,7 @@ def main() -> None:
         raise SystemExit(f"bench-search.py: no configuration of the grid finished ({out / 'grid'}): no target")
     best_name = max(finished, key=lambda name: direction * scores[name])  # type: ignore[operator]
     best = scores[best_name]
-    target = best - direction * args.target_pp / 100
+    target = target_of(spec, best, args.target_pp)
     better = reaches(spec, target)
     print(f"  {len(scores)} configurations in {grid_wall:.1f} s; best {best_name} {metric} {best:.4f}; "
           f"target {'<=' if lower else '>='} {target:.4f}", flush=True)

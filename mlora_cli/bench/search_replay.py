@@ -66,6 +66,11 @@ def reaches(spec: SweepSpec, target: float) -> Callable[[float], bool]:
     return (lambda v: v <= target) if search_module.minimize(spec) else (lambda v: v >= target)
 
 
+def target_of(spec: SweepSpec, best: float, target_pp: float) -> float:
+    """Within `target_pp` points of the grid's `best`: below it, or above it for a loss (0.01 x target_pp)."""
+    return best - target_pp / 100 * (-1 if search_module.minimize(spec) else 1)
+
+
 class Landscape:
     """Every configuration's objective (per seed) at every step it was evaluated, read from the grid run."""
 
@@ -305,7 +310,7 @@ def replay_report(sweep: Path, grid_run: Path, search_run: Path, *, seeds: int =
             raise ValueError(f"--cost: FIXED_MS,PER_ADAPTER_MS,EVAL_S,START_S (four numbers), got {cost_override!r}") \
                 from None
         cost.fixed, cost.per_adapter = fixed_ms / 1e3, per_adapter_ms / 1e3
-    target = land.best - target_pp / 100 * (-1 if search_module.minimize(spec) else 1)
+    target = target_of(spec, land.best, target_pp)
     if report is not None:  # the walls it measured around the processes, start-up included
         land.grid_wall = report["grid"]["wall_s"]
         if not cost_override and report.get("search"):

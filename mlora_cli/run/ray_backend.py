@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mlora_cli import started_at
+from mlora_cli import count_from, started_at
 from mlora_cli.data.sources import TaskData
 from mlora_cli.errors import ConfigError, StorageError
 from mlora_cli.spec.plan import WorkerPlan
@@ -39,7 +39,6 @@ class WorkerActor:
             resume: bool, saved_state: dict[str, bytes], events: Any, launcher_start: float) -> None:
         import os
 
-        from mlora_cli import count_from
         from mlora_cli.run import worker
 
         count_from(launcher_start)  # the driver's start, on the wall clock (nodes' clocks agree to NTP's skew)

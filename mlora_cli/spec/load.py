@@ -166,12 +166,11 @@ def check_prune_steps(spec: SweepSpec) -> list[str]:
     """Pruning that could never act: not before the last step of the longest trial (the defaults' where a search
     varies train.steps_per_task)."""
     prune = spec.sweep.prune
-    if prune.method == "none":
+    if prune.method == "none" or (spec.sweep.search.method != "grid"
+                                  and "train.steps_per_task" in searched_keys(spec)):  # each trial's own
         return []
     task_steps = [t.steps for t in spec.tasks]
     longest = max(adapter.total_steps(task_steps) for adapter in expand(spec))
-    if spec.sweep.search.method != "grid" and "train.steps_per_task" in searched_keys(spec):
-        return []  # each trial's own
     if prune.min_steps >= longest:
         return [f"sweep.prune.min_steps: {prune.min_steps} is not below the {longest} steps a trial trains: nothing "
                 "would be pruned (a trial is judged before its last step)"]
